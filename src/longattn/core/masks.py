@@ -1,0 +1,550 @@
+"""Attention masks as small pure rules over (batch, head, query position, key position).
+
+A mask says which keys each query may see. Every mask here gives that rule in two forms:
+
+* ``mask_mod(b, h, q_pos, k_pos) -> bool``: the token-level rule (True = may attend), written with
+  broadcasting tensor ops so the same function serves the eager kernels (whole tiles at once) and
+  FlexAttention (which vmaps it over scalars). This is the attention-gym convention.
+* ``block_any`` / ``block_all``: for a grid of query blocks × key blocks, whether *some* / *every*
+  (query, key) pair in the block is allowed. Kernels skip blocks with no allowed pair, skip the
+  mask on blocks where every pair is allowed and apply it only on the rest. ``block_any`` may
+  over-report and ``block_all`` may under-report (both only cost speed); neither may err the other
+  way. They are derived from interval arithmetic, never by evaluating the mask on every pair, so
+  building a block layout at 128k tokens costs microseconds.
+
+Positions: key ``j`` sits at position ``j``; query ``i`` at ``i + q_offset`` with
+``q_offset = tokens_k - tokens_q`` (the last query aligned with the last key, as in decoding).
+Masks combine with ``&`` and ``|``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from longattn.core import validate
+
+Tensor = torch.Tensor
+
+
+class Mask:
+    """Base class. Subclasses define ``mask_mod``, ``block_any`` and ``block_all``.
+
+    ``block_any(qlo, qhi, klo, khi)`` receives inclusive position bounds of each block: ``qlo``,
+    ``qhi`` of shape ``[n_q_blocks, 1]``, ``klo``, ``khi`` of shape ``[1, n_k_blocks]`` (int64),
+    and returns a bool tensor broadcastable to ``[batch, heads, n_q_blocks, n_k_blocks]``.
+    """
+
+    #: kernels should use blocks of this many tokens (masks defined on a block grid), or None.
+    block_size: int | None = None
+    #: True when the mask already encodes its own causal structure (prefix-LM) and must not be
+    #: combined with ``causal=True``.
+    self_causal: bool = False
+
+    def mask_mod(self, b: Tensor, h: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def block_any(self, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def block_all(self, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __and__(self, other: "Mask") -> "Mask":
+        return And(self, other)
+
+    def __or__(self, other: "Mask") -> "Mask":
+        return Or(self, other)
+
+    # -- materialisation (small inputs, tests, the reference) --------------------------------
+    def dense(self, batch: int, heads: int, tokens_q: int, tokens_k: int, device=None) -> Tensor:
+        """The mask as a bool tensor broadcastable to ``[batch, heads, tokens_q, tokens_k]``.
+
+        Materialises ``tokens_q × tokens_k`` entries: meant for the reference and for tests.
+        """
+        b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
+        h = torch.arange(heads, device=device).view(1, heads, 1, 1)
+        q_pos = torch.arange(tokens_q, device=device).view(tokens_q, 1) + (tokens_k - tokens_q)
+        k_pos = torch.arange(tokens_k, device=device).view(1, tokens_k)
+        allowed = self.mask_mod(b, h, q_pos, k_pos)
+        return allowed.expand(batch, heads, tokens_q, tokens_k) if allowed.dim() == 4 else allowed
+
+
+def _const(value: bool, like: Tensor) -> Tensor:
+    return torch.full((1, 1), value, dtype=torch.bool, device=like.device)
+
+
+@dataclass(frozen=True)
+class Full(Mask):
+    """Every key is visible."""
+
+    def mask_mod(self, b, h, q_pos, k_pos):
+        return torch.ones((), dtype=torch.bool, device=q_pos.device).expand(torch.broadcast_shapes(q_pos.shape, k_pos.shape))
+
+    def block_any(self, qlo, qhi, klo, khi):
+        return _const(True, qlo)
+
+    def block_all(self, qlo, qhi, klo, khi):
+        return _const(True, qlo)
+
+
+@dataclass(frozen=True)
+class Causal(Mask):
+    """Key position ``<=`` query position."""
+
+    def mask_mod(self, b, h, q_pos, k_pos):
+        return k_pos <= q_pos
+
+    def block_any(self, qlo, qhi, klo, khi):
+        return klo <= qhi
+
+    def block_all(self, qlo, qhi, klo, khi):
+        return khi <= qlo
+
+
+@dataclass(frozen=True)
+class Window(Mask):
+    """Neighbourhood attention: keys within ``window`` steps of ``dilation`` on either side.
+
+    A query at position ``p`` sees keys ``p ± m·dilation`` for ``m = 0 … window-1``; combined with
+    causality that is exactly ``window`` keys (itself included), otherwise ``2·window - 1``.
+    ``dilation > 1`` is the dilated neighbourhood of "Faster Neighborhood Attention" (Hassani et al.
+    2024); ``dilation = 1`` is the local sliding window of Longformer / Mistral.
+    """
+
+    window: int
+    dilation: int = 1
+
+    def __post_init__(self):
+        validate.check_positive_int("window", self.window)
+        validate.check_positive_int("dilation", self.dilation)
+
+    @property
+    def reach(self) -> int:
+        return (self.window - 1) * self.dilation
+
+    def mask_mod(self, b, h, q_pos, k_pos):
+        d = q_pos - k_pos
+        near = (d <= self.reach) & (d >= -self.reach)
+        if self.dilation == 1:
+            return near
+        return near & (torch.remainder(d, self.dilation) == 0)
+
+    def block_any(self, qlo, qhi, klo, khi):
+        return (qlo - khi <= self.reach) & (qhi - klo >= -self.reach)
+
+    def block_all(self, qlo, qhi, klo, khi):
+        if self.dilation != 1:
+            # a dilated window skips positions, so only a single (query, key) pair block is full.
+            return ((qlo == qhi) & (klo == khi)) & (torch.remainder(qlo - klo, self.dilation) == 0) & (
+                (qlo - klo).abs() <= self.reach
+            )
+        return (qhi - klo <= self.reach) & (qlo - khi >= -self.reach)
+
+
+@dataclass(frozen=True)
+class Sinks(Mask):
+    """The first ``sinks`` keys (attention sinks, StreamingLLM) are visible to every query."""
+
+    sinks: int
+
+    def __post_init__(self):
+        validate.check_positive_int("sinks", self.sinks)
+
+    def mask_mod(self, b, h, q_pos, k_pos):
+        return (k_pos < self.sinks).expand(torch.broadcast_shapes(q_pos.shape, k_pos.shape))
+
+    def block_any(self, qlo, qhi, klo, khi):
+        return klo < self.sinks
+
+    def block_all(self, qlo, qhi, klo, khi):
+        return khi < self.sinks
+
+
+@dataclass(frozen=True)
+class QueryRows(Mask):
+    """The last ``rows`` query positions (``q_pos >= start``) see every key: the dense bottom rows
+    of the tri-shape pattern. ``start`` is a key position (``tokens_k - rows`` for self attention)."""
+
+    start: int
+
+    def mask_mod(self, b, h, q_pos, k_pos):
+        return (q_pos >= self.start).expand(torch.broadcast_shapes(q_pos.shape, k_pos.shape))
+
+    def block_any(self, qlo, qhi, klo, khi):
+        return qhi >= self.start
+
+    def block_all(self, qlo, qhi, klo, khi):
+        return qlo >= self.start
+
+
+@dataclass(frozen=True, eq=False)
+class Document(Mask):
+    """Queries see only keys of their own document (packed sequences).
+
+    Args:
+        key_ids: int tensor ``[batch, tokens_k]`` (or ``[tokens_k]``): document id of each key.
+        query_ids: ``[batch, tokens_q]``; default: the key ids at the query positions (self
+            attention).
+    Block bounds use the min and max id inside each block, so they are tight when ids are
+    sorted (contiguous documents) and still correct when they are not.
+    """
+
+    key_ids: Tensor
+    query_ids: Tensor | None = None
+
+    def __post_init__(self):
+        for name in ("key_ids", "query_ids"):
+            ids = getattr(self, name)
+            if ids is None:
+                continue
+            if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+                raise TypeError(f"{name} must be an integer tensor of document ids, got {ids!r:.60}")
+            if ids.dim() == 1:
+                object.__setattr__(self, name, ids[None])
+            elif ids.dim() != 2:
+                raise ValueError(f"{name} must have shape [batch, tokens] or [tokens], got {tuple(ids.shape)}")
+
+    def _q_ids(self) -> Tensor:
+        return self.key_ids if self.query_ids is None else self.query_ids
+
+    def _q_index(self, q_pos: Tensor) -> Tensor:
+        # query ids are indexed by query index, key ids by key position.
+        if self.query_ids is None:
+            return q_pos
+        return q_pos - (self.key_ids.shape[1] - self.query_ids.shape[1])
+
+    def mask_mod(self, b, h, q_pos, k_pos):
+        qi = self._q_ids()
+        kb = b if self.key_ids.shape[0] > 1 else torch.zeros_like(b)
+        qb = b if qi.shape[0] > 1 else torch.zeros_like(b)
+        return qi[qb, self._q_index(q_pos)] == self.key_ids[kb, k_pos]
+
+    @staticmethod
+    def _block_ranges(ids: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        # lo, hi: [n] inclusive token indices of each block -> per-batch min and max id [B, n]
+        n_blocks = lo.numel()
+        size = int((hi - lo).max().item()) + 1 if n_blocks else 1
+        idx = (lo.view(-1, 1) + torch.arange(size, device=lo.device)).clamp(max=ids.shape[1] - 1)
+        idx = torch.minimum(idx, hi.view(-1, 1))
+        vals = ids[:, idx]  # [B, n, size]
+        return vals.amin(-1), vals.amax(-1)
+
+    def _bounds(self, qlo, qhi, klo, khi):
+        qmin, qmax = self._block_ranges(self._q_ids(), self._q_index(qlo.view(-1)), self._q_index(qhi.view(-1)))
+        kmin, kmax = self._block_ranges(self.key_ids, klo.view(-1), khi.view(-1))
+        return qmin[:, None, :, None], qmax[:, None, :, None], kmin[:, None, None, :], kmax[:, None, None, :]
+
+    def block_any(self, qlo, qhi, klo, khi):
+        qmin, qmax, kmin, kmax = self._bounds(qlo, qhi, klo, khi)
+        return (qmin <= kmax) & (kmin <= qmax)
+
+    def block_all(self, qlo, qhi, klo, khi):
+        qmin, qmax, kmin, kmax = self._bounds(qlo, qhi, klo, khi)
+        return (qmin == qmax) & (kmin == kmax) & (qmin == kmin)
+
+
+@dataclass(frozen=True, eq=False)
+class PrefixLM(Mask):
+    """Prefix-LM (T5, UniLM): bidirectional over the first ``prefix`` keys, causal after them.
+
+    ``prefix`` is an int or an int tensor ``[batch]``. The mask carries its own causality, so it
+    is used with ``causal=False``.
+    """
+
+    prefix: int | Tensor
+    self_causal: bool = field(default=True, init=False)
+
+    def __post_init__(self):
+        if isinstance(self.prefix, torch.Tensor):
+            if self.prefix.dim() != 1 or self.prefix.dtype.is_floating_point:
+                raise ValueError(f"prefix must be an int or an int tensor [batch], got {self.prefix!r:.60}")
+        else:
+            validate.check_positive_int("prefix", self.prefix, allow_zero=True)
+
+    def _prefix(self, b: Tensor) -> Tensor | int:
+        if isinstance(self.prefix, torch.Tensor):
+            return self.prefix.to(b.device)[b]
+        return self.prefix
+
+    def mask_mod(self, b, h, q_pos, k_pos):
+        return (k_pos <= q_pos) | (k_pos < self._prefix(b))
+
+    def _prefix_blocks(self, like):
+        if isinstance(self.prefix, torch.Tensor):
+            return self.prefix.to(like.device).view(-1, 1, 1, 1)
+        return self.prefix
+
+    def block_any(self, qlo, qhi, klo, khi):
+        return (klo <= qhi) | (klo < self._prefix_blocks(qlo))
+
+    def block_all(self, qlo, qhi, klo, khi):
+        return (khi <= qlo) | (khi < self._prefix_blocks(qlo))
+
+
+@dataclass(frozen=True, eq=False)
+class BlockMap(Mask):
+    """An explicit block map: query block ``i`` sees key block ``j`` iff ``map[..., i, j]``.
+
+    Args:
+        map: bool ``[n_q_blocks, n_k_blocks]`` or ``[batch|1, heads|1, n_q_blocks, n_k_blocks]``.
+        block_size: tokens per block (query and key). Query blocks are counted on query
+            *indices* (``q_pos - q_offset``) so the map reads like the attention matrix.
+        q_offset: ``tokens_k - tokens_q`` of the inputs this map is used with (0 for self
+            attention).
+    """
+
+    map: Tensor
+    block_size: int = 128
+    q_offset: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.map, torch.Tensor) or self.map.dtype != torch.bool:
+            raise TypeError(f"map must be a bool tensor, got {self.map!r:.60}")
+        if self.map.dim() == 2:
+            object.__setattr__(self, "map", self.map[None, None])
+        elif self.map.dim() != 4:
+            raise ValueError(f"map must have shape [n_q_blocks, n_k_blocks] or [B, H, nq, nk], got {tuple(self.map.shape)}")
+        validate.check_positive_int("block_size", self.block_size)
+
+    def _lookup(self, b, h, qb, kb):
+        m = self.map
+        nq, nk = m.shape[-2:]
+        inside = (qb >= 0) & (qb < nq) & (kb >= 0) & (kb < nk)
+        bb = b if m.shape[0] > 1 else torch.zeros_like(b)
+        hh = h if m.shape[1] > 1 else torch.zeros_like(h)
+        return m[bb, hh, qb.clamp(0, nq - 1), kb.clamp(0, nk - 1)] & inside
+
+    def mask_mod(self, b, h, q_pos, k_pos):
+        return self._lookup(b, h, (q_pos - self.q_offset) // self.block_size, k_pos // self.block_size)
+
+    def _grid(self, qlo, klo):
+        b = torch.arange(self.map.shape[0], device=qlo.device).view(-1, 1, 1, 1)
+        h = torch.arange(self.map.shape[1], device=qlo.device).view(1, -1, 1, 1)
+        return b, h
+
+    def block_any(self, qlo, qhi, klo, khi):
+        # Exact when kernel blocks coincide with map blocks (kernels use ``self.block_size``);
+        # otherwise OR over the map cells that a kernel block touches, via 2-D prefix sums.
+        return self._count(qlo, qhi, klo, khi) > 0
+
+    def block_all(self, qlo, qhi, klo, khi):
+        qa, qb_, ka, kb_ = self._cells(qlo, qhi, klo, khi)
+        area = (qb_ - qa + 1) * (kb_ - ka + 1)
+        return self._count(qlo, qhi, klo, khi) == area
+
+    def _cells(self, qlo, qhi, klo, khi):
+        bs = self.block_size
+        return (qlo - self.q_offset) // bs, (qhi - self.q_offset) // bs, klo // bs, khi // bs
+
+    def _count(self, qlo, qhi, klo, khi):
+        m = self.map.to(torch.int64)
+        nq, nk = m.shape[-2:]
+        pref = torch.zeros(*m.shape[:2], nq + 1, nk + 1, dtype=torch.int64, device=m.device)
+        pref[..., 1:, 1:] = m.cumsum(-2).cumsum(-1)
+        qa, qb_, ka, kb_ = self._cells(qlo, qhi, klo, khi)
+        qa, qb_ = qa.clamp(0, nq), (qb_ + 1).clamp(0, nq)
+        ka, kb_ = ka.clamp(0, nk), (kb_ + 1).clamp(0, nk)
+        return pref[..., qb_, kb_] - pref[..., qa, kb_] - pref[..., qb_, ka] + pref[..., qa, ka]
+
+
+@dataclass(frozen=True)
+class PowerDilated(Mask):
+    """PowerAttention (Chen et al. 2025): block ``i`` sees block ``j`` iff ``|i - j|`` is 0 or a
+    power of two, so the receptive field doubles with every layer at ``O(log N)`` blocks per query.
+    Blocks are counted on positions."""
+
+    block_size: int = 64
+
+    def __post_init__(self):
+        validate.check_positive_int("block_size", self.block_size)
+
+    @staticmethod
+    def _is_pow2_or_zero(d: Tensor) -> Tensor:
+        d = d.abs()
+        return (d & (d - 1)) == 0  # true for 0, 1, 2, 4, ...
+
+    def mask_mod(self, b, h, q_pos, k_pos):
+        return self._is_pow2_or_zero(q_pos // self.block_size - k_pos // self.block_size)
+
+    def _pairs(self, qlo, qhi, klo, khi):
+        bs = self.block_size
+        return qlo // bs, qhi // bs, klo // bs, khi // bs
+
+    def block_any(self, qlo, qhi, klo, khi):
+        qa, qb, ka, kb = self._pairs(qlo, qhi, klo, khi)
+        single = (qa == qb) & (ka == kb)
+        return torch.where(single, self._is_pow2_or_zero(qa - ka), torch.ones_like(single))
+
+    def block_all(self, qlo, qhi, klo, khi):
+        qa, qb, ka, kb = self._pairs(qlo, qhi, klo, khi)
+        return (qa == qb) & (ka == kb) & self._is_pow2_or_zero(qa - ka)
+
+
+@dataclass(frozen=True)
+class Strided(Mask):
+    """Every ``stride``-th key block is visible (the "sparse" part of LSG and of Sparse
+    Transformers' strided pattern). Blocks are counted on key positions."""
+
+    stride: int
+    block_size: int = 64
+
+    def __post_init__(self):
+        validate.check_positive_int("stride", self.stride)
+        validate.check_positive_int("block_size", self.block_size)
+
+    def mask_mod(self, b, h, q_pos, k_pos):
+        hit = torch.remainder(k_pos // self.block_size, self.stride) == self.stride - 1
+        return hit.expand(torch.broadcast_shapes(q_pos.shape, k_pos.shape))
+
+    def block_any(self, qlo, qhi, klo, khi):
+        ka, kb = klo // self.block_size, khi // self.block_size
+        first_hit = ka + torch.remainder(self.stride - 1 - ka, self.stride)
+        return first_hit <= kb
+
+    def block_all(self, qlo, qhi, klo, khi):
+        ka, kb = klo // self.block_size, khi // self.block_size
+        return (ka == kb) & (torch.remainder(ka, self.stride) == self.stride - 1)
+
+
+@dataclass(frozen=True)
+class GlobalTokens(Mask):
+    """The first ``tokens`` positions are global: they see every key and every query sees them
+    (Longformer / LSG global tokens)."""
+
+    tokens: int
+
+    def __post_init__(self):
+        validate.check_positive_int("tokens", self.tokens)
+
+    def mask_mod(self, b, h, q_pos, k_pos):
+        return (q_pos < self.tokens) | (k_pos < self.tokens)
+
+    def block_any(self, qlo, qhi, klo, khi):
+        return (qlo < self.tokens) | (klo < self.tokens)
+
+    def block_all(self, qlo, qhi, klo, khi):
+        return (qhi < self.tokens) | (khi < self.tokens)
+
+
+@dataclass(frozen=True, eq=False)
+class And(Mask):
+    a: Mask
+    b: Mask
+
+    @property
+    def block_size(self) -> int | None:  # type: ignore[override]
+        return _merge_block_size(self.a, self.b)
+
+    @property
+    def self_causal(self) -> bool:  # type: ignore[override]
+        return self.a.self_causal or self.b.self_causal
+
+    def mask_mod(self, b, h, q_pos, k_pos):
+        return self.a.mask_mod(b, h, q_pos, k_pos) & self.b.mask_mod(b, h, q_pos, k_pos)
+
+    def block_any(self, *r):  # may over-report: A and B may hold on disjoint pairs of a block
+        return self.a.block_any(*r) & self.b.block_any(*r)
+
+    def block_all(self, *r):
+        return self.a.block_all(*r) & self.b.block_all(*r)
+
+
+@dataclass(frozen=True, eq=False)
+class Or(Mask):
+    a: Mask
+    b: Mask
+
+    @property
+    def block_size(self) -> int | None:  # type: ignore[override]
+        return _merge_block_size(self.a, self.b)
+
+    @property
+    def self_causal(self) -> bool:  # type: ignore[override]
+        return self.a.self_causal or self.b.self_causal
+
+    def mask_mod(self, b, h, q_pos, k_pos):
+        return self.a.mask_mod(b, h, q_pos, k_pos) | self.b.mask_mod(b, h, q_pos, k_pos)
+
+    def block_any(self, *r):
+        return self.a.block_any(*r) | self.b.block_any(*r)
+
+    def block_all(self, *r):  # may under-report: A and B may together cover a block
+        return self.a.block_all(*r) | self.b.block_all(*r)
+
+
+def _merge_block_size(a: Mask, b: Mask) -> int | None:
+    sizes = [s for s in (a.block_size, b.block_size) if s is not None]
+    if not sizes:
+        return None
+    # the finest grid keeps both masks' block bounds tight when one size divides the other
+    return math.gcd(*sizes) if len(sizes) > 1 else sizes[0]
+
+
+# -- named patterns ----------------------------------------------------------------------------
+
+def a_shape(sinks: int, window: int) -> Mask:
+    """Λ-shape / A-shape (StreamingLLM, MInference, Ltri-LLM's Λ observation): sinks + local
+    window. Use with ``causal=True``."""
+    return Sinks(sinks) | Window(window)
+
+
+def triangle(sinks: int, window: int, last_queries: int, tokens_k: int) -> Mask:
+    """Tri-shape (Ltri-LLM / SCBench): the Λ-shape plus dense rows for the last ``last_queries``
+    queries, which in practice carry the question. Use with ``causal=True``."""
+    validate.check_positive_int("last_queries", last_queries)
+    return a_shape(sinks, window) | QueryRows(tokens_k - last_queries)
+
+
+def power(block_size: int = 64, sinks: int | None = None) -> Mask:
+    """PowerAttention's exponentially dilated block pattern, optionally with sinks."""
+    m: Mask = PowerDilated(block_size)
+    return m | Sinks(sinks) if sinks else m
+
+
+def lsg(window: int, stride: int, global_tokens: int, block_size: int = 64) -> Mask:
+    """LSG attention (Condevaux & Harispe 2023): local window + strided sparse blocks + global
+    tokens."""
+    return Window(window) | Strided(stride, block_size) | GlobalTokens(global_tokens)
+
+
+def document(key_ids: Tensor, query_ids: Tensor | None = None) -> Mask:
+    """Block-diagonal document mask for packed sequences."""
+    return Document(key_ids, query_ids)
+
+
+def prefix_lm(prefix: int | Tensor) -> Mask:
+    """Bidirectional prefix + causal rest; use with ``causal=False``."""
+    return PrefixLM(prefix)
+
+
+def block_map(map: Tensor, block_size: int = 128, q_offset: int = 0) -> Mask:
+    """An explicit bool block map ``[n_q_blocks, n_k_blocks]`` (or ``[B, H, nq, nk]``)."""
+    return BlockMap(map, block_size, q_offset)
+
+
+@dataclass(frozen=True, eq=False)
+class KeyPadding(Mask):
+    """``valid`` bool ``[batch, tokens_k]``: True marks a real key, False a padding key."""
+
+    valid: Tensor
+
+    def mask_mod(self, b, h, q_pos, k_pos):
+        return self.valid[b, k_pos].expand(torch.broadcast_shapes(b.shape, h.shape, q_pos.shape, k_pos.shape))
+
+    def _block_counts(self, klo, khi):
+        pref = torch.zeros(self.valid.shape[0], self.valid.shape[1] + 1, dtype=torch.int64, device=self.valid.device)
+        pref[:, 1:] = self.valid.to(torch.int64).cumsum(-1)
+        lo, hi = klo.view(-1), khi.view(-1)
+        count = pref[:, hi + 1] - pref[:, lo]  # [B, n_k_blocks]
+        return count[:, None, None, :], (hi - lo + 1)[None, None, None, :]
+
+    def block_any(self, qlo, qhi, klo, khi):
+        count, _ = self._block_counts(klo, khi)
+        return count > 0
+
+    def block_all(self, qlo, qhi, klo, khi):
+        count, size = self._block_counts(klo, khi)
+        return count == size

@@ -1,0 +1,52 @@
+"""Exact log-sum-exp merge of partial attention results.
+
+Softmax attention over a key set split into disjoint pieces is recovered exactly from each
+piece's normalised output ``out_i`` and log-sum-exp ``lse_i``:
+``lse = logsumexp_i(lse_i)`` and ``out = sum_i exp(lse_i - lse) * out_i``
+(blockwise attention as in FlashAttention and Ring Attention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def merge_partials(
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge partial results over disjoint key sets.
+
+    Args:
+        outs: each ``[..., tokens_q, head_dim]``; all of one shape.
+        lses: each ``[..., tokens_q]``; ``-inf`` where a piece saw no key.
+
+    Returns:
+        ``(out, lse)`` in the dtype of ``outs[0]`` (statistics are accumulated in at least
+        float32). Rows that no piece could see give ``out = 0`` and ``lse = -inf``.
+    """
+    if len(outs) == 0 or len(outs) != len(lses):
+        raise ValueError(
+            f"merge_partials needs one lse per output and at least one piece, got {len(outs)} outs "
+            f"and {len(lses)} lses"
+        )
+    shape = outs[0].shape
+    for i, (o, l) in enumerate(zip(outs, lses)):
+        if o.shape != shape:
+            raise ValueError(f"outs[{i}] has shape {tuple(o.shape)} but outs[0] has {tuple(shape)}")
+        if l.shape != shape[:-1]:
+            raise ValueError(
+                f"lses[{i}] has shape {tuple(l.shape)}, expected {tuple(shape[:-1])} (outs without head_dim)"
+            )
+    acc = torch.promote_types(outs[0].dtype, torch.float32)
+    lse_stack = torch.stack([l.to(acc) for l in lses])
+    lse = torch.logsumexp(lse_stack, dim=0)
+    finite = torch.isfinite(lse)
+    safe = lse.masked_fill(~finite, 0.0)
+    out = torch.zeros(shape, dtype=acc, device=outs[0].device)
+    for o, l in zip(outs, lse_stack):
+        # exp(-inf) = 0 drops pieces that saw nothing; rows nobody saw stay 0.
+        w = torch.exp(l - safe).masked_fill(~finite, 0.0)
+        out = out + w[..., None] * o.to(acc)
+    return out.to(outs[0].dtype), lse.to(lses[0].dtype if lses[0].is_floating_point() else acc)

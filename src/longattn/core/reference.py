@@ -1,0 +1,67 @@
+"""The float64 oracle every method is tested against.
+
+It materialises the full score matrix, so it is for tests and accuracy checks, not for long inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from longattn.core import validate
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax attention in float64.
+
+    Args:
+        q: ``[batch, heads_q, tokens_q, head_dim]``.
+        k, v: ``[batch, heads_kv, tokens_k, head_dim]``; ``heads_q % heads_kv == 0`` (GQA/MQA).
+        causal: query ``i`` sees keys ``j <= i + tokens_k - tokens_q`` (the last query is aligned
+            with the last key, as in decoding).
+        mask: boolean, broadcastable to ``[batch, heads_q, tokens_q, tokens_k]``; True = may attend.
+        scale: score scale, default ``1/sqrt(head_dim)``.
+        bias: float, broadcastable to ``[batch, heads_q, tokens_q, tokens_k]``, added to the scaled
+            scores (ALiBi, T5 bias, CoPE ...).
+
+    Returns:
+        ``(out, lse)``: ``out`` ``[batch, heads_q, tokens_q, head_dim]`` float64 and
+        ``lse`` ``[batch, heads_q, tokens_q]`` float64, the natural-log sum of exp of the scaled
+        scores over the visible keys. Fully masked rows give ``out = 0`` and ``lse = -inf``.
+    """
+    validate.check_qkv(q, k, v, causal=causal)
+    b, hq, tq, d = q.shape
+    hk, tk = k.shape[1], k.shape[2]
+    scale = validate.check_scale(scale, d)
+    group = hq // hk
+    q64 = q.to(torch.float64)
+    k64 = k.to(torch.float64).repeat_interleave(group, dim=1)
+    v64 = v.to(torch.float64).repeat_interleave(group, dim=1)
+    scores = (q64 @ k64.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.to(torch.float64)
+    allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed.tril(diagonal=tk - tq)
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}")
+        allowed = allowed & mask
+    allowed = allowed.expand(b, hq, tq, tk)
+    scores = scores.masked_fill(~allowed, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    # exp(-inf - -inf) would be NaN: rows with no visible key get zero weights instead.
+    finite = torch.isfinite(lse)
+    weights = torch.where(finite[..., None], torch.exp(scores - lse.masked_fill(~finite, 0)[..., None]), 0.0)
+    out = weights @ v64
+    return out, lse

@@ -1,0 +1,105 @@
+"""Dense attention through torch's fused scaled-dot-product kernel, with its log-sum-exp.
+
+On CPU, ``aten._scaled_dot_product_flash_attention_for_cpu`` is the kernel behind
+``F.scaled_dot_product_attention`` and also returns the LSE, which lets dense results merge with
+other pieces at no extra cost. Where that op is missing (other builds/devices) the public SDPA
+gives the output and the LSE is computed in query tiles.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _flash_cpu_available(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense (optionally causal, bottom-right aligned) attention → ``(out, lse)`` in float32.
+
+    Args:
+        q: ``[B, Hq, Tq, D]``; k, v: ``[B, Hkv, Tk, D]`` (GQA handled here).
+        key_padding_mask: bool ``[B, Tk]``, True = real key.
+    """
+    tq, tk = q.shape[2], k.shape[2]
+    if causal and tq != tk:
+        # torch's is_causal aligns top-left; we align the last query with the last key. Split the
+        # keys: the first tk - tq are visible to every query, the last tq form a causal square.
+        off = tk - tq
+        pad_a = None if key_padding_mask is None else key_padding_mask[:, :off]
+        pad_b = None if key_padding_mask is None else key_padding_mask[:, off:]
+        from longattn.core.merge import merge_partials
+
+        o1, l1 = _sdpa_piece(q, k[:, :, :off], v[:, :, :off], scale, False, pad_a)
+        o2, l2 = _sdpa_piece(q, k[:, :, off:], v[:, :, off:], scale, True, pad_b)
+        return merge_partials([o1, o2], [l1, l2])
+    return _sdpa_piece(q, k, v, scale, causal, key_padding_mask)
+
+
+def _sdpa_piece(q, k, v, scale, causal, key_padding_mask):
+    b, hq, tq, d = q.shape
+    hk, tk = k.shape[1], k.shape[2]
+    if tk == 0:
+        return torch.zeros_like(q), torch.full((b, hq, tq), -math.inf, device=q.device)
+    g = hq // hk
+    causal_square = causal
+    attn_mask = None
+    if key_padding_mask is not None:
+        attn_mask = key_padding_mask[:, None, None, :]
+        if causal:
+            attn_mask = attn_mask & torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril()
+            causal = False
+    if _flash_cpu_available(q):
+        if g > 1:
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        if attn_mask is not None:
+            # the fused kernel takes an additive float mask
+            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, -math.inf)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, attn_mask=attn_mask, scale=scale
+        )
+        lse = lse.to(torch.float32)
+    else:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale, enable_gqa=g > 1
+        )
+        lse = _lse_tiled(q, k, scale, causal, attn_mask, g)
+    # A row whose visible keys are all padding must give zeros and -inf (the fused kernel returns
+    # a finite LSE there). Found from the padding mask, not from the kernel's output.
+    if key_padding_mask is not None:
+        if causal_square:
+            dead = key_padding_mask.cumsum(-1)[:, None, :] == 0  # [B, 1, Tq]: no real key <= i
+        else:
+            dead = ~key_padding_mask.any(-1).view(b, 1, 1)
+        dead = dead.expand(b, hq, tq)
+        out = out.masked_fill(dead[..., None], 0.0)
+        lse = lse.masked_fill(dead, -math.inf)
+    return out, lse
+
+
+def _lse_tiled(q, k, scale, causal, attn_mask, g, tile: int = 256):
+    b, hq, tq, d = q.shape
+    tk = k.shape[2]
+    kk = k.repeat_interleave(g, dim=1) if g > 1 else k
+    lses = []
+    for i in range(0, tq, tile):
+        s = (q[:, :, i : i + tile] @ kk.transpose(-1, -2)) * scale
+        if causal:
+            rows = torch.arange(i, min(i + tile, tq), device=q.device)[:, None]
+            s = s.masked_fill(torch.arange(tk, device=q.device)[None, :] > rows, -math.inf)
+        if attn_mask is not None:
+            s = s.masked_fill(~attn_mask, -math.inf)
+        lses.append(torch.logsumexp(s.float(), -1))
+    return torch.cat(lses, -1)

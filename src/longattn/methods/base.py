@@ -1,0 +1,154 @@
+"""What a method is, the capability sheet it declares, and the registry of methods by name.
+
+A method is a frozen dataclass: its fields are its hyper-parameters, its docstring names its
+paper, and ``run`` turns float32 ``q, k, v`` into ``(out, lse, stats)``. ``longattn.attention``
+validates inputs, applies positions and dtype handling around it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from longattn.core.masks import Mask
+from longattn.kernels.tiled import ScoreBias
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """The capability sheet ``longattn methods`` prints."""
+
+    exact: bool
+    causal: bool = True
+    non_causal: bool = True
+    cross: bool = True
+    prefill: bool = True
+    decode: bool = True
+    score_bias: bool = True  # takes ALiBi / T5 / CoPE-style score biases
+    needs_calibration: bool = False
+    paper: str = ""
+    cost: str = ""
+
+
+@dataclass
+class Call:
+    """Everything a method needs besides q, k, v (already float32 and validated)."""
+
+    causal: bool
+    scale: float
+    key_padding_mask: torch.Tensor | None = None
+    bias: ScoreBias | None = None
+    #: ``(q0, q1) -> [B, Hq, q1-q0, Tk]`` content-dependent bias rows (CoPE); eager kernel only
+    row_bias: Callable[[int, int], torch.Tensor] | None = None
+    want_stats: bool = False
+
+
+@dataclass
+class Result:
+    out: torch.Tensor
+    lse: torch.Tensor | None
+    path: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Base class of every registered method (subclasses are frozen dataclasses)."""
+
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities]
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Call) -> Result:
+        raise NotImplementedError
+
+    def visible_mask(self, tokens_q: int, tokens_k: int, causal: bool) -> Mask | None:
+        """The token mask this method attends with (None: all keys), for accuracy checks."""
+        return None
+
+    @classmethod
+    def params(cls) -> dict[str, Any]:
+        """Hyper-parameters and their defaults (``dataclasses.MISSING`` when required)."""
+        out = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if not f.init:
+                continue
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                out[f.name] = f.default_factory()  # type: ignore[misc]
+            else:
+                out[f.name] = dataclasses.MISSING
+        return out
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty class attribute 'name' to be registered")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered() -> dict[str, type[Method]]:
+    return dict(_REGISTRY)
+
+
+def _unknown_name(name: object) -> ValueError:
+    known = ", ".join(sorted(_REGISTRY))
+    return ValueError(f"method {name!r} is not registered; known methods: {known}")
+
+
+def build(name: str, **params: Any) -> Method:
+    """``longattn.method(name, **params)``: a method object from a registered name."""
+    if not isinstance(name, str):
+        raise TypeError(f"method name must be a str, got {type(name).__name__}")
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise _unknown_name(name)
+    accepted = cls.params()
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        listing = ", ".join(f"{k}={v!r}" if v is not dataclasses.MISSING else f"{k} (required)" for k, v in accepted.items())
+        raise TypeError(
+            f"method {name!r} got unknown parameter(s) {', '.join(unknown)}; it accepts: {listing or 'no parameters'}"
+        )
+    missing = [k for k, v in accepted.items() if v is dataclasses.MISSING and k not in params]
+    if missing:
+        raise TypeError(f"method {name!r} needs parameter(s) {', '.join(missing)}")
+    return cls(**params)
+
+
+def resolve(method: str | Method) -> Method:
+    """A method object from a name (default parameters) or the object itself."""
+    if isinstance(method, Method):
+        return method
+    if isinstance(method, str):
+        return build(method)
+    raise TypeError(f"method must be a registered name (str) or a method object, got {type(method).__name__}")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of ``longattn.methods()``."""
+
+    name: str
+    cls: type[Method]
+    capabilities: Capabilities
+    params: dict[str, Any]
+
+    @property
+    def summary(self) -> str:
+        doc = (self.cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+def specs() -> list[MethodSpec]:
+    return [MethodSpec(n, c, c.capabilities, c.params()) for n, c in sorted(_REGISTRY.items())]

@@ -1,0 +1,89 @@
+"""Shared machinery of the exact masked methods (window, streaming, pattern, dense_chunked):
+build the method's mask, add causality and key padding, classify blocks, run one exact kernel
+(compiled FlexAttention or the eager tiled kernel) and report which path ran."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from longattn.core.masks import Causal, Full, KeyPadding, Mask
+from longattn.kernels import flex
+from longattn.kernels.layout import build_layout, count_allowed_pairs, dense_pairs
+from longattn.kernels.tiled import tiled_attention
+from longattn.methods.base import Call, Method, Result
+
+#: with backend="auto", compiled FlexAttention is used from this many keys on (below it the
+#: eager kernel is as fast and there is no compile to pay for).
+FLEX_MIN_TOKENS = 8192
+BACKENDS = ("auto", "tiled", "flex")
+DEFAULT_BLOCK = 128
+
+
+class MaskedMethod(Method):
+    """Base of methods that attend exactly over a fixed mask. Subclasses implement
+    ``method_mask`` and declare fields ``backend`` and ``block``."""
+
+    backend: ClassVar[str]  # overridden by a dataclass field
+    block: ClassVar[int | None]
+
+    def method_mask(self, tokens_q: int, tokens_k: int, causal: bool) -> Mask | None:
+        raise NotImplementedError
+
+    def visible_mask(self, tokens_q: int, tokens_k: int, causal: bool) -> Mask | None:
+        m = self.method_mask(tokens_q, tokens_k, causal)
+        if causal:
+            m = Causal() if m is None else (Causal() & m)
+        return m
+
+    def _check_backend(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+
+    def choose_backend(self, q: torch.Tensor, k: torch.Tensor, call: Call) -> str:
+        if self.backend == "flex":
+            if call.row_bias is not None:
+                raise ValueError(f"{self.name}: backend='flex' cannot take a content-dependent bias (CoPE); use backend='tiled'")
+            reason = flex.flex_unavailable_reason()
+            if reason:
+                raise RuntimeError(f"{self.name}: backend='flex' was requested but cannot run: {reason}")
+            return "flex"
+        if self.backend == "tiled" or call.row_bias is not None:
+            return "tiled"
+        if flex.flex_unavailable_reason() is None and k.shape[2] >= FLEX_MIN_TOKENS:
+            return "flex"
+        return "tiled"
+
+    def run(self, q, k, v, call: Call) -> Result:
+        tq, tk = q.shape[2], k.shape[2]
+        mask = self.visible_mask(tq, tk, call.causal)
+        if call.key_padding_mask is not None:
+            pad = KeyPadding(call.key_padding_mask)
+            mask = pad if mask is None else (mask & pad)
+        block = self.block or (mask.block_size if mask is not None else None) or DEFAULT_BLOCK
+        t0 = time.perf_counter()
+        layout = build_layout(mask if mask is not None else Full(), tq, tk, block, q.device)
+        t1 = time.perf_counter()
+        path = self.choose_backend(q, k, call)
+        if path == "flex":
+            out, lse = flex.flex_attention_path(q, k, v, scale=call.scale, layout=layout, mask=mask, bias=call.bias)
+        else:
+            out, lse, _ = tiled_attention(q, k, v, scale=call.scale, layout=layout, mask=mask, bias=call.bias,
+                                          row_bias=call.row_bias, key_chunk=self.key_chunk())
+        t2 = time.perf_counter()
+        stats = {"layout_s": t1 - t0, "kernel_s": t2 - t1, "block": block}
+        if call.want_stats:
+            b, hq = q.shape[:2]
+            allowed = count_allowed_pairs(mask, layout, b, hq)
+            dense = dense_pairs(tq, tk, call.causal)
+            stats["density"] = allowed / dense if dense else 0.0
+            stats["computed_fraction"] = layout.computed_pairs() / dense if dense else 0.0
+            stats["blocks_visited"] = int(layout.any.flatten(0, 1).any(0).sum())
+            stats["blocks_total"] = layout.n_q_blocks * layout.n_k_blocks
+        return Result(out, lse, path, stats)
+
+    def key_chunk(self) -> int:
+        return 2048
