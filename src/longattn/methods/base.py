@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from longattn.core.masks import Mask
+from longattn.core.masks import Causal, Mask
 from longattn.kernels.tiled import ScoreBias
 
 
@@ -65,8 +65,9 @@ class Method:
         raise NotImplementedError
 
     def visible_mask(self, tokens_q: int, tokens_k: int, causal: bool) -> Mask | None:
-        """The token mask this method attends with (None: all keys), for accuracy checks."""
-        return None
+        """The token mask an exact method attends with, causality included (None: all keys).
+        Tests and the benchmark's correctness gate compare against the reference on it."""
+        return Causal() if causal else None
 
     @classmethod
     def params(cls) -> dict[str, Any]:
