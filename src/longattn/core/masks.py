@@ -60,7 +60,7 @@ class Mask:
 
     # -- materialisation (small inputs, tests, the reference) --------------------------------
     def dense(self, batch: int, heads: int, tokens_q: int, tokens_k: int, device=None) -> Tensor:
-        """The mask as a bool tensor broadcastable to ``[batch, heads, tokens_q, tokens_k]``.
+        """The mask as a bool tensor of shape ``[batch, heads, tokens_q, tokens_k]`` (a broadcast view).
 
         Materialises ``tokens_q × tokens_k`` entries: meant for the reference and for tests.
         """
@@ -68,8 +68,7 @@ class Mask:
         h = torch.arange(heads, device=device).view(1, heads, 1, 1)
         q_pos = torch.arange(tokens_q, device=device).view(tokens_q, 1) + (tokens_k - tokens_q)
         k_pos = torch.arange(tokens_k, device=device).view(1, tokens_k)
-        allowed = self.mask_mod(b, h, q_pos, k_pos)
-        return allowed.expand(batch, heads, tokens_q, tokens_k) if allowed.dim() == 4 else allowed
+        return self.mask_mod(b, h, q_pos, k_pos).broadcast_to(batch, heads, tokens_q, tokens_k)
 
 
 def _const(value: bool, like: Tensor) -> Tensor:
