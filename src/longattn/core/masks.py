@@ -44,7 +44,12 @@ class Mask:
     self_causal: bool = False
 
     def mask_mod(self, b: Tensor, h: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """May return any shape that broadcasts to ``[B, H, tq, tk]`` (e.g. ``[1, tk]``); must use
+        only tensor ops so FlexAttention can compile it."""
         raise NotImplementedError
+
+    def check(self, batch: int, tokens_q: int, tokens_k: int) -> None:
+        """Raise a clear error when the mask cannot describe inputs of these sizes."""
 
     def block_any(self, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> Tensor:
         raise NotImplementedError
@@ -80,7 +85,7 @@ class Full(Mask):
     """Every key is visible."""
 
     def mask_mod(self, b, h, q_pos, k_pos):
-        return torch.ones((), dtype=torch.bool, device=q_pos.device).expand(torch.broadcast_shapes(q_pos.shape, k_pos.shape))
+        return k_pos >= 0  # key positions are never negative; broadcasts against q
 
     def block_any(self, qlo, qhi, klo, khi):
         return _const(True, qlo)
@@ -153,7 +158,7 @@ class Sinks(Mask):
         validate.check_positive_int("sinks", self.sinks)
 
     def mask_mod(self, b, h, q_pos, k_pos):
-        return (k_pos < self.sinks).expand(torch.broadcast_shapes(q_pos.shape, k_pos.shape))
+        return k_pos < self.sinks
 
     def block_any(self, qlo, qhi, klo, khi):
         return klo < self.sinks
@@ -170,7 +175,7 @@ class QueryRows(Mask):
     start: int
 
     def mask_mod(self, b, h, q_pos, k_pos):
-        return (q_pos >= self.start).expand(torch.broadcast_shapes(q_pos.shape, k_pos.shape))
+        return q_pos >= self.start
 
     def block_any(self, qlo, qhi, klo, khi):
         return qhi >= self.start
@@ -205,6 +210,21 @@ class Document(Mask):
                 object.__setattr__(self, name, ids[None])
             elif ids.dim() != 2:
                 raise ValueError(f"{name} must have shape [batch, tokens] or [tokens], got {tuple(ids.shape)}")
+
+    def check(self, batch, tokens_q, tokens_k):
+        if self.key_ids.shape[1] != tokens_k or self.key_ids.shape[0] not in (1, batch):
+            raise ValueError(
+                f"document key_ids has shape {tuple(self.key_ids.shape)}, expected [batch or 1, tokens_k] = "
+                f"[{batch}, {tokens_k}]"
+            )
+        if self.query_ids is None:
+            if tokens_q > tokens_k:
+                raise ValueError(f"document mask with tokens_q={tokens_q} > tokens_k={tokens_k} needs query_ids")
+        elif self.query_ids.shape[1] != tokens_q or self.query_ids.shape[0] not in (1, batch):
+            raise ValueError(
+                f"document query_ids has shape {tuple(self.query_ids.shape)}, expected [batch or 1, tokens_q] = "
+                f"[{batch}, {tokens_q}]"
+            )
 
     def _q_ids(self) -> Tensor:
         return self.key_ids if self.query_ids is None else self.query_ids
@@ -262,6 +282,10 @@ class PrefixLM(Mask):
                 raise ValueError(f"prefix must be an int or an int tensor [batch], got {self.prefix!r:.60}")
         else:
             validate.check_positive_int("prefix", self.prefix, allow_zero=True)
+
+    def check(self, batch, tokens_q, tokens_k):
+        if isinstance(self.prefix, torch.Tensor) and self.prefix.shape[0] not in (1, batch):
+            raise ValueError(f"prefix has {self.prefix.shape[0]} entries, expected one per batch row ({batch})")
 
     def _prefix(self, b: Tensor) -> Tensor | int:
         if isinstance(self.prefix, torch.Tensor):
@@ -395,8 +419,7 @@ class Strided(Mask):
         validate.check_positive_int("block_size", self.block_size)
 
     def mask_mod(self, b, h, q_pos, k_pos):
-        hit = torch.remainder(k_pos // self.block_size, self.stride) == self.stride - 1
-        return hit.expand(torch.broadcast_shapes(q_pos.shape, k_pos.shape))
+        return torch.remainder(k_pos // self.block_size, self.stride) == self.stride - 1
 
     def block_any(self, qlo, qhi, klo, khi):
         ka, kb = klo // self.block_size, khi // self.block_size
@@ -433,6 +456,10 @@ class And(Mask):
     a: Mask
     b: Mask
 
+    def check(self, batch, tokens_q, tokens_k):
+        self.a.check(batch, tokens_q, tokens_k)
+        self.b.check(batch, tokens_q, tokens_k)
+
     @property
     def block_size(self) -> int | None:  # type: ignore[override]
         return _merge_block_size(self.a, self.b)
@@ -455,6 +482,10 @@ class And(Mask):
 class Or(Mask):
     a: Mask
     b: Mask
+
+    def check(self, batch, tokens_q, tokens_k):
+        self.a.check(batch, tokens_q, tokens_k)
+        self.b.check(batch, tokens_q, tokens_k)
 
     @property
     def block_size(self) -> int | None:  # type: ignore[override]
@@ -531,7 +562,11 @@ class KeyPadding(Mask):
     valid: Tensor
 
     def mask_mod(self, b, h, q_pos, k_pos):
-        return self.valid[b, k_pos].expand(torch.broadcast_shapes(b.shape, h.shape, q_pos.shape, k_pos.shape))
+        return self.valid[b, k_pos]
+
+    def check(self, batch, tokens_q, tokens_k):
+        if tuple(self.valid.shape) != (batch, tokens_k):
+            raise ValueError(f"key_padding_mask has shape {tuple(self.valid.shape)}, expected [batch, tokens_k] = [{batch}, {tokens_k}]")
 
     def _block_counts(self, klo, khi):
         pref = torch.zeros(self.valid.shape[0], self.valid.shape[1] + 1, dtype=torch.int64, device=self.valid.device)

@@ -5,6 +5,7 @@ build the method's mask, add causality and key padding, classify blocks, run one
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -63,18 +64,29 @@ class MaskedMethod(Method):
         if call.key_padding_mask is not None:
             pad = KeyPadding(call.key_padding_mask)
             mask = pad if mask is None else (mask & pad)
+        if mask is not None:
+            mask.check(q.shape[0], tq, tk)
         block = self.block or (mask.block_size if mask is not None else None) or DEFAULT_BLOCK
         t0 = time.perf_counter()
         layout = build_layout(mask if mask is not None else Full(), tq, tk, block, q.device)
         t1 = time.perf_counter()
         path = self.choose_backend(q, k, call)
+        stats: dict = {}
         if path == "flex":
-            out, lse = flex.flex_attention_path(q, k, v, scale=call.scale, layout=layout, mask=mask, bias=call.bias)
-        else:
+            try:
+                out, lse = flex.flex_attention_path(q, k, v, scale=call.scale, layout=layout, mask=mask, bias=call.bias)
+            except flex.FlexCompileError as exc:
+                if self.backend == "flex":
+                    raise
+                # backend="auto": the eager kernel computes the same exact result; say so in stats
+                stats["flex_error"] = str(exc)
+                warnings.warn(f"{self.name}: {exc}; ran the exact eager tiled kernel instead", RuntimeWarning, stacklevel=3)
+                path = "tiled"
+        if path == "tiled":
             out, lse, _ = tiled_attention(q, k, v, scale=call.scale, layout=layout, mask=mask, bias=call.bias,
                                           row_bias=call.row_bias, key_chunk=self.key_chunk())
         t2 = time.perf_counter()
-        stats = {"layout_s": t1 - t0, "kernel_s": t2 - t1, "block": block}
+        stats.update({"layout_s": t1 - t0, "kernel_s": t2 - t1, "block": block})
         if call.want_stats:
             b, hq = q.shape[:2]
             allowed = count_allowed_pairs(mask, layout, b, hq)

@@ -1,0 +1,578 @@
+"""The benchmark harness every suite builds on.
+
+* ``time_call``: warm-up calls, then timed repeats; reports the median with its spread (min, max)
+  and every sample. It measures, it never asserts a speed.
+* ``PeakRSS`` / ``peak_memory``: peak extra memory of one call, from a background thread that
+  reads this process's resident set size (``/proc/self/statm``) about every millisecond. It is
+  RSS-based and therefore approximate: allocations shorter than the sampling interval can be
+  missed, memory the allocator keeps cached from earlier calls is not seen again, and anything
+  else the process does at the same time is counted.
+* ``check_exact``: the correctness gate. It draws a seeded sample of query rows, computes the
+  float64 reference for those rows only (the method's own visible mask evaluated at their
+  positions, never an ``N × N`` tensor) and compares them with the method's output rows.
+* ``attention_flops``: ``4 · visible pairs · head_dim · heads · batch`` from the exact masked area.
+* ``run_attention_case``: one benchmark case (first call with stats, gate, timing, memory,
+  FLOPs); every failure is recorded in the returned dict, never raised.
+* ``machine_info``: what the numbers were measured on.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+import longattn
+from longattn.core.masks import Causal, Mask
+from longattn.kernels.layout import dense_pairs
+from longattn.methods.base import Method, resolve
+
+#: default tolerances of the gate for float32 outputs
+ATOL = 1e-4
+RTOL = 1e-3
+LSE_ATOL = 1e-3
+
+
+# -- timing ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    """Wall-clock samples of a call, in seconds."""
+
+    median_s: float
+    min_s: float
+    max_s: float
+    samples: list[float]
+    warmup_s: list[float] = field(default_factory=list)
+    #: peak RSS growth over the timed samples (bytes), when ``time_call(track_memory=True)``
+    peak_mem_bytes: int | None = None
+
+    @property
+    def spread_s(self) -> float:
+        return self.max_s - self.min_s
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spread_s"] = self.spread_s
+        return d
+
+
+def time_call(
+    fn: Callable[[], Any],
+    warmup: int = 1,
+    repeats: int = 3,
+    max_seconds: float | None = None,
+    *,
+    track_memory: bool = False,
+) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed-for-the-result calls, then up to ``repeats`` timed calls.
+
+    Args:
+        warmup: calls made first and reported in ``warmup_s`` but not in the statistics (they
+            absorb compilation, caches and lazy initialisation).
+        repeats: timed calls wanted; at least one is always made.
+        max_seconds: a budget: once warm-up plus timed calls have taken this long, no further
+            repeat is started (so a slow case gets fewer samples rather than a long stall).
+        track_memory: sample RSS during each timed call and report the largest growth.
+
+    Returns:
+        a ``Timing`` with the median, min, max and every sample. Never asserts anything about speed.
+    """
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    spent = 0.0
+    warm = []
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        warm.append(dt)
+        spent += dt
+    samples: list[float] = []
+    peak: int | None = None
+    for _ in range(repeats):
+        if samples and max_seconds is not None and spent >= max_seconds:
+            break
+        if track_memory:
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t0
+            if mem.peak_bytes is not None:
+                peak = mem.peak_bytes if peak is None else max(peak, mem.peak_bytes)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+        samples.append(dt)
+        spent += dt
+    return Timing(
+        median_s=statistics.median(samples), min_s=min(samples), max_s=max(samples),
+        samples=samples, warmup_s=warm, peak_mem_bytes=peak,
+    )
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def current_rss() -> int | None:
+    """Resident set size of this process in bytes (Linux ``/proc/self/statm``), or None."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakRSS:
+    """Context manager: ``peak_bytes`` = highest RSS seen inside the block minus RSS on entry.
+
+    A daemon thread reads ``/proc/self/statm`` every ``interval`` seconds (default 1 ms). The
+    figure is approximate (see the module docstring) and None where ``/proc`` is unavailable.
+    """
+
+    def __init__(self, interval: float = 0.001):
+        self.interval = interval
+        self.peak_bytes: int | None = None
+        self._base: int | None = None
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._fd: int | None = None
+
+    def _read(self) -> int | None:
+        if self._fd is None:
+            return None
+        try:
+            return int(os.pread(self._fd, 128, 0).split()[1]) * _PAGE
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            rss = self._read()
+            if rss is not None and rss > self._peak:
+                self._peak = rss
+
+    def __enter__(self) -> PeakRSS:
+        try:
+            self._fd = os.open("/proc/self/statm", os.O_RDONLY)
+        except OSError:
+            self._fd = None
+        self._base = self._read()
+        if self._base is not None:
+            self._peak = self._base
+            self._thread = threading.Thread(target=self._loop, name="longattn-peak-rss", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        last = self._read()
+        if last is not None:
+            self._peak = max(self._peak, last)
+        if self._base is not None:
+            self.peak_bytes = max(self._peak - self._base, 0)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def peak_memory(fn: Callable[[], Any]) -> tuple[Any, int | None]:
+    """``(fn(), peak RSS growth in bytes during the call)``; RSS-based and approximate."""
+    with PeakRSS() as mem:
+        result = fn()
+    return result, mem.peak_bytes
+
+
+# -- correctness gate ------------------------------------------------------------------------
+
+
+@dataclass
+class GateResult:
+    """Outcome of the correctness gate on a sample of query rows."""
+
+    passed: bool
+    max_abs_err: float
+    rel_err: float
+    lse_max_err: float | None
+    rows: int
+    atol: float
+    rtol: float
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sample_rows(tokens_q: int, n_rows: int, seed: int) -> torch.Tensor:
+    """A sorted, seeded sample of ``min(n_rows, tokens_q)`` distinct query indices."""
+    if tokens_q <= n_rows:
+        return torch.arange(tokens_q)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(tokens_q, generator=g)[:n_rows].sort().values
+
+
+def rows_mask(mask: Mask | None, batch: int, heads: int, rows: torch.Tensor, tokens_q: int,
+              tokens_k: int, device=None) -> torch.Tensor | None:
+    """The bool mask ``[batch|1, heads|1, len(rows), tokens_k]`` of the given query rows only."""
+    if mask is None:
+        return None
+    b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
+    h = torch.arange(heads, device=device).view(1, heads, 1, 1)
+    q_pos = (rows.to(device) + (tokens_k - tokens_q)).view(-1, 1)
+    k_pos = torch.arange(tokens_k, device=device).view(1, -1)
+    allowed = mask.mask_mod(b, h, q_pos, k_pos).to(torch.bool)
+    while allowed.dim() < 4:
+        allowed = allowed.unsqueeze(0)
+    return allowed
+
+
+def check_rows(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: Mask | None,
+    rows: torch.Tensor,
+    scale: float | None = None,
+    lse: torch.Tensor | None = None,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    lse_atol: float = LSE_ATOL,
+) -> GateResult:
+    """Compare ``out[:, :, rows]`` (and ``lse[:, :, rows]`` when given) with the float64 reference
+    over ``mask`` (a ``Mask`` with causality included, or None for every key).
+
+    Passes when every compared value is finite, the max abs error is ``<= atol``, the relative
+    error ``‖out - ref‖ / ‖ref‖`` is ``<= rtol`` and, with an LSE, its max abs error is
+    ``<= lse_atol`` (rows with no visible key must give ``-inf`` there).
+    """
+    b, hq, tq, _ = q.shape
+    tk = k.shape[2]
+    rows = rows.to(torch.long)
+    allowed = rows_mask(mask, b, hq, rows, tq, tk, q.device)
+    ref, ref_lse = longattn.reference_attention(q[:, :, rows], k, v, causal=False, mask=allowed, scale=scale)
+    got = out[:, :, rows].to(torch.float64)
+    diff = got - ref
+    finite = bool(torch.isfinite(got).all())
+    max_abs = float(diff.abs().max()) if finite and diff.numel() else (0.0 if finite else math.inf)
+    ref_norm = float(ref.norm())
+    rel = float(diff.norm()) / ref_norm if ref_norm > 0 else (0.0 if max_abs == 0 else math.inf)
+    if not finite:
+        rel = math.inf
+    lse_err = None
+    if lse is not None:
+        got_lse = lse[:, :, rows].to(torch.float64)
+        ref_dead = torch.isinf(ref_lse)
+        got_dead = torch.isinf(got_lse) & (got_lse < 0)
+        if bool((ref_dead != got_dead).any()) or bool(torch.isnan(got_lse).any()):
+            lse_err = math.inf
+        else:
+            live = ~ref_dead
+            lse_err = float((got_lse[live] - ref_lse[live]).abs().max()) if bool(live.any()) else 0.0
+    reasons = []
+    if not finite:
+        reasons.append("non-finite output")
+    elif max_abs > atol:
+        reasons.append(f"max abs error {max_abs:.3g} > {atol:g}")
+    if finite and rel > rtol:
+        reasons.append(f"relative error {rel:.3g} > {rtol:g}")
+    if lse_err is not None and lse_err > lse_atol:
+        reasons.append(f"LSE error {lse_err:.3g} > {lse_atol:g}")
+    return GateResult(
+        passed=not reasons, max_abs_err=max_abs, rel_err=rel, lse_max_err=lse_err,
+        rows=int(rows.numel()), atol=atol, rtol=rtol, reason="; ".join(reasons),
+    )
+
+
+def check_exact(
+    method: str | Method,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    n_rows: int = 64,
+    seed: int = 0,
+    *,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    scale: float | None = None,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+) -> GateResult:
+    """The correctness gate of an exact method.
+
+    Draws ``n_rows`` seeded query rows, builds the bool mask of those rows from
+    ``method.visible_mask(tokens_q, tokens_k, causal).mask_mod`` and compares the method's output
+    rows with ``longattn.reference_attention`` in float64 on those rows only. ``out`` (and
+    ``lse``) may be passed when the method's output is already at hand; otherwise the method
+    is run once here.
+    """
+    m = resolve(method)
+    if out is None:
+        out, stats = longattn.attention(q, k, v, causal=causal, method=m, scale=scale, return_stats=True)
+        lse = stats.lse
+    tq, tk = q.shape[2], k.shape[2]
+    rows = sample_rows(tq, n_rows, seed)
+    return check_rows(out, q, k, v, mask=m.visible_mask(tq, tk, causal), rows=rows, scale=scale,
+                      lse=lse, atol=atol, rtol=rtol)
+
+
+# -- FLOPs -----------------------------------------------------------------------------------
+
+
+def attention_flops(tokens_q: int, tokens_k: int, causal: bool, *, head_dim: int, heads: int,
+                    batch: int, density: float = 1.0) -> float:
+    """``4 · visible pairs · head_dim · heads · batch``: one multiply-add (2 FLOPs) per pair and
+    dimension for ``Q Kᵀ`` and again for ``P V``; visible pairs = ``density ×`` the dense pairs
+    (the causal triangle for causal attention)."""
+    return 4.0 * density * dense_pairs(tokens_q, tokens_k, causal) * head_dim * heads * batch
+
+
+# -- failures --------------------------------------------------------------------------------
+
+
+class Unsupported(Exception):
+    """A case the method cannot run by its capability sheet (recorded as ``unsupported``)."""
+
+
+def classify_exception(exc: BaseException) -> str:
+    """Status string for a failed case: ``oom``, ``unsupported: ...`` or ``error: Type: msg``."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, MemoryError):
+        return "oom"
+    low = str(exc).lower()
+    if isinstance(exc, RuntimeError) and ("out of memory" in low or "can't allocate memory" in low
+                                          or "cannot allocate memory" in low):
+        return "oom"
+    if isinstance(exc, Unsupported):
+        return f"unsupported: {text}"
+    return f"error: {type(exc).__name__}: {text[:300]}"
+
+
+def guarded(fn: Callable[[], Any]) -> tuple[Any, str | None]:
+    """``(fn(), None)`` or ``(None, status)`` when it raised (KeyboardInterrupt still propagates)."""
+    try:
+        return fn(), None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a benchmark sweep records, never crashes
+        return None, classify_exception(exc)
+
+
+# -- one case --------------------------------------------------------------------------------
+
+
+def capability_problem(method: Method, causal: bool, tokens_q: int, tokens_k: int) -> str | None:
+    """Why the method cannot run this case by its capability sheet, or None."""
+    caps = method.capabilities
+    if causal and not caps.causal:
+        return f"{method.name} has no causal mode"
+    if not causal and not caps.non_causal:
+        return f"{method.name} is causal only"
+    if tokens_q != tokens_k and not caps.cross:
+        return f"{method.name} has no cross attention"
+    return None
+
+
+def run_attention_case(
+    method: str | Method,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    repeats: int = 3,
+    max_seconds: float | None = None,
+    n_rows: int = 64,
+    seed: int = 0,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+) -> dict[str, Any]:
+    """One benchmark case of a method; every outcome is a record, nothing is raised.
+
+    1. first call with stats (it also serves as the warm-up: compilation, e.g. FlexAttention's,
+       happens here and is reported as ``first_call_s``);
+    2. the correctness gate on ``n_rows`` seeded rows of that output; a failed gate gives status
+       ``"FAILED accuracy"`` and no speed figure;
+    3. ``repeats`` timed calls (without stats) with peak RSS growth sampled during them;
+    4. FLOPs from the exact masked area and throughput.
+    """
+    rec: dict[str, Any] = {"status": "ok"}
+    m, status = guarded(lambda: resolve(method))
+    if status is not None:
+        rec["status"] = status
+        return rec
+    tq, tk = q.shape[2], k.shape[2]
+    problem = capability_problem(m, causal, tq, tk)
+    if problem:
+        rec["status"] = f"unsupported: {problem}"
+        return rec
+
+    def first():
+        t0 = time.perf_counter()
+        out, stats = longattn.attention(q, k, v, causal=causal, method=m, return_stats=True)
+        return out, stats, time.perf_counter() - t0
+
+    res, status = guarded(first)
+    if status is not None:
+        rec["status"] = status
+        return rec
+    out, stats, first_s = res
+    rec.update(
+        path=stats.path, density=stats.density, computed_fraction=stats.computed_fraction,
+        first_call_s=first_s, extra={k_: v_ for k_, v_ in stats.extra.items() if _jsonable(v_)},
+    )
+    rec["gate"] = _gate(lambda: check_exact(m, q, k, v, causal, n_rows, seed, out=out, lse=stats.lse,
+                                            atol=atol, rtol=rtol), rec)
+    del out, stats
+    if rec["status"] != "ok":
+        return rec
+
+    def call():
+        return longattn.attention(q, k, v, causal=causal, method=m)
+
+    timing, status = guarded(lambda: time_call(call, warmup=0, repeats=repeats, max_seconds=max_seconds,
+                                               track_memory=True))
+    if status is not None:
+        rec["status"] = status
+        return rec
+    _fill_speed(rec, timing, tq, tk, causal, q, rec.get("density"))
+    return rec
+
+
+def run_callable_case(
+    fn: Callable[[], torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    mask: Mask | None = None,
+    path: str = "",
+    repeats: int = 3,
+    max_seconds: float | None = None,
+    n_rows: int = 64,
+    seed: int = 0,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+) -> dict[str, Any]:
+    """Like ``run_attention_case`` for a plain callable returning the output (a baseline such as
+    torch SDPA): the gate uses ``mask`` (default: ``Causal()`` when causal, else every key)."""
+    rec: dict[str, Any] = {"status": "ok", "path": path, "density": 1.0, "computed_fraction": 1.0}
+    tq, tk = q.shape[2], k.shape[2]
+    if mask is None and causal:
+        mask = Causal()
+
+    def first():
+        t0 = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t0
+
+    res, status = guarded(first)
+    if status is not None:
+        rec["status"] = status
+        return rec
+    out, rec["first_call_s"] = res
+    rows = sample_rows(tq, n_rows, seed)
+    rec["gate"] = _gate(lambda: check_rows(out, q, k, v, mask=mask, rows=rows, atol=atol, rtol=rtol), rec)
+    del out
+    if rec["status"] != "ok":
+        return rec
+    timing, status = guarded(lambda: time_call(fn, warmup=0, repeats=repeats, max_seconds=max_seconds,
+                                               track_memory=True))
+    if status is not None:
+        rec["status"] = status
+        return rec
+    _fill_speed(rec, timing, tq, tk, causal, q, 1.0)
+    return rec
+
+
+def _gate(check: Callable[[], GateResult], rec: dict[str, Any]) -> dict[str, Any] | None:
+    gate, status = guarded(check)
+    if status is not None:
+        rec["status"] = f"gate {status}"
+        return None
+    if not gate.passed:
+        rec["status"] = "FAILED accuracy"
+    return gate.as_dict()
+
+
+def _fill_speed(rec, timing: Timing, tq, tk, causal, q, density) -> None:
+    b, h, _, d = q.shape
+    rec.update(
+        median_s=timing.median_s, min_s=timing.min_s, max_s=timing.max_s, spread_s=timing.spread_s,
+        samples=timing.samples, peak_mem_bytes=timing.peak_mem_bytes,
+    )
+    if density is not None:
+        flops = attention_flops(tq, tk, causal, head_dim=d, heads=h, batch=b, density=density)
+        rec["flops"] = flops
+        rec["tflops"] = flops / timing.median_s / 1e12 if timing.median_s > 0 else None
+
+
+def _jsonable(x: Any) -> bool:
+    return isinstance(x, (int, float, str, bool)) or x is None
+
+
+# -- machine ---------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def machine_info(seed: int | None = None) -> dict[str, Any]:
+    """Platform, CPU, thread counts, versions, seed and the UTC date of the run."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = None
+    from longattn.kernels import flex
+
+    return {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "longattn": longattn.__version__,
+        "flex_unavailable_reason": flex.flex_unavailable_reason(),
+        "load_average_at_start": load_average(),
+        "seed": seed,
+    }

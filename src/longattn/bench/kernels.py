@@ -1,0 +1,538 @@
+"""The ``kernels`` suite: exact kernels and exact masked methods against torch SDPA.
+
+For each length and for causal and non-causal attention (float32, batch 1, 8 heads, head_dim 64,
+seeded random q/k/v) it times torch's ``scaled_dot_product_attention`` as the baseline in the same
+run, then every method case: correctness gate first, then timing. Records go to
+``DIR/results.json`` (rewritten after every case, so an interrupted run keeps what it measured)
+and ``DIR/report.md``.
+
+Methods with ``backend="auto"`` switch to compiled FlexAttention from 8192 keys; their first call
+compiles (tens of seconds on a small CPU) and is reported as ``first_call_s``, outside the timed
+samples. When that path fails (compile error, wrong output) the case is recorded as it failed and
+then run again with ``backend="tiled"`` as a separate, labelled record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import longattn
+from longattn.bench import harness
+from longattn.core import masks
+from longattn.kernels import flex
+from longattn.methods.base import Method
+from longattn.methods.masked import FLEX_MIN_TOKENS
+
+QUICK_LENGTHS: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
+FULL_LENGTHS: tuple[int, ...] = QUICK_LENGTHS + (32768, 65536)
+BASELINE = "sdpa"
+#: the length the report's speed-up summary is about (the largest run length when absent)
+SUMMARY_TOKENS = 16384
+#: a case stops taking timed repeats once it has spent this long (it always gets one sample)
+CASE_MAX_SECONDS = 30.0
+
+
+def repeats_for(tokens: int) -> int:
+    """Timed repeats by size: 3 up to 4k tokens, 2 up to 16k, 1 beyond."""
+    if tokens <= 4096:
+        return 3
+    if tokens <= 16384:
+        return 2
+    return 1
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """One method configuration of the suite.
+
+    ``make(tokens, seed)`` builds the method object for a length (patterns such as documents or
+    a random block map depend on it); ``modes`` lists the causal settings it runs in.
+    """
+
+    label: str
+    make: Callable[[int, int], Method]
+    modes: tuple[bool, ...] = (True, False)
+    params: str = ""
+
+
+def _document_ids(tokens: int, doc_tokens: int = 2048) -> torch.Tensor:
+    return torch.arange(tokens) // doc_tokens
+
+
+def random_block_map(tokens: int, seed: int, keep: float = 0.10, block: int = 128) -> torch.Tensor:
+    """Seeded bool ``[nb, nb]`` map keeping about ``keep`` of the blocks, diagonal always kept."""
+    nb = -(-tokens // block)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + tokens)
+    m = torch.rand(nb, nb, generator=g) < keep
+    return m | torch.eye(nb, dtype=torch.bool)
+
+
+def default_cases() -> list[KernelCase]:
+    """The methods the suite compares with SDPA."""
+    m = longattn.method
+    return [
+        KernelCase("dense", lambda n, s: m("dense")),
+        KernelCase("dense_chunked", lambda n, s: m("dense_chunked")),
+        KernelCase("window", lambda n, s: m("window", window=1024), params="window=1024"),
+        KernelCase("streaming", lambda n, s: m("streaming", sinks=64, window=1024), (True,),
+                   params="sinks=64, window=1024"),
+        KernelCase("pattern:a_shape", lambda n, s: m("pattern", mask=masks.a_shape(64, 1024)), (True,),
+                   params="a_shape(64, 1024)"),
+        KernelCase("pattern:power", lambda n, s: m("pattern", mask=masks.power(128)), params="power(128)"),
+        KernelCase("pattern:lsg",
+                   lambda n, s: m("pattern", mask=masks.lsg(window=512, stride=8, global_tokens=64, block_size=128)),
+                   params="lsg(window=512, stride=8, global_tokens=64, block_size=128)"),
+        KernelCase("pattern:document", lambda n, s: m("pattern", mask=masks.document(_document_ids(n))),
+                   params="document(ids), 2048-token documents"),
+        KernelCase("pattern:prefix_lm", lambda n, s: m("pattern", mask=masks.prefix_lm(n // 4)), (False,),
+                   params="prefix_lm(tokens // 4)"),
+        KernelCase("pattern:block_map", lambda n, s: m("pattern", mask=masks.block_map(random_block_map(n, s))),
+                   params="block_map(random ~10% of 128-blocks + diagonal, seeded)"),
+    ]
+
+
+def select_cases(cases: Sequence[KernelCase], names: Iterable[str] | None) -> list[KernelCase]:
+    """Cases whose label, or method name before ``:``, is in ``names`` (None: all).
+
+    ``"pattern"`` selects every pattern, ``"pattern:lsg"`` or ``"lsg"`` one of them; ``"sdpa"``
+    is accepted (the baseline always runs). Unknown names raise ``ValueError`` listing the known.
+    """
+    if names is None:
+        return list(cases)
+    wanted = [n.strip() for n in names if n.strip()]
+    known = {c.label for c in cases} | {c.label.split(":")[0] for c in cases} | {
+        c.label.split(":", 1)[1] for c in cases if ":" in c.label} | {BASELINE}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ValueError(
+            f"unknown method(s) for the kernels suite: {', '.join(unknown)}; known: "
+            f"{', '.join([BASELINE] + [c.label for c in cases])}"
+        )
+    keep = []
+    for c in cases:
+        base, _, sub = c.label.partition(":")
+        if c.label in wanted or base in wanted or (sub and sub in wanted):
+            keep.append(c)
+    return keep
+
+
+def make_inputs(tokens: int, seed: int, *, batch: int = 1, heads: int = 8, head_dim: int = 64):
+    """Seeded float32 ``q, k, v`` of shape ``[batch, heads, tokens, head_dim]``."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + tokens)
+    return tuple(torch.randn(batch, heads, tokens, head_dim, generator=g) for _ in range(3))
+
+
+def _with_backend(method: Method, backend: str) -> Method | None:
+    if any(f.name == "backend" for f in dataclasses.fields(method)):  # type: ignore[arg-type]
+        return dataclasses.replace(method, backend=backend)  # type: ignore[type-var]
+    return None
+
+
+def _uses_auto_flex(method: Method, tokens: int) -> bool:
+    return (getattr(method, "backend", None) == "auto" and tokens >= FLEX_MIN_TOKENS
+            and flex.flex_unavailable_reason() is None)
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def run_kernels_suite(
+    out_dir: str | Path,
+    *,
+    full: bool = False,
+    lengths: Sequence[int] | None = None,
+    methods: Iterable[str] | None = None,
+    seed: int = 0,
+    batch: int = 1,
+    heads: int = 8,
+    head_dim: int = 64,
+    n_rows: int = 64,
+    cases: Sequence[KernelCase] | None = None,
+    fallback_tiled: bool = True,
+    retry_failed_flex: bool = False,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the suite, write ``results.json`` and ``report.md`` into ``out_dir``, return the results.
+
+    Args:
+        full: lengths up to 65536 (default: the quick set up to 16384).
+        lengths: explicit lengths (overrides ``full``).
+        methods: case labels or method names to keep (see ``select_cases``); SDPA always runs.
+        cases: replace the default case list (tests inject their own methods this way).
+        fallback_tiled: when an ``auto`` case on the FlexAttention path fails, also run it with
+            ``backend="tiled"`` as a separate record.
+        retry_failed_flex: when False, a (case, causal) whose FlexAttention path already failed at
+            a smaller length is not compiled again; its record says so and only the tiled
+            fallback runs.
+        console: where the live table and progress bar go.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    console = console or Console()
+    lens = sorted({int(n) for n in lengths}) if lengths else list(FULL_LENGTHS if full else QUICK_LENGTHS)
+    if any(n < 1 for n in lens):
+        raise ValueError(f"lengths must be positive, got {lens}")
+    chosen = select_cases(cases if cases is not None else default_cases(), methods)
+    plan = [(n, causal, c) for n in lens for causal in (True, False) for c in [None, *chosen]
+            if c is None or causal in c.modes]
+    results: dict[str, Any] = {
+        "suite": "kernels",
+        "machine": harness.machine_info(seed),
+        "config": {
+            "lengths": lens, "batch": batch, "heads": heads, "head_dim": head_dim, "dtype": "float32",
+            "seed": seed, "gate_rows": n_rows, "gate_atol": harness.ATOL, "gate_rtol": harness.RTOL,
+            "repeats": {str(n): repeats_for(n) for n in lens}, "case_max_seconds": CASE_MAX_SECONDS,
+            "flex_min_tokens": FLEX_MIN_TOKENS, "baseline": "torch.nn.functional.scaled_dot_product_attention",
+            "cases": {c.label: c.params for c in chosen},
+        },
+        "records": [],
+    }
+    records: list[dict[str, Any]] = results["records"]
+    t_start = time.perf_counter()
+    flex_failed: dict[tuple[str, bool], int] = {}
+    printer = _RowPrinter(console)
+    try:
+        with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task("kernels", total=len(plan))
+            inputs_for: int | None = None
+            q = k = v = None
+            sdpa_time: dict[tuple[int, bool], float | None] = {}
+            for n, causal, case in plan:
+                if inputs_for != n:
+                    q = k = v = None
+                    q, k, v = make_inputs(n, seed, batch=batch, heads=heads, head_dim=head_dim)
+                    inputs_for = n
+                label = BASELINE if case is None else case.label
+                progress.update(task, description=f"{label} · {n} · {'causal' if causal else 'non-causal'}")
+                common = dict(suite="kernels", tokens=n, causal=causal, batch=batch, heads=heads,
+                              head_dim=head_dim, dtype="float32", repeats=repeats_for(n))
+                if case is None:
+                    rec = _run_baseline(q, k, v, causal, n, seed, n_rows)
+                    rec.update(label=BASELINE, method=BASELINE, backend="sdpa", params="is_causal", **common)
+                    sdpa_time[(n, causal)] = rec.get("median_s")
+                    _finish(rec, sdpa_time, records, printer, progress, out, results)
+                    progress.advance(task)
+                    continue
+                method, status = harness.guarded(lambda: case.make(n, seed))
+                auto_flex = method is not None and _uses_auto_flex(method, n)
+                key = (case.label, causal)
+                if status is not None:
+                    rec = {"status": status, "wall_s": 0.0}
+                elif auto_flex and key in flex_failed and not retry_failed_flex:
+                    rec = {"status": f"error: skipped: compiled FlexAttention already failed for this case at "
+                                     f"{flex_failed[key]} tokens", "path": "flex", "wall_s": 0.0}
+                else:
+                    rec = _timed_case(method, q, k, v, causal, n, seed, n_rows)
+                rec.update(label=case.label, method=getattr(method, "name", case.label.split(":")[0]),
+                           backend=getattr(method, "backend", None), params=case.params, **common)
+                _finish(rec, sdpa_time, records, printer, progress, out, results)
+                failed_flex = auto_flex and rec["status"] != "ok" and not rec["status"].startswith("unsupported")
+                if failed_flex:
+                    flex_failed.setdefault(key, n)
+                    tiled = _with_backend(method, "tiled") if fallback_tiled else None
+                    if tiled is not None:
+                        progress.update(task, total=progress.tasks[0].total + 1,
+                                        description=f"{case.label} [tiled fallback] · {n}")
+                        rec2 = _timed_case(tiled, q, k, v, causal, n, seed, n_rows)
+                        rec2.update(label=case.label, method=tiled.name, backend="tiled", params=case.params,
+                                    fallback_for="auto", note="FlexAttention path failed; eager tiled kernel",
+                                    **common)
+                        _finish(rec2, sdpa_time, records, printer, progress, out, results)
+                        progress.advance(task)
+                progress.advance(task)
+    finally:
+        results["wall_s"] = time.perf_counter() - t_start
+        results["machine"]["load_average_at_end"] = harness.load_average()
+        results["time_spent"] = time_spent(records)
+        _write_json(out / "results.json", results)
+        (out / "report.md").write_text(render_report(results))
+    console.print(summary_table(results))
+    console.print(f"wrote {out / 'results.json'} and {out / 'report.md'} "
+                  f"({len(records)} records, {results['wall_s']:.0f} s)")
+    return results
+
+
+def _run_baseline(q, k, v, causal, n, seed, n_rows) -> dict[str, Any]:
+    t0 = time.perf_counter()
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    rec = harness.run_callable_case(sdpa, q, k, v, causal=causal, path="sdpa", repeats=repeats_for(n),
+                                    max_seconds=CASE_MAX_SECONDS, n_rows=n_rows, seed=seed)
+    rec["wall_s"] = time.perf_counter() - t0
+    return rec
+
+
+def _timed_case(method, q, k, v, causal, n, seed, n_rows) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    rec = harness.run_attention_case(method, q, k, v, causal=causal, repeats=repeats_for(n),
+                                     max_seconds=CASE_MAX_SECONDS, n_rows=n_rows, seed=seed)
+    rec["wall_s"] = time.perf_counter() - t0
+    return rec
+
+
+def _finish(rec, sdpa_time, records, printer, progress, out, results) -> None:
+    base = sdpa_time.get((rec["tokens"], rec["causal"]))
+    rec["sdpa_median_s"] = base
+    med = rec.get("median_s")
+    rec["ratio_to_sdpa"] = base / med if (base and med) else None
+    records.append(rec)
+    printer.print(rec, progress.console)
+    _write_json(out / "results.json", results)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
+    tmp.replace(path)
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    return str(x)
+
+
+def time_spent(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Wall seconds per case label, per length and per causal mode (gate and warm-up included)."""
+    by_label: dict[str, float] = {}
+    by_tokens: dict[str, float] = {}
+    by_mode: dict[str, float] = {}
+    first_calls = 0.0
+    for r in records:
+        w = float(r.get("wall_s") or 0.0)
+        lab = r["label"] + (" [tiled fallback]" if r.get("fallback_for") else "")
+        by_label[lab] = by_label.get(lab, 0.0) + w
+        by_tokens[str(r["tokens"])] = by_tokens.get(str(r["tokens"]), 0.0) + w
+        mode = "causal" if r["causal"] else "non-causal"
+        by_mode[mode] = by_mode.get(mode, 0.0) + w
+        first_calls += float(r.get("first_call_s") or 0.0)
+    order = lambda d: dict(sorted(d.items(), key=lambda kv: -kv[1]))  # noqa: E731
+    return {"by_label": order(by_label), "by_tokens": by_tokens, "by_mode": by_mode,
+            "first_calls_s": first_calls, "cases_s": sum(by_label.values())}
+
+
+# -- formatting --------------------------------------------------------------------------------
+
+
+def _short_status(rec: dict[str, Any]) -> str:
+    s = rec.get("status", "")
+    if s == "ok":
+        return "ok"
+    if s == "FAILED accuracy":
+        return "FAILED accuracy"
+    if s.startswith("unsupported"):
+        return "unsupported"
+    if s == "oom":
+        return "oom"
+    if "skipped" in s:
+        return "error (flex, skipped)"
+    return "error"
+
+
+def _fmt(x: Any, spec: str, missing: str = "—") -> str:
+    if x is None:
+        return missing
+    try:
+        if isinstance(x, float) and not math.isfinite(x):
+            return str(x)
+        return format(x, spec)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def _mb(x: Any) -> str:
+    return "—" if x is None else f"{x / 2**20:.0f}"
+
+
+def _label(rec: dict[str, Any]) -> str:
+    return rec["label"] + (" [tiled]" if rec.get("fallback_for") else "")
+
+
+class _RowPrinter:
+    """Prints one aligned table row per finished case (header once)."""
+
+    COLUMNS = (("tokens", 6, "right"), ("mode", 6, "left"), ("method", 26, "left"), ("path", 5, "left"),
+               ("density", 7, "right"), ("computed", 8, "right"), ("median s", 9, "right"),
+               ("spread", 8, "right"), ("vs SDPA", 8, "right"), ("peak MB", 7, "right"),
+               ("TFLOP/s", 7, "right"), ("gate err", 8, "right"), ("status", 24, "left"))
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.header_done = False
+
+    def print(self, rec: dict[str, Any], console: Console | None = None) -> None:
+        t = Table(show_header=not self.header_done, box=None, pad_edge=False, header_style="bold")
+        for name, width, justify in self.COLUMNS:
+            t.add_column(name, width=width, justify=justify, no_wrap=True, overflow="ellipsis")  # type: ignore[arg-type]
+        gate = rec.get("gate") or {}
+        ratio = rec.get("ratio_to_sdpa")
+        status = _short_status(rec)
+        style = {"ok": "green", "FAILED accuracy": "bold red", "unsupported": "dim"}.get(status, "red")
+        t.add_row(
+            str(rec["tokens"]), "causal" if rec["causal"] else "full", _label(rec), rec.get("path") or "—",
+            _fmt(rec.get("density"), ".3f"), _fmt(rec.get("computed_fraction"), ".3f"),
+            _fmt(rec.get("median_s"), ".4f"), _fmt(rec.get("spread_s"), ".4f"),
+            _fmt(ratio, ".2f") + ("×" if ratio is not None else ""), _mb(rec.get("peak_mem_bytes")),
+            _fmt(rec.get("tflops"), ".3f"), _fmt(gate.get("max_abs_err"), ".1e"),
+            f"[{style}]{status}[/{style}]",
+        )
+        (console or self.console).print(t)
+        self.header_done = True
+
+
+def _summary_tokens(results: dict[str, Any]) -> int | None:
+    lens = results["config"]["lengths"]
+    if not lens:
+        return None
+    return SUMMARY_TOKENS if SUMMARY_TOKENS in lens else max(lens)
+
+
+def summary_table(results: dict[str, Any]) -> Table:
+    """Rich table of the speed-ups at 16k (or the largest length run)."""
+    n = _summary_tokens(results)
+    t = Table(title=f"speed-up over torch SDPA at {n} tokens (>1 = faster)")
+    for col in ("method", "mode", "vs SDPA", "median s", "SDPA s", "density", "path", "status"):
+        t.add_column(col, justify="right" if col in ("vs SDPA", "median s", "SDPA s", "density") else "left")
+    for rec in results["records"]:
+        if rec["tokens"] != n:
+            continue
+        r = rec.get("ratio_to_sdpa")
+        t.add_row(_label(rec), "causal" if rec["causal"] else "non-causal",
+                  _fmt(r, ".2f") + ("×" if r is not None else ""), _fmt(rec.get("median_s"), ".3f"),
+                  _fmt(rec.get("sdpa_median_s"), ".3f"), _fmt(rec.get("density"), ".3f"),
+                  rec.get("path") or "—", _short_status(rec))
+    return t
+
+
+def _cell(rec: dict[str, Any] | None) -> str:
+    if rec is None:
+        return "—"
+    s = _short_status(rec)
+    if s != "ok":
+        return s
+    r = rec.get("ratio_to_sdpa")
+    if rec["label"] == BASELINE:
+        return f"{rec['median_s']:.3g} s"
+    return "—" if r is None else f"{r:.2f}×"
+
+
+def render_report(results: dict[str, Any]) -> str:
+    """The markdown report: ratio tables per causal mode, the 16k summary, details, failures and
+    where the time went."""
+    recs = results["records"]
+    cfg = results["config"]
+    mach = results["machine"]
+    lens = cfg["lengths"]
+    lines = ["# longattn kernels benchmark", ""]
+    lines += [
+        f"- date (UTC): {mach.get('date_utc')}; wall time {results.get('wall_s', 0):.0f} s",
+        f"- machine: {mach.get('cpu_model')}, {mach.get('cpu_count')} CPUs ({mach.get('cpu_affinity')} usable), "
+        f"torch threads {mach.get('torch_threads')}; {mach.get('platform')}",
+        f"- versions: python {mach.get('python')}, torch {mach.get('torch')}, longattn {mach.get('longattn')}; "
+        f"FlexAttention: {mach.get('flex_unavailable_reason') or 'available'}",
+        f"- load average at start {mach.get('load_average_at_start')}, at end {mach.get('load_average_at_end')} "
+        "(other processes on the machine distort timings)",
+        f"- inputs: float32, batch {cfg['batch']}, {cfg['heads']} heads, head_dim {cfg['head_dim']}, "
+        f"seeded random q/k/v (seed {cfg['seed']})",
+        f"- timing: median of timed repeats ({', '.join(f'{k}: {v}' for k, v in cfg['repeats'].items())}; "
+        f"fewer once a case has spent {cfg['case_max_seconds']:.0f} s); the first call (with stats) is the "
+        "warm-up and is not timed — it absorbs FlexAttention's compilation "
+        f"(methods with backend='auto' use it from {cfg['flex_min_tokens']} keys)",
+        f"- gate: {cfg['gate_rows']} seeded query rows against the float64 reference on each method's own "
+        f"visible mask; pass = max abs error ≤ {cfg['gate_atol']:g} and relative error ≤ {cfg['gate_rtol']:g} "
+        "(and LSE error ≤ 1e-3 where the kernel returns it); a failed gate gives no speed figure",
+        "- ratio = SDPA median / method median in the same run (> 1 = faster than SDPA); density = visible "
+        "pairs / dense pairs (causal triangle when causal); TFLOP/s from 4 · visible pairs · head_dim · heads",
+        "- peak memory: growth of the process RSS during the timed calls, sampled every ~1 ms (approximate)",
+        "",
+    ]
+    for causal in (True, False):
+        mode_recs = [r for r in recs if r["causal"] == causal]
+        if not mode_recs:
+            continue
+        lines += [f"## {'Causal' if causal else 'Non-causal'}: ratio to SDPA", ""]
+        lines.append("| method | " + " | ".join(str(n) for n in lens) + " |")
+        lines.append("|---|" + "---:|" * len(lens))
+        labels: list[str] = []
+        for r in mode_recs:
+            if _label(r) not in labels:
+                labels.append(_label(r))
+        for lab in labels:
+            cells = []
+            for n in lens:
+                hit = [r for r in mode_recs if _label(r) == lab and r["tokens"] == n]
+                cells.append(_cell(hit[-1] if hit else None))
+            name = "sdpa (median s)" if lab == BASELINE else lab
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    n = _summary_tokens(results)
+    if n is not None:
+        lines += [f"## {n // 1024}k speed-ups" if n % 1024 == 0 else f"## speed-ups at {n} tokens", ""]
+        lines.append("| method | mode | ratio to SDPA | median s | SDPA s | density | computed | path | peak MB | status |")
+        lines.append("|---|---|---:|---:|---:|---:|---:|---|---:|---|")
+        for r in recs:
+            if r["tokens"] != n or r["label"] == BASELINE:
+                continue
+            ratio = r.get("ratio_to_sdpa")
+            lines.append(
+                f"| {_label(r)} | {'causal' if r['causal'] else 'non-causal'} | "
+                f"{_fmt(ratio, '.2f') + ('×' if ratio is not None else '')} | {_fmt(r.get('median_s'), '.3f')} | "
+                f"{_fmt(r.get('sdpa_median_s'), '.3f')} | {_fmt(r.get('density'), '.3f')} | "
+                f"{_fmt(r.get('computed_fraction'), '.3f')} | {r.get('path') or '—'} | {_mb(r.get('peak_mem_bytes'))} | "
+                f"{_short_status(r)} |"
+            )
+        lines.append("")
+    lines += ["## All cases", ""]
+    lines.append("| tokens | mode | method | path | density | computed | median s | min s | max s | first call s "
+                 "| peak MB | TFLOP/s | ratio | max abs err | rel err | status |")
+    lines.append("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in recs:
+        g = r.get("gate") or {}
+        ratio = r.get("ratio_to_sdpa")
+        lines.append(
+            f"| {r['tokens']} | {'causal' if r['causal'] else 'non-causal'} | {_label(r)} | {r.get('path') or '—'} | "
+            f"{_fmt(r.get('density'), '.4f')} | {_fmt(r.get('computed_fraction'), '.4f')} | "
+            f"{_fmt(r.get('median_s'), '.4f')} | {_fmt(r.get('min_s'), '.4f')} | {_fmt(r.get('max_s'), '.4f')} | "
+            f"{_fmt(r.get('first_call_s'), '.2f')} | {_mb(r.get('peak_mem_bytes'))} | {_fmt(r.get('tflops'), '.3f')} | "
+            f"{_fmt(ratio, '.2f')} | {_fmt(g.get('max_abs_err'), '.1e')} | {_fmt(g.get('rel_err'), '.1e')} | "
+            f"{_short_status(r)} |"
+        )
+    lines.append("")
+    bad = [r for r in recs if r.get("status") != "ok"]
+    lines += ["## Failures", ""]
+    if not bad:
+        lines += ["None: every case passed its gate and ran.", ""]
+    for r in bad:
+        g = r.get("gate") or {}
+        why = r["status"] + (f" ({g.get('reason')})" if g.get("reason") else "")
+        lines.append(f"- {_label(r)}, {r['tokens']} tokens, {'causal' if r['causal'] else 'non-causal'}: {why}")
+    lines.append("")
+    spent = results.get("time_spent") or time_spent(recs)
+    lines += ["## Where the time went", "",
+              f"Cases took {spent['cases_s']:.0f} s in all, of which first calls (warm-up, compilation) "
+              f"{spent['first_calls_s']:.0f} s. By mode: "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in spent["by_mode"].items()) + ".", "",
+              "| by method | s |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in spent["by_label"].items()]
+    lines += ["", "| by length | s |", "|---:|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in spent["by_tokens"].items()]
+    lines.append("")
+    return "\n".join(lines)
