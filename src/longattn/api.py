@@ -74,6 +74,8 @@ def attention(
     scale = validate.check_scale(scale, q.shape[-1])
     m = resolve(method)
     _check_capabilities(m, q, k, causal, position)
+    if position is not None:
+        position.check(q, k)  # head counts / head_dim: score biases cannot check under FlexAttention
     in_dtype = q.dtype
     q32, k32, v32 = (t.to(torch.float32) for t in (q, k, v))
     tq, tk = q.shape[2], k.shape[2]

@@ -71,21 +71,25 @@ def tiled_attention(
 
     for qi in range(layout.n_q_blocks):
         q0, q1 = qi * bs, min((qi + 1) * bs, tq)
-        kblocks = visit[qi].nonzero().flatten().tolist()
-        if not kblocks:
+        row = visit[qi]
+        if not bool(row.any()):
             continue
-        full_row = full[qi]
-        # order does not matter to softmax: full blocks first, so chunks of them skip the mask.
-        kblocks.sort(key=lambda j: (not bool(full_row[j]), j))
-        info.visited_blocks += len(kblocks)
+        # Full blocks need no mask and partial blocks do; softmax does not care about key order,
+        # so fold them in separate chunks: full runs are sliced without a copy and the mask is
+        # evaluated only on the (few) partial blocks.
+        full_blocks = (row & full[qi]).nonzero().flatten().tolist()
+        partial_blocks = (row & ~full[qi]).nonzero().flatten().tolist()
+        info.visited_blocks += len(full_blocks) + len(partial_blocks)
+        info.partial_blocks += len(partial_blocks)
+        chunks = [(full_blocks[c : c + per_step_blocks], False) for c in range(0, len(full_blocks), per_step_blocks)]
+        chunks += [(partial_blocks[c : c + per_step_blocks], True) for c in range(0, len(partial_blocks), per_step_blocks)]
         qt = q[:, :, q0:q1].reshape(b, hk, g * (q1 - q0), d)
         q_pos = (torch.arange(q0, q1, device=dev) + layout.q_offset).view(-1, 1)
         m_run = torch.full((b, hq, q1 - q0), -math.inf, device=dev)
         l_run = torch.zeros(b, hq, q1 - q0, device=dev)
         acc = torch.zeros(b, hq, q1 - q0, d, device=dev)
         rows = row_bias(q0, q1) if row_bias is not None else None
-        for c in range(0, len(kblocks), per_step_blocks):
-            chunk = kblocks[c : c + per_step_blocks]
+        for chunk, is_partial in chunks:
             k_sel, v_sel, k_pos = _gather_blocks(k, v, chunk, bs, tk)
             s = torch.matmul(qt, k_sel.transpose(-1, -2)).view(b, hq, q1 - q0, -1)
             s.mul_(scale)
@@ -93,15 +97,13 @@ def tiled_attention(
                 s = s + bias(h_idx, q_pos, k_pos.view(1, -1))
             if rows is not None:
                 s = s + rows.index_select(-1, k_pos)
-            n_partial = sum(1 for j in chunk if not bool(full_row[j]))
-            if n_partial and mask is not None:
-                info.partial_blocks += n_partial
+            if is_partial and mask is not None:
                 allowed = mask.mask_mod(b_idx, h_idx, q_pos, k_pos.view(1, -1))
                 s = s.masked_fill(~allowed, -math.inf)
             m_new = torch.maximum(m_run, s.amax(-1))
             # rows that have seen no visible key yet keep m = -inf; shift by 0 there to avoid NaN.
             m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)
-            p = torch.exp(s - m_safe[..., None])
+            p = s.sub_(m_safe[..., None]).exp_()  # s is a fresh buffer: reuse it
             alpha = torch.exp(m_run - m_safe)
             l_run = l_run * alpha + p.sum(-1)
             pv = torch.matmul(p.view(b, hk, g * (q1 - q0), -1), v_sel).view(b, hq, q1 - q0, d)
