@@ -5,8 +5,9 @@
 * ``PeakRSS`` / ``peak_memory``: peak extra memory of one call, from a background thread that
   reads this process's resident set size (``/proc/self/statm``) about every millisecond. It is
   RSS-based and therefore approximate: allocations shorter than the sampling interval can be
-  missed, memory the allocator keeps cached from earlier calls is not seen again, and anything
-  else the process does at the same time is counted.
+  missed, memory the allocator keeps cached from earlier calls is not seen again (``malloc_trim``
+  before the call reduces this on glibc), and anything else the process does at the same time is
+  counted.
 * ``check_exact``: the correctness gate. It draws a seeded sample of query rows, computes the
   float64 reference for those rows only (the method's own visible mask evaluated at their
   positions, never an ``N × N`` tensor) and compares them with the method's output rows.
@@ -55,8 +56,11 @@ class Timing:
     max_s: float
     samples: list[float]
     warmup_s: list[float] = field(default_factory=list)
-    #: peak RSS growth over the timed samples (bytes), when ``time_call(track_memory=True)``
+    #: peak RSS growth during the first timed sample (bytes), when ``time_call(track_memory=True)``
     peak_mem_bytes: int | None = None
+    #: CPU seconds this process used over the timed samples (all threads); compare with
+    #: ``sum(samples) × threads`` to spot a machine shared with other work
+    cpu_s: float | None = None
 
     @property
     def spread_s(self) -> float:
@@ -84,7 +88,9 @@ def time_call(
         repeats: timed calls wanted; at least one is always made.
         max_seconds: a budget: once warm-up plus timed calls have taken this long, no further
             repeat is started (so a slow case gets fewer samples rather than a long stall).
-        track_memory: sample RSS during each timed call and report the largest growth.
+        track_memory: sample RSS during the first timed call (after returning the allocator's
+            free memory to the system, see ``PeakRSS``) and report its growth; the page faults
+            this costs land in that one sample only.
 
     Returns:
         a ``Timing`` with the median, min, max and every sample. Never asserts anything about speed.
@@ -101,25 +107,26 @@ def time_call(
         spent += dt
     samples: list[float] = []
     peak: int | None = None
-    for _ in range(repeats):
+    cpu0 = time.process_time()
+    for i in range(repeats):
         if samples and max_seconds is not None and spent >= max_seconds:
             break
-        if track_memory:
-            with PeakRSS() as mem:
+        if track_memory and i == 0:
+            with PeakRSS(trim=True) as mem:
                 t0 = time.perf_counter()
                 fn()
                 dt = time.perf_counter() - t0
-            if mem.peak_bytes is not None:
-                peak = mem.peak_bytes if peak is None else max(peak, mem.peak_bytes)
+            peak = mem.peak_bytes
         else:
             t0 = time.perf_counter()
             fn()
             dt = time.perf_counter() - t0
         samples.append(dt)
         spent += dt
+    cpu = time.process_time() - cpu0
     return Timing(
         median_s=statistics.median(samples), min_s=min(samples), max_s=max(samples),
-        samples=samples, warmup_s=warm, peak_mem_bytes=peak,
+        samples=samples, warmup_s=warm, peak_mem_bytes=peak, cpu_s=cpu,
     )
 
 
@@ -142,10 +149,13 @@ class PeakRSS:
 
     A daemon thread reads ``/proc/self/statm`` every ``interval`` seconds (default 1 ms). The
     figure is approximate (see the module docstring) and None where ``/proc`` is unavailable.
+    With ``trim=True`` glibc's ``malloc_trim(0)`` first hands freed heap memory back to the
+    system, so memory the call reuses from earlier calls is counted again (where glibc exists).
     """
 
-    def __init__(self, interval: float = 0.001):
+    def __init__(self, interval: float = 0.001, trim: bool = False):
         self.interval = interval
+        self.trim = trim
         self.peak_bytes: int | None = None
         self._base: int | None = None
         self._peak = 0
@@ -168,6 +178,8 @@ class PeakRSS:
                 self._peak = rss
 
     def __enter__(self) -> PeakRSS:
+        if self.trim:
+            _malloc_trim()
         try:
             self._fd = os.open("/proc/self/statm", os.O_RDONLY)
         except OSError:
@@ -193,9 +205,26 @@ class PeakRSS:
             self._fd = None
 
 
-def peak_memory(fn: Callable[[], Any]) -> tuple[Any, int | None]:
+def _malloc_trim() -> None:
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - probe
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
+def peak_memory(fn: Callable[[], Any], *, trim: bool = True) -> tuple[Any, int | None]:
     """``(fn(), peak RSS growth in bytes during the call)``; RSS-based and approximate."""
-    with PeakRSS() as mem:
+    with PeakRSS(trim=trim) as mem:
         result = fn()
     return result, mem.peak_bytes
 
@@ -519,7 +548,8 @@ def _fill_speed(rec, timing: Timing, tq, tk, causal, q, density) -> None:
     b, h, _, d = q.shape
     rec.update(
         median_s=timing.median_s, min_s=timing.min_s, max_s=timing.max_s, spread_s=timing.spread_s,
-        samples=timing.samples, peak_mem_bytes=timing.peak_mem_bytes,
+        samples=timing.samples, peak_mem_bytes=timing.peak_mem_bytes, cpu_s=timing.cpu_s,
+        load_1m=(load_average() or [None])[0],
     )
     if density is not None:
         flops = attention_flops(tq, tk, causal, head_dim=d, heads=h, batch=b, density=density)

@@ -1,0 +1,114 @@
+"""The ``longattn`` command line: ``longattn methods`` and ``longattn bench``.
+
+Thin by design: parse the arguments, call the library, print.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="longattn",
+    help="Long-context attention: list the registered methods, run benchmarks.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _yes(flag: bool) -> str:
+    return "✓" if flag else "·"
+
+
+def _params(params: dict) -> str:
+    parts = []
+    for name, default in params.items():
+        parts.append(f"{name} (required)" if default is dataclasses.MISSING else f"{name}={default!r}")
+    return ", ".join(parts) or "—"
+
+
+@app.command("methods")
+def methods_cmd() -> None:
+    """List the registered attention methods and their capabilities."""
+    import longattn
+
+    console = Console()
+    specs = longattn.methods()
+    flags = ("causal", "non-causal", "cross", "prefill", "decode")
+    wide = console.width >= 130
+    caps_table = Table(title="longattn methods", box=box.SIMPLE_HEAD)
+    caps_table.add_column("name", no_wrap=True, style="bold")
+    caps_table.add_column("kind", no_wrap=True)
+    for col in flags:
+        caps_table.add_column(col, justify="center", no_wrap=True)
+    refs = caps_table if wide else Table(box=box.SIMPLE_HEAD)
+    if not wide:
+        refs.add_column("name", no_wrap=True, style="bold")
+    refs.add_column("paper", overflow="fold", ratio=3)
+    refs.add_column("parameters", overflow="fold", ratio=2)
+    for spec in specs:
+        caps = spec.capabilities
+        row = [spec.name, "exact" if caps.exact else "approx",
+               *(_yes(x) for x in (caps.causal, caps.non_causal, caps.cross, caps.prefill, caps.decode))]
+        ref = [caps.paper or "—", _params(spec.params)]
+        if wide:
+            caps_table.add_row(*row, *ref)
+        else:
+            caps_table.add_row(*row)
+            refs.add_row(spec.name, *ref)
+    console.print(caps_table)
+    if not wide:
+        console.print(refs)
+
+
+def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers such as 1024,2048, got {text!r}",
+                                 param_hint=option) from None
+    if not values or any(v < 1 for v in values):
+        raise typer.BadParameter(f"expected positive token counts, got {text!r}", param_hint=option)
+    return values
+
+
+@app.command("bench")
+def bench_cmd(
+    suite: str = typer.Option("kernels", "--suite", help="benchmark suite to run (kernels)"),
+    out: Path = typer.Option(Path("bench-out"), "--out", help="directory for results.json and report.md"),
+    quick: bool = typer.Option(True, "--quick/--full",
+                               help="quick: lengths up to 16k (4-7 min on 2 cores; the first run also compiles "
+                                    "FlexAttention kernels); full: up to 64k"),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help="comma-separated lengths, e.g. 1024,2048"),
+    methods: Optional[str] = typer.Option(None, "--methods",
+                                          help="comma-separated methods/cases, e.g. dense,window,pattern:lsg"),
+    seed: int = typer.Option(0, "--seed", help="seed of the inputs, masks and gate rows"),
+) -> None:
+    """Run a benchmark suite and write DIR/results.json and DIR/report.md."""
+    from longattn.bench import SUITES, get_suite
+
+    try:
+        runner = get_suite(suite)
+    except ValueError:
+        raise typer.BadParameter(
+            f"unknown suite {suite!r}; known suites: {', '.join(sorted(SUITES))}", param_hint="--suite"
+        ) from None
+    method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    try:
+        runner(out, full=not quick, lengths=_int_list(lengths, "--lengths"), methods=method_list, seed=seed)
+    except ValueError as exc:
+        if "unknown method" in str(exc):
+            raise typer.BadParameter(str(exc), param_hint="--methods") from None
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

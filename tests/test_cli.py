@@ -1,0 +1,44 @@
+"""``longattn methods`` and ``longattn bench`` through typer's test runner."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+import longattn
+from longattn.cli import app
+
+runner = CliRunner()
+
+
+def test_methods_lists_every_registered_name():
+    res = runner.invoke(app, ["methods"])
+    assert res.exit_code == 0, res.output
+    for spec in longattn.methods():
+        assert spec.name in res.output
+    assert "exact" in res.output
+
+
+def test_bench_unknown_suite_lists_known():
+    res = runner.invoke(app, ["bench", "--suite", "nope"])
+    assert res.exit_code != 0
+    assert "nope" in res.output and "kernels" in res.output
+
+
+def test_bench_unknown_method_and_bad_lengths():
+    res = runner.invoke(app, ["bench", "--methods", "warp_drive", "--lengths", "256"])
+    assert res.exit_code != 0 and "warp_drive" in res.output
+    res = runner.invoke(app, ["bench", "--lengths", "12x"])
+    assert res.exit_code != 0 and "12x" in res.output
+
+
+def test_bench_kernels_small(tmp_path):
+    out = tmp_path / "bench"
+    res = runner.invoke(app, ["bench", "--suite", "kernels", "--out", str(out), "--lengths", "256",
+                              "--methods", "dense,window"])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "results.json").read_text())
+    assert {r["label"] for r in data["records"]} == {"sdpa", "dense", "window"}
+    assert (out / "report.md").exists()
+    assert "window" in res.output
