@@ -6,7 +6,7 @@ run, then every method case: correctness gate first, then timing. Records go to
 ``DIR/results.json`` (rewritten after every case, so an interrupted run keeps what it measured)
 and ``DIR/report.md``.
 
-Methods with ``backend="auto"`` switch to compiled FlexAttention from 8192 keys; their first call
+Methods with ``backend="auto"`` switch to compiled FlexAttention from ``FLEX_MIN_TOKENS`` keys; their first call
 compiles (tens of seconds on a small CPU) and is reported as ``first_call_s``, outside the timed
 samples. When the library cannot compile a mask structure it runs the exact tiled kernel instead
 (``stats.extra["flex_error"]``); the record then says path "tiled" and carries that note. When the

@@ -1,9 +1,16 @@
-"""Eager block-sparse attention with an online softmax: the portable exact kernel.
+"""Block-sparse exact attention: the portable kernel behind ``dense_chunked`` and the fallback of
+every masked method.
 
-For each query block it visits only the key blocks the layout marks as non-empty, evaluates the
-mask only on partial blocks, and folds key chunks into a running (max, sum, accumulator) as in
-FlashAttention — so memory is ``O(block × key_chunk)`` per step and never ``O(N²)``. Used for
-``dense_chunked`` and as the fallback for every masked method.
+For each query block it visits only the key blocks the layout marks as non-empty, cuts them into
+chunks of at most ``key_chunk`` keys — full blocks (no mask needed, sliced without a copy where
+consecutive) apart from partial blocks (mask applied) — computes each chunk's ``(out, lse)`` and
+folds it into the running result by the exact log-sum-exp merge (the online softmax of
+FlashAttention / blockwise attention). Memory is ``O(block × key_chunk)`` per step, never
+``O(N²)``.
+
+A chunk's ``(out, lse)`` comes from torch's fused CPU flash kernel where available (it accepts an
+additive mask and returns the LSE), else from eager matmul + softmax. GQA never copies keys: the
+query heads of a group are stacked along the token axis, ``[B, Hkv, G·bq, D]``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,28 @@ ScoreBias = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 class TiledInfo:
     visited_blocks: int = 0
     partial_blocks: int = 0
+    fused: bool = False
+
+
+def _fused_available(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def chunk_attention(q, k, v, scale: float, add_mask: torch.Tensor | None, fused: bool):
+    """Exact attention of ``q [B, H, M, D]`` over ``k, v [B, H, n, D]`` with an optional additive
+    mask ``[B|1, H|1, M, n]`` (``-inf`` = hidden) → ``(out [B, H, M, D], lse [B, H, M])``.
+    Rows whose keys are all hidden are *not* fixed here: the caller knows them."""
+    if fused:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=add_mask, scale=scale
+        )
+        return out, lse
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    if add_mask is not None:
+        s = s.add_(add_mask)
+    lse = torch.logsumexp(s, dim=-1)
+    p = s.sub_(lse.masked_fill(torch.isinf(lse), 0.0)[..., None]).exp_()
+    return torch.matmul(p, v), lse
 
 
 def tiled_attention(
@@ -38,6 +67,7 @@ def tiled_attention(
     bias: ScoreBias | None = None,
     row_bias: Callable[[int, int], torch.Tensor] | None = None,
     key_chunk: int = 2048,
+    fused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, TiledInfo]:
     """Exact attention over the blocks of ``layout``.
 
@@ -48,7 +78,8 @@ def tiled_attention(
         bias: optional positional score bias.
         row_bias: optional ``(q0, q1) -> [B, Hq, q1-q0, Tk]`` content-dependent bias (CoPE),
             computed once per query block (memory ``O(block × Tk)``).
-        key_chunk: keys folded into the online softmax per step.
+        key_chunk: keys per chunk (rounded down to whole blocks, at least one block).
+        fused: use torch's fused CPU kernel per chunk (default: where available).
 
     Returns:
         ``out [B, Hq, Tq, D]``, ``lse [B, Hq, Tq]`` (float32; rows with no visible key give
@@ -59,9 +90,10 @@ def tiled_attention(
     g = hq // hk
     bs = layout.block
     dev = q.device
+    fused = _fused_available(q) if fused is None else fused
     out = torch.zeros(b, hq, tq, d, dtype=torch.float32, device=dev)
     lse = torch.full((b, hq, tq), -math.inf, dtype=torch.float32, device=dev)
-    info = TiledInfo()
+    info = TiledInfo(fused=fused)
     b_idx = torch.arange(b, device=dev).view(b, 1, 1, 1)
     h_idx = torch.arange(hq, device=dev).view(1, hq, 1, 1)
     # a block is visited if any batch/head needs it, and unmasked only if it is full for all.
@@ -70,49 +102,70 @@ def tiled_attention(
     per_step_blocks = max(1, key_chunk // bs)
 
     for qi in range(layout.n_q_blocks):
-        q0, q1 = qi * bs, min((qi + 1) * bs, tq)
         row = visit[qi]
         if not bool(row.any()):
             continue
-        # Full blocks need no mask and partial blocks do; softmax does not care about key order,
-        # so fold them in separate chunks: full runs are sliced without a copy and the mask is
-        # evaluated only on the (few) partial blocks.
+        q0, q1 = qi * bs, min((qi + 1) * bs, tq)
+        m = q1 - q0
         full_blocks = (row & full[qi]).nonzero().flatten().tolist()
         partial_blocks = (row & ~full[qi]).nonzero().flatten().tolist()
         info.visited_blocks += len(full_blocks) + len(partial_blocks)
         info.partial_blocks += len(partial_blocks)
         chunks = [(full_blocks[c : c + per_step_blocks], False) for c in range(0, len(full_blocks), per_step_blocks)]
         chunks += [(partial_blocks[c : c + per_step_blocks], True) for c in range(0, len(partial_blocks), per_step_blocks)]
-        qt = q[:, :, q0:q1].reshape(b, hk, g * (q1 - q0), d)
+        qt = q[:, :, q0:q1].reshape(b, hk, g * m, d)  # query heads of a group stacked along tokens
         q_pos = (torch.arange(q0, q1, device=dev) + layout.q_offset).view(-1, 1)
-        m_run = torch.full((b, hq, q1 - q0), -math.inf, device=dev)
-        l_run = torch.zeros(b, hq, q1 - q0, device=dev)
-        acc = torch.zeros(b, hq, q1 - q0, d, device=dev)
         rows = row_bias(q0, q1) if row_bias is not None else None
+        o_run = l_run = None
         for chunk, is_partial in chunks:
             k_sel, v_sel, k_pos = _gather_blocks(k, v, chunk, bs, tk)
-            s = torch.matmul(qt, k_sel.transpose(-1, -2)).view(b, hq, q1 - q0, -1)
-            s.mul_(scale)
+            add = None  # additive mask/bias [B|1, Hq|1, m, n] before regrouping
+            alive = None  # [B|1, Hq|1, m]: rows with at least one visible key in this chunk
             if bias is not None:
-                s = s + bias(h_idx, q_pos, k_pos.view(1, -1))
+                add = bias(h_idx, q_pos, k_pos.view(1, -1)).to(torch.float32)
             if rows is not None:
-                s = s + rows.index_select(-1, k_pos)
+                r = rows.index_select(-1, k_pos)
+                add = r if add is None else add + r
             if is_partial and mask is not None:
                 allowed = mask.mask_mod(b_idx, h_idx, q_pos, k_pos.view(1, -1))
-                s = s.masked_fill(~allowed, -math.inf)
-            m_new = torch.maximum(m_run, s.amax(-1))
-            # rows that have seen no visible key yet keep m = -inf; shift by 0 there to avoid NaN.
-            m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)
-            p = s.sub_(m_safe[..., None]).exp_()  # s is a fresh buffer: reuse it
-            alpha = torch.exp(m_run - m_safe)
-            l_run = l_run * alpha + p.sum(-1)
-            pv = torch.matmul(p.view(b, hk, g * (q1 - q0), -1), v_sel).view(b, hq, q1 - q0, d)
-            acc = acc * alpha[..., None] + pv
-            m_run = m_new
-        seen = l_run > 0
-        out[:, :, q0:q1] = torch.where(seen[..., None], acc / l_run.clamp_min(1e-30)[..., None], 0.0)
-        lse[:, :, q0:q1] = torch.where(seen, m_run + torch.log(l_run.clamp_min(1e-30)), -math.inf)
+                allowed = allowed.reshape((1,) * (4 - allowed.dim()) + tuple(allowed.shape))
+                hidden = torch.zeros(allowed.shape, dtype=torch.float32, device=dev).masked_fill_(~allowed, -math.inf)
+                add = hidden if add is None else add + hidden
+                alive = allowed.any(-1)
+            if add is not None:
+                add = _group_rows(add, b, hk, g, m, k_pos.numel())
+            o_c, l_c = chunk_attention(qt, k_sel, v_sel, scale, add, fused)
+            o_c = o_c.reshape(b, hq, m, d)
+            l_c = l_c.reshape(b, hq, m).to(torch.float32)
+            if alive is not None:
+                dead = ~alive.expand(b, hq, m)
+                l_c = l_c.masked_fill(dead, -math.inf)
+                o_c = o_c.masked_fill(dead[..., None], 0.0)
+            if o_run is None:
+                o_run, l_run = o_c, l_c
+            else:
+                o_run, l_run = _merge2(o_run, l_run, o_c, l_c)
+        out[:, :, q0:q1] = o_run
+        lse[:, :, q0:q1] = l_run
     return out, lse, info
+
+
+def _group_rows(add: torch.Tensor, b: int, hk: int, g: int, m: int, n: int) -> torch.Tensor:
+    """``[B|1, Hq|1, m, n]`` → ``[B|1, Hkv|1, G·m, n]`` matching the stacked query layout."""
+    bb = add.shape[0]
+    if add.shape[1] == 1:
+        # head-independent: repeat the rows for each query head of the group
+        return add.expand(bb, 1, m, n).repeat(1, 1, g, 1) if g > 1 else add.expand(bb, 1, m, n)
+    return add.expand(bb, hk * g, m, n).reshape(bb, hk, g * m, n)
+
+
+def _merge2(o1, l1, o2, l2):
+    """Exact LSE merge of two partial results (either may be -inf / empty)."""
+    l = torch.logaddexp(l1, l2)
+    safe = l.masked_fill(torch.isinf(l), 0.0)
+    w1 = torch.exp(l1 - safe)
+    w2 = torch.exp(l2 - safe)
+    return o1 * w1[..., None] + o2 * w2[..., None], l
 
 
 def _gather_blocks(k, v, blocks: list[int], bs: int, tk: int):

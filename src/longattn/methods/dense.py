@@ -52,8 +52,8 @@ class DenseChunked(MaskedMethod):
         block: query tile size.
     """
 
-    chunk: int = 1024
-    block: int = 128
+    chunk: int = 2048
+    block: int = 256
     name = "dense_chunked"
     capabilities = Capabilities(
         exact=True, paper="Dao et al. 2022, FlashAttention; Liu et al. 2023, Ring Attention",
