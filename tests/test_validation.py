@@ -92,8 +92,10 @@ def test_capability_checks():
 
 
 def test_pattern_needs_a_mask_and_backend_is_checked():
-    with pytest.raises(TypeError, match="method 'pattern' needs mask= a longattn.masks.Mask"):
+    with pytest.raises(TypeError, match=r"method 'pattern' needs parameter\(s\) mask"):
         longattn.method("pattern")
+    with pytest.raises(TypeError, match="mask must be a longattn.masks.Mask or a callable, got int"):
+        longattn.method("pattern", mask=3)
     with pytest.raises(ValueError, match="backend must be one of auto, tiled, flex, got 'cuda'"):
         longattn.method("window", backend="cuda")
 

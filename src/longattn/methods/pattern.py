@@ -29,7 +29,7 @@ class Pattern(MaskedMethod):
     prefix-LM (Raffel et al. 2020).
     """
 
-    mask: Mask | Callable[[int, int], Mask] | None = None
+    mask: Mask | Callable[[int, int], Mask]
     backend: str = "auto"
     block: int | None = None
     name = "pattern"
@@ -39,8 +39,6 @@ class Pattern(MaskedMethod):
     )
 
     def __post_init__(self):
-        if self.mask is None:
-            raise TypeError("method 'pattern' needs mask= a longattn.masks.Mask or a (tokens_q, tokens_k) -> Mask factory")
         if not (isinstance(self.mask, Mask) or callable(self.mask)):
             raise TypeError(f"mask must be a longattn.masks.Mask or a callable, got {type(self.mask).__name__}")
         self._check_backend()
