@@ -452,7 +452,9 @@ class GlobalTokens(Mask):
 
 
 @dataclass(frozen=True, eq=False)
-class And(Mask):
+class _Pair(Mask):
+    """Two masks combined; sizes are checked on both and block grids merged."""
+
     a: Mask
     b: Mask
 
@@ -467,6 +469,10 @@ class And(Mask):
     @property
     def self_causal(self) -> bool:  # type: ignore[override]
         return self.a.self_causal or self.b.self_causal
+
+
+class And(_Pair):
+    """Pairs visible under both masks (``a & b``)."""
 
     def mask_mod(self, b, h, q_pos, k_pos):
         return self.a.mask_mod(b, h, q_pos, k_pos) & self.b.mask_mod(b, h, q_pos, k_pos)
@@ -478,22 +484,8 @@ class And(Mask):
         return self.a.block_all(*r) & self.b.block_all(*r)
 
 
-@dataclass(frozen=True, eq=False)
-class Or(Mask):
-    a: Mask
-    b: Mask
-
-    def check(self, batch, tokens_q, tokens_k):
-        self.a.check(batch, tokens_q, tokens_k)
-        self.b.check(batch, tokens_q, tokens_k)
-
-    @property
-    def block_size(self) -> int | None:  # type: ignore[override]
-        return _merge_block_size(self.a, self.b)
-
-    @property
-    def self_causal(self) -> bool:  # type: ignore[override]
-        return self.a.self_causal or self.b.self_causal
+class Or(_Pair):
+    """Pairs visible under either mask (``a | b``)."""
 
     def mask_mod(self, b, h, q_pos, k_pos):
         return self.a.mask_mod(b, h, q_pos, k_pos) | self.b.mask_mod(b, h, q_pos, k_pos)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _flash_cpu_available(q: torch.Tensor) -> bool:
+def fused_cpu_available(q: torch.Tensor) -> bool:
+    """True where torch's fused CPU flash kernel (with LSE output) can run on ``q``."""
     return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
@@ -61,7 +62,7 @@ def _sdpa_piece(q, k, v, scale, causal, key_padding_mask):
         if causal:
             attn_mask = attn_mask & torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril()
             causal = False
-    if _flash_cpu_available(q):
+    if fused_cpu_available(q):
         if g > 1:
             k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
         if attn_mask is not None:

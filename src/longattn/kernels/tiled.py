@@ -23,6 +23,7 @@ import torch
 
 from longattn.core.masks import Mask
 from longattn.kernels.layout import BlockLayout
+from longattn.kernels.sdpa import fused_cpu_available
 
 #: ``bias(h, q_pos, k_pos) -> [1|B, H, bq, nk]`` float added to scaled scores (ALiBi, T5 ...).
 ScoreBias = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -33,10 +34,6 @@ class TiledInfo:
     visited_blocks: int = 0
     partial_blocks: int = 0
     fused: bool = False
-
-
-def _fused_available(q: torch.Tensor) -> bool:
-    return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 def chunk_attention(q, k, v, scale: float, add_mask: torch.Tensor | None, fused: bool):
@@ -90,7 +87,7 @@ def tiled_attention(
     g = hq // hk
     bs = layout.block
     dev = q.device
-    fused = _fused_available(q) if fused is None else fused
+    fused = fused_cpu_available(q) if fused is None else fused
     out = torch.zeros(b, hq, tq, d, dtype=torch.float32, device=dev)
     lse = torch.full((b, hq, tq), -math.inf, dtype=torch.float32, device=dev)
     info = TiledInfo(fused=fused)
