@@ -1,0 +1,177 @@
+"""Training-free block retrieval: each query block attends exactly to its sink blocks, its local
+window and the top-scoring other key blocks, within a budget of keys per query.
+
+The methods differ only in how a key block is scored, so they share selection and kernel
+(``longattn.sparse``):
+
+* ``landmark`` — the block's mean key stands in for it (Landmark Attention's training-free form).
+* ``quest`` — Quest's per-channel min/max upper bound on ``q·k``.
+* ``block_oracle`` — the true attention mass (a dense pass): the upper bound any block selector
+  can reach at a budget, reported next to every method.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from longattn.core import validate
+from longattn.kernels.layout import dense_pairs
+from longattn.methods.base import Call, Capabilities, Method, Result, register
+from longattn.sparse.kernel import sparse_attention
+from longattn.sparse.select import (
+    BlockEstimator,
+    estimated_mass_scores,
+    mean_key_estimate,
+    oracle_mass_scores,
+    quest_bound_estimate,
+    select_blocks,
+)
+from longattn.sparse.summaries import BlockSummaries
+
+
+class BlockTopK(Method):
+    """Shared run of the block-retrieval methods; subclasses give ``block_scores``.
+
+    Fields (declared by each dataclass subclass): ``budget`` keys per query (sinks and window
+    included), ``block`` keys per key block, ``q_block`` queries sharing one selection,
+    ``sinks`` and ``window`` (keys always kept).
+
+    Causality: each query attends only to keys at or before it (the kernel masks per token), and
+    a query block's selection never depends on keys after its last query. Because the block's
+    queries share one selection, it may depend on keys *inside* the block that come after some of
+    its queries (at token granularity the output is causal only per query block, as in every
+    block-sparse prefill method).
+    """
+
+    budget: ClassVar[int]
+    block: ClassVar[int]
+    q_block: ClassVar[int]
+    sinks: ClassVar[int]
+    window: ClassVar[int]
+
+    def _check(self) -> None:
+        validate.check_positive_int("budget", self.budget)
+        validate.check_positive_int("block", self.block)
+        validate.check_positive_int("q_block", self.q_block)
+        validate.check_positive_int("sinks", self.sinks, allow_zero=True)
+        validate.check_positive_int("window", self.window, allow_zero=True)
+        need = self.forced_blocks_max() + 1
+        if self.budget // self.block < need:
+            raise ValueError(
+                f"budget={self.budget} keys gives {self.budget // self.block} blocks of {self.block}, but sinks="
+                f"{self.sinks} and window={self.window} (for query blocks of {self.q_block}) already take up to "
+                f"{need - 1} blocks: use budget >= {need * self.block}"
+            )
+
+    def forced_blocks_max(self) -> int:
+        sink_blocks = math.ceil(self.sinks / self.block)
+        # window plus the query block's own span (forced under causality), misaligned worst case
+        local_blocks = math.ceil((self.window + self.q_block - 1) / self.block) + 1
+        return sink_blocks + local_blocks
+
+    def block_scores(self, q, k, scale: float, causal: bool):
+        raise NotImplementedError
+
+    def run(self, q, k, v, call: Call) -> Result:
+        if call.bias is not None or call.row_bias is not None:
+            raise ValueError(f"method {self.name!r} does not take a score bias (its selection ignores it)")
+        tq, tk = q.shape[2], k.shape[2]
+        t0 = time.perf_counter()
+        scores = self.block_scores(q, k, call.scale, call.causal)
+        selection = select_blocks(
+            q, tk, scores, q_block=self.q_block, block=self.block, n_sel=self.budget // self.block,
+            sinks=self.sinks, window=self.window, causal=call.causal,
+        )
+        t1 = time.perf_counter()
+        out, lse, info = sparse_attention(q, k, v, selection, scale=call.scale, causal=call.causal,
+                                          key_padding_mask=call.key_padding_mask, count_pairs=call.want_stats)
+        t2 = time.perf_counter()
+        stats = {"selection_s": t1 - t0, "kernel_s": t2 - t1, "selected_blocks": selection.indices,
+                 "blocks_per_query_block": selection.n_sel}
+        if call.want_stats:
+            dense = dense_pairs(tq, tk, call.causal)
+            stats["density"] = info.visible_pairs / dense if dense else 0.0
+        return Result(out, lse, "sparse", stats)
+
+
+def _caps(paper: str, cost: str) -> Capabilities:
+    return Capabilities(exact=False, score_bias=False, paper=paper, cost=cost)
+
+
+@register
+@dataclass(frozen=True)
+class Landmark(BlockTopK):
+    """Landmark Attention, training-free form (Mohtashami & Jaggi 2023): each key block is
+    represented by its mean key; every query block attends exactly to the top-scoring blocks.
+
+    Args:
+        budget: keys attended per query, sinks and window included.
+        block: keys per block; q_block: queries sharing one selection.
+        sinks, window: keys always kept (StreamingLLM's sinks, the local window).
+    """
+
+    budget: int = 2048
+    block: int = 64
+    q_block: int = 64
+    sinks: int = 64
+    window: int = 256
+    name = "landmark"
+    capabilities = _caps("Mohtashami & Jaggi 2023, Landmark Attention", "O(N²/block) scoring + O(N·budget)")
+
+    def __post_init__(self):
+        self._check()
+
+    def block_scores(self, q, k, scale, causal):
+        return estimated_mass_scores(q, BlockSummaries.build(k, self.block), mean_key_estimate, scale, causal)
+
+
+@register
+@dataclass(frozen=True)
+class Quest(BlockTopK):
+    """Quest (Tang et al. 2024, "Query-Aware Sparsity for Efficient Long-Context LLM Inference"):
+    per block the element-wise min and max of its keys bound ``q·k`` from above; blocks with the
+    highest bound are attended exactly. Args as for ``landmark``."""
+
+    budget: int = 2048
+    block: int = 64
+    q_block: int = 64
+    sinks: int = 64
+    window: int = 256
+    name = "quest"
+    capabilities = _caps("Tang et al. 2024, Quest", "O(N²/block) scoring + O(N·budget)")
+
+    def __post_init__(self):
+        self._check()
+
+    def block_scores(self, q, k, scale, causal):
+        return estimated_mass_scores(q, BlockSummaries.build(k, self.block), quest_bound_estimate, scale, causal)
+
+
+@register
+@dataclass(frozen=True)
+class BlockOracle(BlockTopK):
+    """The block oracle: selects by the *true* attention mass of each key block (a dense pass), so
+    it is the best any block selector can do at a budget — the upper bound reported beside every
+    approximate method. Not a speed-up. Args as for ``landmark``."""
+
+    budget: int = 2048
+    block: int = 64
+    q_block: int = 64
+    sinks: int = 64
+    window: int = 256
+    name = "block_oracle"
+    capabilities = _caps("upper bound for block selection (DESIGN.md)", "O(N²) scoring + O(N·budget)")
+
+    def __post_init__(self):
+        self._check()
+
+    def block_scores(self, q, k, scale, causal):
+        return oracle_mass_scores(q, k, self.block, scale, causal)
+
+
+ESTIMATORS: dict[str, BlockEstimator] = {"landmark": mean_key_estimate, "quest": quest_bound_estimate}

@@ -1,0 +1,177 @@
+"""Block scores and selectors: which key blocks each (batch, query head, query block) attends.
+
+Scores are *estimated log attention mass* per query and key block, ``est[..., q, j]``; a query
+block's score for key block ``j`` is the estimated share of its queries' attention that falls in
+``j``: ``Σ_q softmax_j(est[q, j])`` over the blocks the query may see. Selection keeps forced
+blocks (sinks, local window), then the highest-scoring others up to the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from longattn.sparse.summaries import BlockSummaries
+
+#: ``(q [B, Hq, bq, D], summaries, scale) -> est [B, Hq, bq, n]``
+BlockEstimator = Callable[[torch.Tensor, BlockSummaries, float], torch.Tensor]
+
+
+@dataclass
+class Selection:
+    """``indices [B, Hq, n_q_blocks, n_sel]``: selected key blocks in increasing order, ``-1`` for
+    unused slots; ``q_block`` queries per query block, ``block`` keys per key block."""
+
+    indices: torch.Tensor
+    q_block: int
+    block: int
+
+    @property
+    def n_sel(self) -> int:
+        return self.indices.shape[-1]
+
+
+def _grouped(q: torch.Tensor, hk: int) -> torch.Tensor:
+    """``[B, Hq, t, D]`` → ``[B, Hkv, G·t, D]`` (query heads of a group stacked)."""
+    b, hq, t, d = q.shape
+    return q.reshape(b, hk, (hq // hk) * t, d)
+
+
+def mean_key_estimate(q: torch.Tensor, s: BlockSummaries, scale: float) -> torch.Tensor:
+    """Landmark-style: ``scale·q·mean_j + log(count_j)``: the block's mass if every key in it
+    scored like its mean key."""
+    b, hq, t, _ = q.shape
+    hk = s.sums.shape[1]
+    est = torch.matmul(_grouped(q, hk), s.mean.transpose(-1, -2)).view(b, hq, t, -1) * scale
+    return est + torch.log(s.count.to(est.dtype).clamp_min(1))
+
+
+def quest_bound_estimate(q: torch.Tensor, s: BlockSummaries, scale: float) -> torch.Tensor:
+    """Quest: ``scale·Σ_d max(q_d·min_d, q_d·max_d) + log(count_j)``, an upper bound of the
+    block's mass (every key at the bound on ``q·k``)."""
+    b, hq, t, d = q.shape
+    hk = s.sums.shape[1]
+    qg = _grouped(q, hk)  # [B, Hkv, M, D]
+    # Σ_d max(q_d min_d, q_d max_d) = Σ_d (q_d⁺ max_d + q_d⁻ min_d): two matmuls, no [M, n, D] tensor
+    pos, neg = qg.clamp(min=0), qg.clamp(max=0)
+    bound = torch.matmul(pos, s.kmax.transpose(-1, -2)) + torch.matmul(neg, s.kmin.transpose(-1, -2))
+    est = bound.view(b, hq, t, -1) * scale
+    return est + torch.log(s.count.to(est.dtype).clamp_min(1))
+
+
+def block_visibility(q_pos: torch.Tensor, n_blocks: int, block: int, tokens_k: int, causal: bool) -> torch.Tensor:
+    """``[bq, n]`` bool: key block ``j`` holds at least one key query ``q_pos`` may see."""
+    klo = torch.arange(n_blocks, device=q_pos.device) * block
+    if not causal:
+        return torch.ones(q_pos.numel(), n_blocks, dtype=torch.bool, device=q_pos.device)
+    return klo[None, :] <= q_pos[:, None]
+
+
+def fully_visible_blocks(q_pos: torch.Tensor, n_blocks: int, block: int, causal: bool) -> torch.Tensor:
+    """``[bq, n]`` bool: every key of block ``j`` is visible to query ``q_pos``."""
+    if not causal:
+        return torch.ones(q_pos.numel(), n_blocks, dtype=torch.bool, device=q_pos.device)
+    khi = torch.arange(n_blocks, device=q_pos.device) * block + block - 1
+    return khi[None, :] <= q_pos[:, None]
+
+
+def forced_blocks(qlo: int, qhi: int, n_blocks: int, block: int, sinks: int, window: int, causal: bool,
+                  device=None) -> torch.Tensor:
+    """``[n]`` bool: sink blocks, the blocks of the local window of queries ``qlo … qhi`` and, under
+    causality, the blocks overlapping ``qlo … qhi`` themselves. Those hold keys that only some of
+    the block's queries may see; scoring them would let a summary of future keys steer a query's
+    selection, so they are always kept (the kernel masks them per token) and never scored."""
+    j = torch.arange(n_blocks, device=device)
+    klo, khi = j * block, j * block + block - 1
+    forced = klo < sinks
+    if causal:
+        forced |= (klo <= qhi) & (khi >= qlo)
+    if window > 0:
+        if causal:
+            forced |= (khi >= qlo - window + 1) & (klo <= qhi)
+        else:
+            forced |= (khi >= qlo - window + 1) & (klo <= qhi + window - 1)
+    return forced
+
+
+def select_blocks(
+    q: torch.Tensor,
+    tokens_k: int,
+    block_scores: Callable[[int, int], torch.Tensor],
+    *,
+    q_block: int,
+    block: int,
+    n_sel: int,
+    sinks: int,
+    window: int,
+    causal: bool,
+) -> Selection:
+    """Top-``n_sel`` key blocks per (batch, query head, query block).
+
+    Args:
+        q: ``[B, Hq, Tq, D]``; query ``i`` sits at position ``i + tokens_k - Tq``.
+        block_scores: ``(q0, q1) -> [B, Hq, n]`` score of each key block for queries ``q0 … q1-1``
+            (higher = keep); only compared within one query block.
+        n_sel: blocks kept per query block, forced ones included.
+    """
+    b, hq, tq, _ = q.shape
+    n = math.ceil(tokens_k / block)
+    off = tokens_k - tq
+    n_qb = math.ceil(tq / q_block)
+    n_sel = min(n_sel, n)
+    out = torch.full((b, hq, n_qb, n_sel), -1, dtype=torch.int64, device=q.device)
+    for i in range(n_qb):
+        q0, q1 = i * q_block, min((i + 1) * q_block, tq)
+        qlo, qhi = q0 + off, q1 - 1 + off
+        visible = block_visibility(torch.tensor([qhi], device=q.device), n, block, tokens_k, causal)[0]
+        forced = forced_blocks(qlo, qhi, n, block, sinks, window, causal, q.device) & visible
+        scores = block_scores(q0, q1).clone()
+        scores = scores.masked_fill(~visible, -math.inf).masked_fill(forced, math.inf)
+        top_val, top_idx = scores.topk(n_sel, dim=-1)
+        top_idx = top_idx.masked_fill(torch.isneginf(top_val), -1)
+        out[:, :, i] = top_idx.sort(-1).values
+    return Selection(out, q_block, block)
+
+
+def estimated_mass_scores(q: torch.Tensor, summaries: BlockSummaries, estimator: BlockEstimator, scale: float,
+                          causal: bool) -> Callable[[int, int], torch.Tensor]:
+    """Block scores = summed per-query softmax of the estimates over visible blocks."""
+    tk = summaries.tokens
+    off = tk - q.shape[2]
+
+    def scores(q0: int, q1: int) -> torch.Tensor:
+        est = estimator(q[:, :, q0:q1], summaries, scale)  # [B, Hq, bq, n]
+        q_pos = torch.arange(q0, q1, device=q.device) + off
+        # only blocks *entirely* visible to a query enter its estimate: a partly visible block's
+        # summary includes keys after the query (those blocks are forced, see forced_blocks)
+        fully = fully_visible_blocks(q_pos, summaries.n_blocks, summaries.block, causal)
+        est = est.masked_fill(~fully, -math.inf)
+        return torch.softmax(est, dim=-1).nan_to_num(0.0).sum(2)
+
+    return scores
+
+
+def oracle_mass_scores(q: torch.Tensor, k: torch.Tensor, block: int, scale: float,
+                       causal: bool) -> Callable[[int, int], torch.Tensor]:
+    """The oracle: the *true* attention mass of each key block (exact softmax per query, summed
+    over the query block). An upper bound for any block selector; costs a dense pass."""
+    b, hq, tq, d = q.shape
+    hk, tk = k.shape[1], k.shape[2]
+    n = math.ceil(tk / block)
+    off = tk - tq
+
+    def scores(q0: int, q1: int) -> torch.Tensor:
+        s = torch.matmul(_grouped(q[:, :, q0:q1], hk), k.transpose(-1, -2)).view(b, hq, q1 - q0, tk) * scale
+        if causal:
+            q_pos = torch.arange(q0, q1, device=q.device)[:, None] + off
+            s = s.masked_fill(torch.arange(tk, device=q.device)[None, :] > q_pos, -math.inf)
+        p = torch.softmax(s, -1).nan_to_num(0.0).sum(2)  # [B, Hq, tk]
+        pad = n * block - tk
+        if pad:
+            p = torch.nn.functional.pad(p, (0, pad))
+        return p.view(b, hq, n, block).sum(-1)
+
+    return scores

@@ -1,0 +1,82 @@
+"""Compact summaries of blocks of keys, kept up to date as keys are appended.
+
+For keys ``k [B, H, T, D]`` cut into blocks of ``block`` tokens (the last may be partial):
+
+* ``mean``  ``[B, H, n, D]`` — the block's mean key: a training-free "landmark" (Landmark
+  Attention, Mohtashami & Jaggi 2023; LongHeads' chunk representation).
+* ``kmin``, ``kmax`` ``[B, H, n, D]`` — element-wise extremes, from which Quest (Tang et al. 2024)
+  bounds ``q·k`` over the block by ``Σ_d max(q_d·min_d, q_d·max_d)``.
+* ``count`` ``[n]`` — tokens in each block.
+
+Sums are kept (not means) so appending a token updates its block in O(D).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BlockSummaries:
+    block: int
+    sums: torch.Tensor  # [B, H, n, D] float32
+    kmin: torch.Tensor  # [B, H, n, D]
+    kmax: torch.Tensor  # [B, H, n, D]
+    count: torch.Tensor  # [n] int64
+    tokens: int
+
+    @property
+    def n_blocks(self) -> int:
+        return self.count.numel()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sums / self.count.clamp_min(1).view(1, 1, -1, 1).to(self.sums.dtype)
+
+    @classmethod
+    def build(cls, k: torch.Tensor, block: int) -> "BlockSummaries":
+        """Summaries of ``k [B, H, T, D]`` in blocks of ``block`` tokens."""
+        b, h, t, d = k.shape
+        n = math.ceil(t / block)
+        pad = n * block - t
+        k32 = k.to(torch.float32)
+        if pad:
+            # padding must not win a min or a max, and adds nothing to a sum
+            k_lo = torch.nn.functional.pad(k32, (0, 0, 0, pad), value=math.inf)
+            k_hi = torch.nn.functional.pad(k32, (0, 0, 0, pad), value=-math.inf)
+            k_sum = torch.nn.functional.pad(k32, (0, 0, 0, pad), value=0.0)
+        else:
+            k_lo = k_hi = k_sum = k32
+        view = (b, h, n, block, d)
+        count = torch.full((n,), block, dtype=torch.int64, device=k.device)
+        if pad:
+            count[-1] = block - pad
+        return cls(
+            block=block,
+            sums=k_sum.reshape(view).sum(3),
+            kmin=k_lo.reshape(view).amin(3),
+            kmax=k_hi.reshape(view).amax(3),
+            count=count,
+            tokens=t,
+        )
+
+    def append(self, k_new: torch.Tensor) -> None:
+        """Fold new keys ``[B, H, t, D]`` (positions ``tokens …``) into the summaries."""
+        k_new = k_new.to(torch.float32)
+        for i in range(k_new.shape[2]):
+            j, off = divmod(self.tokens, self.block)
+            row = k_new[:, :, i]
+            if off == 0:  # a new block opens
+                self.sums = torch.cat([self.sums, row[:, :, None]], 2)
+                self.kmin = torch.cat([self.kmin, row[:, :, None]], 2)
+                self.kmax = torch.cat([self.kmax, row[:, :, None]], 2)
+                self.count = torch.cat([self.count, self.count.new_ones(1)])
+            else:
+                self.sums[:, :, j] += row
+                self.kmin[:, :, j] = torch.minimum(self.kmin[:, :, j], row)
+                self.kmax[:, :, j] = torch.maximum(self.kmax[:, :, j], row)
+                self.count[j] += 1
+            self.tokens += 1

@@ -1,0 +1,135 @@
+"""Block-retrieval methods (landmark, quest, block_oracle) and their shared machinery."""
+
+import math
+
+import pytest
+import torch
+
+import longattn
+from longattn.sparse.select import quest_bound_estimate, mean_key_estimate
+from longattn.sparse.summaries import BlockSummaries
+from conftest import assert_close_to_oracle, make_qkv
+
+METHODS = ["landmark", "quest", "block_oracle"]
+
+
+def small(name, budget):
+    return longattn.method(name, budget=budget, block=16, q_block=16, sinks=16, window=16)
+
+
+def needles(seed=0, tq=256, tk=256, hq=4, hk=2, d=32):
+    """Queries that each strongly match a few random keys, so which blocks are kept matters."""
+    q, k, v = make_qkv(b=1, hq=hq, hk=hk, tq=tq, tk=tk, d=d, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    targets = torch.randint(0, tk, (tq,), generator=g)
+    targets = torch.minimum(targets, torch.arange(tq) + tk - tq)  # a visible key under causality
+    for h in range(hq):
+        q[0, h] += 3.0 * k[0, h // (hq // hk), targets]
+    return q, k, v
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_full_budget_equals_exact_attention(name, causal):
+    q, k, v = make_qkv(b=2, hq=4, hk=2, tq=100, tk=100, d=16)
+    out, stats = longattn.attention(q, k, v, causal=causal, method=small(name, 112), return_stats=True)
+    ref, ref_lse = longattn.reference_attention(q, k, v, causal=causal)
+    assert_close_to_oracle(out, ref)
+    torch.testing.assert_close(stats.lse.double(), ref_lse, atol=2e-5, rtol=1e-5)
+    assert stats.density == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_full_budget_exact_for_decode_cross_and_padding(name):
+    q, k, v = make_qkv(b=2, hq=8, hk=2, tq=3, tk=150, d=16, seed=4)
+    pad = torch.ones(2, 150, dtype=torch.bool)
+    pad[1, :40] = False
+    out = longattn.attention(q, k, v, causal=True, method=small(name, 160), key_padding_mask=pad)
+    ref, _ = longattn.reference_attention(q, k, v, causal=True, mask=pad[:, None, None, :])
+    assert_close_to_oracle(out, ref)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_error_shrinks_as_budget_grows(name):
+    q, k, v = needles()
+    ref, _ = longattn.reference_attention(q, k, v, causal=True)
+    errors = []
+    for budget in (80, 96, 128, 192, 256):
+        out = longattn.attention(q, k, v, causal=True, method=small(name, budget))
+        errors.append(float((out.double() - ref).norm() / ref.norm()))
+    assert errors[-1] < 1e-5, errors
+    assert errors[0] > 10 * errors[-1] + 1e-3, errors
+    for a, b in zip(errors, errors[1:]):
+        assert b <= a * 1.05 + 1e-6, f"error grew with budget: {errors}"
+
+
+def test_oracle_is_at_least_as_good_as_the_estimators_on_needles():
+    q, k, v = needles(seed=3)
+    ref, _ = longattn.reference_attention(q, k, v, causal=True)
+    err = {}
+    for name in METHODS:
+        out = longattn.attention(q, k, v, causal=True, method=small(name, 96))
+        err[name] = float((out.double() - ref).norm() / ref.norm())
+    assert err["block_oracle"] <= min(err["landmark"], err["quest"]) * 1.05, err
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_causal_selection_never_touches_future_keys(name):
+    q, k, v = needles(seed=5, tq=160, tk=160)
+    m = small(name, 80)
+    out, stats = longattn.attention(q, k, v, causal=True, method=m, return_stats=True)
+    idx = stats.extra["selected_blocks"]  # [B, Hq, n_qb, n_sel]
+    for i in range(idx.shape[2]):
+        assert int(idx[:, :, i].max()) <= i  # q block i ends at token 16i+15, key block i covers 16i..16i+15
+    # changing keys after a query block changes none of its outputs. (A selection is shared by the
+    # 16 queries of a block, so it may depend on any key up to the block's last query.)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 112:] = torch.randn_like(k2[:, :, 112:]) * 5
+    v2[:, :, 112:] = torch.randn_like(v2[:, :, 112:]) * 5
+    out2 = longattn.attention(q, k2, v2, causal=True, method=m)
+    torch.testing.assert_close(out2[:, :, :112], out[:, :, :112], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(out2[:, :, 112:], out[:, :, 112:])
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_deterministic(name):
+    q, k, v = needles(seed=7)
+    a = longattn.attention(q, k, v, causal=True, method=small(name, 96))
+    b = longattn.attention(q, k, v, causal=True, method=small(name, 96))
+    assert torch.equal(a, b)
+
+
+def test_budget_is_honest():
+    q, k, v = needles(seed=2, tq=256, tk=256)
+    _, stats = longattn.attention(q, k, v, causal=True, method=small("quest", 96), return_stats=True)
+    assert stats.extra["blocks_per_query_block"] * 16 <= 96
+    assert stats.density < 96 * 256 / (256 * 257 / 2)
+
+
+def test_summaries_append_equals_build():
+    _, k, _ = make_qkv(b=1, hq=2, hk=2, tq=1, tk=70, d=8)
+    s = BlockSummaries.build(k[:, :, :37], 16)
+    s.append(k[:, :, 37:])
+    full = BlockSummaries.build(k, 16)
+    for name in ("sums", "kmin", "kmax", "count"):
+        torch.testing.assert_close(getattr(s, name), getattr(full, name))
+    assert s.tokens == 70
+
+
+def test_quest_bound_is_an_upper_bound_and_mean_estimate_is_exact_for_constant_blocks():
+    q, k, _ = make_qkv(b=1, hq=4, hk=2, tq=20, tk=64, d=8)
+    s = BlockSummaries.build(k, 16)
+    bound = quest_bound_estimate(q, s, 1.0) - math.log(16)  # [1, 4, 20, 4]
+    scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)).view(1, 4, 20, 4, 16)
+    assert (scores.amax(-1) <= bound + 1e-5).all()
+    const = k[:, :, :1].expand(-1, -1, 64, -1)
+    est = mean_key_estimate(q, BlockSummaries.build(const, 16), 1.0)
+    exact = torch.logsumexp((q @ const.repeat_interleave(2, 1).transpose(-1, -2)).view(1, 4, 20, 4, 16), -1)
+    torch.testing.assert_close(est, exact, atol=1e-4, rtol=1e-5)
+
+
+def test_budget_too_small_for_sinks_and_window_is_refused():
+    with pytest.raises(ValueError, match=r"budget=64 keys gives 4 blocks of 16.*use budget >= 96"):
+        longattn.method("landmark", budget=64, block=16, q_block=16, sinks=16, window=32)
+    with pytest.raises(ValueError, match="budget must be a positive int, got 0"):
+        longattn.method("quest", budget=0)
