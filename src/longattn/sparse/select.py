@@ -62,14 +62,6 @@ def quest_bound_estimate(q: torch.Tensor, s: BlockSummaries, scale: float) -> to
     return est + torch.log(s.count.to(est.dtype).clamp_min(1))
 
 
-def block_visibility(q_pos: torch.Tensor, n_blocks: int, block: int, tokens_k: int, causal: bool) -> torch.Tensor:
-    """``[bq, n]`` bool: key block ``j`` holds at least one key query ``q_pos`` may see."""
-    klo = torch.arange(n_blocks, device=q_pos.device) * block
-    if not causal:
-        return torch.ones(q_pos.numel(), n_blocks, dtype=torch.bool, device=q_pos.device)
-    return klo[None, :] <= q_pos[:, None]
-
-
 def fully_visible_blocks(q_pos: torch.Tensor, n_blocks: int, block: int, causal: bool) -> torch.Tensor:
     """``[bq, n]`` bool: every key of block ``j`` is visible to query ``q_pos``."""
     if not causal:
@@ -78,29 +70,27 @@ def fully_visible_blocks(q_pos: torch.Tensor, n_blocks: int, block: int, causal:
     return khi[None, :] <= q_pos[:, None]
 
 
-def forced_blocks(qlo: int, qhi: int, n_blocks: int, block: int, sinks: int, window: int, causal: bool,
-                  device=None) -> torch.Tensor:
-    """``[n]`` bool: sink blocks, the blocks of the local window of queries ``qlo … qhi`` and, under
-    causality, the blocks overlapping ``qlo … qhi`` themselves. Those hold keys that only some of
-    the block's queries may see; scoring them would let a summary of future keys steer a query's
-    selection, so they are always kept (the kernel masks them per token) and never scored."""
-    j = torch.arange(n_blocks, device=device)
-    klo, khi = j * block, j * block + block - 1
-    forced = klo < sinks
+def forced_block_grid(qlo: torch.Tensor, qhi: torch.Tensor, klo: torch.Tensor, khi: torch.Tensor, sinks: int,
+                      window: int, causal: bool) -> torch.Tensor:
+    """``[g, n]`` bool for query blocks with first/last positions ``qlo, qhi [g, 1]`` and key
+    blocks ``klo, khi [1, n]``: sink blocks, the local window's blocks and, under causality, the
+    blocks overlapping the query block itself. Those hold keys only some of the block's queries
+    may see; scoring them would let a summary of future keys steer a query's selection, so they
+    are always kept (the kernel masks them per token) and never scored."""
+    forced = (klo < sinks).expand(qlo.shape[0], -1)
     if causal:
-        forced |= (klo <= qhi) & (khi >= qlo)
-    if window > 0:
-        if causal:
-            forced |= (khi >= qlo - window + 1) & (klo <= qhi)
-        else:
-            forced |= (khi >= qlo - window + 1) & (klo <= qhi + window - 1)
+        forced = forced | ((klo <= qhi) & (khi >= qlo))
+        if window > 0:
+            forced = forced | ((khi >= qlo - window + 1) & (klo <= qhi))
+    elif window > 0:
+        forced = forced | ((khi >= qlo - window + 1) & (klo <= qhi + window - 1))
     return forced
 
 
 def select_blocks(
     q: torch.Tensor,
     tokens_k: int,
-    block_scores: Callable[[int, int], torch.Tensor],
+    query_scores: Callable[[int, int], torch.Tensor],
     *,
     q_block: int,
     block: int,
@@ -108,37 +98,49 @@ def select_blocks(
     sinks: int,
     window: int,
     causal: bool,
+    group_tokens: int = 2048,
 ) -> Selection:
     """Top-``n_sel`` key blocks per (batch, query head, query block).
 
     Args:
         q: ``[B, Hq, Tq, D]``; query ``i`` sits at position ``i + tokens_k - Tq``.
-        block_scores: ``(q0, q1) -> [B, Hq, n]`` score of each key block for queries ``q0 … q1-1``
-            (higher = keep); only compared within one query block.
+        query_scores: ``(q0, q1) -> [B, Hq, q1-q0, n]``: each query's share of attention it is
+            estimated to give each key block; a query block's score is their sum.
         n_sel: blocks kept per query block, forced ones included.
+        group_tokens: queries scored at once (bounds memory to ``group × n`` per head).
     """
     b, hq, tq, _ = q.shape
     n = math.ceil(tokens_k / block)
     off = tokens_k - tq
     n_qb = math.ceil(tq / q_block)
     n_sel = min(n_sel, n)
-    out = torch.full((b, hq, n_qb, n_sel), -1, dtype=torch.int64, device=q.device)
-    for i in range(n_qb):
-        q0, q1 = i * q_block, min((i + 1) * q_block, tq)
-        qlo, qhi = q0 + off, q1 - 1 + off
-        visible = block_visibility(torch.tensor([qhi], device=q.device), n, block, tokens_k, causal)[0]
-        forced = forced_blocks(qlo, qhi, n, block, sinks, window, causal, q.device) & visible
-        scores = block_scores(q0, q1).clone()
+    out = torch.empty((b, hq, n_qb, n_sel), dtype=torch.int64, device=q.device)
+    per_group = max(1, group_tokens // q_block)
+    j = torch.arange(n, device=q.device)
+    klo, khi = (j * block)[None, :], (j * block + block - 1)[None, :]
+    for g0 in range(0, n_qb, per_group):
+        g1 = min(g0 + per_group, n_qb)
+        q0, q1 = g0 * q_block, min(g1 * q_block, tq)
+        per_query = query_scores(q0, q1)  # [B, Hq, q1-q0, n]
+        pad = (g1 - g0) * q_block - (q1 - q0)
+        if pad:
+            per_query = torch.nn.functional.pad(per_query, (0, 0, 0, pad))
+        scores = per_query.view(b, hq, g1 - g0, q_block, n).sum(3)  # [B, Hq, g, n]
+        qb = torch.arange(g0, g1, device=q.device)[:, None]
+        qlo = qb * q_block + off
+        qhi = torch.clamp((qb + 1) * q_block, max=tq) - 1 + off
+        visible = (klo <= qhi) if causal else torch.ones(g1 - g0, n, dtype=torch.bool, device=q.device)
+        forced = forced_block_grid(qlo, qhi, klo, khi, sinks, window, causal) & visible
         scores = scores.masked_fill(~visible, -math.inf).masked_fill(forced, math.inf)
         top_val, top_idx = scores.topk(n_sel, dim=-1)
         top_idx = top_idx.masked_fill(torch.isneginf(top_val), -1)
-        out[:, :, i] = top_idx.sort(-1).values
+        out[:, :, g0:g1] = top_idx.sort(-1).values
     return Selection(out, q_block, block)
 
 
 def estimated_mass_scores(q: torch.Tensor, summaries: BlockSummaries, estimator: BlockEstimator, scale: float,
                           causal: bool) -> Callable[[int, int], torch.Tensor]:
-    """Block scores = summed per-query softmax of the estimates over visible blocks."""
+    """Per-query scores: the softmax of the estimates over the blocks the query fully sees."""
     tk = summaries.tokens
     off = tk - q.shape[2]
 
@@ -146,32 +148,36 @@ def estimated_mass_scores(q: torch.Tensor, summaries: BlockSummaries, estimator:
         est = estimator(q[:, :, q0:q1], summaries, scale)  # [B, Hq, bq, n]
         q_pos = torch.arange(q0, q1, device=q.device) + off
         # only blocks *entirely* visible to a query enter its estimate: a partly visible block's
-        # summary includes keys after the query (those blocks are forced, see forced_blocks)
+        # summary includes keys after the query (those blocks are forced, see forced_block_grid)
         fully = fully_visible_blocks(q_pos, summaries.n_blocks, summaries.block, causal)
         est = est.masked_fill(~fully, -math.inf)
-        return torch.softmax(est, dim=-1).nan_to_num(0.0).sum(2)
+        return torch.softmax(est, dim=-1).nan_to_num(0.0)
 
     return scores
 
 
 def oracle_mass_scores(q: torch.Tensor, k: torch.Tensor, block: int, scale: float,
                        causal: bool) -> Callable[[int, int], torch.Tensor]:
-    """The oracle: the *true* attention mass of each key block (exact softmax per query, summed
-    over the query block). An upper bound for any block selector; costs a dense pass."""
+    """The oracle: each query's *true* attention mass in each key block (exact softmax). An upper
+    bound for any block selector; costs a dense pass."""
     b, hq, tq, d = q.shape
     hk, tk = k.shape[1], k.shape[2]
     n = math.ceil(tk / block)
     off = tk - tq
 
-    def scores(q0: int, q1: int) -> torch.Tensor:
+    def rows(q0: int, q1: int) -> torch.Tensor:
         s = torch.matmul(_grouped(q[:, :, q0:q1], hk), k.transpose(-1, -2)).view(b, hq, q1 - q0, tk) * scale
         if causal:
             q_pos = torch.arange(q0, q1, device=q.device)[:, None] + off
             s = s.masked_fill(torch.arange(tk, device=q.device)[None, :] > q_pos, -math.inf)
-        p = torch.softmax(s, -1).nan_to_num(0.0).sum(2)  # [B, Hq, tk]
+        p = torch.softmax(s, -1).nan_to_num(0.0)  # [B, Hq, bq, tk]
         pad = n * block - tk
         if pad:
             p = torch.nn.functional.pad(p, (0, pad))
-        return p.view(b, hq, n, block).sum(-1)
+        return p.view(b, hq, q1 - q0, n, block).sum(-1)
+
+    def scores(q0: int, q1: int) -> torch.Tensor:
+        # a [rows × tokens_k] score matrix per head at a time keeps memory O(N)
+        return torch.cat([rows(a, min(a + 256, q1)) for a in range(q0, q1, 256)], dim=2)
 
     return scores
