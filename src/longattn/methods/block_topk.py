@@ -15,16 +15,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import ClassVar
-
-import torch
 
 from longattn.core import validate
 from longattn.kernels.layout import dense_pairs
 from longattn.methods.base import Call, Capabilities, Method, Result, register
 from longattn.sparse.kernel import sparse_attention
 from longattn.sparse.select import (
-    BlockEstimator,
     estimated_mass_scores,
     mean_key_estimate,
     oracle_mass_scores,
@@ -34,12 +30,14 @@ from longattn.sparse.select import (
 from longattn.sparse.summaries import BlockSummaries
 
 
+@dataclass(frozen=True)
 class BlockTopK(Method):
-    """Shared run of the block-retrieval methods; subclasses give ``block_scores``.
+    """Shared fields and run of the block-retrieval methods; subclasses give ``block_scores``.
 
-    Fields (declared by each dataclass subclass): ``budget`` keys per query (sinks and window
-    included), ``block`` keys per key block, ``q_block`` queries sharing one selection,
-    ``sinks`` and ``window`` (keys always kept).
+    Args:
+        budget: keys attended per query, sinks and window included.
+        block: keys per key block; q_block: queries sharing one selection.
+        sinks, window: keys always kept (StreamingLLM's sinks, the local window).
 
     Causality: each query attends only to keys at or before it (the kernel masks per token), and
     a query block's selection never depends on keys after its last query. Because the block's
@@ -48,13 +46,13 @@ class BlockTopK(Method):
     block-sparse prefill method).
     """
 
-    budget: ClassVar[int]
-    block: ClassVar[int]
-    q_block: ClassVar[int]
-    sinks: ClassVar[int]
-    window: ClassVar[int]
+    budget: int = 2048
+    block: int = 64
+    q_block: int = 64
+    sinks: int = 64
+    window: int = 256
 
-    def _check(self) -> None:
+    def __post_init__(self) -> None:
         validate.check_positive_int("budget", self.budget)
         validate.check_positive_int("block", self.block)
         validate.check_positive_int("q_block", self.q_block)
@@ -109,22 +107,11 @@ class Landmark(BlockTopK):
     """Landmark Attention, training-free form (Mohtashami & Jaggi 2023): each key block is
     represented by its mean key; every query block attends exactly to the top-scoring blocks.
 
-    Args:
-        budget: keys attended per query, sinks and window included.
-        block: keys per block; q_block: queries sharing one selection.
-        sinks, window: keys always kept (StreamingLLM's sinks, the local window).
+    Args as for ``BlockTopK``.
     """
 
-    budget: int = 2048
-    block: int = 64
-    q_block: int = 64
-    sinks: int = 64
-    window: int = 256
     name = "landmark"
     capabilities = _caps("Mohtashami & Jaggi 2023, Landmark Attention", "O(N²/block) scoring + O(N·budget)")
-
-    def __post_init__(self):
-        self._check()
 
     def block_scores(self, q, k, scale, causal):
         return estimated_mass_scores(q, BlockSummaries.build(k, self.block), mean_key_estimate, scale, causal)
@@ -135,18 +122,10 @@ class Landmark(BlockTopK):
 class Quest(BlockTopK):
     """Quest (Tang et al. 2024, "Query-Aware Sparsity for Efficient Long-Context LLM Inference"):
     per block the element-wise min and max of its keys bound ``q·k`` from above; blocks with the
-    highest bound are attended exactly. Args as for ``landmark``."""
+    highest bound are attended exactly. Args as for ``BlockTopK``."""
 
-    budget: int = 2048
-    block: int = 64
-    q_block: int = 64
-    sinks: int = 64
-    window: int = 256
     name = "quest"
     capabilities = _caps("Tang et al. 2024, Quest", "O(N²/block) scoring + O(N·budget)")
-
-    def __post_init__(self):
-        self._check()
 
     def block_scores(self, q, k, scale, causal):
         return estimated_mass_scores(q, BlockSummaries.build(k, self.block), quest_bound_estimate, scale, causal)
@@ -157,21 +136,11 @@ class Quest(BlockTopK):
 class BlockOracle(BlockTopK):
     """The block oracle: selects by the *true* attention mass of each key block (a dense pass), so
     it is the best any block selector can do at a budget — the upper bound reported beside every
-    approximate method. Not a speed-up. Args as for ``landmark``."""
+    approximate method. Not a speed-up. Args as for ``BlockTopK``."""
 
-    budget: int = 2048
-    block: int = 64
-    q_block: int = 64
-    sinks: int = 64
-    window: int = 256
     name = "block_oracle"
     capabilities = _caps("upper bound for block selection (DESIGN.md)", "O(N²) scoring + O(N·budget)")
-
-    def __post_init__(self):
-        self._check()
 
     def block_scores(self, q, k, scale, causal):
         return oracle_mass_scores(q, k, self.block, scale, causal)
 
-
-ESTIMATORS: dict[str, BlockEstimator] = {"landmark": mean_key_estimate, "quest": quest_bound_estimate}

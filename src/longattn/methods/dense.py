@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass
 
 from longattn.core import validate
-from longattn.kernels.layout import dense_pairs
 from longattn.kernels.sdpa import sdpa_attention
 from longattn.methods.base import Call, Capabilities, Method, Result, register
 from longattn.methods.masked import MaskedMethod
