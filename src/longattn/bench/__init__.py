@@ -13,6 +13,7 @@ from typing import Any
 #: suite name -> "module:function"; the function takes ``out_dir`` and keyword options.
 SUITES: dict[str, str] = {
     "kernels": "longattn.bench.kernels:run_kernels_suite",
+    "sparse": "longattn.bench.sparse:run_sparse_suite",
 }
 
 
