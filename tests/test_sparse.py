@@ -133,3 +133,57 @@ def test_budget_too_small_for_sinks_and_window_is_refused():
         longattn.method("landmark", budget=64, block=16, q_block=16, sinks=16, window=32)
     with pytest.raises(ValueError, match="budget must be a positive int, got 0"):
         longattn.method("quest", budget=0)
+
+
+# -- token-level selection --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("voting", [False, True])
+@pytest.mark.parametrize("causal", [True, False])
+def test_tokenselect_full_budget_equals_exact(voting, causal):
+    q, k, v = make_qkv(b=2, hq=4, hk=2, tq=70, tk=100, d=16) if not causal else make_qkv(b=2, hq=4, hk=2, tq=70, tk=100, d=16, seed=9)
+    pad = torch.ones(2, 100, dtype=torch.bool)
+    pad[0, :30] = False
+    m = longattn.method("tokenselect", budget=100, voting=voting, chunk=32)
+    out, stats = longattn.attention(q, k, v, causal=causal, method=m, key_padding_mask=pad, return_stats=True)
+    ref, ref_lse = longattn.reference_attention(q, k, v, causal=causal, mask=pad[:, None, None, :])
+    assert_close_to_oracle(out, ref)
+
+
+@pytest.mark.parametrize("voting", [False, True])
+def test_tokenselect_error_shrinks_and_stays_causal(voting):
+    q, k, v = needles(seed=11)
+    ref, _ = longattn.reference_attention(q, k, v, causal=True)
+    errors = []
+    for budget in (8, 16, 64, 256):
+        out = longattn.attention(q, k, v, causal=True, method=longattn.method("tokenselect", budget=budget, voting=voting))
+        errors.append(float((out.double() - ref).norm() / ref.norm()))
+    assert errors[-1] < 1e-5 and errors[0] > 10 * errors[-1], errors
+    assert all(b <= a * 1.05 + 1e-6 for a, b in zip(errors, errors[1:])), errors
+    m = longattn.method("tokenselect", budget=16, voting=voting)
+    a = longattn.attention(q, k, v, causal=True, method=m)
+    k2 = k.clone()
+    k2[:, :, 120:] *= -3.0  # change the future only
+    b = longattn.attention(q, k2, v, causal=True, method=m)
+    torch.testing.assert_close(a[:, :, :120], b[:, :, :120], atol=1e-6, rtol=1e-5)
+    assert torch.equal(a, longattn.attention(q, k, v, causal=True, method=m))  # deterministic
+
+
+def test_tokenselect_budget_is_honest_and_voting_shares_keys_within_a_group():
+    q, k, v = needles(seed=12, tq=64, tk=64, hq=4, hk=2)
+    for voting in (False, True):
+        _, st = longattn.attention(q, k, v, causal=True, return_stats=True,
+                                   method=longattn.method("tokenselect", budget=8, voting=voting))
+        assert st.density <= sum(min(i + 1, 8) for i in range(64)) / (64 * 65 / 2) + 1e-9
+    # with v = identity the output row is the attention distribution: its support is the selection
+    q, k, _ = needles(seed=13, tq=64, tk=64, hq=4, hk=2, d=64)
+    eye = torch.eye(64).expand(1, 2, 64, 64)
+    support = {}
+    for voting in (False, True):
+        w = longattn.attention(q, k, eye, causal=True, method=longattn.method("tokenselect", budget=8, voting=voting))
+        support[voting] = w > 0
+    assert torch.equal(support[True][:, 0], support[True][:, 1])  # heads 0 and 1 share key head 0
+    assert torch.equal(support[True][:, 2], support[True][:, 3])
+    assert not torch.equal(support[False][:, 0], support[False][:, 1])
+    with pytest.raises(ValueError, match="sinks \\+ window = 12 exceeds budget=8"):
+        longattn.method("tokenselect", budget=8, sinks=4, window=8)

@@ -64,14 +64,15 @@ def capture_real_qkv(n_tokens: int = 4096, seed: int = 0, model_dir: Path | None
 
 
 def accuracy_methods(block: int = BLOCK, blocks: int = BLOCKS_PER_QUERY_BLOCK) -> dict[str, Any]:
-    """Every approximate method at ``blocks`` key blocks of ``block`` per query block, plus the
-    sinks + window baseline with the same number of keys per query."""
+    """Every approximate method at ``blocks`` key blocks of ``block`` per query block (token-level
+    methods at the same number of keys per query), plus the sinks + window baseline."""
     budget = block * blocks
     common = dict(budget=budget, block=block, q_block=block, sinks=block, window=0)
     return {
         "block_oracle": longattn.method("block_oracle", **common),
         "landmark": longattn.method("landmark", **common),
         "quest": longattn.method("quest", **common),
+        "tokenselect": longattn.method("tokenselect", budget=budget),
         "streaming": longattn.method("streaming", sinks=block, window=budget - block, backend="tiled"),
     }
 
