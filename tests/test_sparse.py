@@ -187,3 +187,35 @@ def test_tokenselect_budget_is_honest_and_voting_shares_keys_within_a_group():
     assert not torch.equal(support[False][:, 0], support[False][:, 1])
     with pytest.raises(ValueError, match="sinks \\+ window = 12 exceeds budget=8"):
         longattn.method("tokenselect", budget=8, sinks=4, window=8)
+
+
+def test_loki_at_full_rank_selects_like_tokenselect_and_full_budget_is_exact():
+    q, k, v = needles(seed=14, hq=4, hk=2, d=16)
+    a = longattn.attention(q, k, v, causal=True, method=longattn.method("loki", budget=24, rank_dims=16))
+    b = longattn.attention(q, k, v, causal=True, method=longattn.method("tokenselect", budget=24))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    out = longattn.attention(q, k, v, causal=True, method=longattn.method("loki", budget=256, rank_dims=2))
+    assert_close_to_oracle(out, longattn.reference_attention(q, k, v, causal=True)[0])
+
+
+def test_loki_error_shrinks_with_budget():
+    q, k, v = needles(seed=15)
+    ref, _ = longattn.reference_attention(q, k, v, causal=True)
+    errors = [float((longattn.attention(q, k, v, causal=True, method=longattn.method("loki", budget=n, rank_dims=8))
+                     .double() - ref).norm() / ref.norm()) for n in (8, 32, 128, 256)]
+    assert errors[-1] < 1e-5 and errors[0] > 10 * errors[-1], errors
+    assert all(b <= a * 1.05 + 1e-6 for a, b in zip(errors, errors[1:])), errors
+
+
+def test_key_pca_append_equals_fit_and_basis_is_orthonormal():
+    from longattn.sparse.lowrank import KeyPCA
+
+    _, k, _ = make_qkv(b=1, hq=2, hk=2, tq=1, tk=90, d=8)
+    pca = KeyPCA.fit(k[:, :, :40])
+    pca.append(k[:, :, 40:])
+    full = KeyPCA.fit(k)
+    torch.testing.assert_close(pca.outer, full.outer)
+    basis = full.basis(3)
+    torch.testing.assert_close(basis.transpose(-1, -2) @ basis, torch.eye(3).expand(1, 2, 3, 3), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="rank must be in 1..head_dim=8, got 9"):
+        full.basis(9)

@@ -73,6 +73,7 @@ def accuracy_methods(block: int = BLOCK, blocks: int = BLOCKS_PER_QUERY_BLOCK) -
         "landmark": longattn.method("landmark", **common),
         "quest": longattn.method("quest", **common),
         "tokenselect": longattn.method("tokenselect", budget=budget),
+        "loki": longattn.method("loki", budget=budget, rank_dims=4),
         "streaming": longattn.method("streaming", sinks=block, window=budget - block, backend="tiled"),
     }
 
