@@ -101,6 +101,25 @@ def _rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
+def _qkv(w, cfg: Llama2cConfig, layer: int, x: torch.Tensor, pos: torch.Tensor):
+    """The layer's q, k, v (``[B, H, T, hd]``, after RoPE) from the residual stream ``x [B, T, dim]``."""
+    b, t, _ = x.shape
+    hd = cfg.head_dim
+    h = _rmsnorm(x, w["rms_att"][layer], cfg.norm_eps)
+    q = (h @ w["wq"][layer].T).view(b, t, cfg.n_heads, hd).transpose(1, 2)
+    k = (h @ w["wk"][layer].T).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
+    v = (h @ w["wv"][layer].T).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
+    return rope_interleaved(q, pos, cfg.rope_theta), rope_interleaved(k, pos, cfg.rope_theta), v
+
+
+def _finish_layer(w, cfg: Llama2cConfig, layer: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """Add the attention output ``o [B, H, T, hd]`` and the SwiGLU feed-forward to ``x``."""
+    b, t, _ = x.shape
+    x = x + o.transpose(1, 2).reshape(b, t, cfg.dim) @ w["wo"][layer].T
+    h = _rmsnorm(x, w["rms_ffn"][layer], cfg.norm_eps)
+    return x + (torch.nn.functional.silu(h @ w["w1"][layer].T) * (h @ w["w3"][layer].T)) @ w["w2"][layer].T
+
+
 #: ``(layer, q, k, v) -> out``: the attention of one layer (q/k after RoPE); default exact causal
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -121,16 +140,10 @@ def forward(
             ``[B, Hkv, T, hd]``) is appended to it.
     """
     cfg, w = model.config, {k: v.to(dtype) for k, v in model.weights.items()}
-    b, t = tokens.shape
-    hd = cfg.head_dim
-    pos = torch.arange(t)
+    pos = torch.arange(tokens.shape[1])
     x = w["tok_embeddings"][tokens]
     for layer in range(cfg.n_layers):
-        h = _rmsnorm(x, w["rms_att"][layer], cfg.norm_eps)
-        q = (h @ w["wq"][layer].T).view(b, t, cfg.n_heads, hd).transpose(1, 2)
-        k = (h @ w["wk"][layer].T).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
-        v = (h @ w["wv"][layer].T).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
-        q, k = rope_interleaved(q, pos, cfg.rope_theta), rope_interleaved(k, pos, cfg.rope_theta)
+        q, k, v = _qkv(w, cfg, layer, x, pos)
         if capture is not None:
             capture.append((q, k, v))
         if attention is None:
@@ -138,9 +151,7 @@ def forward(
                 longattn.attention(q, k, v, causal=True)
         else:
             o = attention(layer, q, k, v)
-        x = x + o.transpose(1, 2).reshape(b, t, cfg.dim) @ w["wo"][layer].T
-        h = _rmsnorm(x, w["rms_ffn"][layer], cfg.norm_eps)
-        x = x + (torch.nn.functional.silu(h @ w["w1"][layer].T) * (h @ w["w3"][layer].T)) @ w["w2"][layer].T
+        x = _finish_layer(w, cfg, layer, x, o)
     x = _rmsnorm(x, w["rms_final"], cfg.norm_eps)
     head = w["tok_embeddings"] if cfg.shared_classifier else w["output"]
     return x @ head.T
@@ -154,7 +165,6 @@ def generate(model: Llama2cModel, n_tokens: int, *, seed: int = 0, temperature: 
     cfg = model.config
     w = {k: v.to(torch.float32) for k, v in model.weights.items()}
     gen = torch.Generator().manual_seed(seed)
-    hd = cfg.head_dim
     out: list[int] = []
     story = list(prompt) if prompt else [bos]
     cache_k: list[torch.Tensor] = []
@@ -165,11 +175,7 @@ def generate(model: Llama2cModel, n_tokens: int, *, seed: int = 0, temperature: 
         x = w["tok_embeddings"][token][None, None]
         pos = torch.tensor([position])
         for layer in range(cfg.n_layers):
-            h = _rmsnorm(x, w["rms_att"][layer], cfg.norm_eps)
-            q = (h @ w["wq"][layer].T).view(1, 1, cfg.n_heads, hd).transpose(1, 2)
-            k = (h @ w["wk"][layer].T).view(1, 1, cfg.n_kv_heads, hd).transpose(1, 2)
-            v = (h @ w["wv"][layer].T).view(1, 1, cfg.n_kv_heads, hd).transpose(1, 2)
-            q, k = rope_interleaved(q, pos, cfg.rope_theta), rope_interleaved(k, pos, cfg.rope_theta)
+            q, k, v = _qkv(w, cfg, layer, x, pos)
             if len(cache_k) <= layer:
                 cache_k.append(k)
                 cache_v.append(v)
@@ -177,9 +183,7 @@ def generate(model: Llama2cModel, n_tokens: int, *, seed: int = 0, temperature: 
                 cache_k[layer] = torch.cat([cache_k[layer], k], 2)
                 cache_v[layer] = torch.cat([cache_v[layer], v], 2)
             o = longattn.attention(q, cache_k[layer], cache_v[layer], causal=True)
-            x = x + o.transpose(1, 2).reshape(1, 1, cfg.dim) @ w["wo"][layer].T
-            h = _rmsnorm(x, w["rms_ffn"][layer], cfg.norm_eps)
-            x = x + (torch.nn.functional.silu(h @ w["w1"][layer].T) * (h @ w["w3"][layer].T)) @ w["w2"][layer].T
+            x = _finish_layer(w, cfg, layer, x, o)
         x = _rmsnorm(x, w["rms_final"], cfg.norm_eps)
         return (x @ w["tok_embeddings"].T)[0, 0]
 
