@@ -37,6 +37,18 @@ def test_flex_patterns_match_oracle(name, m, causal):
     assert_close_to_oracle(out, ref)
 
 
+def test_flex_self_attention_block_map_with_padding_matches_oracle():
+    q, k, v = make_qkv(b=2, hq=4, hk=2, tq=256, tk=256, d=16, seed=2)
+    pad = torch.ones(2, 256, dtype=torch.bool)
+    pad[0, :90] = False
+    blocks = torch.rand(2, 2, generator=torch.Generator().manual_seed(0)) > 0.3
+    m = longattn.method("pattern", mask=masks.block_map(blocks | torch.eye(2, dtype=torch.bool), 128), backend="flex")
+    out, stats = longattn.attention(q, k, v, causal=True, method=m, key_padding_mask=pad, return_stats=True)
+    assert stats.path == "flex"
+    ref, _ = oracle_for(m, q, k, v, causal=True, key_padding_mask=pad)
+    assert_close_to_oracle(out, ref)
+
+
 def test_flex_refuses_content_bias_when_asked_explicitly():
     from longattn.methods.base import Call
 

@@ -1,14 +1,12 @@
 """The embedded llama2.c checkpoint, read and run directly (../shared/models/stories260K)."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from longattn.models.llama2c import Tokenizer, forward, generate, load_checkpoint
+from longattn.models.llama2c import Tokenizer, forward, generate, load_checkpoint, stories260k_dir
 
-MODEL_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
-pytestmark = pytest.mark.skipif(not MODEL_DIR.exists(), reason=f"{MODEL_DIR} not present")
+MODEL_DIR = stories260k_dir()
+pytestmark = pytest.mark.skipif(MODEL_DIR is None, reason="stories260K not present (set LONGATTN_STORIES260K)")
 
 
 @pytest.fixture(scope="module")

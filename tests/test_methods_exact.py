@@ -153,3 +153,20 @@ def test_tiled_kernel_fused_and_eager_chunks_match_oracle(fused):
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
     fin = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse.double()[fin], ref_lse[fin], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_without_the_fused_cpu_kernel_still_gives_exact_out_and_lse(monkeypatch, causal):
+    """Builds/devices without torch's fused CPU op take public SDPA plus a tiled LSE."""
+    from longattn.kernels import sdpa
+
+    monkeypatch.setattr(sdpa, "fused_cpu_available", lambda q: False)
+    q, k, v = make_qkv(b=2, hq=4, hk=2, tq=40, tk=70, d=16)
+    pad = torch.ones(2, 70, dtype=torch.bool)
+    pad[1, :50] = False
+    out, stats = longattn.attention(q, k, v, causal=causal, key_padding_mask=pad, return_stats=True)
+    ref, ref_lse = oracle_for("dense", q, k, v, causal=causal, key_padding_mask=pad)
+    assert_close_to_oracle(out, ref)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isneginf(stats.lse), ~fin)
+    torch.testing.assert_close(stats.lse.double()[fin], ref_lse[fin], atol=2e-5, rtol=1e-5)

@@ -478,13 +478,7 @@ def run_attention_case(
     def call():
         return longattn.attention(q, k, v, causal=causal, method=m)
 
-    timing, status = guarded(lambda: time_call(call, warmup=0, repeats=repeats, max_seconds=max_seconds,
-                                               track_memory=True))
-    if status is not None:
-        rec["status"] = status
-        return rec
-    _fill_speed(rec, timing, tq, tk, causal, q, rec.get("density"))
-    return rec
+    return _time_into(rec, call, repeats, max_seconds, q, tk, causal, rec.get("density"))
 
 
 def run_callable_case(
@@ -525,12 +519,17 @@ def run_callable_case(
     del out
     if rec["status"] != "ok":
         return rec
+    return _time_into(rec, fn, repeats, max_seconds, q, tk, causal, 1.0)
+
+
+def _time_into(rec, fn, repeats, max_seconds, q, tk, causal, density) -> dict[str, Any]:
+    """Time ``fn`` (peak memory on the first sample) and add speed, FLOPs and throughput to ``rec``."""
     timing, status = guarded(lambda: time_call(fn, warmup=0, repeats=repeats, max_seconds=max_seconds,
                                                track_memory=True))
     if status is not None:
         rec["status"] = status
         return rec
-    _fill_speed(rec, timing, tq, tk, causal, q, 1.0)
+    _fill_speed(rec, timing, q.shape[2], tk, causal, q, density)
     return rec
 
 

@@ -16,7 +16,6 @@ these methods (prefill at 32k, decode over a long cache) are still to be added.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -33,26 +32,12 @@ BLOCK = 64
 BLOCKS_PER_QUERY_BLOCK = 4
 
 
-def stories_model_dir() -> Path | None:
-    """Where the stories260K checkpoint is: ``$LONGATTN_STORIES260K``, else ``../shared/models/
-    stories260K`` next to the working directory or next to this checkout."""
-    candidates = []
-    if os.environ.get("LONGATTN_STORIES260K"):
-        candidates.append(Path(os.environ["LONGATTN_STORIES260K"]))
-    candidates.append(Path.cwd().parent / "shared" / "models" / "stories260K")
-    candidates.append(Path(__file__).resolve().parents[4] / "shared" / "models" / "stories260K")
-    for c in candidates:
-        if (c / "stories260K.bin").exists():
-            return c
-    return None
-
-
 def capture_real_qkv(n_tokens: int = 4096, seed: int = 0, model_dir: Path | None = None):
     """Per layer ``(q, k, v)`` (float32, after RoPE) of stories260K over ``n_tokens`` tokens of its
     own sampled stories (BOS-separated, seeded). Returns ``(layers, tokens)``."""
-    from longattn.models.llama2c import forward, generate, load_checkpoint
+    from longattn.models.llama2c import forward, generate, load_checkpoint, stories260k_dir
 
-    model_dir = model_dir or stories_model_dir()
+    model_dir = model_dir or stories260k_dir()
     if model_dir is None:
         raise FileNotFoundError("stories260K not found: set LONGATTN_STORIES260K to the folder holding stories260K.bin")
     model = load_checkpoint(model_dir / "stories260K.bin")

@@ -69,9 +69,7 @@ def to_block_mask(layout: BlockLayout, mask: Mask | None):
     full_num, full_idx = _indices(full)
     off = layout.q_offset
     mask_mod = None
-    if mask is not None and off == 0:
-        mask_mod = mask.mask_mod
-    elif mask is not None:
+    if mask is not None:
         def mask_mod(b, h, q_idx, kv_idx):
             return mask.mask_mod(b, h, q_idx + off, kv_idx)
     return BlockMask.from_kv_blocks(

@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from longattn.core.merge import merge_partials
+
 
 def fused_cpu_available(q: torch.Tensor) -> bool:
     """True where torch's fused CPU flash kernel (with LSE output) can run on ``q``."""
@@ -41,8 +43,6 @@ def sdpa_attention(
         off = tk - tq
         pad_a = None if key_padding_mask is None else key_padding_mask[:, :off]
         pad_b = None if key_padding_mask is None else key_padding_mask[:, off:]
-        from longattn.core.merge import merge_partials
-
         o1, l1 = _sdpa_piece(q, k[:, :, :off], v[:, :, :off], scale, False, pad_a)
         o2, l2 = _sdpa_piece(q, k[:, :, off:], v[:, :, off:], scale, True, pad_b)
         return merge_partials([o1, o2], [l1, l2])

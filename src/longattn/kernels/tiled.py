@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from longattn.core.masks import Mask
+from longattn.core.merge import merge_partials
 from longattn.kernels.layout import BlockLayout
 from longattn.kernels.sdpa import fused_cpu_available
 
@@ -141,7 +142,7 @@ def tiled_attention(
             if o_run is None:
                 o_run, l_run = o_c, l_c
             else:
-                o_run, l_run = _merge2(o_run, l_run, o_c, l_c)
+                o_run, l_run = merge_partials([o_run, o_c], [l_run, l_c])
         out[:, :, q0:q1] = o_run
         lse[:, :, q0:q1] = l_run
     return out, lse, info
@@ -154,15 +155,6 @@ def _group_rows(add: torch.Tensor, b: int, hk: int, g: int, m: int, n: int) -> t
         # head-independent: repeat the rows for each query head of the group
         return add.expand(bb, 1, m, n).repeat(1, 1, g, 1) if g > 1 else add.expand(bb, 1, m, n)
     return add.expand(bb, hk * g, m, n).reshape(bb, hk, g * m, n)
-
-
-def _merge2(o1, l1, o2, l2):
-    """Exact LSE merge of two partial results (either may be -inf / empty)."""
-    l = torch.logaddexp(l1, l2)
-    safe = l.masked_fill(torch.isinf(l), 0.0)
-    w1 = torch.exp(l1 - safe)
-    w2 = torch.exp(l2 - safe)
-    return o1 * w1[..., None] + o2 * w2[..., None], l
 
 
 def _gather_blocks(k, v, blocks: list[int], bs: int, tk: int):

@@ -37,14 +37,13 @@ class Loki(TokenTopK):
         validate.check_positive_int("rank_dims", self.rank_dims)
 
     def prepare(self, q, k):
-        pca = KeyPCA.fit(k)
-        return pca.basis(self.rank_dims), pca.mean
+        basis = KeyPCA.fit(k).basis(self.rank_dims)  # [B, Hkv, D, r]
+        return basis, torch.matmul(k, basis)  # keys projected once per call: [B, Hkv, Tk, r]
 
     def rank(self, state, q_rows, k, scores, allowed, scale):
-        basis, _ = state  # [B, Hkv, D, r]
+        basis, k_low = state
         b, hq, m, d = q_rows.shape
         hk = k.shape[1]
         g = hq // hk
-        k_low = torch.matmul(k, basis)  # [B, Hkv, Tk, r]
         q_low = torch.matmul(q_rows.reshape(b, hk, g * m, d), basis)
         return torch.matmul(q_low, k_low.transpose(-1, -2)).view(b, hq, m, -1)

@@ -15,6 +15,7 @@ classifier. RoPE rotates *adjacent* channel pairs (2i, 2i+1) of each head, theta
 from __future__ import annotations
 
 import math
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,20 @@ import numpy as np
 import torch
 
 import longattn
+
+
+def stories260k_dir() -> Path | None:
+    """Where the embedded stories260K checkpoint is: ``$LONGATTN_STORIES260K``, else
+    ``../shared/models/stories260K`` next to the working directory or next to this checkout."""
+    candidates = []
+    if os.environ.get("LONGATTN_STORIES260K"):
+        candidates.append(Path(os.environ["LONGATTN_STORIES260K"]))
+    candidates.append(Path.cwd().parent / "shared" / "models" / "stories260K")
+    candidates.append(Path(__file__).resolve().parents[4] / "shared" / "models" / "stories260K")
+    for c in candidates:
+        if (c / "stories260K.bin").exists():
+            return c
+    return None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from longattn.kernels.sdpa import fused_cpu_available
-from longattn.kernels.tiled import _merge2, chunk_attention
+from longattn.core.merge import merge_partials
+from longattn.kernels.tiled import chunk_attention
 from longattn.sparse.select import Selection
 
 
@@ -136,9 +137,7 @@ def sparse_attention(
             out[:, :, q0:q1] = 0.0
             lse[:, :, q0:q1] = -math.inf
             continue
-        o_run, l_run = pieces[0]
-        for o_c, l_c in pieces[1:]:
-            o_run, l_run = _merge2(o_run, l_run, o_c, l_c)
+        o_run, l_run = merge_partials([o for o, _ in pieces], [l for _, l in pieces])
         out[:, :, q0:q1] = o_run
         lse[:, :, q0:q1] = l_run
     return out, lse, info
