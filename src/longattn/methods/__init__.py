@@ -1,6 +1,12 @@
 """Registered attention methods; importing this package registers them all."""
 
-from longattn.methods import block_topk, dense, local, loki, pattern, tokenselect  # noqa: F401  (registration side effect)
+# one import per line (registration side effect), so adding a method is a one-line change
+from longattn.methods import block_topk  # noqa: F401
+from longattn.methods import dense  # noqa: F401
+from longattn.methods import local  # noqa: F401
+from longattn.methods import loki  # noqa: F401
+from longattn.methods import pattern  # noqa: F401
+from longattn.methods import tokenselect  # noqa: F401
 from longattn.methods.base import Capabilities, Method, MethodSpec, register
 
 __all__ = ["Capabilities", "Method", "MethodSpec", "register"]
