@@ -48,6 +48,7 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     position: PositionEncoding | None = None,
     return_stats: bool = False,
+    summaries: Any = None,
 ):
     """Attention with any registered method.
 
@@ -62,6 +63,8 @@ def attention(
         key_padding_mask: bool ``[batch, tokens_k]``, True = real key, False = padding.
         position: a ``longattn.positions`` encoding (rotations on q/k or a score bias).
         return_stats: also return an ``AttentionStats``.
+        summaries: a ``longattn.sparse.BlockSummaries`` of ``k`` kept current by the caller (a decode
+            loop appends each new key), so block-retrieval methods need not rebuild it per step.
 
     Returns:
         ``out`` ``[batch, heads_q, tokens_q, head_dim]`` in the dtype of ``q`` (computed in
@@ -91,7 +94,7 @@ def attention(
         elif position.kind == "content":
             row_bias = _content_rows(position, q32, k32, k_pos, scale)
     call = Call(causal=causal, scale=scale, key_padding_mask=key_padding_mask, bias=bias,
-                row_bias=row_bias, want_stats=return_stats)
+                row_bias=row_bias, want_stats=return_stats, summaries=summaries)
     t0 = time.perf_counter()
     res = m.run(q32, k32, v32, call)
     elapsed = time.perf_counter() - t0

@@ -45,6 +45,8 @@ class Call:
     #: ``(q0, q1) -> [B, Hq, q1-q0, Tk]`` content-dependent bias rows (CoPE); eager kernel only
     row_bias: Callable[[int, int], torch.Tensor] | None = None
     want_stats: bool = False
+    #: up-to-date block summaries of these keys (a decode cache keeps them; else methods build them)
+    summaries: Any = None
 
 
 @dataclass

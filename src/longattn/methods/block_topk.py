@@ -25,6 +25,7 @@ from longattn.sparse.select import (
     mean_key_estimate,
     oracle_mass_scores,
     quest_bound_estimate,
+    Selection,
     select_blocks,
 )
 from longattn.sparse.summaries import BlockSummaries
@@ -72,19 +73,36 @@ class BlockTopK(Method):
         local_blocks = math.ceil((self.window + self.q_block - 1) / self.block) + 1
         return sink_blocks + local_blocks
 
-    def block_scores(self, q, k, scale: float, causal: bool):
+    def block_scores(self, q, k, scale: float, causal: bool, summaries: BlockSummaries | None = None):
+        """Per-query score function ``(q0, q1) -> [B, Hq, q1-q0, n_blocks]`` (see ``select_blocks``);
+        ``summaries``, when given, are this cache's up-to-date block summaries (decode)."""
         raise NotImplementedError
+
+    def select(self, q, k, call: Call) -> Selection:
+        """Which key blocks each query block attends; subclasses with another selector override."""
+        scores = self.block_scores(q, k, call.scale, call.causal, self._summaries(k, call))
+        return select_blocks(
+            q, k.shape[2], scores, q_block=self.q_block, block=self.block, n_sel=self.budget // self.block,
+            sinks=self.sinks, window=self.window, causal=call.causal,
+        )
+
+    def _summaries(self, k, call: Call) -> BlockSummaries:
+        s = call.summaries
+        if s is None:
+            return BlockSummaries.build(k, self.block)
+        if s.block != self.block or s.tokens != k.shape[2]:
+            raise ValueError(
+                f"summaries cover {s.tokens} keys in blocks of {s.block}, but the call has {k.shape[2]} keys and "
+                f"method {self.name!r} uses blocks of {self.block}"
+            )
+        return s
 
     def run(self, q, k, v, call: Call) -> Result:
         if call.bias is not None or call.row_bias is not None:
             raise ValueError(f"method {self.name!r} does not take a score bias (its selection ignores it)")
         tq, tk = q.shape[2], k.shape[2]
         t0 = time.perf_counter()
-        scores = self.block_scores(q, k, call.scale, call.causal)
-        selection = select_blocks(
-            q, tk, scores, q_block=self.q_block, block=self.block, n_sel=self.budget // self.block,
-            sinks=self.sinks, window=self.window, causal=call.causal,
-        )
+        selection = self.select(q, k, call)
         t1 = time.perf_counter()
         out, lse, info = sparse_attention(q, k, v, selection, scale=call.scale, causal=call.causal,
                                           key_padding_mask=call.key_padding_mask, count_pairs=call.want_stats)
@@ -113,8 +131,8 @@ class Landmark(BlockTopK):
     name = "landmark"
     capabilities = _caps("Mohtashami & Jaggi 2023, Landmark Attention", "O(N²/block) scoring + O(N·budget)")
 
-    def block_scores(self, q, k, scale, causal):
-        return estimated_mass_scores(q, BlockSummaries.build(k, self.block), mean_key_estimate, scale, causal)
+    def block_scores(self, q, k, scale, causal, summaries=None):
+        return estimated_mass_scores(q, summaries, mean_key_estimate, scale, causal)
 
 
 @register
@@ -127,8 +145,8 @@ class Quest(BlockTopK):
     name = "quest"
     capabilities = _caps("Tang et al. 2024, Quest", "O(N²/block) scoring + O(N·budget)")
 
-    def block_scores(self, q, k, scale, causal):
-        return estimated_mass_scores(q, BlockSummaries.build(k, self.block), quest_bound_estimate, scale, causal)
+    def block_scores(self, q, k, scale, causal, summaries=None):
+        return estimated_mass_scores(q, summaries, quest_bound_estimate, scale, causal)
 
 
 @register
@@ -141,6 +159,6 @@ class BlockOracle(BlockTopK):
     name = "block_oracle"
     capabilities = _caps("upper bound for block selection (DESIGN.md)", "O(N²) scoring + O(N·budget)")
 
-    def block_scores(self, q, k, scale, causal):
+    def block_scores(self, q, k, scale, causal, summaries=None):
         return oracle_mass_scores(q, k, self.block, scale, causal)
 
