@@ -1,0 +1,83 @@
+"""The exact sparse kernel: its batched path (all query blocks at once) against the per-query-block
+path and the float64 oracle, on random selections (including unused slots and partial blocks)."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import longattn.sparse.kernel as kernel
+from longattn.sparse.select import Selection
+from conftest import assert_close_to_oracle
+
+
+def random_selection(g, b, hq, tq, tk, q_block, block, n_sel, causal):
+    """Random sorted block indices: under causality the query block's own blocks are always in
+    (as every selector forces them), the rest random among the visible, some slots left unused."""
+    off = tk - tq
+    n_blocks, n_qb = math.ceil(tk / block), math.ceil(tq / q_block)
+    idx = torch.full((b, hq, n_qb, n_sel), -1, dtype=torch.long)
+    for bb, h, i in itertools.product(range(b), range(hq), range(n_qb)):
+        qlo, qhi = i * q_block + off, min((i + 1) * q_block, tq) - 1 + off
+        visible = math.ceil((qhi + 1) / block) if causal else n_blocks
+        forced = list(range(qlo // block, visible)) if causal else []
+        others = [j for j in range(visible) if j not in forced]
+        take = max(0, n_sel - len(forced) - int(torch.randint(0, 2, (), generator=g)))
+        chosen = torch.tensor(others, dtype=torch.long)[torch.randperm(len(others), generator=g)][:take]
+        pick = sorted(set(forced) | set(chosen.tolist()))
+        assert len(pick) <= n_sel
+        idx[bb, h, i, :len(pick)] = torch.tensor(pick, dtype=torch.long)
+    return Selection(idx.sort(-1).values, q_block, block)
+
+
+def mask_of(selection, tq, tk, causal):
+    """The token visibility ``[B, Hq, Tq, Tk]`` a selection means."""
+    b, hq, n_qb, _ = selection.indices.shape
+    vis = torch.zeros(b, hq, tq, tk, dtype=torch.bool)
+    for bb, h, i in itertools.product(range(b), range(hq), range(n_qb)):
+        q0, q1 = i * selection.q_block, min((i + 1) * selection.q_block, tq)
+        for j in selection.indices[bb, h, i].tolist():
+            if j >= 0:
+                vis[bb, h, q0:q1, j * selection.block:(j + 1) * selection.block] = True
+    if causal:
+        vis &= torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
+    return vis
+
+
+@pytest.mark.parametrize("trial", range(24))
+def test_batched_path_matches_oracle_and_per_block_path(trial, monkeypatch):
+    g = torch.Generator().manual_seed(trial)
+    causal = trial % 3 != 0
+    hk, grp = 1 + trial % 2, 1 + (trial // 2) % 2
+    hq, b, d = hk * grp, 1 + trial % 2, 16
+    block = (8, 16)[trial % 2]
+    q_block = block * (1 + (trial // 4) % 2)
+    tk = int(torch.randint(40, 160, (), generator=g))
+    tq = tk - block * (trial % 3) if causal else int(torch.randint(10, 160, (), generator=g))
+    q, k, v = (torch.randn(b, h, t, d, generator=g) for h, t in ((hq, tq), (hk, tk), (hk, tk)))
+    n_blocks = math.ceil(tk / block)
+    # at least the query block's own key blocks fit (selectors guarantee it: they force them)
+    n_sel = int(torch.randint(min(n_blocks, q_block // block + 1), n_blocks + 1, (), generator=g))
+    sel = random_selection(g, b, hq, tq, tk, q_block, block, n_sel, causal)
+    assert kernel.batched_path_applies(sel, tq, tk, causal, None, True) or sel.indices.shape[2] < 2
+
+    out, lse, info = kernel.sparse_attention(q, k, v, sel, scale=0.3, causal=causal, count_pairs=True)
+    vis = mask_of(sel, tq, tk, causal)
+    ref, ref_lse = longattn_reference(q, k, v, vis)
+    assert_close_to_oracle(out, ref)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = ~torch.isinf(ref_lse)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=2e-5, rtol=1e-5)
+    assert info.visible_pairs == pytest.approx(float(vis.sum()) / (b * hq))
+
+    monkeypatch.setattr(kernel, "batched_path_applies", lambda *a: False)
+    out2, lse2, info2 = kernel.sparse_attention(q, k, v, sel, scale=0.3, causal=causal, count_pairs=True)
+    torch.testing.assert_close(out, out2, atol=2e-6, rtol=1e-5)
+    assert info2.visible_pairs == pytest.approx(info.visible_pairs)
+
+
+def longattn_reference(q, k, v, vis):
+    import longattn
+
+    return longattn.reference_attention(q, k, v, scale=0.3, mask=vis)
