@@ -10,11 +10,13 @@ from longattn.sparse.select import quest_bound_estimate, mean_key_estimate
 from longattn.sparse.summaries import BlockSummaries
 from conftest import assert_close_to_oracle, make_qkv
 
-METHODS = ["landmark", "quest", "block_oracle"]
+# "+pooled": the method scoring each query block once with its mean query
+METHODS = ["landmark", "quest", "block_oracle", "landmark+pooled", "quest+pooled"]
 
 
 def small(name, budget):
-    return longattn.method(name, budget=budget, block=16, q_block=16, sinks=16, window=16)
+    base, _, variant = name.partition("+")
+    return longattn.method(base, budget=budget, block=16, q_block=16, sinks=16, window=16, pooled=variant == "pooled")
 
 
 def needles(seed=0, tq=256, tk=256, hq=4, hk=2, d=32):
@@ -67,7 +69,7 @@ def test_oracle_is_at_least_as_good_as_the_estimators_on_needles():
     q, k, v = needles(seed=3)
     ref, _ = longattn.reference_attention(q, k, v, causal=True)
     err = {}
-    for name in METHODS:
+    for name in METHODS[:3]:
         out = longattn.attention(q, k, v, causal=True, method=small(name, 96))
         err[name] = float((out.double() - ref).norm() / ref.norm())
     assert err["block_oracle"] <= min(err["landmark"], err["quest"]) * 1.05, err
@@ -219,3 +221,8 @@ def test_key_pca_append_equals_fit_and_basis_is_orthonormal():
     torch.testing.assert_close(basis.transpose(-1, -2) @ basis, torch.eye(3).expand(1, 2, 3, 3), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="rank must be in 1..head_dim=8, got 9"):
         full.basis(9)
+
+
+def test_pooled_scoring_needs_an_estimator():
+    with pytest.raises(ValueError, match="pooled=True"):
+        longattn.method("block_oracle", pooled=True)

@@ -24,6 +24,7 @@ from longattn.sparse.select import (
     estimated_mass_scores,
     mean_key_estimate,
     oracle_mass_scores,
+    pooled_query_scores,
     quest_bound_estimate,
     Selection,
     select_blocks,
@@ -39,6 +40,9 @@ class BlockTopK(Method):
         budget: keys attended per query, sinks and window included.
         block: keys per key block; q_block: queries sharing one selection.
         sinks, window: keys always kept (StreamingLLM's sinks, the local window).
+        pooled: score each query block once with its mean query (``pooled_query_scores``), about
+            ``q_block`` times cheaper than summing per-query estimates and a little less accurate;
+            used for long prefill, where per-query scoring would cost as much as the attention.
 
     Causality: each query attends only to keys at or before it (the kernel masks per token), and
     a query block's selection never depends on keys after its last query. Because the block's
@@ -52,6 +56,7 @@ class BlockTopK(Method):
     q_block: int = 64
     sinks: int = 64
     window: int = 256
+    pooled: bool = False
 
     def __post_init__(self) -> None:
         validate.check_positive_int("budget", self.budget)
@@ -59,6 +64,8 @@ class BlockTopK(Method):
         validate.check_positive_int("q_block", self.q_block)
         validate.check_positive_int("sinks", self.sinks, allow_zero=True)
         validate.check_positive_int("window", self.window, allow_zero=True)
+        if self.pooled and self.estimator is None:
+            raise ValueError(f"pooled=True needs a block estimator, which method {self.name!r} does not have")
         need = self.forced_blocks_max() + 1
         if self.budget // self.block < need:
             raise ValueError(
@@ -80,11 +87,23 @@ class BlockTopK(Method):
 
     def select(self, q, k, call: Call) -> Selection:
         """Which key blocks each query block attends; subclasses with another selector override."""
-        scores = self.block_scores(q, k, call.scale, call.causal, self._summaries(k, call))
+        summaries = self._summaries(k, call)
+        if self.pooled:
+            scores = self.pooled_scores(q, k, call.scale, call.causal, summaries)
+        else:
+            scores = self.block_scores(q, k, call.scale, call.causal, summaries)
         return select_blocks(
             q, k.shape[2], scores, q_block=self.q_block, block=self.block, n_sel=self.budget // self.block,
-            sinks=self.sinks, window=self.window, causal=call.causal,
+            sinks=self.sinks, window=self.window, causal=call.causal, per_block=self.pooled,
         )
+
+    #: the estimator behind ``block_scores``, for pooled scoring (None: the method cannot pool)
+    estimator = None
+
+    def pooled_scores(self, q, k, scale, causal, summaries):
+        if self.estimator is None:
+            raise ValueError(f"method {self.name!r} has no block estimator to pool queries with; use pooled=False")
+        return pooled_query_scores(q, summaries, self.estimator, scale, causal, self.q_block)
 
     def _summaries(self, k, call: Call) -> BlockSummaries:
         s = call.summaries
@@ -131,6 +150,8 @@ class Landmark(BlockTopK):
     name = "landmark"
     capabilities = _caps("Mohtashami & Jaggi 2023, Landmark Attention", "O(N²/block) scoring + O(N·budget)")
 
+    estimator = staticmethod(mean_key_estimate)
+
     def block_scores(self, q, k, scale, causal, summaries=None):
         return estimated_mass_scores(q, summaries, mean_key_estimate, scale, causal)
 
@@ -144,6 +165,8 @@ class Quest(BlockTopK):
 
     name = "quest"
     capabilities = _caps("Tang et al. 2024, Quest", "O(N²/block) scoring + O(N·budget)")
+
+    estimator = staticmethod(quest_bound_estimate)
 
     def block_scores(self, q, k, scale, causal, summaries=None):
         return estimated_mass_scores(q, summaries, quest_bound_estimate, scale, causal)

@@ -99,6 +99,7 @@ def select_blocks(
     window: int,
     causal: bool,
     group_tokens: int = 2048,
+    per_block: bool = False,
 ) -> Selection:
     """Top-``n_sel`` key blocks per (batch, query head, query block).
 
@@ -108,6 +109,8 @@ def select_blocks(
             estimated to give each key block; a query block's score is their sum.
         n_sel: blocks kept per query block, forced ones included.
         group_tokens: queries scored at once (bounds memory to ``group × n`` per head).
+        per_block: ``query_scores(q0, q1)`` already gives one row per query block of the range,
+            ``[B, Hq, n_query_blocks, n]`` (see ``pooled_query_scores``).
     """
     b, hq, tq, _ = q.shape
     n = math.ceil(tokens_k / block)
@@ -121,11 +124,14 @@ def select_blocks(
     for g0 in range(0, n_qb, per_group):
         g1 = min(g0 + per_group, n_qb)
         q0, q1 = g0 * q_block, min(g1 * q_block, tq)
-        per_query = query_scores(q0, q1)  # [B, Hq, q1-q0, n]
-        pad = (g1 - g0) * q_block - (q1 - q0)
-        if pad:
-            per_query = torch.nn.functional.pad(per_query, (0, 0, 0, pad))
-        scores = per_query.view(b, hq, g1 - g0, q_block, n).sum(3)  # [B, Hq, g, n]
+        if per_block:
+            scores = query_scores(q0, q1)  # [B, Hq, g, n]
+        else:
+            per_query = query_scores(q0, q1)  # [B, Hq, q1-q0, n]
+            pad = (g1 - g0) * q_block - (q1 - q0)
+            if pad:
+                per_query = torch.nn.functional.pad(per_query, (0, 0, 0, pad))
+            scores = per_query.view(b, hq, g1 - g0, q_block, n).sum(3)  # [B, Hq, g, n]
         qb = torch.arange(g0, g1, device=q.device)[:, None]
         qlo = qb * q_block + off
         qhi = torch.clamp((qb + 1) * q_block, max=tq) - 1 + off
@@ -152,6 +158,36 @@ def estimated_mass_scores(q: torch.Tensor, summaries: BlockSummaries, estimator:
         fully = fully_visible_blocks(q_pos, summaries.n_blocks, summaries.block, causal)
         est = est.masked_fill(~fully, -math.inf)
         return torch.softmax(est, dim=-1).nan_to_num(0.0)
+
+    return scores
+
+
+def pooled_query_scores(q: torch.Tensor, summaries: BlockSummaries, estimator: BlockEstimator, scale: float,
+                        causal: bool, q_block: int) -> Callable[[int, int], torch.Tensor]:
+    """Per-query-block scores from the block's *mean query* (the pooled estimate MInference and
+    FlexPrefill use): one estimate per (query block, key block) instead of one per query, so
+    scoring costs ``q_block`` times less. Since the mean-key and Quest estimates are linear in the
+    query, the pooled logit is the mean of the queries' logits; the per-query softmax is lost, so
+    a block that one query needs badly weighs less than in ``estimated_mass_scores``.
+    Use with ``select_blocks(..., per_block=True)``."""
+    tk = summaries.tokens
+    b, hq, tq, d = q.shape
+    off = tk - tq
+
+    def scores(q0: int, q1: int) -> torch.Tensor:
+        m = q1 - q0
+        n_qb = math.ceil(m / q_block)
+        rows = q[:, :, q0:q1]
+        pad = n_qb * q_block - m
+        sums = torch.nn.functional.pad(rows, (0, 0, 0, pad)).view(b, hq, n_qb, q_block, d).sum(3)
+        counts = torch.clamp(m - torch.arange(n_qb, device=q.device) * q_block, max=q_block)
+        pooled = sums / counts.view(1, 1, n_qb, 1).to(sums.dtype)
+        est = estimator(pooled, summaries, scale)  # [B, Hq, n_qb, n]
+        first = torch.arange(q0, q1, q_block, device=q.device) + off
+        # only blocks fully visible to the block's first query: the others are forced (see
+        # forced_block_grid) and their summaries may include keys after some of its queries
+        fully = fully_visible_blocks(first, summaries.n_blocks, summaries.block, causal)
+        return est.masked_fill(~fully, -math.inf)
 
     return scores
 
