@@ -61,7 +61,9 @@ def attention(
             (``longattn.method("window", window=512)``).
         scale: score scale, default ``1/sqrt(head_dim)``.
         key_padding_mask: bool ``[batch, tokens_k]``, True = real key, False = padding.
-        position: a ``longattn.positions`` encoding (rotations on q/k or a score bias).
+        position: a ``longattn.positions`` encoding (rotations on q/k or a score bias). Methods
+            whose capability sheet has ``own_positions`` (LongHeads) get it untouched in
+            ``Call.position`` with q/k unrotated, and place the positions themselves.
         return_stats: also return an ``AttentionStats``.
         summaries: a ``longattn.sparse.BlockSummaries`` of ``k`` kept current by the caller (a decode
             loop appends each new key), so block-retrieval methods need not rebuild it per step.
@@ -84,7 +86,8 @@ def attention(
     tq, tk = q.shape[2], k.shape[2]
     bias = None
     row_bias = None
-    if position is not None:
+    own = position if (position is not None and m.capabilities.own_positions) else None
+    if position is not None and own is None:
         q_pos = torch.arange(tq, device=q.device) + (tk - tq)
         k_pos = torch.arange(tk, device=q.device)
         if position.kind == "rotary":
@@ -94,7 +97,7 @@ def attention(
         elif position.kind == "content":
             row_bias = _content_rows(position, q32, k32, k_pos, scale)
     call = Call(causal=causal, scale=scale, key_padding_mask=key_padding_mask, bias=bias,
-                row_bias=row_bias, want_stats=return_stats, summaries=summaries)
+                row_bias=row_bias, want_stats=return_stats, summaries=summaries, position=own)
     t0 = time.perf_counter()
     res = m.run(q32, k32, v32, call)
     elapsed = time.perf_counter() - t0

@@ -5,7 +5,9 @@ from longattn.methods import block_topk  # noqa: F401
 from longattn.methods import dense  # noqa: F401
 from longattn.methods import local  # noqa: F401
 from longattn.methods import loki  # noqa: F401
+from longattn.methods import longheads  # noqa: F401
 from longattn.methods import pattern  # noqa: F401
+from longattn.methods import recycled  # noqa: F401
 from longattn.methods import tokenselect  # noqa: F401
 from longattn.methods.base import Capabilities, Method, MethodSpec, register
 

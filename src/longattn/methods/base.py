@@ -30,6 +30,9 @@ class Capabilities:
     decode: bool = True
     score_bias: bool = True  # takes ALiBi / T5 / CoPE-style score biases
     needs_calibration: bool = False
+    #: applies the position encoding itself (``Call.position``, q/k not rotated by ``attention``),
+    #: e.g. LongHeads, which assigns positions inside the keys it selected
+    own_positions: bool = False
     paper: str = ""
     cost: str = ""
 
@@ -47,6 +50,9 @@ class Call:
     want_stats: bool = False
     #: up-to-date block summaries of these keys (a decode cache keeps them; else methods build them)
     summaries: Any = None
+    #: the caller's position encoding, handed over untouched to methods with
+    #: ``Capabilities.own_positions`` (q/k then arrive *un*rotated); None for every other method
+    position: Any = None
 
 
 @dataclass

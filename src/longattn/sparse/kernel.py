@@ -80,12 +80,12 @@ def sparse_attention(
     fused = fused_cpu_available(q)
     if batched_path_applies(selection, tq, tk, causal, key_padding_mask, fused):
         return _batched_sparse_attention(q, k, v, selection, scale=scale, causal=causal, count_pairs=count_pairs)
-    # whole blocks as rows of one flat table, so a gather copies contiguous blocks
-    pad = n_blocks * bs - tk
-    k_blocks = torch.nn.functional.pad(k, (0, 0, 0, pad)).reshape(b * hk * n_blocks, bs * d)
-    v_blocks = torch.nn.functional.pad(v, (0, 0, 0, pad)).reshape(b * hk * n_blocks, bs * d)
+    # keys as token rows of one flat table (a view, no copy of the cache: decoding must not pay
+    # O(cache) per step); a gather copies only the selected blocks' rows
+    k_rows = k.reshape(b * hk * tk, d)
+    v_rows = v.reshape(b * hk * tk, d)
     row0 = ((torch.arange(b, device=q.device) * hk).view(b, 1) + torch.arange(hk, device=q.device).view(1, hk))
-    row0 = (row0 * n_blocks).repeat_interleave(g, dim=1)  # [B, Hq]: first table row of each head's key head
+    row0 = (row0 * tk).repeat_interleave(g, dim=1)  # [B, Hq]: first table row of each head's key head
     kpm = key_padding_mask
     out = torch.empty(b, hq, tq, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
@@ -109,10 +109,10 @@ def sparse_attention(
             if n_past:
                 past = past.sort(-1, descending=True).values[..., :n_past]  # valid first
                 valid = past >= 0
-                rows = (row0[..., None] + past.clamp_min(0)).flatten()
-                k_sel = k_blocks.index_select(0, rows).view(b, hq, n_past * bs, d)
-                v_sel = v_blocks.index_select(0, rows).view(b, hq, n_past * bs, d)
                 pos = (past.clamp_min(0)[..., None] * bs + torch.arange(bs, device=q.device)).flatten(-2)
+                rows = (row0[..., None] + pos.clamp(max=tk - 1)).flatten()
+                k_sel = k_rows.index_select(0, rows).view(b, hq, n_past * bs, d)
+                v_sel = v_rows.index_select(0, rows).view(b, hq, n_past * bs, d)
                 ok = valid[..., None].expand(-1, -1, -1, bs).flatten(-2) & (pos < tk)
                 if kpm is not None:
                     ok = ok & torch.gather(kpm[:, None, :].expand(b, hq, tk), 2, pos.clamp(max=tk - 1))
