@@ -110,5 +110,49 @@ def bench_cmd(
         raise
 
 
+@app.command("calibrate-minference")
+def calibrate_minference_cmd(
+    out: Path = typer.Option(..., "--out", help="JSON file to write the head patterns to"),
+    tokens: int = typer.Option(1024, "--tokens", min=64, help="tokens of stories260K text to capture q/k/v over"),
+    budget: int = typer.Option(256, "--budget", min=1, help="keys per query every pattern is given"),
+    block: int = typer.Option(64, "--block", min=1, help="block of the block-sparse pattern"),
+    sinks: int = typer.Option(64, "--sinks", min=0, help="first keys kept by A-shape and vertical-slash"),
+    window: int = typer.Option(64, "--window", min=0, help="nearest diagonals always kept by vertical-slash"),
+    last_q: int = typer.Option(64, "--last-q", min=1, help="last queries that estimate vertical-slash indices"),
+    seed: int = typer.Option(0, "--seed", help="seed of the sampled text"),
+) -> None:
+    """Choose MInference's pattern per (layer, head) on stories260K and write it for
+    `longattn.method("minference", patterns=OUT)` (use the same budget/block/sinks/window there)."""
+    from longattn.bench.sparse import capture_real_qkv
+    from longattn.sparse.head_patterns import PATTERNS, save_head_patterns, search_head_patterns
+
+    console = Console()
+    console.print(f"capturing q/k/v of stories260K over {tokens} sampled tokens (seed {seed}) …")
+    try:
+        layers, _ = capture_real_qkv(tokens, seed)
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    try:
+        doc = search_head_patterns(
+            layers, budget, block=block, sinks=sinks, window=window, last_q=last_q,
+            progress=lambda i, n: console.print(f"  layer {i}/{n} searched"),
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    doc["source"] = {"model": "stories260K", "tokens": tokens, "seed": seed}
+    save_head_patterns(out, doc)
+    table = Table(title=f"MInference head patterns (budget {budget} of {tokens} tokens)", box=box.SIMPLE_HEAD)
+    table.add_column("layer", justify="right")
+    short = {"a_shape": "A", "block_sparse": "BS", "vertical_slash": "VS"}
+    table.add_column("pattern per head (A: A-shape, BS: block-sparse, VS: vertical-slash)")
+    for p in PATTERNS:
+        table.add_column(f"recall {p}", justify="right")
+    for li, heads in enumerate(doc["layers"]):
+        rec = doc["recall"][li]
+        table.add_row(str(li), " ".join(short[h] for h in heads), *(f"{sum(rec[p]) / len(rec[p]):.3f}" for p in PATTERNS))
+    console.print(table)
+    console.print(f"wrote {out}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
