@@ -43,3 +43,31 @@ def test_suite_writes_results_and_report(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown method"):
         sparse.run_sparse_suite(tmp_path, lengths=[512], methods=["nope"])
     assert res["tokens"] == 512
+
+
+def test_speed_parts_run_small_and_report(tmp_path):
+    res = sparse.run_sparse_suite(tmp_path, parts=("prefill", "decode"), prefill_tokens=2048, decode_cache=4096)
+    p, d = res["prefill"], res["decode"]
+    assert p["tokens"] == 2048 and p["sdpa"]["median_s"] > 0
+    for r in p["records"]:
+        assert r["finite"] and r["ratio_to_sdpa"] > 0 and 0 < r["density"] < 0.5, r
+    blocks = [r for r in p["records"] if r["registry_name"] in ("landmark", "quest")]
+    assert all(abs(r["density"] - blocks[0]["density"]) < 1e-9 for r in blocks)  # same budget, same density
+    assert [r["method"] for r in d["records"]] == ["landmark", "quest"]
+    for r in d["records"]:
+        assert 0 < r["recall"] <= 1 and r["step_s"] > 0
+    text = (tmp_path / "report.md").read_text()
+    assert "## Causal prefill, 2048 tokens" in text and "## Decode over a 4096-token cache" in text
+    with pytest.raises(ValueError, match="unknown sparse suite part"):
+        sparse.run_sparse_suite(tmp_path, parts=("speed",))
+
+
+def test_budget_for_density_matches_the_measured_density():
+    from longattn.bench.sparse_speed import budget_for_density, causal_block_density, clustered_qkv
+
+    budget = budget_for_density(4096, 0.2, block=64, q_block=256)
+    q, k, v = clustered_qkv(4096, heads=2, head_dim=16)
+    m = longattn.method("landmark", budget=budget, block=64, q_block=256, sinks=64, window=0, pooled=True)
+    _, st = longattn.attention(q, k, v, causal=True, method=m, return_stats=True)
+    assert st.density == pytest.approx(causal_block_density(4096, budget // 64, 64, 256))
+    assert 0.2 <= st.density < 0.2 + 1.5 * 64 * 4096 / (4096 * 4097 / 2)

@@ -84,36 +84,85 @@ def evaluate_accuracy(layers, methods: dict) -> list[dict[str, Any]]:
     return records
 
 
-def run_sparse_suite(out: Path, *, full: bool = False, lengths=None, methods=None, seed: int = 0) -> dict[str, Any]:
-    """``longattn bench --suite sparse``: writes ``out/results.json`` and ``out/report.md``."""
+PARTS = ("accuracy", "prefill", "decode")
+
+
+def run_sparse_suite(out: Path, *, full: bool = False, lengths=None, methods=None, seed: int = 0,
+                     parts=PARTS, prefill_tokens: int = 32768, decode_cache: int = 131072) -> dict[str, Any]:
+    """``longattn bench --suite sparse``: writes ``out/results.json`` and ``out/report.md``.
+
+    Parts: ``accuracy`` on real stories260K attention (``lengths[0]`` tokens, default 4096);
+    ``prefill`` speed at 10% density over ``prefill_tokens`` (default 32k) and ``decode`` speed over
+    a ``decode_cache``-token cache at budget 2048 (default 128k), both against SDPA in this run
+    (``longattn.bench.sparse_speed``). ``methods`` filters the accuracy part."""
+    from longattn.bench import sparse_speed
+
+    unknown_parts = sorted(set(parts) - set(PARTS))
+    if unknown_parts:
+        raise ValueError(f"unknown sparse suite part(s) {', '.join(unknown_parts)}; known: {', '.join(PARTS)}")
     console = Console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n_tokens = (lengths or [4096])[0]
     t0 = time.perf_counter()
-    console.print(f"capturing q/k/v of stories260K over {n_tokens} sampled tokens (seed {seed}) …")
-    layers, _ = capture_real_qkv(n_tokens, seed)
-    cases = accuracy_methods()
-    if methods:
-        unknown = sorted(set(methods) - set(cases))
-        if unknown:
-            raise ValueError(f"unknown method(s) {', '.join(unknown)} for the sparse suite; known: {', '.join(cases)}")
-        cases = {k: v for k, v in cases.items() if k in methods}
-    records = evaluate_accuracy(layers, cases)
-    results = {"suite": "sparse", "machine": machine_info(seed), "tokens": n_tokens, "block": BLOCK,
-               "blocks_per_query_block": BLOCKS_PER_QUERY_BLOCK, "records": records,
-               "wall_s": time.perf_counter() - t0}
+    results: dict[str, Any] = {"suite": "sparse", "machine": machine_info(seed), "tokens": n_tokens, "block": BLOCK,
+                               "blocks_per_query_block": BLOCKS_PER_QUERY_BLOCK, "records": []}
+    if "accuracy" in parts:
+        cases = accuracy_methods()
+        if methods:
+            unknown = sorted(set(methods) - set(cases))
+            if unknown:
+                raise ValueError(f"unknown method(s) {', '.join(unknown)} for the sparse suite; known: {', '.join(cases)}")
+            cases = {k: v for k, v in cases.items() if k in methods}
+        console.print(f"capturing q/k/v of stories260K over {n_tokens} sampled tokens (seed {seed}) …")
+        layers, _ = capture_real_qkv(n_tokens, seed)
+        results["records"] = evaluate_accuracy(layers, cases)
+        table = Table(title=f"attention-mass recall on real attention (stories260K, {n_tokens} tokens)")
+        for col in ("method", "density", "recall", "rel. error", "LSE error"):
+            table.add_column(col, justify="right" if col != "method" else "left")
+        for name, row in summarise(results["records"]).items():
+            table.add_row(name, f"{row['density']:.3f}", f"{row['recall']:.3f}", f"{row['rel_err']:.3f}", f"{row['lse_err']:.3f}")
+        console.print(table)
+    say = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
+    if "prefill" in parts:
+        results["prefill"] = sparse_speed.run_prefill(prefill_tokens, 0.10, seed=seed, progress=say)
+        console.print(_speed_table(results["prefill"]))
+    if "decode" in parts:
+        results["decode"] = sparse_speed.run_decode(decode_cache, 2048, seed=seed, progress=say)
+        console.print(_decode_table(results["decode"]))
+    results["wall_s"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    report = render_report(results)
-    (out / "report.md").write_text(report)
-    table = Table(title=f"attention-mass recall on real attention (stories260K, {n_tokens} tokens)")
-    for col in ("method", "density", "recall", "rel. error", "LSE error"):
-        table.add_column(col, justify="right" if col != "method" else "left")
-    for name, row in summarise(records).items():
-        table.add_row(name, f"{row['density']:.3f}", f"{row['recall']:.3f}", f"{row['rel_err']:.3f}", f"{row['lse_err']:.3f}")
-    console.print(table)
+    (out / "report.md").write_text(render_report(results))
     console.print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
     return results
+
+
+def _speed_table(p: dict[str, Any]) -> Table:
+    t = Table(title=f"causal prefill, {p['tokens']} tokens, budget {p['budget']} (SDPA {p['sdpa']['median_s']:.2f} s)")
+    for col in ("method", "density", "recall", "rel. error", "select s", "kernel s", "total s", "vs SDPA"):
+        t.add_column(col, justify="right" if col != "method" else "left")
+    for r in p["records"]:
+        if "median_s" not in r:
+            t.add_row(r["method"], f"{r['density']:.3f}", "-", "-", "-", "-", "-", "not finite")
+            continue
+        t.add_row(r["method"], f"{r['density']:.3f}", _fmt(r["recall"]), f"{r['rel_err']:.3f}", f"{r['selection_s']:.3f}",
+                  f"{r['kernel_s']:.3f}", f"{r['median_s']:.3f}", f"{r['ratio_to_sdpa']:.2f}×")
+    return t
+
+
+def _decode_table(d: dict[str, Any]) -> Table:
+    t = Table(title=f"decode step over {d['cache']} cached keys, budget {d['budget']} "
+                    f"(SDPA {d['sdpa_step_s'] * 1e3:.1f} ms/step)")
+    for col in ("method", "density", "recall", "rel. error", "ms / step", "vs SDPA"):
+        t.add_column(col, justify="right" if col != "method" else "left")
+    for r in d["records"]:
+        t.add_row(r["method"], f"{r['density']:.4f}", f"{r['recall']:.3f}", f"{r['rel_err']:.3f}",
+                  f"{r['step_s'] * 1e3:.2f}", f"{r['ratio_to_sdpa']:.1f}×")
+    return t
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def summarise(records) -> dict[str, dict[str, float]]:
@@ -128,8 +177,15 @@ def summarise(records) -> dict[str, dict[str, float]]:
 def render_report(results: dict[str, Any]) -> str:
     recs = results["records"]
     layers = sorted({r["layer"] for r in recs})
+    lines = ["# longattn sparse suite", ""]
+    if recs:
+        lines += _accuracy_lines(results, recs, layers)
+    return _speed_lines(results, lines)
+
+
+def _accuracy_lines(results, recs, layers) -> list[str]:
     lines = [
-        "# longattn sparse suite: accuracy on real attention",
+        "## Accuracy on real attention",
         "",
         f"- stories260K q/k/v over {results['tokens']} sampled tokens (seed {results['machine'].get('seed')}), "
         f"causal, every layer and head; one selection per {results['block']}-query block, "
@@ -143,4 +199,43 @@ def render_report(results: dict[str, Any]) -> str:
         per = [next(r["recall"] for r in recs if r["method"] == name and r["layer"] == li) for li in layers]
         lines.append(f"| {name} | {row['density']:.3f} | {row['recall']:.3f} | "
                      + " | ".join(f"{x:.3f}" for x in per) + f" | {row['rel_err']:.3f} | {row['lse_err']:.3f} |")
+    return lines
+
+
+def _speed_lines(results: dict[str, Any], lines: list[str]) -> str:
+    if "prefill" in results:
+        p = results["prefill"]
+        lines += [
+            "",
+            f"## Causal prefill, {p['tokens']} tokens, target density {p['target_density']:.0%}",
+            "",
+            f"- synthetic retrieval-shaped q/k/v (`clustered_qkv`), fp32, batch 1, 8 heads, head_dim 64; "
+            f"budget {p['budget']} keys per query, key blocks of {p['block']}, query blocks of {p['q_block']}",
+            f"- torch SDPA (is_causal) in the same run: median {p['sdpa']['median_s']:.3f} s",
+            "",
+            "| method | density | recall | rel. error | selection s | kernel s | total s | vs SDPA |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in p["records"]:
+            if "median_s" not in r:
+                lines.append(f"| {r['method']} | {r['density']:.3f} | - | - | - | - | - | output not finite: no figure |")
+                continue
+            lines.append(f"| {r['method']} | {r['density']:.3f} | {_fmt(r['recall'])} | {r['rel_err']:.3f} | "
+                         f"{r['selection_s']:.3f} | {r['kernel_s']:.3f} | {r['median_s']:.3f} | {r['ratio_to_sdpa']:.2f}× |")
+    if "decode" in results:
+        d = results["decode"]
+        lines += [
+            "",
+            f"## Decode over a {d['cache']}-token cache, budget {d['budget']}",
+            "",
+            f"- one query per step, {d['steps']} steps; block summaries kept by the loop (built once in "
+            f"{d['summaries_build_s']:.2f} s; one new key folds in in {d['summary_append_s'] * 1e6:.0f} µs)",
+            f"- torch SDPA per step in the same run: {d['sdpa_step_s'] * 1e3:.2f} ms",
+            "",
+            "| method | density | recall | rel. error | ms / step | vs SDPA |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in d["records"]:
+            lines.append(f"| {r['method']} | {r['density']:.4f} | {r['recall']:.3f} | {r['rel_err']:.3f} | "
+                         f"{r['step_s'] * 1e3:.2f} | {r['ratio_to_sdpa']:.1f}× |")
     return "\n".join(lines) + "\n"
