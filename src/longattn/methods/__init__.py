@@ -6,6 +6,8 @@ from longattn.methods import cca  # noqa: F401
 from longattn.methods import dense  # noqa: F401
 from longattn.methods import flexprefill  # noqa: F401
 from longattn.methods import hyper  # noqa: F401
+from longattn.methods import hip  # noqa: F401
+from longattn.methods import infllm  # noqa: F401
 from longattn.methods import linformer  # noqa: F401
 from longattn.methods import local  # noqa: F401
 from longattn.methods import loki  # noqa: F401
