@@ -44,9 +44,12 @@ def merge_partials(
     lse = torch.logsumexp(lse_stack, dim=0)
     finite = torch.isfinite(lse)
     safe = lse.masked_fill(~finite, 0.0)
-    out = torch.zeros(shape, dtype=acc, device=outs[0].device)
+    out = None
     for o, l in zip(outs, lse_stack):
         # exp(-inf) = 0 drops pieces that saw nothing; rows nobody saw stay 0.
-        w = torch.exp(l - safe).masked_fill(~finite, 0.0)
-        out = out + w[..., None] * o.to(acc)
+        w = torch.exp(l - safe).masked_fill_(~finite, 0.0)[..., None]
+        if out is None:
+            out = o.to(acc) * w
+        else:
+            out.addcmul_(o.to(acc), w)  # in place: long-context merges are memory-bound
     return out.to(outs[0].dtype), lse.to(lses[0].dtype if lses[0].is_floating_point() else acc)

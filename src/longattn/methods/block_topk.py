@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from longattn.core import validate
 from longattn.kernels.layout import dense_pairs
 from longattn.methods.base import Call, Capabilities, Method, Result, register
+from longattn.sparse import decode
 from longattn.sparse.kernel import sparse_attention
 from longattn.sparse.select import (
     estimated_mass_scores,
@@ -120,6 +121,9 @@ class BlockTopK(Method):
         if call.bias is not None or call.row_bias is not None:
             raise ValueError(f"method {self.name!r} does not take a score bias (its selection ignores it)")
         tq, tk = q.shape[2], k.shape[2]
+        if type(self).select is BlockTopK.select and decode.applies(
+                q, k, causal=call.causal, key_padding_mask=call.key_padding_mask, estimator=self.estimator):
+            return self._decode(q, k, v, call)
         t0 = time.perf_counter()
         selection = self.select(q, k, call)
         t1 = time.perf_counter()
@@ -131,6 +135,21 @@ class BlockTopK(Method):
         if call.want_stats:
             dense = dense_pairs(tq, tk, call.causal)
             stats["density"] = info.visible_pairs / dense if dense else 0.0
+        return Result(out, lse, "sparse", stats)
+
+
+    def _decode(self, q, k, v, call: Call) -> Result:
+        """One query over a cache: the lean path of ``longattn.sparse.decode`` (same selection and
+        result as the general one, a fraction of its per-step overhead)."""
+        t0 = time.perf_counter()
+        summaries = self._summaries(k, call)
+        out, lse, selection, n_keys = decode.decode_step(
+            q, k, v, summaries, self.estimator, scale=call.scale, n_sel=min(self.budget // self.block, summaries.n_blocks),
+            sinks=self.sinks, window=self.window)
+        stats = {"selection_s": 0.0, "kernel_s": time.perf_counter() - t0, "selected_blocks": selection.indices,
+                 "blocks_per_query_block": selection.n_sel, "path_detail": "decode"}
+        if call.want_stats:
+            stats["density"] = n_keys / k.shape[2]
         return Result(out, lse, "sparse", stats)
 
 

@@ -80,6 +80,8 @@ def sparse_attention(
     fused = fused_cpu_available(q)
     if batched_path_applies(selection, tq, tk, causal, key_padding_mask, fused):
         return _batched_sparse_attention(q, k, v, selection, scale=scale, causal=causal, count_pairs=count_pairs)
+    if fused and causal and key_padding_mask is None and selection.indices.shape[2] == 1 and tq <= tk:
+        return _single_block_attention(q, k, v, selection, scale=scale, count_pairs=count_pairs)
     # keys as token rows of one flat table (a view, no copy of the cache: decoding must not pay
     # O(cache) per step); a gather copies only the selected blocks' rows
     k_rows = k.reshape(b * hk * tk, d)
@@ -166,18 +168,43 @@ def batched_path_applies(selection: Selection, tq: int, tk: int, causal: bool, k
     return selection.q_block % selection.block == 0 and (tk - tq) % selection.block == 0
 
 
-def _blocks_of(x: torch.Tensor, n: int, size: int) -> torch.Tensor:
-    """``[B, H, T, D]`` → ``[B·n, H, size, D]``: consecutive blocks of ``size`` tokens stacked on the
-    batch axis (zero-padded at the end)."""
+def _group_blocks(x: torch.Tensor, a: int, z: int, size: int, n: int) -> torch.Tensor:
+    """Blocks ``a … z-1`` of ``size`` tokens of ``x [B, H, T, D]`` (``n`` blocks in all, the last
+    zero-padded) → ``[B·(z−a), H, size, D]``, stacked on the batch axis."""
     b, h, t, d = x.shape
-    pad = n * size - t
+    lo, hi = a * size, min(z * size, t)
+    piece = x[:, :, lo:hi]
+    pad = (z - a) * size - (hi - lo)
+    if b == 1 and not pad and x.stride(-1) == 1 and x.stride(-2) == d:
+        # a strided view, no copy (the fused kernel reads strides)
+        return piece.unflatten(2, (z - a, size)).squeeze(0).transpose(0, 1)
     if pad:
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-    return x.view(b, h, n, size, d).transpose(1, 2).reshape(b * n, h, size, d)
+        piece = torch.nn.functional.pad(piece, (0, 0, 0, pad))
+    return piece.reshape(b, h, z - a, size, d).transpose(1, 2).reshape(b * (z - a), h, size, d)
+
+
+def _merge_two_(o1, l1, o2, l2):
+    """In-place exact merge of two partial results (``o1``/``l1`` are overwritten and returned);
+    rows neither part saw stay 0 with LSE −inf."""
+    m = torch.maximum(l1, l2)
+    safe = m.masked_fill(torch.isneginf(m), 0.0)
+    w1 = torch.exp(l1 - safe)
+    w2 = torch.exp(l2 - safe)
+    total = w1 + w2
+    l1.copy_(safe + torch.log(total))
+    total.masked_fill_(total == 0, 1.0)
+    o1.mul_((w1 / total)[..., None]).addcmul_(o2, (w2 / total)[..., None])
+    return o1, l1
 
 
 def _batched_sparse_attention(q, k, v, selection: Selection, *, scale: float, causal: bool, count_pairs: bool):
-    """``sparse_attention`` with all query blocks batched (see the module docstring)."""
+    """``sparse_attention`` with query blocks batched (see the module docstring).
+
+    Query blocks go in groups; per group, (1) under causality one fused causal call runs every
+    block's own square of keys, (2) the group's past blocks are gathered into buffers reused
+    across groups (fresh multi-MB allocations cost more in page faults than the copy itself) and
+    attended in one fused call, (3) the two merge in place and land in the output, while the
+    group's data is still in cache."""
     b, hq, tq, d = q.shape
     hk, tk = k.shape[1], k.shape[2]
     g = hq // hk
@@ -187,83 +214,135 @@ def _batched_sparse_attention(q, k, v, selection: Selection, *, scale: float, ca
     off = tk - tq
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     info = SparseInfo()
-    q_blocks = _blocks_of(q, n_qb, qbs)  # [B·n_qb, Hq, qbs, D]
-    pieces_o, pieces_l = [], []
     idx = selection.indices  # [B, Hq, n_qb, n_sel]
+    rows_per_qb = torch.clamp(tq - torch.arange(n_qb, device=q.device) * qbs, max=qbs).double()
     if causal:
-        # the present part: each query block against its own square of keys, causal (GQA native)
-        o_d, l_d = op(q_blocks, _blocks_of(k[:, :, off:], n_qb, qbs), _blocks_of(v[:, :, off:], n_qb, qbs),
-                      0.0, True, scale=scale)
-        pieces_o.append(o_d)
-        pieces_l.append(l_d)
         first_key_block = (off + torch.arange(n_qb, device=q.device) * qbs) // bs  # [n_qb]
         past = idx.masked_fill(idx >= first_key_block.view(1, 1, n_qb, 1), -1)
         if count_pairs:
-            rows = torch.clamp(tq - torch.arange(n_qb, device=q.device) * qbs, max=qbs).double()
-            info.visible_pairs += float((rows * (rows + 1) / 2).sum())
+            info.visible_pairs += float((rows_per_qb * (rows_per_qb + 1) / 2).sum())
     else:
         past = idx
-    valid = past >= 0
-    n_valid = valid.sum(-1)  # [B, Hq, n_qb]
+    n_valid = (past >= 0).sum(-1)  # [B, Hq, n_qb]
     if count_pairs:
-        rows = torch.clamp(tq - torch.arange(n_qb, device=q.device) * qbs, max=qbs).double()
-        key_counts = _valid_key_counts(past, bs, tk)  # [B, Hq, n_qb]
-        info.visible_pairs += float((key_counts * rows).sum()) / (b * hq)
-    if int(n_valid.max()) > 0:
-        # valid slots first, so a group needs only as many slots as its fullest query block
-        past = past.sort(-1, descending=True).values
-        k_table = torch.nn.functional.pad(k, (0, 0, 0, n_blocks * bs - tk)).reshape(b * hk * n_blocks, bs * d)
-        v_table = torch.nn.functional.pad(v, (0, 0, 0, n_blocks * bs - tk)).reshape(b * hk * n_blocks, bs * d)
-        row0 = (torch.arange(b * hk, device=q.device).view(b, hk) * n_blocks).repeat_interleave(g, dim=1)
-        o_p = torch.zeros(b, n_qb, hq, qbs, d, dtype=torch.float32, device=q.device)
-        l_p = torch.full((b, n_qb, hq, qbs), -math.inf, dtype=torch.float32, device=q.device)
-        q_view = q_blocks.view(b, n_qb, hq, qbs, d)
-        per_group = max(1, GATHER_KEYS // max(1, selection.n_sel * bs))
-        for a in range(0, n_qb, per_group):
-            z = min(a + per_group, n_qb)
-            n = int(n_valid[:, :, a:z].max())
-            if n == 0:
-                continue
+        info.visible_pairs += float((_valid_key_counts(past, bs, tk) * rows_per_qb).sum()) / (b * hq)
+    # valid slots first, so a group needs only as many slots as its fullest query block
+    past = past.sort(-1, descending=True).values
+    n_max = int(n_valid.max())
+    pad_k = n_blocks * bs - tk
+    k_table = (torch.nn.functional.pad(k, (0, 0, 0, pad_k)) if pad_k else k).reshape(b * hk * n_blocks, bs * d)
+    v_table = (torch.nn.functional.pad(v, (0, 0, 0, pad_k)) if pad_k else v).reshape(b * hk * n_blocks, bs * d)
+    row0 = (torch.arange(b * hk, device=q.device).view(b, hk) * n_blocks).repeat_interleave(g, dim=1)
+    per_group = max(1, GATHER_KEYS // max(1, selection.n_sel * bs))
+    k_buf = v_buf = None
+    if n_max:
+        k_buf = torch.empty(b * per_group * hq * n_max * bs * d, dtype=torch.float32, device=q.device)
+        v_buf = torch.empty_like(k_buf)
+    out = torch.empty(b, hq, n_qb * qbs, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, n_qb * qbs, dtype=torch.float32, device=q.device)
+    for a in range(0, n_qb, per_group):
+        z = min(a + per_group, n_qb)
+        m = z - a
+        q_g = _group_blocks(q, a, z, qbs, n_qb)  # [B·m, Hq, qbs, D]
+        o_run = l_run = None
+        if causal:
+            # each query block against its own square of keys, causal (GQA native)
+            k_sq = _group_blocks(k[:, :, off:], a, z, qbs, n_qb)
+            v_sq = _group_blocks(v[:, :, off:], a, z, qbs, n_qb)
+            o_run, l_run = op(q_g, k_sq, v_sq, 0.0, True, scale=scale)
+        n = int(n_valid[:, :, a:z].max()) if n_max else 0
+        if n:
             sel = past[:, :, a:z, :n]  # [B, Hq, m, n]
             ok = sel >= 0
             rows_ = (row0[:, :, None, None] + sel.clamp_min(0)).permute(0, 2, 1, 3).reshape(-1)
-            m = z - a
-            k_sel = k_table.index_select(0, rows_).view(b * m, hq, n * bs, d)
-            v_sel = v_table.index_select(0, rows_).view(b * m, hq, n * bs, d)
+            size = rows_.numel() * bs * d
+            k_sel = torch.index_select(k_table, 0, rows_, out=k_buf[:size].view(-1, bs * d)).view(b * m, hq, n * bs, d)
+            v_sel = torch.index_select(v_table, 0, rows_, out=v_buf[:size].view(-1, bs * d)).view(b * m, hq, n * bs, d)
+            hidden = ~ok
+            if pad_k:
+                # the last key block runs past tk: its padding must be hidden too
+                tail = (sel == n_blocks - 1)[..., None] & (torch.arange(bs, device=q.device) >= bs - pad_k)
+                hidden = hidden[..., None] | tail
+            else:
+                hidden = hidden[..., None].expand(-1, -1, -1, -1, bs)
             mask = None
-            alive = None
-            if not bool(ok.all()):
-                hidden = ~ok.permute(0, 2, 1, 3)  # [B, m, Hq, n]
-                mask = torch.zeros(b, m, hq, 1, n, bs, device=q.device).masked_fill_(hidden[:, :, :, None, :, None], -math.inf)
-                mask = mask.view(b * m, hq, 1, n * bs)
-                alive = ok.any(-1).permute(0, 2, 1)  # [B, m, Hq]
-            # the last key block may run past tk: its padding must be hidden too
-            if n_blocks * bs != tk and bool((sel == n_blocks - 1).any()):
-                tail = (sel == n_blocks - 1).permute(0, 2, 1, 3)[..., None] & (
-                    torch.arange(bs, device=q.device) >= tk - (n_blocks - 1) * bs)
-                if mask is None:
-                    mask = torch.zeros(b, m, hq, 1, n, bs, device=q.device)
-                    alive = torch.ones(b, m, hq, dtype=torch.bool, device=q.device)
-                mask = mask.view(b, m, hq, 1, n, bs).masked_fill_(tail[:, :, :, None], -math.inf).view(b * m, hq, 1, n * bs)
-            o_c, l_c = op(q_view[:, a:z].reshape(b * m, hq, qbs, d), k_sel, v_sel, 0.0, False, attn_mask=mask, scale=scale)
-            o_c, l_c = o_c.view(b, m, hq, qbs, d), l_c.view(b, m, hq, qbs)
-            if alive is not None:
-                o_c = o_c.masked_fill(~alive[..., None, None], 0.0)
-                l_c = l_c.masked_fill(~alive[..., None], -math.inf)
-            o_p[:, a:z] = o_c
-            l_p[:, a:z] = l_c
-        pieces_o.append(o_p.view(b * n_qb, hq, qbs, d))
-        pieces_l.append(l_p.view(b * n_qb, hq, qbs))
-    if len(pieces_o) == 1:
-        o_all, l_all = pieces_o[0], pieces_l[0].float()
-    else:
-        o_all, l_all = merge_partials(pieces_o, [x.float() for x in pieces_l])
-    out = o_all.view(b, n_qb, hq, qbs, d).transpose(1, 2).reshape(b, hq, n_qb * qbs, d)[:, :, :tq]
-    lse = l_all.view(b, n_qb, hq, qbs).transpose(1, 2).reshape(b, hq, n_qb * qbs)[:, :, :tq]
-    return out.contiguous(), lse.contiguous(), info
+            if bool(hidden.any()):
+                mask = torch.zeros(hidden.shape, device=q.device).masked_fill_(hidden, -math.inf)
+                mask = mask.permute(0, 2, 1, 3, 4).reshape(b * m, hq, 1, n * bs)
+            o_p, l_p = op(q_g, k_sel, v_sel, 0.0, False, attn_mask=mask, scale=scale)
+            if mask is not None:
+                dead = ~ok.any(-1).permute(0, 2, 1).reshape(b * m, hq)
+                if bool(dead.any()):
+                    o_p.masked_fill_(dead[..., None, None], 0.0)
+                    l_p.masked_fill_(dead[..., None], -math.inf)
+            if o_run is None:
+                o_run, l_run = o_p, l_p
+            else:
+                o_run, l_run = _merge_two_(o_run, l_run, o_p, l_p)
+        if o_run is None:  # non-causal group with nothing selected
+            out.view(b, hq, n_qb, qbs, d)[:, :, a:z] = 0.0
+            lse.view(b, hq, n_qb, qbs)[:, :, a:z] = -math.inf
+            continue
+        out.view(b, hq, n_qb, qbs, d)[:, :, a:z] = o_run.view(b, m, hq, qbs, d).transpose(1, 2)
+        lse.view(b, hq, n_qb, qbs)[:, :, a:z] = l_run.view(b, m, hq, qbs).transpose(1, 2)
+    if n_qb * qbs != tq:
+        out, lse = out[:, :, :tq].contiguous(), lse[:, :, :tq].contiguous()
+    return out, lse, info
 
 
 def _valid_key_counts(past: torch.Tensor, bs: int, tk: int) -> torch.Tensor:
     """Keys in the valid blocks of ``past [B, Hq, n_qb, n]`` (the last block may be short)."""
     sizes = torch.clamp(tk - past.clamp_min(0) * bs, max=bs)
     return torch.where(past >= 0, sizes, 0).sum(-1).double()
+
+
+def _single_block_attention(q, k, v, selection: Selection, *, scale: float, count_pairs: bool):
+    """Causal ``sparse_attention`` for one query block (decoding): the selected past blocks and the
+    present keys are gathered into one key set and attended in a single fused call, without a
+    mask when a single query sees all of them. Per step this touches only the selected keys, so
+    its cost does not grow with the cache."""
+    b, hq, tq, d = q.shape
+    hk, tk = k.shape[1], k.shape[2]
+    g = hq // hk
+    bs = selection.block
+    off = tk - tq
+    present_start = (off // bs) * bs
+    idx = selection.indices[:, :, 0]  # [B, Hq, n_sel]
+    past = idx.masked_fill(idx * bs >= present_start, -1)  # whole blocks before the present part
+    n = int((past >= 0).sum(-1).max())
+    info = SparseInfo()
+    hidden = None
+    # keys as token rows of a view of the cache; one gather per tensor collects the selected past
+    # blocks and the present keys together (no concatenation, nothing else of the cache copied)
+    head_row = (torch.arange(b * hk, device=q.device).view(b, hk) * tk).repeat_interleave(g, dim=1)[..., None]
+    now_rows = head_row + torch.arange(present_start, tk, device=q.device)  # [B, Hq, n_now]
+    if n:
+        past = past.sort(-1, descending=True).values[..., :n]  # valid slots first
+        past_rows = (head_row[..., None] + (past.clamp_min(0) * bs)[..., None]
+                     + torch.arange(bs, device=q.device)).flatten(-2)  # [B, Hq, n·bs]
+        rows = torch.cat([past_rows, now_rows], dim=-1)
+        if bool((past < 0).any()):
+            hidden = (past < 0)[..., None].expand(b, hq, n, bs).reshape(b, hq, 1, n * bs)
+        if count_pairs:
+            info.visible_pairs += float((past >= 0).sum()) * bs * tq / (b * hq)
+    else:
+        rows = now_rows
+    n_keys = rows.shape[-1]
+    keys = k.reshape(b * hk * tk, d).index_select(0, rows.flatten()).view(b, hq, n_keys, d)
+    values = v.reshape(b * hk * tk, d).index_select(0, rows.flatten()).view(b, hq, n_keys, d)
+    n_now = tk - present_start
+    q_pos = torch.arange(off, tk, device=q.device)[:, None]
+    now_visible = torch.arange(present_start, tk, device=q.device)[None, :] <= q_pos  # [tq, n_now]
+    if count_pairs:
+        info.visible_pairs += float(now_visible.sum())
+    mask = None
+    if hidden is not None or not bool(now_visible.all()):
+        bm, hm = (b, hq) if hidden is not None else (1, 1)
+        vis_now = now_visible[None, None].expand(bm, hm, tq, n_now)
+        if n:
+            vis_past = ~hidden if hidden is not None else torch.ones(1, 1, 1, n * bs, dtype=torch.bool, device=q.device)
+            vis_now = torch.cat([vis_past.expand(bm, hm, tq, n * bs), vis_now], dim=-1)
+        mask = torch.zeros(vis_now.shape, device=q.device).masked_fill_(~vis_now, -math.inf)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, False,
+                                                                          attn_mask=mask, scale=scale)
+    return out, lse.float(), info

@@ -34,7 +34,12 @@ class BlockSummaries:
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.sums / self.count.clamp_min(1).view(1, 1, -1, 1).to(self.sums.dtype)
+        # cached: a decode step scores against it every token; append() invalidates it
+        cached = self.__dict__.get("_mean")
+        if cached is None or cached[0] != self.tokens:
+            cached = (self.tokens, self.sums / self.count.clamp_min(1).view(1, 1, -1, 1).to(self.sums.dtype))
+            self.__dict__["_mean"] = cached
+        return cached[1]
 
     @classmethod
     def build(cls, k: torch.Tensor, block: int) -> "BlockSummaries":

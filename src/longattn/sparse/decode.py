@@ -1,0 +1,90 @@
+"""One decoding step of block retrieval with as few tensor operations as possible.
+
+A single new query over a long cache costs little arithmetic — scoring one row of block
+summaries, a gather of ``budget`` keys, one fused attention call — so the general selector and
+kernel (built for many query blocks) spend most of a step in Python and small-op overhead. This
+path computes the same thing for the common decoding case (one query, causal, no key padding, a
+linear block estimator and full key blocks outside the forced ones):
+
+* forced blocks: the sink blocks at the start and the local window's blocks at the end (which
+  include the query's own block) — the same rule as ``select.forced_block_grid``;
+* the remaining slots go to the highest-scoring blocks in between; for one query the top-k of its
+  per-block estimates equals the top-k of their softmax, which the general path ranks by;
+* one gather of token rows (sinks, chosen blocks, window) and one fused call without a mask.
+
+``tests/test_sparse_decode.py`` checks it against ``select_blocks`` + ``sparse_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from longattn.sparse.select import BlockEstimator, Selection
+from longattn.sparse.summaries import BlockSummaries
+
+
+def forced_ranges(tokens_k: int, block: int, sinks: int, window: int) -> tuple[int, int]:
+    """``(n_sink_blocks, first_window_block)``: blocks ``[0, n_sink)`` and ``[first_window, n)``
+    are always kept for a query at position ``tokens_k - 1``."""
+    n = math.ceil(tokens_k / block)
+    last = tokens_k - 1
+    first_window = last // block
+    if window > 0:
+        # blocks whose last key is within the window: j·block + block − 1 ≥ last − window + 1
+        first_window = min(first_window, max(0, math.ceil((last - window + 2 - block) / block)))
+    n_sink = min(math.ceil(sinks / block), n)
+    return n_sink, max(first_window, n_sink)
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, *, causal: bool, key_padding_mask, estimator) -> bool:
+    return (q.shape[2] == 1 and causal and key_padding_mask is None and estimator is not None
+            and q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
+
+
+def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summaries: BlockSummaries,
+                estimator: BlockEstimator, *, scale: float, n_sel: int, sinks: int, window: int):
+    """Attention of one query ``q [B, Hq, 1, D]`` over ``k, v [B, Hkv, T, D]`` through the blocks
+    a block-top-k selector keeps. Returns ``(out, lse, selection, visible_keys)`` where
+    ``visible_keys`` is the number of keys attended per head."""
+    b, hq, _, d = q.shape
+    hk, tk = k.shape[1], k.shape[2]
+    g = hq // hk
+    bs = summaries.block
+    n = summaries.n_blocks
+    n_sink, w0 = forced_ranges(tk, bs, sinks, window)
+    free = n_sel - n_sink - (n - w0)
+    candidates = w0 - n_sink
+    head_row = (torch.arange(b * hk, device=q.device).view(b, hk) * tk).repeat_interleave(g, dim=1)[..., None]
+    sink_rows = torch.arange(0, n_sink * bs, device=q.device)
+    window_rows = torch.arange(w0 * bs, tk, device=q.device)
+    if free <= 0 or candidates <= 0:
+        chosen = torch.empty(b, hq, 0, dtype=torch.long, device=q.device)
+    elif candidates > free:
+        est = estimator(q, summaries, scale)[:, :, 0, n_sink:w0]  # [B, Hq, candidates]
+        chosen = est.topk(free, dim=-1).indices + n_sink  # [B, Hq, free]
+    else:  # every block fits: the step is dense
+        chosen = torch.arange(n_sink, w0, device=q.device).expand(b, hq, -1)
+    chosen_rows = ((chosen * bs)[..., None] + torch.arange(bs, device=q.device)).flatten(-2)
+    rows = torch.cat([sink_rows.expand(b, hq, -1), chosen_rows, window_rows.expand(b, hq, -1)], dim=-1)
+    rows = (rows + head_row).flatten()
+    n_keys = rows.numel() // (b * hq)
+    k_buf, v_buf = _workspace(summaries, rows.numel() * d, q.device)
+    keys = torch.index_select(k.reshape(b * hk * tk, d), 0, rows, out=k_buf.view(-1, d)).view(b, hq, n_keys, d)
+    values = torch.index_select(v.reshape(b * hk * tk, d), 0, rows, out=v_buf.view(-1, d)).view(b, hq, n_keys, d)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, False, scale=scale)
+    forced_lo = torch.arange(n_sink, device=q.device).expand(b, hq, -1)
+    forced_hi = torch.arange(w0, n, device=q.device).expand(b, hq, -1)
+    indices = torch.cat([forced_lo, chosen, forced_hi], dim=-1).sort(-1).values
+    return out, lse.float(), Selection(indices[:, :, None], 1, bs), n_keys
+
+
+def _workspace(summaries: BlockSummaries, numel: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather buffers kept with the cache's summaries and reused every step: a fresh multi-MB
+    allocation per step costs page faults comparable to the gather itself."""
+    ws = summaries.__dict__.get("_decode_workspace")
+    if ws is None or ws[0].numel() < numel or ws[0].device != device:
+        ws = (torch.empty(numel, dtype=torch.float32, device=device), torch.empty(numel, dtype=torch.float32, device=device))
+        summaries.__dict__["_decode_workspace"] = ws
+    return ws[0][:numel], ws[1][:numel]
