@@ -36,12 +36,13 @@ def test_recall_is_exp_lse_gap_and_oracle_is_the_upper_bound():
 
 
 def test_suite_writes_results_and_report(tmp_path, monkeypatch):
-    res = sparse.run_sparse_suite(tmp_path, lengths=[512], methods=["block_oracle", "streaming"], seed=2)
+    res = sparse.run_sparse_suite(tmp_path, lengths=[512], methods=["block_oracle", "streaming"], seed=2,
+                                  parts=("accuracy",))
     data = json.loads((tmp_path / "results.json").read_text())
     assert {r["method"] for r in data["records"]} == {"block_oracle", "streaming"}
     assert "| block_oracle |" in (tmp_path / "report.md").read_text()
     with pytest.raises(ValueError, match="unknown method"):
-        sparse.run_sparse_suite(tmp_path, lengths=[512], methods=["nope"])
+        sparse.run_sparse_suite(tmp_path, lengths=[512], methods=["nope"], parts=("accuracy",))
     assert res["tokens"] == 512
 
 

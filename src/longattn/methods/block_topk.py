@@ -100,6 +100,9 @@ class BlockTopK(Method):
 
     #: the estimator behind ``block_scores``, for pooled scoring (None: the method cannot pool)
     estimator = None
+    #: one-query steps may take ``longattn.sparse.decode`` (methods scoring ``BlockSummaries``
+    #: with ``estimator`` through the default selector)
+    lean_decode = False
 
     def pooled_scores(self, q, k, scale, causal, summaries):
         if self.estimator is None:
@@ -121,7 +124,7 @@ class BlockTopK(Method):
         if call.bias is not None or call.row_bias is not None:
             raise ValueError(f"method {self.name!r} does not take a score bias (its selection ignores it)")
         tq, tk = q.shape[2], k.shape[2]
-        if type(self).select is BlockTopK.select and decode.applies(
+        if self.lean_decode and decode.applies(
                 q, k, causal=call.causal, key_padding_mask=call.key_padding_mask, estimator=self.estimator):
             return self._decode(q, k, v, call)
         t0 = time.perf_counter()
@@ -170,6 +173,7 @@ class Landmark(BlockTopK):
     capabilities = _caps("Mohtashami & Jaggi 2023, Landmark Attention", "O(N²/block) scoring + O(N·budget)")
 
     estimator = staticmethod(mean_key_estimate)
+    lean_decode = True
 
     def block_scores(self, q, k, scale, causal, summaries=None):
         return estimated_mass_scores(q, summaries, mean_key_estimate, scale, causal)
@@ -186,6 +190,7 @@ class Quest(BlockTopK):
     capabilities = _caps("Tang et al. 2024, Quest", "O(N²/block) scoring + O(N·budget)")
 
     estimator = staticmethod(quest_bound_estimate)
+    lean_decode = True
 
     def block_scores(self, q, k, scale, causal, summaries=None):
         return estimated_mass_scores(q, summaries, quest_bound_estimate, scale, causal)
