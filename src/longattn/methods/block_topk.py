@@ -148,11 +148,12 @@ class BlockTopK(Method):
         summaries = self._summaries(k, call)
         out, lse, selection, n_keys = decode.decode_step(
             q, k, v, summaries, self.estimator, scale=call.scale, n_sel=min(self.budget // self.block, summaries.n_blocks),
-            sinks=self.sinks, window=self.window)
-        stats = {"selection_s": 0.0, "kernel_s": time.perf_counter() - t0, "selected_blocks": selection.indices,
-                 "blocks_per_query_block": selection.n_sel, "path_detail": "decode"}
+            sinks=self.sinks, window=self.window, want_selection=call.want_stats)
+        # selection and attention interleave in this path: the whole step is reported as kernel time
+        stats = {"selection_s": 0.0, "kernel_s": time.perf_counter() - t0, "path_detail": "decode"}
         if call.want_stats:
-            stats["density"] = n_keys / k.shape[2]
+            stats.update(selected_blocks=selection.indices, blocks_per_query_block=selection.n_sel,
+                         density=n_keys / k.shape[2])
         return Result(out, lse, "sparse", stats)
 
 

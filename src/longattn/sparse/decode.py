@@ -44,10 +44,12 @@ def applies(q: torch.Tensor, k: torch.Tensor, *, causal: bool, key_padding_mask,
 
 
 def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summaries: BlockSummaries,
-                estimator: BlockEstimator, *, scale: float, n_sel: int, sinks: int, window: int):
+                estimator: BlockEstimator, *, scale: float, n_sel: int, sinks: int, window: int,
+                want_selection: bool = True):
     """Attention of one query ``q [B, Hq, 1, D]`` over ``k, v [B, Hkv, T, D]`` through the blocks
     a block-top-k selector keeps. Returns ``(out, lse, selection, visible_keys)`` where
-    ``visible_keys`` is the number of keys attended per head."""
+    ``visible_keys`` is the number of keys attended per head; ``selection`` is None unless
+    ``want_selection`` (building it costs a sort per step)."""
     b, hq, _, d = q.shape
     hk, tk = k.shape[1], k.shape[2]
     g = hq // hk
@@ -74,6 +76,8 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summaries: Bl
     keys = torch.index_select(k.reshape(b * hk * tk, d), 0, rows, out=k_buf.view(-1, d)).view(b, hq, n_keys, d)
     values = torch.index_select(v.reshape(b * hk * tk, d), 0, rows, out=v_buf.view(-1, d)).view(b, hq, n_keys, d)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, False, scale=scale)
+    if not want_selection:
+        return out, lse.float(), None, n_keys
     forced_lo = torch.arange(n_sink, device=q.device).expand(b, hq, -1)
     forced_hi = torch.arange(w0, n, device=q.device).expand(b, hq, -1)
     indices = torch.cat([forced_lo, chosen, forced_hi], dim=-1).sort(-1).values
