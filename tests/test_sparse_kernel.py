@@ -9,7 +9,7 @@ import torch
 
 import longattn.sparse.kernel as kernel
 from longattn.sparse.select import Selection
-from conftest import assert_close_to_oracle
+from conftest import assert_close_to_oracle, make_qkv
 
 
 def random_selection(g, b, hq, tq, tk, q_block, block, n_sel, causal):
@@ -81,3 +81,36 @@ def longattn_reference(q, k, v, vis):
     import longattn
 
     return longattn.reference_attention(q, k, v, scale=0.3, mask=vis)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flex_backend_runs_the_same_selection(causal):
+    """Compiled FlexAttention over a selection's block mask equals the gather kernel."""
+    from longattn.kernels.flex import flex_unavailable_reason
+
+    if flex_unavailable_reason() is not None:
+        pytest.skip(flex_unavailable_reason())
+    import longattn
+
+    q, k, v = make_qkv(b=1, hq=4, hk=2, tq=256, tk=256, d=16, seed=11)
+    common = dict(budget=128, block=32, q_block=32, sinks=32, window=0)
+    ref, st_ref = longattn.attention(q, k, v, causal=causal, method=longattn.method("landmark", **common), return_stats=True)
+    out, st = longattn.attention(q, k, v, causal=causal, method=longattn.method("landmark", backend="flex", **common),
+                                 return_stats=True)
+    assert st.path == "flex" and st_ref.path == "sparse"
+    assert torch.equal(st.extra["selected_blocks"], st_ref.extra["selected_blocks"])
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert st.density == pytest.approx(st_ref.density)
+
+
+def test_flex_backend_refuses_what_it_cannot_do():
+    import longattn
+
+    with pytest.raises(ValueError, match="q_block == block"):
+        longattn.method("quest", backend="flex", block=32, q_block=64, budget=256)
+    with pytest.raises(ValueError, match="backend must be"):
+        longattn.method("quest", backend="cuda")
+    q, k, v = make_qkv(b=1, hq=2, hk=2, tq=64, tk=64, d=8)
+    m = longattn.method("quest", backend="flex", block=16, q_block=16, budget=64, sinks=16, window=0)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        longattn.attention(q, k, v, causal=True, method=m, key_padding_mask=torch.ones(1, 64, dtype=torch.bool))

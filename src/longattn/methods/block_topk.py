@@ -17,10 +17,12 @@ import time
 from dataclasses import dataclass
 
 from longattn.core import validate
-from longattn.kernels.layout import dense_pairs
+from longattn.core.masks import Causal
+from longattn.kernels import flex
+from longattn.kernels.layout import count_allowed_pairs, dense_pairs
 from longattn.methods.base import Call, Capabilities, Method, Result, register
 from longattn.sparse import decode
-from longattn.sparse.kernel import sparse_attention
+from longattn.sparse.kernel import selection_layout, sparse_attention
 from longattn.sparse.select import (
     estimated_mass_scores,
     mean_key_estimate,
@@ -44,6 +46,10 @@ class BlockTopK(Method):
         pooled: score each query block once with its mean query (``pooled_query_scores``), about
             ``q_block`` times cheaper than summing per-query estimates and a little less accurate;
             used for long prefill, where per-query scoring would cost as much as the attention.
+        backend: ``"gather"`` — the exact gather kernel (``longattn.sparse.kernel``, returns the
+            LSE); ``"flex"`` — compiled FlexAttention over the selection's block mask (needs
+            ``q_block == block``, no key padding; on CPU torch gives no LSE, and one compile per
+            length). On this CPU the gather kernel was as fast; FlexAttention is the path for GPUs.
 
     Causality: each query attends only to keys at or before it (the kernel masks per token), and
     a query block's selection never depends on keys after its last query. Because the block's
@@ -58,6 +64,7 @@ class BlockTopK(Method):
     sinks: int = 64
     window: int = 256
     pooled: bool = False
+    backend: str = "gather"
 
     def __post_init__(self) -> None:
         validate.check_positive_int("budget", self.budget)
@@ -65,6 +72,11 @@ class BlockTopK(Method):
         validate.check_positive_int("q_block", self.q_block)
         validate.check_positive_int("sinks", self.sinks, allow_zero=True)
         validate.check_positive_int("window", self.window, allow_zero=True)
+        if self.backend not in ("gather", "flex"):
+            raise ValueError(f"backend must be 'gather' or 'flex', got {self.backend!r}")
+        if self.backend == "flex" and self.q_block != self.block:
+            raise ValueError(f"backend='flex' needs q_block == block (one block size in the block mask), got "
+                             f"q_block={self.q_block}, block={self.block}")
         if self.pooled and self.estimator is None:
             raise ValueError(f"pooled=True needs a block estimator, which method {self.name!r} does not have")
         need = self.forced_blocks_max() + 1
@@ -124,6 +136,8 @@ class BlockTopK(Method):
         if call.bias is not None or call.row_bias is not None:
             raise ValueError(f"method {self.name!r} does not take a score bias (its selection ignores it)")
         tq, tk = q.shape[2], k.shape[2]
+        if self.backend == "flex":
+            return self._run_flex(q, k, v, call)
         if self.lean_decode and decode.applies(
                 q, k, causal=call.causal, key_padding_mask=call.key_padding_mask, estimator=self.estimator):
             return self._decode(q, k, v, call)
@@ -140,6 +154,27 @@ class BlockTopK(Method):
             stats["density"] = info.visible_pairs / dense if dense else 0.0
         return Result(out, lse, "sparse", stats)
 
+
+    def _run_flex(self, q, k, v, call: Call) -> Result:
+        if call.key_padding_mask is not None:
+            raise ValueError(f"method {self.name!r} with backend='flex' does not take key_padding_mask; use backend='gather'")
+        reason = flex.flex_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"{self.name}: backend='flex' was requested but cannot run: {reason}")
+        tq, tk = q.shape[2], k.shape[2]
+        t0 = time.perf_counter()
+        selection = self.select(q, k, call)
+        layout = selection_layout(selection, tq, tk, call.causal)
+        mask = Causal() if call.causal else None
+        t1 = time.perf_counter()
+        out, lse = flex.flex_attention_path(q, k, v, scale=call.scale, layout=layout, mask=mask)
+        t2 = time.perf_counter()
+        stats = {"selection_s": t1 - t0, "kernel_s": t2 - t1, "selected_blocks": selection.indices,
+                 "blocks_per_query_block": selection.n_sel}
+        if call.want_stats:
+            dense = dense_pairs(tq, tk, call.causal)
+            stats["density"] = count_allowed_pairs(mask, layout, q.shape[0], q.shape[1]) / dense if dense else 0.0
+        return Result(out, lse, "flex", stats)
 
     def _decode(self, q, k, v, call: Call) -> Result:
         """One query over a cache: the lean path of ``longattn.sparse.decode`` (same selection and

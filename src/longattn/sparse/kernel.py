@@ -346,3 +346,28 @@ def _single_block_attention(q, k, v, selection: Selection, *, scale: float, coun
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, False,
                                                                           attn_mask=mask, scale=scale)
     return out, lse.float(), info
+
+
+def selection_layout(selection: Selection, tokens_q: int, tokens_k: int, causal: bool):
+    """The ``BlockLayout`` of a selection (query blocks the size of key blocks), for kernels that
+    take layouts — compiled FlexAttention: selected blocks are ``any``; those every query of the
+    block sees entirely are ``all`` (full), the rest partial (the causal mask applies there)."""
+    from longattn.kernels.layout import BlockLayout
+
+    bs = selection.block
+    if selection.q_block != bs:
+        raise ValueError(f"a block layout needs query blocks the size of key blocks, got q_block={selection.q_block} "
+                         f"and block={bs}")
+    idx = selection.indices
+    b, hq, n_qb, _ = idx.shape
+    n_kb = math.ceil(tokens_k / bs)
+    any_ = torch.zeros(b, hq, n_qb, n_kb + 1, dtype=torch.bool, device=idx.device)
+    any_.scatter_(-1, idx.masked_fill(idx < 0, n_kb), True)  # unused slots land in a dropped column
+    any_ = any_[..., :n_kb]
+    if causal:
+        first_q = torch.arange(n_qb, device=idx.device) * bs + (tokens_k - tokens_q)
+        last_k = torch.clamp(torch.arange(n_kb, device=idx.device) * bs + bs - 1, max=tokens_k - 1)
+        full = any_ & (last_k[None, :] <= first_q[:, None])
+    else:
+        full = any_
+    return BlockLayout(block=bs, tokens_q=tokens_q, tokens_k=tokens_k, any=any_, all=full)
