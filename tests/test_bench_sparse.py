@@ -52,7 +52,7 @@ def test_speed_parts_run_small_and_report(tmp_path):
     assert p["tokens"] == 2048 and p["sdpa"]["median_s"] > 0
     for r in p["records"]:
         assert r["finite"] and r["ratio_to_sdpa"] > 0 and 0 < r["density"] < 0.5, r
-    blocks = [r for r in p["records"] if r["registry_name"] in ("landmark", "quest")]
+    blocks = [r for r in p["records"] if r["registry_name"] in ("landmark", "quest", "infllm", "hip")]
     assert all(abs(r["density"] - blocks[0]["density"]) < 1e-9 for r in blocks)  # same budget, same density
     assert [r["method"] for r in d["records"]] == ["landmark", "quest"]
     for r in d["records"]:

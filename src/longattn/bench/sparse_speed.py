@@ -91,11 +91,17 @@ def budget_for_density(tokens: int, density: float, block: int = PREFILL_BLOCK, 
 
 
 def prefill_methods(budget: int, block: int = PREFILL_BLOCK, q_block: int = PREFILL_Q_BLOCK) -> dict[str, Any]:
-    """The methods timed in long prefill, all at the same budget and blocks."""
+    """The methods timed in long prefill, all at the same budget and blocks (FlexPrefill's γ may
+    stop below it). Token-level methods (TokenSelect, Loki, MInference's eager kernel, Routing)
+    score every key for every query — dense cost — so they are not timed here."""
     common = dict(budget=budget, block=block, q_block=q_block, sinks=block, window=0)
     return {
         "landmark (pooled)": longattn.method("landmark", pooled=True, **common),
         "quest (pooled)": longattn.method("quest", pooled=True, **common),
+        "infllm (pooled)": longattn.method("infllm", pooled=True, **common),
+        "hip": longattn.method("hip", **common),
+        "flexprefill": longattn.method("flexprefill", **common),
+        "longheads": longattn.method("longheads", window=budget, chunk=block, local=0),
         "landmark": longattn.method("landmark", **common),
         "quest": longattn.method("quest", **common),
         "streaming": longattn.method("streaming", sinks=block, window=budget - block, backend="tiled"),
