@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from longattn.kernels.eager import attend_scores
 from longattn.core import validate
 from longattn.core.merge import merge_partials
 from longattn.kernels.layout import dense_pairs
@@ -114,7 +115,7 @@ class CCA(Method):
             if pad is not None:
                 local = local & pad[:, None, None, a:z]
             s = (s * call.scale).masked_fill(~local, -math.inf)
-            o_loc, l_loc = _softmax(s, v[:, :, a:z], b, hk, g, m, d)
+            o_loc, l_loc = attend_scores(s, v[:, :, a:z])
             # core tokens of the groups wholly outside the local range
             seen = g_end[None, :] < lo[:, None]
             if not call.causal:
@@ -161,9 +162,3 @@ class CCA(Method):
         core_v = torch.einsum("bhgnt,bhntd->bhgnd", w, vg).reshape(b, hq, n_groups, d)
         return core_k, core_v, torch.log(real.sum(-1).to(torch.float32))
 
-
-def _softmax(s, v, b, hk, g, m, d):
-    """Softmax of ``s [B, Hq, m, n]`` over ``v [B, Hkv, n, D]``; empty rows → 0 and -inf."""
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
-    return torch.matmul(p.view(b, hk, g * m, -1), v).view(b, hk * g, m, d), lse

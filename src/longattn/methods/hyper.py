@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from longattn.kernels.eager import attend_scores
 from longattn.core import validate
 from longattn.core.merge import merge_partials
 from longattn.kernels.layout import dense_pairs
@@ -167,7 +168,7 @@ class Hyper(Method):
         if pad is not None:
             drop = drop | ~pad.gather(1, cols.reshape(b, hk * m)).view(b, hk, m).repeat_interleave(g, 1)[..., None, :]
         s = s.masked_fill(drop, -math.inf)
-        out_s, lse_s = _softmax_out(s, vs, b, hk, g, tq, m, d)
+        out_s, lse_s = attend_scores(s, vs)
         # Horvitz-Thompson weight: each column is kept with probability m / tk
         lse_s = lse_s + math.log(tk / m)
         out, lse = merge_partials([out_b, out_s], [lse_b, lse_s])
@@ -237,11 +238,3 @@ def _pad_tokens(x: torch.Tensor, n: int) -> torch.Tensor:
         return x
     return torch.cat([x, x.new_zeros(*x.shape[:2], n, x.shape[3])], 2)
 
-
-def _softmax_out(s, vs, b, hk, g, tq, m, d):
-    """Softmax of scores ``s [B, Hq, Tq, m]`` over values ``vs [B, Hkv, m, D]``; rows with no
-    visible column give 0 and -inf."""
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
-    out = torch.matmul(p.view(b, hk, g * tq, m), vs).view(b, hk * g, tq, d)
-    return out, lse

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from longattn.kernels.eager import attend_scores
 from longattn.core import validate
 from longattn.methods.base import Call, Capabilities, Method, Result, register
 
@@ -82,9 +83,7 @@ class Linformer(Method):
         t1 = time.perf_counter()
         s = torch.matmul(q.reshape(b, hk, g * tq, d), kp.transpose(-1, -2)).view(b, hq, tq, n) * call.scale
         s = s + log_mass[:, None, None, :]  # -inf for projected rows with no real key
-        lse = torch.logsumexp(s, -1)
-        p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
-        out = torch.matmul(p.view(b, hk, g * tq, n), vp).view(b, hq, tq, d)
+        out, lse = attend_scores(s, vp)
         stats = {"projection_s": t1 - t0, "kernel_s": time.perf_counter() - t1}
         if call.want_stats:
             stats["density"] = n / tk if tk else 0.0  # every query scores n projected rows of tk keys

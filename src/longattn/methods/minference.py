@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from longattn.kernels.eager import attend_scores
 from longattn.core import validate
 from longattn.kernels.layout import dense_pairs
 from longattn.methods.base import Call, Capabilities, Method, Result, register
@@ -152,11 +153,7 @@ class MInference(Method):
             keep = idx.keep(q0, q1, off) & (k_pos[None, :] <= q_pos)
             if kpm is not None:
                 keep &= kpm[:, None, None, :]
-            sc = sc.masked_fill(~keep, -math.inf)
-            l = torch.logsumexp(sc, -1)
-            p = torch.exp(sc - l.masked_fill(torch.isinf(l), 0.0)[..., None])  # all -inf rows: p = 0
-            out[:, :, q0:q1] = torch.matmul(p.view(b, hk, g * m, tk), v).view(b, hq, m, d)
-            lse[:, :, q0:q1] = l
+            out[:, :, q0:q1], lse[:, :, q0:q1] = attend_scores(sc.masked_fill(~keep, -math.inf), v)
             if call.want_stats:
                 visible_pairs += float(keep.sum()) / (b * hq)
         stats = {"selection_s": t_select, "kernel_s": time.perf_counter() - t0, "head_patterns": choice,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from longattn.kernels.eager import attend_scores
 from longattn.core import validate
 from longattn.kernels.layout import dense_pairs
 from longattn.kernels.sdpa import fused_cpu_available
@@ -102,9 +103,8 @@ class Recycled(Method):
             if kpm is not None:
                 allowed = allowed & kpm[:, None, None, :]
             s = s.masked_fill(~allowed, -math.inf)
-            l_full = torch.logsumexp(s, -1)
-            p = torch.exp(s - l_full.masked_fill(torch.isinf(l_full), 0.0)[..., None])
-            out[:, :, g0:g1, 0] = torch.matmul(p.view(b, hk, g * G, tk), v).view(b, hq, G, d)
+            o_full, l_full = attend_scores(s, v)
+            out[:, :, g0:g1, 0] = o_full
             lse[:, :, g0:g1, 0] = l_full
             t1 = time.perf_counter()
             if call.want_stats:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from longattn.kernels.eager import attend_scores
 from longattn.core import validate
 from longattn.kernels.layout import dense_pairs
 from longattn.methods.base import Call, Capabilities, Method, Result, register
@@ -133,11 +134,7 @@ class Routing(Method):
                 keep = keep & call.key_padding_mask[:, None, None, :]
             t1 = time.perf_counter()
             s = torch.matmul(q[:, :, q0:q1].reshape(b, hk, g * m, d), k.transpose(-1, -2)).view(b, hq, m, tk)
-            s = (s * call.scale).masked_fill(~keep, -math.inf)
-            l = torch.logsumexp(s, -1)
-            p = torch.exp(s - l.masked_fill(torch.isinf(l), 0.0)[..., None])
-            out[:, :, q0:q1] = torch.matmul(p.view(b, hk, g * m, tk), v).view(b, hq, m, d)
-            lse[:, :, q0:q1] = l
+            out[:, :, q0:q1], lse[:, :, q0:q1] = attend_scores((s * call.scale).masked_fill(~keep, -math.inf), v)
             t_route += t1 - t0
             t_kernel += time.perf_counter() - t1
             if call.want_stats:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from longattn.core import validate
+from longattn.kernels.eager import attend_scores
 from longattn.kernels.layout import dense_pairs
 from longattn.methods.base import Call, Method, Result
 
@@ -87,11 +88,7 @@ class TokenTopK(Method):
             keep.scatter_(-1, top_idx, ~torch.isneginf(top_val))
             keep &= allowed
             t1 = time.perf_counter()
-            s = s.masked_fill(~keep, -math.inf)
-            l = torch.logsumexp(s, -1)
-            p = torch.exp(s - l.masked_fill(torch.isinf(l), 0.0)[..., None])
-            out[:, :, q0:q1] = torch.matmul(p.view(b, hk, g * m, tk), v).view(b, hq, m, d)
-            lse[:, :, q0:q1] = l
+            out[:, :, q0:q1], lse[:, :, q0:q1] = attend_scores(s.masked_fill(~keep, -math.inf), v)
             t_select += t1 - t0
             t_kernel += time.perf_counter() - t1
             if call.want_stats:
