@@ -95,8 +95,11 @@ class BlockTopK(Method):
 
     def block_scores(self, q, k, scale: float, causal: bool, summaries: BlockSummaries | None = None):
         """Per-query score function ``(q0, q1) -> [B, Hq, q1-q0, n_blocks]`` (see ``select_blocks``);
-        ``summaries``, when given, are this cache's up-to-date block summaries (decode)."""
-        raise NotImplementedError
+        ``summaries`` are this cache's block summaries. Default: the softmax of the method's
+        ``estimator`` over the blocks each query fully sees."""
+        if self.estimator is None:
+            raise NotImplementedError(f"method {self.name!r} defines neither block_scores nor an estimator")
+        return estimated_mass_scores(q, summaries, self.estimator, scale, causal)
 
     def select(self, q, k, call: Call) -> Selection:
         """Which key blocks each query block attends; subclasses with another selector override."""
@@ -110,11 +113,16 @@ class BlockTopK(Method):
             sinks=self.sinks, window=self.window, causal=call.causal, per_block=self.pooled,
         )
 
-    #: the estimator behind ``block_scores``, for pooled scoring (None: the method cannot pool)
+    #: ``(q, summaries, scale) -> estimated log-mass per block``, behind the default
+    #: ``block_scores``, pooled scoring and the one-query decode path (None: none of those)
     estimator = None
-    #: one-query steps may take ``longattn.sparse.decode`` (methods scoring ``BlockSummaries``
-    #: with ``estimator`` through the default selector)
-    lean_decode = False
+
+    def lean_decode(self) -> bool:
+        """One-query steps may take ``longattn.sparse.decode``: only methods whose selection is
+        the default one — ``estimator`` on ``BlockSummaries`` through ``select_blocks``."""
+        cls = type(self)
+        return (self.estimator is not None and cls.block_scores is BlockTopK.block_scores
+                and cls.select is BlockTopK.select)
 
     def pooled_scores(self, q, k, scale, causal, summaries):
         if self.estimator is None:
@@ -138,7 +146,7 @@ class BlockTopK(Method):
         tq, tk = q.shape[2], k.shape[2]
         if self.backend == "flex":
             return self._run_flex(q, k, v, call)
-        if self.lean_decode and decode.applies(
+        if self.lean_decode() and decode.applies(
                 q, k, causal=call.causal, key_padding_mask=call.key_padding_mask, estimator=self.estimator):
             return self._decode(q, k, v, call)
         t0 = time.perf_counter()
@@ -209,10 +217,6 @@ class Landmark(BlockTopK):
     capabilities = _caps("Mohtashami & Jaggi 2023, Landmark Attention", "O(N²/block) scoring + O(N·budget)")
 
     estimator = staticmethod(mean_key_estimate)
-    lean_decode = True
-
-    def block_scores(self, q, k, scale, causal, summaries=None):
-        return estimated_mass_scores(q, summaries, mean_key_estimate, scale, causal)
 
 
 @register
@@ -226,10 +230,6 @@ class Quest(BlockTopK):
     capabilities = _caps("Tang et al. 2024, Quest", "O(N²/block) scoring + O(N·budget)")
 
     estimator = staticmethod(quest_bound_estimate)
-    lean_decode = True
-
-    def block_scores(self, q, k, scale, causal, summaries=None):
-        return estimated_mass_scores(q, summaries, quest_bound_estimate, scale, causal)
 
 
 @register

@@ -27,8 +27,8 @@ import torch
 
 from longattn.core import validate
 from longattn.kernels.layout import dense_pairs
+from longattn.kernels.eager import attend_visible, gather_tokens
 from longattn.kernels.sdpa import fused_cpu_available
-from longattn.kernels.tiled import chunk_attention
 from longattn.methods.base import Call, Capabilities, Method, Result, register
 from longattn.sparse.kernel import sparse_attention
 from longattn.sparse.select import Selection, estimated_mass_scores, select_blocks
@@ -90,17 +90,13 @@ def remapped_attention(
         visible (query, key) pairs averaged over batch × heads.
     """
     b, hq, tq, d = q.shape
-    hk, tk = k.shape[1], k.shape[2]
-    g = hq // hk
+    tk = k.shape[2]
     cs, qbs = selection.block, selection.q_block
     n_qb, n_sel = selection.indices.shape[2], selection.n_sel
     span = n_sel * cs
     off = tk - tq
     dev = q.device
     fused = fused_cpu_available(q)
-    # keys as rows of one flat table, each query head reading from its key-value head
-    k_rows, v_rows = k.reshape(b * hk * tk, d), v.reshape(b * hk * tk, d)
-    base = ((torch.arange(b, device=dev)[:, None] * hk + torch.arange(hq, device=dev)[None, :] // g) * tk)
     out = torch.empty(b, hq, n_qb * qbs, d, dtype=torch.float32, device=dev)
     lse = torch.empty(b, hq, n_qb * qbs, dtype=torch.float32, device=dev)
     q_pad = torch.nn.functional.pad(q, (0, 0, 0, n_qb * qbs - tq))
@@ -112,9 +108,7 @@ def remapped_attention(
         idx = selection.indices[:, :, i0:i1]  # [B, Hq, G, n_sel]
         pos = (idx.clamp_min(0)[..., None] * cs + torch.arange(cs, device=dev)).flatten(-2)  # [B, Hq, G, L]
         kept = (idx >= 0)[..., None].expand(-1, -1, -1, -1, cs).flatten(-2) & (pos < tk)
-        rows = base[:, :, None, None] + pos.clamp(max=tk - 1)
-        kg = k_rows.index_select(0, rows.flatten()).view(b * hq * G, 1, span, d)
-        vg = v_rows.index_select(0, rows.flatten()).view(b * hq * G, 1, span, d)
+        kg, vg = (x.view(b * hq * G, 1, span, d) for x in gather_tokens(k, v, pos.clamp(max=tk - 1)))
         qi = torch.arange(i0 * qbs, i1 * qbs, device=dev).view(G, qbs)
         q_orig = qi + off  # [G, qbs]
         qg = q_pad[:, :, i0 * qbs:i1 * qbs].reshape(b * hq * G, 1, qbs, d)
@@ -129,11 +123,7 @@ def remapped_attention(
             real = torch.gather(key_padding_mask[:, None, None, :].expand(b, hq, G, tk), 3, pos.clamp(max=tk - 1))
             vis = vis & real[..., None, :]
         vis = vis.reshape(b * hq * G, 1, qbs, span)
-        add = torch.zeros(vis.shape, dtype=torch.float32, device=dev).masked_fill_(~vis, -math.inf)
-        o, l = chunk_attention(qg, kg, vg, scale, add, fused)
-        alive = vis.any(-1)  # [N, 1, qbs]
-        o = o.masked_fill(~alive[..., None], 0.0)
-        l = l.float().masked_fill(~alive, -math.inf)
+        o, l = attend_visible(qg, kg, vg, scale, vis, fused)
         out[:, :, i0 * qbs:i1 * qbs] = o.view(b, hq, G * qbs, d)
         lse[:, :, i0 * qbs:i1 * qbs] = l.view(b, hq, G * qbs)
         pairs += float(vis.sum()) / (b * hq)

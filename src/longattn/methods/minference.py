@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from longattn.kernels.eager import attend_scores
+from longattn.kernels.eager import attend_scores, visible_rows
 from longattn.core import validate
 from longattn.kernels.layout import dense_pairs
 from longattn.methods.base import Call, Capabilities, Method, Result, register
@@ -142,17 +142,13 @@ class MInference(Method):
         t0 = time.perf_counter()
         out = torch.empty(b, hq, tq, d, dtype=torch.float32, device=q.device)
         lse = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
-        k_pos = torch.arange(tk, device=q.device)
         visible_pairs = 0.0
         for q0 in range(0, tq, self.chunk):
             q1 = min(q0 + self.chunk, tq)
             m = q1 - q0
             sc = torch.matmul(q[:, :, q0:q1].reshape(b, hk, g * m, d), k.transpose(-1, -2)).view(b, hq, m, tk)
             sc.mul_(call.scale)
-            q_pos = torch.arange(q0, q1, device=q.device)[:, None] + off
-            keep = idx.keep(q0, q1, off) & (k_pos[None, :] <= q_pos)
-            if kpm is not None:
-                keep &= kpm[:, None, None, :]
+            keep = idx.keep(q0, q1, off) & visible_rows(q0, q1, tq, tk, True, kpm, q.device)
             out[:, :, q0:q1], lse[:, :, q0:q1] = attend_scores(sc.masked_fill(~keep, -math.inf), v)
             if call.want_stats:
                 visible_pairs += float(keep.sum()) / (b * hq)

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from longattn.kernels.eager import attend_scores
+from longattn.kernels.eager import attend_scores, attend_visible, gather_tokens
 from longattn.core import validate
 from longattn.kernels.layout import dense_pairs
 from longattn.kernels.sdpa import fused_cpu_available
-from longattn.kernels.tiled import chunk_attention
 from longattn.methods.base import Call, Capabilities, Method, Result, register
 
 
@@ -78,8 +77,6 @@ class Recycled(Method):
         n_groups = math.ceil(tq / S)
         kept = min(self.budget, tk)
         fused = fused_cpu_available(q)
-        k_rows, v_rows = k.reshape(b * hk * tk, d), v.reshape(b * hk * tk, d)
-        base = (torch.arange(b, device=dev)[:, None] * hk + torch.arange(hq, device=dev)[None, :] // g) * tk
         k_pos = torch.arange(tk, device=dev)
         kpm = call.key_padding_mask
         q_pad = torch.nn.functional.pad(q, (0, 0, 0, n_groups * S - tq)).view(b, hq, n_groups, S, d)
@@ -136,17 +133,12 @@ class Recycled(Method):
                 vis.append(new_vis)
             key_pos = torch.cat(key_pos, -1)  # [B, Hq, G, n_keys]
             vis = torch.cat(vis, -1)  # [B, Hq, G, S-1, n_keys]
-            rows = (base[:, :, None, None] + key_pos).flatten()
             n = key_pos.shape[-1]
-            kg = k_rows.index_select(0, rows).view(b * hq * G, 1, n, d)
-            vg = v_rows.index_select(0, rows).view(b * hq * G, 1, n, d)
+            kg, vg = (x.view(b * hq * G, 1, n, d) for x in gather_tokens(k, v, key_pos))
             qr = q_pad[:, :, g0:g1, 1:].reshape(b * hq * G, 1, S - 1, d)
-            vis = vis.reshape(b * hq * G, 1, S - 1, n)
-            add = torch.zeros(vis.shape, dtype=torch.float32, device=dev).masked_fill_(~vis, -math.inf)
-            o, l = chunk_attention(qr, kg, vg, call.scale, add, fused)
-            alive = vis.any(-1)
-            out[:, :, g0:g1, 1:] = o.masked_fill(~alive[..., None], 0.0).view(b, hq, G, S - 1, d)
-            lse[:, :, g0:g1, 1:] = l.float().masked_fill(~alive, -math.inf).view(b, hq, G, S - 1)
+            o, l = attend_visible(qr, kg, vg, call.scale, vis.reshape(b * hq * G, 1, S - 1, n), fused)
+            out[:, :, g0:g1, 1:] = o.view(b, hq, G, S - 1, d)
+            lse[:, :, g0:g1, 1:] = l.view(b, hq, G, S - 1)
             t3 = time.perf_counter()
             t_select += t2 - t1
             t_kernel += (t1 - t0) + (t3 - t2)

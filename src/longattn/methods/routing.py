@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longattn.kernels.eager import attend_scores
+from longattn.kernels.eager import attend_scores, visible_rows
 from longattn.core import validate
 from longattn.kernels.layout import dense_pairs
 from longattn.methods.base import Call, Capabilities, Method, Result, register
@@ -128,10 +128,7 @@ class Routing(Method):
             in_window = (k_pos[None, :] > q_pos - self.window) & (k_pos[None, :] <= q_pos)
             forced = (k_pos[None, :] < self.sinks) | in_window
             keep = keep | forced[None, None]
-            if call.causal:
-                keep = keep & (k_pos[None, :] <= q_pos)[None, None]
-            if call.key_padding_mask is not None:
-                keep = keep & call.key_padding_mask[:, None, None, :]
+            keep = keep & visible_rows(q0, q1, tq, tk, call.causal, call.key_padding_mask, dev)
             t1 = time.perf_counter()
             s = torch.matmul(q[:, :, q0:q1].reshape(b, hk, g * m, d), k.transpose(-1, -2)).view(b, hq, m, tk)
             out[:, :, q0:q1], lse[:, :, q0:q1] = attend_scores((s * call.scale).masked_fill(~keep, -math.inf), v)

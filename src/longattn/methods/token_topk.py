@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from longattn.core import validate
-from longattn.kernels.eager import attend_scores
+from longattn.kernels.eager import attend_scores, visible_rows
 from longattn.kernels.layout import dense_pairs
 from longattn.methods.base import Call, Method, Result
 
@@ -75,10 +75,7 @@ class TokenTopK(Method):
             s = torch.matmul(q_rows.reshape(b, hk, g * m, d), k.transpose(-1, -2)).view(b, hq, m, tk)
             s.mul_(call.scale)
             q_pos = torch.arange(q0, q1, device=q.device)[:, None] + off
-            allowed = (k_pos[None, :] <= q_pos) if call.causal else torch.ones(m, tk, dtype=torch.bool, device=q.device)
-            allowed = allowed[None, None]
-            if call.key_padding_mask is not None:
-                allowed = allowed & call.key_padding_mask[:, None, None, :]
+            allowed = visible_rows(q0, q1, tq, tk, call.causal, call.key_padding_mask, q.device)
             s = s.masked_fill(~allowed, -math.inf)
             rank = self.rank(state, q_rows, k, s, allowed, call.scale).masked_fill(~allowed, -math.inf)
             forced = (k_pos[None, :] < self.sinks) | ((k_pos[None, :] > q_pos - self.window) & (k_pos[None, :] <= q_pos))

@@ -10,7 +10,7 @@ linear block estimator and full key blocks outside the forced ones):
   include the query's own block) — the same rule as ``select.forced_block_grid``;
 * the remaining slots go to the highest-scoring blocks in between; for one query the top-k of its
   per-block estimates equals the top-k of their softmax, which the general path ranks by;
-* one gather of token rows (sinks, chosen blocks, window) and one fused call without a mask.
+* one gather of the keys (sinks, chosen blocks, window) and one fused call without a mask.
 
 ``tests/test_sparse_decode.py`` checks it against ``select_blocks`` + ``sparse_attention``.
 """
@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from longattn.kernels.eager import gather_tokens
 from longattn.sparse.select import BlockEstimator, Selection
 from longattn.sparse.summaries import BlockSummaries
 
@@ -50,17 +51,15 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summaries: Bl
     a block-top-k selector keeps. Returns ``(out, lse, selection, visible_keys)`` where
     ``visible_keys`` is the number of keys attended per head; ``selection`` is None unless
     ``want_selection`` (building it costs a sort per step)."""
-    b, hq, _, d = q.shape
-    hk, tk = k.shape[1], k.shape[2]
-    g = hq // hk
+    b, hq = q.shape[:2]
+    tk = k.shape[2]
     bs = summaries.block
     n = summaries.n_blocks
     n_sink, w0 = forced_ranges(tk, bs, sinks, window)
     free = n_sel - n_sink - (n - w0)
     candidates = w0 - n_sink
-    head_row = (torch.arange(b * hk, device=q.device).view(b, hk) * tk).repeat_interleave(g, dim=1)[..., None]
-    sink_rows = torch.arange(0, n_sink * bs, device=q.device)
-    window_rows = torch.arange(w0 * bs, tk, device=q.device)
+    sink_pos = torch.arange(0, n_sink * bs, device=q.device)
+    window_pos = torch.arange(w0 * bs, tk, device=q.device)
     if free <= 0 or candidates <= 0:
         chosen = torch.empty(b, hq, 0, dtype=torch.long, device=q.device)
     elif candidates > free:
@@ -68,13 +67,10 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summaries: Bl
         chosen = est.topk(free, dim=-1).indices + n_sink  # [B, Hq, free]
     else:  # every block fits: the step is dense
         chosen = torch.arange(n_sink, w0, device=q.device).expand(b, hq, -1)
-    chosen_rows = ((chosen * bs)[..., None] + torch.arange(bs, device=q.device)).flatten(-2)
-    rows = torch.cat([sink_rows.expand(b, hq, -1), chosen_rows, window_rows.expand(b, hq, -1)], dim=-1)
-    rows = (rows + head_row).flatten()
-    n_keys = rows.numel() // (b * hq)
-    k_buf, v_buf = _workspace(summaries, rows.numel() * d, q.device)
-    keys = torch.index_select(k.reshape(b * hk * tk, d), 0, rows, out=k_buf.view(-1, d)).view(b, hq, n_keys, d)
-    values = torch.index_select(v.reshape(b * hk * tk, d), 0, rows, out=v_buf.view(-1, d)).view(b, hq, n_keys, d)
+    chosen_pos = ((chosen * bs)[..., None] + torch.arange(bs, device=q.device)).flatten(-2)
+    positions = torch.cat([sink_pos.expand(b, hq, -1), chosen_pos, window_pos.expand(b, hq, -1)], dim=-1)
+    n_keys = positions.shape[-1]
+    keys, values = gather_tokens(k, v, positions)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, False, scale=scale)
     if not want_selection:
         return out, lse.float(), None, n_keys
@@ -83,12 +79,3 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summaries: Bl
     indices = torch.cat([forced_lo, chosen, forced_hi], dim=-1).sort(-1).values
     return out, lse.float(), Selection(indices[:, :, None], 1, bs), n_keys
 
-
-def _workspace(summaries: BlockSummaries, numel: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather buffers kept with the cache's summaries and reused every step: a fresh multi-MB
-    allocation per step costs page faults comparable to the gather itself."""
-    ws = summaries.__dict__.get("_decode_workspace")
-    if ws is None or ws[0].numel() < numel or ws[0].device != device:
-        ws = (torch.empty(numel, dtype=torch.float32, device=device), torch.empty(numel, dtype=torch.float32, device=device))
-        summaries.__dict__["_decode_workspace"] = ws
-    return ws[0][:numel], ws[1][:numel]

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longattn.sparse.select import Selection, forced_block_grid
+from longattn.sparse.select import Selection, query_block_grid
 from longattn.sparse.summaries import BlockSummaries
 
 #: ``(q_rows [B, Hq, g, q_block, D], blocks [B, Hq, g, R] int64) -> est [B, Hq, g, q_block, R]``:
@@ -101,23 +101,17 @@ def hierarchical_select(
     """
     b, hq, tq, d = q.shape
     n = math.ceil(tokens_k / block)
-    off = tokens_k - tq
     n_qb = math.ceil(tq / q_block)
     n_sel = min(n_sel, n)
     out = torch.empty((b, hq, n_qb, n_sel), dtype=torch.int64, device=q.device)
     pad = n_qb * q_block - tq
     q_rows = torch.nn.functional.pad(q, (0, 0, 0, pad)).view(b, hq, n_qb, q_block, d)
     real_row = (torch.arange(n_qb * q_block, device=q.device) < tq).view(n_qb, q_block)
-    j = torch.arange(n, device=q.device)
-    klo, khi = (j * block)[None, :], (j * block + block - 1)[None, :]
     per_group = max(1, group_tokens // q_block)
     for g0 in range(0, n_qb, per_group):
         g1 = min(g0 + per_group, n_qb)
-        qb = torch.arange(g0, g1, device=q.device)[:, None]
-        qlo = qb * q_block + off
-        qhi = torch.clamp((qb + 1) * q_block, max=tq) - 1 + off
-        visible = (klo <= qhi) if causal else torch.ones(g1 - g0, n, dtype=torch.bool, device=q.device)
-        forced = forced_block_grid(qlo, qhi, klo, khi, sinks, window, causal) & visible
+        visible, forced = query_block_grid(g0, g1, q_block=q_block, block=block, tokens_q=tq, tokens_k=tokens_k,
+                                           sinks=sinks, window=window, causal=causal, device=q.device)
         candidates = visible & ~forced
         free = (n_sel - forced.sum(-1)).clamp_min(0)
         chosen = _descend(q_rows[:, :, g0:g1], real_row[g0:g1], candidates, free, estimate, stats)

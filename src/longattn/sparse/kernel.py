@@ -29,6 +29,7 @@ import torch
 
 from longattn.kernels.sdpa import fused_cpu_available
 from longattn.core.merge import merge_partials
+from longattn.kernels.eager import attend_visible, gather_tokens
 from longattn.kernels.tiled import chunk_attention
 from longattn.sparse.select import Selection
 
@@ -36,16 +37,6 @@ from longattn.sparse.select import Selection
 @dataclass
 class SparseInfo:
     visible_pairs: float = 0.0  # (query, key) pairs attended, averaged over batch × heads
-
-
-def _masked(q, k, v, scale, visible, fused):
-    """Attention with a bool visibility ``[B|1, H|1, M, n]``; rows seeing nothing → 0, -inf."""
-    add = torch.zeros(visible.shape, dtype=torch.float32, device=q.device).masked_fill_(~visible, -math.inf)
-    o, l = chunk_attention(q, k, v, scale, add, fused)
-    b, h, m = q.shape[:3]
-    alive = visible.any(-1).expand(b, h, m)
-    o = o.reshape(b, h, m, -1).masked_fill(~alive[..., None], 0.0)
-    return o, l.reshape(b, h, m).float().masked_fill(~alive, -math.inf)
 
 
 def sparse_attention(
@@ -82,12 +73,6 @@ def sparse_attention(
         return _batched_sparse_attention(q, k, v, selection, scale=scale, causal=causal, count_pairs=count_pairs)
     if fused and causal and key_padding_mask is None and selection.indices.shape[2] == 1 and tq <= tk:
         return _single_block_attention(q, k, v, selection, scale=scale, count_pairs=count_pairs)
-    # keys as token rows of one flat table (a view, no copy of the cache: decoding must not pay
-    # O(cache) per step); a gather copies only the selected blocks' rows
-    k_rows = k.reshape(b * hk * tk, d)
-    v_rows = v.reshape(b * hk * tk, d)
-    row0 = ((torch.arange(b, device=q.device) * hk).view(b, 1) + torch.arange(hk, device=q.device).view(1, hk))
-    row0 = (row0 * tk).repeat_interleave(g, dim=1)  # [B, Hq]: first table row of each head's key head
     kpm = key_padding_mask
     out = torch.empty(b, hq, tq, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
@@ -112,9 +97,8 @@ def sparse_attention(
                 past = past.sort(-1, descending=True).values[..., :n_past]  # valid first
                 valid = past >= 0
                 pos = (past.clamp_min(0)[..., None] * bs + torch.arange(bs, device=q.device)).flatten(-2)
-                rows = (row0[..., None] + pos.clamp(max=tk - 1)).flatten()
-                k_sel = k_rows.index_select(0, rows).view(b, hq, n_past * bs, d)
-                v_sel = v_rows.index_select(0, rows).view(b, hq, n_past * bs, d)
+                # a gather copies only the selected blocks' rows (decoding must not pay O(cache))
+                k_sel, v_sel = gather_tokens(k, v, pos.clamp(max=tk - 1))
                 ok = valid[..., None].expand(-1, -1, -1, bs).flatten(-2) & (pos < tk)
                 if kpm is not None:
                     ok = ok & torch.gather(kpm[:, None, :].expand(b, hq, tk), 2, pos.clamp(max=tk - 1))
@@ -125,7 +109,7 @@ def sparse_attention(
                         info.visible_pairs += m * n_past * bs
                 else:
                     vis = ok[:, :, None, :]
-                    pieces.append(_masked(qt, k_sel, v_sel, scale, vis, fused))
+                    pieces.append(attend_visible(qt, k_sel, v_sel, scale, vis, fused))
                     if count_pairs:
                         info.visible_pairs += float(vis.expand(b, hq, m, -1).sum()) / (b * hq)
         if present_start < tk and (not causal or present_start <= qhi):
@@ -140,7 +124,7 @@ def sparse_attention(
             # GQA: stack the group's query heads along tokens (no copy of keys)
             qg = qt.reshape(b, hk, g * m, d)
             visg = vis.expand(vis.shape[0], 1, m, -1).repeat(1, 1, g, 1) if g > 1 else vis
-            o_c, l_c = _masked(qg, kg, vg, scale, visg, fused)
+            o_c, l_c = attend_visible(qg, kg, vg, scale, visg, fused)
             pieces.append((o_c.reshape(b, hq, m, d), l_c.reshape(b, hq, m)))
             if count_pairs:
                 info.visible_pairs += float(vis.expand(b, 1, m, -1).sum()) / b
@@ -302,8 +286,7 @@ def _single_block_attention(q, k, v, selection: Selection, *, scale: float, coun
     mask when a single query sees all of them. Per step this touches only the selected keys, so
     its cost does not grow with the cache."""
     b, hq, tq, d = q.shape
-    hk, tk = k.shape[1], k.shape[2]
-    g = hq // hk
+    tk = k.shape[2]
     bs = selection.block
     off = tk - tq
     present_start = (off // bs) * bs
@@ -312,24 +295,19 @@ def _single_block_attention(q, k, v, selection: Selection, *, scale: float, coun
     n = int((past >= 0).sum(-1).max())
     info = SparseInfo()
     hidden = None
-    # keys as token rows of a view of the cache; one gather per tensor collects the selected past
-    # blocks and the present keys together (no concatenation, nothing else of the cache copied)
-    head_row = (torch.arange(b * hk, device=q.device).view(b, hk) * tk).repeat_interleave(g, dim=1)[..., None]
-    now_rows = head_row + torch.arange(present_start, tk, device=q.device)  # [B, Hq, n_now]
+    # one gather per tensor collects the selected past blocks and the present keys together
+    now_pos = torch.arange(present_start, tk, device=q.device).expand(b, hq, -1)  # [B, Hq, n_now]
     if n:
         past = past.sort(-1, descending=True).values[..., :n]  # valid slots first
-        past_rows = (head_row[..., None] + (past.clamp_min(0) * bs)[..., None]
-                     + torch.arange(bs, device=q.device)).flatten(-2)  # [B, Hq, n·bs]
-        rows = torch.cat([past_rows, now_rows], dim=-1)
+        past_pos = ((past.clamp_min(0) * bs)[..., None] + torch.arange(bs, device=q.device)).flatten(-2)
+        positions = torch.cat([past_pos, now_pos], dim=-1)
         if bool((past < 0).any()):
             hidden = (past < 0)[..., None].expand(b, hq, n, bs).reshape(b, hq, 1, n * bs)
         if count_pairs:
             info.visible_pairs += float((past >= 0).sum()) * bs * tq / (b * hq)
     else:
-        rows = now_rows
-    n_keys = rows.shape[-1]
-    keys = k.reshape(b * hk * tk, d).index_select(0, rows.flatten()).view(b, hq, n_keys, d)
-    values = v.reshape(b * hk * tk, d).index_select(0, rows.flatten()).view(b, hq, n_keys, d)
+        positions = now_pos
+    keys, values = gather_tokens(k, v, positions)
     n_now = tk - present_start
     q_pos = torch.arange(off, tk, device=q.device)[:, None]
     now_visible = torch.arange(present_start, tk, device=q.device)[None, :] <= q_pos  # [tq, n_now]

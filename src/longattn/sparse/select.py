@@ -87,6 +87,22 @@ def forced_block_grid(qlo: torch.Tensor, qhi: torch.Tensor, klo: torch.Tensor, k
     return forced
 
 
+def query_block_grid(g0: int, g1: int, *, q_block: int, block: int, tokens_q: int, tokens_k: int, sinks: int,
+                     window: int, causal: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For query blocks ``g0 … g1-1`` against every key block: ``visible [g, n]`` (the block holds
+    a key some query of the query block may see) and ``forced [g, n]`` (visible and always kept,
+    never scored; see ``forced_block_grid``). Shared by every block selector."""
+    n = math.ceil(tokens_k / block)
+    off = tokens_k - tokens_q
+    qb = torch.arange(g0, g1, device=device)[:, None]
+    qlo = qb * q_block + off
+    qhi = torch.clamp((qb + 1) * q_block, max=tokens_q) - 1 + off
+    j = torch.arange(n, device=device)
+    klo, khi = (j * block)[None, :], torch.clamp(j * block + block - 1, max=tokens_k - 1)[None, :]
+    visible = (klo <= qhi) if causal else torch.ones(g1 - g0, n, dtype=torch.bool, device=device)
+    return visible, forced_block_grid(qlo, qhi, klo, khi, sinks, window, causal) & visible
+
+
 def select_blocks(
     q: torch.Tensor,
     tokens_k: int,
@@ -114,13 +130,10 @@ def select_blocks(
     """
     b, hq, tq, _ = q.shape
     n = math.ceil(tokens_k / block)
-    off = tokens_k - tq
     n_qb = math.ceil(tq / q_block)
     n_sel = min(n_sel, n)
     out = torch.empty((b, hq, n_qb, n_sel), dtype=torch.int64, device=q.device)
     per_group = max(1, group_tokens // q_block)
-    j = torch.arange(n, device=q.device)
-    klo, khi = (j * block)[None, :], (j * block + block - 1)[None, :]
     for g0 in range(0, n_qb, per_group):
         g1 = min(g0 + per_group, n_qb)
         q0, q1 = g0 * q_block, min(g1 * q_block, tq)
@@ -132,11 +145,8 @@ def select_blocks(
             if pad:
                 per_query = torch.nn.functional.pad(per_query, (0, 0, 0, pad))
             scores = per_query.view(b, hq, g1 - g0, q_block, n).sum(3)  # [B, Hq, g, n]
-        qb = torch.arange(g0, g1, device=q.device)[:, None]
-        qlo = qb * q_block + off
-        qhi = torch.clamp((qb + 1) * q_block, max=tq) - 1 + off
-        visible = (klo <= qhi) if causal else torch.ones(g1 - g0, n, dtype=torch.bool, device=q.device)
-        forced = forced_block_grid(qlo, qhi, klo, khi, sinks, window, causal) & visible
+        visible, forced = query_block_grid(g0, g1, q_block=q_block, block=block, tokens_q=tq, tokens_k=tokens_k,
+                                           sinks=sinks, window=window, causal=causal, device=q.device)
         scores = scores.masked_fill(~visible, -math.inf).masked_fill(forced, math.inf)
         top_val, top_idx = scores.topk(n_sel, dim=-1)
         top_idx = top_idx.masked_fill(torch.isneginf(top_val), -1)

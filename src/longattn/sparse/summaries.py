@@ -14,7 +14,7 @@ Sums are kept (not means) so appending a token updates its block in O(D).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,8 @@ class BlockSummaries:
     kmax: torch.Tensor  # [B, H, n, D]
     count: torch.Tensor  # [n] int64
     tokens: int
+    #: the mean, cached: a decode step scores against it every token; ``append`` clears it
+    _mean: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_blocks(self) -> int:
@@ -34,12 +36,9 @@ class BlockSummaries:
 
     @property
     def mean(self) -> torch.Tensor:
-        # cached: a decode step scores against it every token; append() invalidates it
-        cached = self.__dict__.get("_mean")
-        if cached is None or cached[0] != self.tokens:
-            cached = (self.tokens, self.sums / self.count.clamp_min(1).view(1, 1, -1, 1).to(self.sums.dtype))
-            self.__dict__["_mean"] = cached
-        return cached[1]
+        if self._mean is None:
+            self._mean = self.sums / self.count.clamp_min(1).view(1, 1, -1, 1).to(self.sums.dtype)
+        return self._mean
 
     @classmethod
     def build(cls, k: torch.Tensor, block: int) -> "BlockSummaries":
@@ -71,6 +70,7 @@ class BlockSummaries:
     def append(self, k_new: torch.Tensor) -> None:
         """Fold new keys ``[B, H, t, D]`` (positions ``tokens …``) into the summaries."""
         k_new = k_new.to(torch.float32)
+        self._mean = None
         for i in range(k_new.shape[2]):
             j, off = divmod(self.tokens, self.block)
             row = k_new[:, :, i]

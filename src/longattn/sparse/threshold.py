@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from longattn.sparse.select import Selection, forced_block_grid
+from longattn.sparse.select import Selection, query_block_grid
 
 
 def pooled_block_mass(q: torch.Tensor, k: torch.Tensor, *, q_block: int, block: int, scale: float,
@@ -103,15 +103,8 @@ def cumulative_mass_selection(
         unused slots; ``n_sel`` is the largest count kept by any query block.
     """
     b, h, n_qb, n = mass.shape
-    off = tokens_k - tokens_q
-    dev = mass.device
-    qb = torch.arange(n_qb, device=dev)[:, None]
-    qlo = qb * q_block + off
-    qhi = torch.clamp((qb + 1) * q_block, max=tokens_q) - 1 + off
-    j = torch.arange(n, device=dev)
-    klo, khi = (j * block)[None, :], torch.clamp(j * block + block - 1, max=tokens_k - 1)[None, :]
-    visible = (klo <= qhi) if causal else torch.ones(n_qb, n, dtype=torch.bool, device=dev)
-    forced = forced_block_grid(qlo, qhi, klo, khi, sinks, window, causal) & visible
+    visible, forced = query_block_grid(0, n_qb, q_block=q_block, block=block, tokens_q=tokens_q, tokens_k=tokens_k,
+                                       sinks=sinks, window=window, causal=causal, device=mass.device)
 
     m = mass.to(torch.float64).clamp_min(0.0).masked_fill(~visible, 0.0)
     # order: forced blocks first, then visible ones by decreasing mass, invisible last
@@ -131,6 +124,6 @@ def cumulative_mass_selection(
     need = torch.minimum(torch.minimum(need, torch.full_like(need, max_blocks)), n_visible)
     width = max(int(need.max()), 1) if need.numel() else 1
     idx = order[..., :width]
-    unused = torch.arange(width, device=dev) >= need[..., None]
+    unused = torch.arange(width, device=mass.device) >= need[..., None]
     idx = idx.masked_fill(unused, -1)
     return Selection(idx.sort(-1).values, q_block, block)
