@@ -58,3 +58,35 @@ def test_forced_ranges_match_the_general_rule():
         n_sink, w0 = decode.forced_ranges(tk, bs, sinks, window)
         expect = (j < n_sink) | (j >= w0)
         assert torch.equal(grid, expect), (tk, bs, sinks, window)
+
+
+def test_reused_gather_buffers_never_alias_results_or_break_autograd():
+    """Steps gather into one per-thread buffer: an earlier step's output must not change when a
+    later step (of another size) reuses it, and under autograd the step must still give grads."""
+    m = longattn.method("landmark", budget=64, block=16, q_block=1, sinks=16, window=16)
+    q1, k1, v1 = make_qkv(b=1, hq=4, hk=2, tq=1, tk=300, d=16, seed=5)
+    first = longattn.attention(q1, k1, v1, causal=True, method=m)
+    kept = first.clone()
+    q2, k2, v2 = make_qkv(b=2, hq=4, hk=2, tq=1, tk=500, d=16, seed=6)
+    wide = longattn.method("landmark", budget=128, block=16, q_block=1, sinks=16, window=16)
+    longattn.attention(q2, k2, v2, causal=True, method=wide)
+    assert torch.equal(first, kept)
+    again = longattn.attention(q1, k1, v1, causal=True, method=m)
+    assert torch.equal(again, kept)
+    k1g = k1.clone().requires_grad_(True)
+    out = longattn.attention(q1, k1g, v1, causal=True, method=m)
+    torch.testing.assert_close(out.detach(), kept)
+    out.sum().backward()
+    assert k1g.grad is not None and torch.isfinite(k1g.grad).all() and k1g.grad.abs().sum() > 0
+
+
+def test_gather_tokens_into_buffers_equals_fresh_gather():
+    from longattn.kernels.eager import gather_tokens
+
+    _, k, v = make_qkv(b=2, hq=4, hk=2, tq=1, tk=50, d=8, seed=1)
+    pos = torch.randint(0, 50, (2, 4, 3, 7), generator=torch.Generator().manual_seed(0))
+    bufs = (torch.full((2000,), float("nan")), torch.full((2000,), float("nan")))
+    a = gather_tokens(k, v, pos)
+    b = gather_tokens(k, v, pos, out=bufs)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert b[0].data_ptr() == bufs[0].data_ptr()

@@ -52,18 +52,27 @@ def attend_visible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     return o, l.reshape(b, h, m).float().masked_fill(~alive, -math.inf)
 
 
-def gather_tokens(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_tokens(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys and values each query head reads: ``k, v [B, Hkv, T, D]``, ``positions`` int
     ``[B, Hq, ..., L]`` (in ``[0, T)``; query head ``h`` reads key-value head ``h // (Hq/Hkv)``)
     → ``k_sel, v_sel [B, Hq, ..., L, D]``. The cache is indexed as a view; only the chosen rows
-    are copied."""
+    are copied, into ``out`` (two flat buffers of at least ``positions.numel()·D`` elements, of
+    ``k``'s dtype) when given — a caller that gathers every step reuses its buffers rather than
+    paying a fresh multi-MB allocation (and its page faults) each time. ``out`` does not record
+    autograd history."""
     b, hk, t, d = k.shape
     hq = positions.shape[1]
     base = (torch.arange(b * hk, device=k.device).view(b, hk) * t).repeat_interleave(hq // hk, dim=1)
     rows = (base.view(b, hq, *([1] * (positions.dim() - 2))) + positions).flatten()
     shape = (*positions.shape, d)
-    return (k.reshape(b * hk * t, d).index_select(0, rows).view(shape),
-            v.reshape(b * hk * t, d).index_select(0, rows).view(shape))
+    k_flat, v_flat = k.reshape(b * hk * t, d), v.reshape(b * hk * t, d)
+    if out is None:
+        return k_flat.index_select(0, rows).view(shape), v_flat.index_select(0, rows).view(shape)
+    size = rows.numel() * d
+    k_out = torch.index_select(k_flat, 0, rows, out=out[0][:size].view(-1, d))
+    v_out = torch.index_select(v_flat, 0, rows, out=out[1][:size].view(-1, d))
+    return k_out.view(shape), v_out.view(shape)
 
 
 def visible_rows(q0: int, q1: int, tokens_q: int, tokens_k: int, causal: bool,

@@ -18,12 +18,32 @@ linear block estimator and full key blocks outside the forced ones):
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
 from longattn.kernels.eager import gather_tokens
 from longattn.sparse.select import BlockEstimator, Selection
 from longattn.sparse.summaries import BlockSummaries
+
+
+class _GatherBuffers(threading.local):
+    """Per-thread buffers the step gathers its keys and values into, grown on demand. A step
+    gathers a few MB; a fresh allocation that size is an ``mmap`` whose page faults cost about
+    as much as the attention itself (0.55 against 0.35 ms measured for 1,536 keys × 8 heads)."""
+
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    def get(self, numel: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ks = self.keys
+        if ks is None or ks.numel() < numel or ks.dtype != like.dtype or ks.device != like.device:
+            self.keys = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self.values = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return self.keys, self.values
+
+
+_BUFFERS = _GatherBuffers()
 
 
 def forced_ranges(tokens_k: int, block: int, sinks: int, window: int) -> tuple[int, int]:
@@ -70,7 +90,11 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summaries: Bl
     chosen_pos = ((chosen * bs)[..., None] + torch.arange(bs, device=q.device)).flatten(-2)
     positions = torch.cat([sink_pos.expand(b, hq, -1), chosen_pos, window_pos.expand(b, hq, -1)], dim=-1)
     n_keys = positions.shape[-1]
-    keys, values = gather_tokens(k, v, positions)
+    # the gathered keys live only until the fused call returns, so one buffer serves every step
+    # (not under autograd: a buffer written with out= records no history)
+    reuse = not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad))
+    buffers = _BUFFERS.get(positions.numel() * k.shape[-1], k) if reuse else None
+    keys, values = gather_tokens(k, v, positions, out=buffers)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, False, scale=scale)
     if not want_selection:
         return out, lse.float(), None, n_keys
