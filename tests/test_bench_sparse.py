@@ -72,3 +72,51 @@ def test_budget_for_density_matches_the_measured_density():
     _, st = longattn.attention(q, k, v, causal=True, method=m, return_stats=True)
     assert st.density == pytest.approx(causal_block_density(4096, budget // 64, 64, 256))
     assert 0.2 <= st.density < 0.2 + 1.5 * 64 * 4096 / (4096 * 4097 / 2)
+
+
+def test_frontier_part_reports_every_family_and_withholds_speed_after_a_failed_gate(tmp_path, monkeypatch):
+    from longattn.bench import sparse_speed
+
+    good = sparse_speed.frontier_methods()["landmark (pooled)"]
+
+    class Wrong:  # a "method" whose full budget is not exact: every output is scaled
+        def __call__(self, budget):
+            return good(budget)
+
+    def broken_attention(q, k, v, **kw):
+        out = real(q, k, v, **kw)
+        if isinstance(kw.get("method"), str):
+            return out
+        return (out[0] * 1.5, out[1]) if isinstance(out, tuple) else out * 1.5
+
+    fams = {"landmark (pooled)": good, "broken": Wrong()}
+    res = sparse_speed.run_frontier(2048, (0.1, 0.3), methods=fams, repeats=1)
+    assert [(r["method"], r["target_density"]) for r in res["records"]] == [
+        ("landmark (pooled)", 0.1), ("landmark (pooled)", 0.3), ("broken", 0.1), ("broken", 0.3)]
+    lm = res["records"][:2]
+    assert all(r["status"] == "ok" and r["ratio_to_sdpa"] > 0 and r["gate"]["passed"] for r in lm)
+    assert lm[0]["density"] < lm[1]["density"] and lm[0]["rel_err"] > lm[1]["rel_err"]
+    # now make every non-dense call wrong: the gate fails and no speed is given
+    import longattn
+
+    real = longattn.attention
+    monkeypatch.setattr(longattn, "attention", broken_attention)
+    res = sparse_speed.run_frontier(1024, (0.2,), methods={"broken": Wrong()}, repeats=1)
+    (r,) = res["records"]
+    assert r["status"].startswith("FAILED full-budget gate") and r["ratio_to_sdpa"] is None and r["median_s"] is None
+    assert not r["gate"]["passed"]
+
+
+def test_sparse_suite_frontier_in_report(tmp_path):
+    res = sparse.run_sparse_suite(tmp_path, parts=("frontier",), frontier_tokens=1024)
+    assert {r["part"] for r in res["records"]} == {"frontier"}
+    text = (tmp_path / "report.md").read_text()
+    assert "## Density ↔ error ↔ speed-up, causal prefill of 1024 tokens" in text
+    for name in sparse_speed_families():
+        assert f"| {name} |" in text
+
+
+def sparse_speed_families():
+    from longattn.bench.sparse_speed import frontier_methods
+
+    return list(frontier_methods())

@@ -82,17 +82,20 @@ def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
 
 @app.command("bench")
 def bench_cmd(
-    suite: str = typer.Option("kernels", "--suite", help="benchmark suite to run (kernels)"),
-    out: Path = typer.Option(Path("bench-out"), "--out", help="directory for results.json and report.md"),
+    suite: str = typer.Option("all", "--suite",
+                              help="all (the main job: every suite, plots, report.html) or one of kernels, sparse, "
+                                   "decode, tasks, peers"),
+    out: Path = typer.Option(Path("bench-out"), "--out",
+                             help="directory for results.json, report.md (and, for all, plots/ and report.html)"),
     quick: bool = typer.Option(True, "--quick/--full",
-                               help="quick: lengths up to 16k (4-7 min on 2 cores; the first run also compiles "
-                                    "FlexAttention kernels); full: up to 64k"),
+                               help="quick: sizes for about 10 min on 2 cores for all suites together; "
+                                    "full: up to 64k-128k tokens"),
     lengths: Optional[str] = typer.Option(None, "--lengths", help="comma-separated lengths, e.g. 1024,2048"),
     methods: Optional[str] = typer.Option(None, "--methods",
                                           help="comma-separated methods/cases, e.g. dense,window,pattern:lsg"),
     seed: int = typer.Option(0, "--seed", help="seed of the inputs, masks and gate rows"),
 ) -> None:
-    """Run a benchmark suite and write DIR/results.json and DIR/report.md."""
+    """Run the benchmark (all suites by default) and write its results and reports into --out."""
     from longattn.bench import SUITES, get_suite
 
     try:
@@ -107,6 +110,9 @@ def bench_cmd(
     except ValueError as exc:
         if "unknown method" in str(exc):
             raise typer.BadParameter(str(exc), param_hint="--methods") from None
+        for option in ("--lengths", "--methods"):
+            if str(exc).startswith(option):
+                raise typer.BadParameter(str(exc), param_hint=option) from None
         raise
 
 

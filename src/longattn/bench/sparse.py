@@ -99,23 +99,26 @@ def evaluate_accuracy(layers, methods: dict) -> list[dict[str, Any]]:
     return records
 
 
-PARTS = ("accuracy", "prefill", "decode")
+PARTS = ("accuracy", "frontier", "prefill", "decode")
 
 
 def run_sparse_suite(out: Path, *, full: bool = False, lengths=None, methods=None, seed: int = 0,
-                     parts=PARTS, prefill_tokens: int = 32768, decode_cache: int = 131072) -> dict[str, Any]:
+                     parts=PARTS, prefill_tokens: int = 32768, decode_cache: int = 131072,
+                     frontier_tokens: int | None = None, console: Console | None = None) -> dict[str, Any]:
     """``longattn bench --suite sparse``: writes ``out/results.json`` and ``out/report.md``.
 
     Parts: ``accuracy`` on real stories260K attention (``lengths[0]`` tokens, default 4096);
-    ``prefill`` speed at 10% density over ``prefill_tokens`` (default 32k) and ``decode`` speed over
-    a ``decode_cache``-token cache at budget 2048 (default 128k), both against SDPA in this run
-    (``longattn.bench.sparse_speed``). ``methods`` filters the accuracy part."""
+    ``frontier``: density ↔ error ↔ speed-up per method family over ``frontier_tokens`` (default
+    8192, 32768 with ``full``); ``prefill`` speed at 10% density over ``prefill_tokens`` (default
+    32k) and ``decode`` speed over a ``decode_cache``-token cache at budget 2048 (default 128k),
+    all against SDPA in this run (``longattn.bench.sparse_speed``). ``methods`` filters the
+    accuracy part."""
     from longattn.bench import sparse_speed
 
     unknown_parts = sorted(set(parts) - set(PARTS))
     if unknown_parts:
         raise ValueError(f"unknown sparse suite part(s) {', '.join(unknown_parts)}; known: {', '.join(PARTS)}")
-    console = Console()
+    console = console or Console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n_tokens = (lengths or [4096])[0]
@@ -139,6 +142,12 @@ def run_sparse_suite(out: Path, *, full: bool = False, lengths=None, methods=Non
             table.add_row(name, f"{row['density']:.3f}", f"{row['recall']:.3f}", f"{row['rel_err']:.3f}", f"{row['lse_err']:.3f}")
         console.print(table)
     say = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
+    if "frontier" in parts:
+        n = frontier_tokens or (32768 if full else 8192)
+        frontier = sparse_speed.run_frontier(n, seed=seed, progress=say)
+        results["frontier"] = {k: v for k, v in frontier.items() if k != "records"}
+        results["records"] += frontier["records"]
+        console.print(_frontier_table(frontier))
     if "prefill" in parts:
         results["prefill"] = sparse_speed.run_prefill(prefill_tokens, 0.10, seed=seed, progress=say)
         console.print(_speed_table(results["prefill"]))
@@ -165,6 +174,18 @@ def _speed_table(p: dict[str, Any]) -> Table:
     return t
 
 
+def _frontier_table(f: dict[str, Any]) -> Table:
+    t = Table(title=f"density ↔ error ↔ speed-up, causal prefill of {f['tokens']} tokens "
+                    f"(SDPA {f['sdpa']['median_s']:.2f} s)")
+    for col in ("method", "target", "density", "recall", "rel. error", "vs SDPA", "status"):
+        t.add_column(col, justify="left" if col in ("method", "status") else "right")
+    for r in f["records"]:
+        ratio = r.get("ratio_to_sdpa")
+        t.add_row(r["method"], f"{r['target_density']:.2f}", _fmt(r.get("density")), _fmt(r.get("recall")),
+                  _fmt(r.get("rel_err")), "—" if ratio is None else f"{ratio:.2f}×", r["status"])
+    return t
+
+
 def _decode_table(d: dict[str, Any]) -> Table:
     t = Table(title=f"decode step over {d['cache']} cached keys, budget {d['budget']} "
                     f"(SDPA {d['sdpa_step_s'] * 1e3:.1f} ms/step)")
@@ -180,8 +201,14 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def accuracy_records(records) -> list[dict[str, Any]]:
+    """The accuracy part's records (per method and layer); the frontier's carry ``part``."""
+    return [r for r in records if r.get("part", "accuracy") == "accuracy"]
+
+
 def summarise(records) -> dict[str, dict[str, float]]:
-    """Mean over layers per method."""
+    """Mean over layers per method (accuracy records)."""
+    records = accuracy_records(records)
     rows: dict[str, dict[str, float]] = {}
     for name in dict.fromkeys(r["method"] for r in records):
         rs = [r for r in records if r["method"] == name]
@@ -190,11 +217,29 @@ def summarise(records) -> dict[str, dict[str, float]]:
 
 
 def render_report(results: dict[str, Any]) -> str:
-    recs = results["records"]
+    recs = accuracy_records(results["records"])
     layers = sorted({r["layer"] for r in recs})
     lines = ["# longattn sparse suite", ""]
     if recs:
         lines += _accuracy_lines(results, recs, layers)
+    frontier = [r for r in results["records"] if r.get("part") == "frontier"]
+    if frontier:
+        f = results["frontier"]
+        lines += [
+            "",
+            f"## Density ↔ error ↔ speed-up, causal prefill of {f['tokens']} tokens",
+            "",
+            "- synthetic retrieval-shaped q/k/v (`clustered_qkv`), fp32, batch 1, 8 heads, head_dim 64; "
+            f"torch SDPA (is_causal) in the same run: {f['sdpa']['median_s']:.3f} s",
+            "- each family must first equal the float64 reference at full budget (the gate); one that fails gets no speed",
+            "",
+            "| method | target density | density | recall | rel. error | vs SDPA | status |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in frontier:
+            ratio = r.get("ratio_to_sdpa")
+            lines.append(f"| {r['method']} | {r['target_density']:.2f} | {_fmt(r.get('density'))} | {_fmt(r.get('recall'))} | "
+                         f"{_fmt(r.get('rel_err'))} | {'—' if ratio is None else f'{ratio:.2f}×'} | {r['status']} |")
     return _speed_lines(results, lines)
 
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 import longattn
-from longattn.bench.harness import time_call
+from longattn.bench.harness import guarded, time_call
 from longattn.sparse.summaries import BlockSummaries
 
 #: the issue's configuration: fp32, batch 1, 8 heads, head_dim 64, causal
@@ -198,3 +199,76 @@ def _append_copy(s: BlockSummaries, k_new: torch.Tensor) -> None:
     """Append to a throw-away copy (the timing must not grow the summaries it reuses)."""
     c = BlockSummaries(s.block, s.sums, s.kmin, s.kmax, s.count, s.tokens)
     c.append(k_new)
+
+
+#: densities of the frontier sweep (share of the causal triangle)
+FRONTIER_DENSITIES = (0.05, 0.10, 0.20, 0.40)
+
+
+def frontier_methods() -> dict[str, Callable[[int], Any]]:
+    """Method families of the density ↔ error ↔ speed-up frontier: ``name -> budget -> method``
+    (block selectors with pooled query blocks, HiP, and the sinks + window baseline)."""
+    def block(name: str, **kw) -> Callable[[int], Any]:
+        return lambda budget: longattn.method(name, budget=budget, block=PREFILL_BLOCK, q_block=PREFILL_Q_BLOCK,
+                                              sinks=PREFILL_BLOCK, window=0, **kw)
+
+    return {
+        "landmark (pooled)": block("landmark", pooled=True),
+        "quest (pooled)": block("quest", pooled=True),
+        "infllm (pooled)": block("infllm", pooled=True),
+        "hip": block("hip"),
+        "streaming": lambda budget: longattn.method("streaming", sinks=PREFILL_BLOCK, window=budget - PREFILL_BLOCK,
+                                                    backend="tiled"),
+    }
+
+
+def full_budget_gate(make: Callable[[int], Any], tokens: int = 1024, seed: int = 0) -> dict[str, Any]:
+    """The frontier's correctness gate: at a budget covering every key the method must equal the
+    float64 reference (max abs error ≤ 1e-4 on seeded random q/k/v, causal)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, tokens, 32, generator=g) for _ in range(3))
+    ref, _ = longattn.reference_attention(q, k, v, causal=True)
+    out = longattn.attention(q, k, v, causal=True, method=make(tokens))
+    err = float((out.double() - ref).abs().max())
+    return {"tokens": tokens, "max_abs_err": err, "passed": bool(err <= 1e-4)}
+
+
+def run_frontier(tokens: int = 8192, densities=FRONTIER_DENSITIES, *, methods: dict[str, Callable[[int], Any]] | None = None,
+                 repeats: int = 2, seed: int = 0, progress=None) -> dict[str, Any]:
+    """Each method family at each target density over ``tokens`` causal tokens of
+    ``clustered_qkv``: measured density, error against exact attention, and speed-up over SDPA
+    timed in the same run. A family that fails ``full_budget_gate`` gets errors but no speed."""
+    say = progress or (lambda msg: None)
+    methods = methods if methods is not None else frontier_methods()
+    q, k, v = clustered_qkv(tokens, seed=seed)
+    say(f"frontier {tokens} tokens: exact reference and SDPA")
+    ref_out, ref_stats = longattn.attention(q, k, v, causal=True, method="dense", return_stats=True)
+    sdpa = time_call(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), warmup=1, repeats=repeats)
+    records = []
+    for name, make in methods.items():
+        gate, status = guarded(lambda: full_budget_gate(make, seed=seed))
+        for d in densities:
+            budget = budget_for_density(tokens, d)
+            say(f"frontier {tokens} tokens: {name} at density {d:.2f}")
+            rec: dict[str, Any] = {"part": "frontier", "method": name, "tokens": tokens, "target_density": d,
+                                   "budget": budget, "gate": gate, "status": "ok", "median_s": None,
+                                   "ratio_to_sdpa": None}
+            m = make(budget)
+            res, err = guarded(lambda: longattn.attention(q, k, v, causal=True, method=m, return_stats=True))
+            if err is not None:
+                rec["status"] = err
+                records.append(rec)
+                continue
+            out, st = res
+            rec.update(density=st.density, **_errors(out, st.lse, ref_out, ref_stats.lse))
+            if status is not None or not gate["passed"]:
+                rec["status"] = f"FAILED full-budget gate ({status or gate['max_abs_err']:.2e})" if status is None \
+                    else f"gate {status}"
+            elif not rec["finite"]:
+                rec["status"] = "FAILED: output not finite"
+            else:
+                t = time_call(lambda: longattn.attention(q, k, v, causal=True, method=m), warmup=0, repeats=repeats)
+                rec.update(median_s=t.median_s, min_s=t.min_s, max_s=t.max_s,
+                           ratio_to_sdpa=sdpa.median_s / t.median_s)
+            records.append(rec)
+    return {"tokens": tokens, "densities": list(densities), "sdpa": sdpa.as_dict(), "records": records}

@@ -127,6 +127,23 @@ def _qkv(w, cfg: Llama2cConfig, layer: int, x: torch.Tensor, pos: torch.Tensor):
     return rope_interleaved(q, pos, cfg.rope_theta), rope_interleaved(k, pos, cfg.rope_theta), v
 
 
+def _qkv_unrotated(w, cfg: Llama2cConfig, layer: int, x: torch.Tensor):
+    """The layer's q, k, v *before* RoPE with each head's channels reordered ``(0, 2, 4, …, 1, 3,
+    5, …)``: llama2.c rotates adjacent pairs ``(2i, 2i+1)``; after this reordering pair ``i`` sits at
+    ``(i, i + hd/2)``, the rotate-half layout of ``longattn.positions.RoPE``. The same reordering of
+    q and k leaves every ``q·k`` unchanged, so ``attention(q, k, v, position=RoPE(hd, theta))``
+    computes what the checkpoint computes — and methods that place positions themselves
+    (``own_positions``) get q/k they can rotate."""
+    b, t, _ = x.shape
+    hd = cfg.head_dim
+    h = _rmsnorm(x, w["rms_att"][layer], cfg.norm_eps)
+    order = torch.cat([torch.arange(0, hd, 2), torch.arange(1, hd, 2)])
+    q = (h @ w["wq"][layer].T).view(b, t, cfg.n_heads, hd)[..., order].transpose(1, 2)
+    k = (h @ w["wk"][layer].T).view(b, t, cfg.n_kv_heads, hd)[..., order].transpose(1, 2)
+    v = (h @ w["wv"][layer].T).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
+    return q, k, v
+
+
 def _finish_layer(w, cfg: Llama2cConfig, layer: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """Add the attention output ``o [B, H, T, hd]`` and the SwiGLU feed-forward to ``x``."""
     b, t, _ = x.shape
@@ -146,6 +163,7 @@ def forward(
     dtype: torch.dtype = torch.float64,
     attention: AttentionFn | None = None,
     capture: list | None = None,
+    method=None,
 ) -> torch.Tensor:
     """Logits ``[B, T, vocab]`` for ``tokens [B, T]`` at positions ``0 … T-1``.
 
@@ -153,7 +171,15 @@ def forward(
         attention: replaces the exact causal attention (e.g. a longattn method).
         capture: if a list, each layer's ``(q, k, v)`` after RoPE (``[B, H, T, hd]``,
             ``[B, Hkv, T, hd]``) is appended to it.
+        method: a longattn method (name or object) run as
+            ``longattn.attention(q, k, v, causal=True, method=method, position=RoPE(...))`` with
+            q/k unrotated, so methods that assign positions themselves (LongHeads) work too.
+            Excludes ``attention`` and ``capture``.
     """
+    if method is not None:
+        if attention is not None or capture is not None:
+            raise ValueError("forward: pass either method= or attention=/capture=, not both")
+        return _forward_with_method(model, tokens, method, dtype)
     cfg, w = model.config, {k: v.to(dtype) for k, v in model.weights.items()}
     pos = torch.arange(tokens.shape[1])
     x = w["tok_embeddings"][tokens]
@@ -167,6 +193,21 @@ def forward(
         else:
             o = attention(layer, q, k, v)
         x = _finish_layer(w, cfg, layer, x, o)
+    x = _rmsnorm(x, w["rms_final"], cfg.norm_eps)
+    head = w["tok_embeddings"] if cfg.shared_classifier else w["output"]
+    return x @ head.T
+
+
+def _forward_with_method(model: Llama2cModel, tokens: torch.Tensor, method, dtype: torch.dtype) -> torch.Tensor:
+    from longattn.core.positions import RoPE
+
+    cfg, w = model.config, {k: v.to(dtype) for k, v in model.weights.items()}
+    rope = RoPE(cfg.head_dim, cfg.rope_theta)
+    x = w["tok_embeddings"][tokens]
+    for layer in range(cfg.n_layers):
+        q, k, v = _qkv_unrotated(w, cfg, layer, x)
+        o = longattn.attention(q, k, v, causal=True, method=method, position=rope)
+        x = _finish_layer(w, cfg, layer, x, o.to(dtype))
     x = _rmsnorm(x, w["rms_final"], cfg.norm_eps)
     head = w["tok_embeddings"] if cfg.shared_classifier else w["output"]
     return x @ head.T
