@@ -237,3 +237,14 @@ def test_failed_auto_case_gets_a_tiled_fallback_record(tmp_path, monkeypatch):
     assert [r["status"].split(":")[0] for r in flaky] == ["error", "ok"]
     assert flaky[1]["fallback_for"] == "auto" and flaky[1]["backend"] == "tiled" and flaky[1]["path"] == "tiled"
     assert "flaky [tiled]" in (tmp_path / "report.md").read_text()
+
+
+def test_efficiency_length_is_the_crossover_that_holds():
+    from longattn.bench.harness import efficiency_length
+
+    assert efficiency_length([(1024, 0.5), (4096, 1.2), (16384, 3.0)]) == 4096
+    assert efficiency_length([(1024, 1.5), (4096, 0.9), (16384, 3.0)]) == 16384  # a dip resets it
+    assert efficiency_length([(1024, 1.1), (4096, 1.2)]) == 1024
+    assert efficiency_length([(1024, 2.0), (4096, 0.8)]) is None
+    assert efficiency_length([(1024, None), (4096, 1.3)]) == 4096
+    assert efficiency_length([]) is None

@@ -12,6 +12,7 @@
   float64 reference for those rows only (the method's own visible mask evaluated at their
   positions, never an ``N × N`` tensor) and compares them with the method's output rows.
 * ``attention_flops``: ``4 · visible pairs · head_dim · heads · batch`` from the exact masked area.
+* ``efficiency_length``: the crossover with dense, from ratios measured at several lengths.
 * ``run_attention_case``: one benchmark case (first call with stats, gate, timing, memory,
   FLOPs); every failure is recorded in the returned dict, never raised.
 * ``machine_info``: what the numbers were measured on.
@@ -373,6 +374,20 @@ def attention_flops(tokens_q: int, tokens_k: int, causal: bool, *, head_dim: int
     dimension for ``Q Kᵀ`` and again for ``P V``; visible pairs = ``density ×`` the dense pairs
     (the causal triangle for causal attention)."""
     return 4.0 * density * dense_pairs(tokens_q, tokens_k, causal) * head_dim * heads * batch
+
+
+def efficiency_length(points) -> int | None:
+    """The efficiency length (crossover with dense) from ``(length, ratio_to_sdpa)`` pairs: the
+    smallest length run from which the method is at least as fast as SDPA at that length and
+    every larger one run (None: slower at the largest length, or no ratios). Lengths whose ratio
+    is None (not timed, failed) are skipped."""
+    pts = sorted((int(n), float(r)) for n, r in points if r is not None)
+    best = None
+    for n, r in reversed(pts):
+        if r < 1.0:
+            break
+        best = n
+    return best
 
 
 # -- failures --------------------------------------------------------------------------------

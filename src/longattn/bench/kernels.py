@@ -253,6 +253,7 @@ def run_kernels_suite(
         results["wall_s"] = time.perf_counter() - t_start
         results["machine"]["load_average_at_end"] = harness.load_average()
         results["time_spent"] = time_spent(records)
+        results["efficiency_length"] = efficiency_lengths(records)
         _write_json(out / "results.json", results)
         (out / "report.md").write_text(render_report(results))
     console.print(summary_table(results))
@@ -329,6 +330,22 @@ def time_spent(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     order = lambda d: dict(sorted(d.items(), key=lambda kv: -kv[1]))  # noqa: E731
     return {"by_label": order(by_label), "by_tokens": by_tokens, "by_mode": by_mode,
             "first_calls_s": first_calls, "cases_s": sum(by_label.values())}
+
+
+def efficiency_lengths(records: Sequence[dict[str, Any]]) -> dict[str, int | None]:
+    """``"label · causal|non-causal" -> efficiency length`` (``harness.efficiency_length``: the
+    smallest length from which the method keeps up with SDPA) for every method case run."""
+    out: dict[str, int | None] = {}
+    for r in records:
+        if r["label"] == BASELINE:
+            continue
+        key = f"{_label(r)} · {'causal' if r['causal'] else 'non-causal'}"
+        if key in out:
+            continue
+        pts = [(x["tokens"], x.get("ratio_to_sdpa")) for x in records
+               if _label(x) == _label(r) and x["causal"] == r["causal"]]
+        out[key] = harness.efficiency_length(pts)
+    return out
 
 
 # -- formatting --------------------------------------------------------------------------------
@@ -530,6 +547,14 @@ def render_report(results: dict[str, Any]) -> str:
                 f"{_mb(r.get('peak_mem_bytes'))} | "
                 f"{_short_status(r)} |"
             )
+        lines.append("")
+    eff = results.get("efficiency_length") or efficiency_lengths(recs)
+    if eff:
+        lines += ["## Efficiency length", "",
+                  "The smallest length run from which the method is at least as fast as SDPA at every larger "
+                  "length run (— : still slower at the largest).", "",
+                  "| method · mode | efficiency length |", "|---|---:|"]
+        lines += [f"| {k} | {v if v is not None else '—'} |" for k, v in eff.items()]
         lines.append("")
     lines += ["## All cases", ""]
     threads = mach.get("torch_threads") or 1
