@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 OUT    ?= bench-out
 
-.PHONY: setup test bench clean
+.PHONY: setup test bench clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,27 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-test: setup
+# tests/test_report_html.py renders report.html in headless Chromium (Debian's `chromium`
+# package). Install it when missing: as root, else through passwordless sudo; otherwise say so and
+# go on (that test then skips, or fails where CI is set). The non-interactive front end and `-y`
+# keep apt from waiting on stdin, which CI does not have.
+APT_INSTALL := env DEBIAN_FRONTEND=noninteractive apt-get
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then \
+	  :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "note: chromium is not installed and apt-get is unavailable; the report.html rendering test will skip (or fail under CI)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  $(APT_INSTALL) update -q && $(APT_INSTALL) install -y -q --no-install-recommends chromium \
+	    || echo "note: installing chromium with apt-get failed; the report.html rendering test will skip (or fail under CI)"; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+	  sudo -n $(APT_INSTALL) update -q && sudo -n $(APT_INSTALL) install -y -q --no-install-recommends chromium \
+	    || echo "note: installing chromium with sudo apt-get failed; the report.html rendering test will skip (or fail under CI)"; \
+	else \
+	  echo "note: chromium is not installed and neither root nor passwordless sudo is available; run 'apt-get install chromium' to enable the report.html rendering test"; \
+	fi
+
+test: setup chromium
 	$(PY) -m pytest
 
 bench: setup
