@@ -42,7 +42,7 @@ test: setup chromium
 	$(PY) -m pytest
 
 bench: setup
-	$(VENV)/bin/longattn bench --suite kernels --out $(OUT)
+	$(VENV)/bin/longattn bench --out $(OUT)
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .hypothesis

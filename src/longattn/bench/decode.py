@@ -1,0 +1,843 @@
+"""The ``decode`` suite: the time and memory of one decoding step against the length of the cache.
+
+A decoding step is one new query (fp32, batch 1, 8 query heads, head_dim 64) attending over a
+KV cache of ``cache`` tokens, run for MHA (8 key-value heads) and GQA (2 key-value heads, 4 query
+heads per group). For every cache length, torch SDPA over the whole cache is timed in the same
+run as the baseline, then each method:
+
+* ``dense`` / ``dense_chunked``: longattn's exact kernels (SDPA through the API, the online-softmax
+  tiled kernel) — what the API costs over plain SDPA;
+* ``streaming``: attention sinks + recent window (StreamingLLM, Xiao et al. 2024), exact on its
+  mask; the only method here whose cache may be cut to ``sinks + window`` tokens;
+* ``landmark`` / ``quest``: block retrieval (Mohtashami & Jaggi 2023; Tang et al. 2024) at a budget
+  of keys, on block summaries the decode loop keeps (``attention(..., summaries=)``), as
+  ``longattn.bench.sparse_speed.run_decode`` does;
+* ``tokenselect``: per-head top-``budget`` keys by ``q·k`` (Wu et al. 2024);
+* ``recycled``: Recycled Attention (Xu et al. 2024), a full step every ``stride`` queries; one of
+  its steps is timed as a call with ``stride`` queries (one full step, ``stride − 1`` recycled)
+  divided by ``stride``: the cost amortised over its schedule.
+
+Inputs are retrieval-shaped (``sparse_speed.clustered_qkv``): on i.i.d. Gaussian q/k attention is
+flat and every selection's error is large and meaningless. The decode queries are the last
+``STEP_QUERIES`` query rows, each in turn the new query at the cache's end.
+
+Per record:
+
+* ``step_s`` — median over the timed steps (each sample one step, cycling through the queries),
+  with ``min_step_s``/``max_step_s``; ``ratio_to_sdpa`` = SDPA's median step / the method's
+  (> 1: faster than SDPA).
+* the gate, before any timing: an output with a non-finite value gets no speed figure; methods
+  that claim to be exact (``dense``, ``dense_chunked``, ``streaming`` on its own mask) must match
+  the float64 reference within ``harness.ATOL``/``RTOL`` or they are marked ``FAILED accuracy``.
+  Approximate methods report ``rel_err`` (‖out − exact‖ / ‖exact‖) and ``recall`` (mean of
+  ``exp(lse − lse_exact)``, the share of the true softmax mass inside what was attended), always
+  against exact attention over the whole cache.
+* ``kv_bytes`` (= ``kv_read_bytes``): bytes of K/V one step reads, by the method's algorithm (see
+  ``kv_accounting``); ``kv_kept_bytes``: bytes the method must keep in memory for later steps
+  (``kv_kept_what`` says what: the whole cache for retrieval methods, ``sinks + window`` for
+  streaming).
+* ``peak_mem_bytes``: RSS growth during the first timed step (``harness.time_call``), approximate.
+* ``efficiency_length``: the smallest cache length run from which the method beats SDPA at that
+  length and every larger one (``harness.efficiency_length``), and ``crossover_estimate``, the
+  length where the ratio crosses 1 by log-log interpolation between the lengths run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import longattn
+from longattn.bench import harness
+from longattn.bench.sparse_speed import clustered_qkv
+from longattn.methods.base import Method
+from longattn.sparse.summaries import BlockSummaries
+
+QUICK_CACHES: tuple[int, ...] = (4096, 16384, 65536)
+FULL_CACHES: tuple[int, ...] = (4096, 16384, 65536, 131072, 262144)
+HEADS, HEAD_DIM = 8, 64
+#: key-value heads per layout: MHA, and GQA with 4 query heads per key-value head
+KV_HEADS: tuple[int, ...] = (8, 2)
+#: the sparse methods' common setting (as in sparse_speed.run_decode): 2048 keys per step, in
+#: 128-key blocks (decode reads every block summary per step; 128 halves that traffic against 64)
+BUDGET, BLOCK, SINKS, WINDOW = 2048, 128, 128, 256
+STRIDE = 16
+#: distinct decode queries (each in turn the new query at the cache's end): the gate checks all
+#: of them and the timed steps cycle through them
+STEP_QUERIES = 8
+BASELINE = "sdpa"
+
+
+@dataclass(frozen=True)
+class DecodeCase:
+    """One method configuration of the suite.
+
+    ``make()`` builds the method; ``kind`` decides how a step is run and its K/V counted:
+    ``"dense"`` (every key), ``"window"`` (sinks + window), ``"blocks"`` (block retrieval on the
+    loop's ``BlockSummaries``; ``summary_reads`` = summary tensors scored per step: 1 for mean keys,
+    2 for min/max), ``"tokens"`` (scores every key, reads the selected values) or ``"recycled"``.
+    ``default``: run when no ``methods`` are named.
+    """
+
+    label: str
+    make: Callable[[], Method]
+    kind: str
+    params: str = ""
+    summary_reads: int = 0
+    default: bool = True
+    note: str = ""
+
+
+def default_cases() -> list[DecodeCase]:
+    """The methods the suite times against SDPA (``loki`` only when asked for by name)."""
+    m = longattn.method
+    blocks = dict(budget=BUDGET, block=BLOCK, q_block=1, sinks=SINKS, window=WINDOW)
+    block_params = f"budget={BUDGET}, block={BLOCK}, sinks={SINKS}, window={WINDOW}"
+    return [
+        DecodeCase("dense", lambda: m("dense"), "dense", "torch SDPA through longattn.attention"),
+        DecodeCase("dense_chunked", lambda: m("dense_chunked"), "dense", "chunk=2048 (tiled online softmax)"),
+        DecodeCase("streaming", lambda: m("streaming", sinks=SINKS, window=BUDGET - SINKS, backend="tiled"), "window",
+                   f"sinks={SINKS}, window={BUDGET - SINKS}, backend=tiled",
+                   note="backend='tiled': 'auto' would compile a FlexAttention kernel per cache length for one query"),
+        DecodeCase("landmark", lambda: m("landmark", **blocks), "blocks", block_params, summary_reads=1),
+        DecodeCase("quest", lambda: m("quest", **blocks), "blocks", block_params, summary_reads=2),
+        DecodeCase("tokenselect", lambda: m("tokenselect", budget=BUDGET), "tokens", f"budget={BUDGET}"),
+        DecodeCase("recycled", lambda: m("recycled", stride=STRIDE, budget=BUDGET), "recycled",
+                   f"stride={STRIDE}, budget={BUDGET}",
+                   note=f"step = a call with {STRIDE} queries (1 full + {STRIDE - 1} recycled) / {STRIDE}"),
+        DecodeCase("loki", lambda: m("loki", budget=BUDGET), "tokens", f"budget={BUDGET}, rank_dims=16", default=False,
+                   note="refits the key PCA every call (a real cache would fit it once)"),
+    ]
+
+
+def select_cases(cases: Sequence[DecodeCase], names: Iterable[str] | None) -> list[DecodeCase]:
+    """The default cases, or those named (``"sdpa"`` is accepted: the baseline always runs).
+    Unknown names raise ``ValueError`` listing the known ones."""
+    if names is None:
+        return [c for c in cases if c.default]
+    wanted = [n.strip() for n in names if n.strip()]
+    known = [BASELINE] + [c.label for c in cases]
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) for the decode suite: {', '.join(unknown)}; known: {', '.join(known)}")
+    return [c for c in cases if c.label in wanted]
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+
+def decode_inputs(cache: int, kv_heads: int, *, heads: int = HEADS, head_dim: int = HEAD_DIM,
+                  queries: int = STEP_QUERIES, seed: int = 0):
+    """``q [1, heads, queries, D]``, ``k, v [1, kv_heads, cache, D]`` float32, retrieval-shaped.
+
+    For GQA the ``heads / kv_heads`` query heads of a group are drawn from the topics of their
+    key-value head (``clustered_qkv`` over ``kv_heads`` heads with ``group × queries`` query rows,
+    split among the group), so every query head has keys worth retrieving."""
+    if heads % kv_heads:
+        raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
+    group = heads // kv_heads
+    q, k, v = clustered_qkv(cache, tokens_q=group * queries, heads=kv_heads, head_dim=head_dim, seed=seed)
+    # query head h reads key-value head h // group (the GQA convention of SDPA's enable_gqa)
+    q = q.view(1, kv_heads, group, queries, head_dim).reshape(1, heads, queries, head_dim).contiguous()
+    return q, k, v
+
+
+def memory_needed(cache: int, kv_heads: int, heads: int = HEADS, head_dim: int = HEAD_DIM) -> int:
+    """Rough peak bytes of one cache length: the float32 cache with the generator's temporaries
+    (about 3×) and the float64 scores of the reference (``exact_reference``)."""
+    kv32 = 2 * kv_heads * cache * head_dim * 4
+    scores64 = 2 * heads * max(STEP_QUERIES, STRIDE) * cache * 8
+    return 3 * kv32 + scores64
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes, or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+# -- K/V accounting ----------------------------------------------------------------------------
+
+
+def kv_accounting(case: DecodeCase | None, method: Method | None, cache: int, heads: int, kv_heads: int,
+                  head_dim: int, attended: float) -> dict[str, Any]:
+    """Bytes of K/V (float32) one step reads, and bytes the method must keep, by its algorithm.
+
+    ``attended``: keys attended per query head (measured). A row is one head's key or value
+    (``head_dim × 4`` bytes). Selective methods gather their rows per *query* head; with GQA the
+    heads of a group may choose the same row, so the count is capped at the whole cache (no step
+    reads more distinct rows than exist). Dense methods read per key-value head. Reads of the eager
+    implementations can be larger (TokenSelect's eager kernel masks every key instead of
+    gathering); the figures are what the algorithm needs.
+    """
+    row = head_dim * 4
+    full = 2 * kv_heads * cache * row
+    kind = "dense" if case is None else case.kind
+    if kind == "dense":
+        return {"kv_read_bytes": full, "kv_kept_bytes": full, "kv_kept_what": "whole cache"}
+    if kind == "window":
+        keep = min(cache, int(getattr(method, "sinks", 0)) + int(getattr(method, "window", cache)))
+        b = 2 * kv_heads * keep * row
+        return {"kv_read_bytes": b, "kv_kept_bytes": b, "kv_kept_what": f"sinks + window ({keep} tokens)"}
+    if kind == "blocks":
+        n_blocks = math.ceil(cache / int(getattr(method, "block", BLOCK)))
+        summary = kv_heads * n_blocks * row
+        read = min(2 * heads * attended * row, full) + case.summary_reads * summary
+        # the loop keeps sums, min and max per block for every method of the family
+        return {"kv_read_bytes": int(read), "kv_kept_bytes": full + 3 * summary,
+                "kv_kept_what": "whole cache + block summaries (sum, min, max)"}
+    if kind == "tokens":
+        read = full / 2 + min(heads * attended * row, full / 2)  # every key scored, chosen values read
+        return {"kv_read_bytes": int(read), "kv_kept_bytes": full, "kv_kept_what": "whole cache"}
+    if kind == "recycled":
+        stride = int(getattr(method, "stride", STRIDE))
+        budget = int(getattr(method, "budget", BUDGET))
+        recycled = min(2 * heads * min(cache, budget + stride / 2) * row, full)
+        read = (full + (stride - 1) * recycled) / stride
+        return {"kv_read_bytes": int(read), "kv_kept_bytes": full,
+                "kv_kept_what": "whole cache (every full step reads it)"}
+    raise ValueError(f"unknown decode case kind {kind!r}")
+
+
+# -- the gate ----------------------------------------------------------------------------------
+
+
+def compare(out: torch.Tensor, lse: torch.Tensor | None, ref: torch.Tensor, ref_lse: torch.Tensor) -> dict[str, Any]:
+    """Errors of ``out [B, H, n, D]`` (and its LSE) against a float64 reference of the same rows."""
+    got = out.to(torch.float64)
+    finite = bool(torch.isfinite(got).all())
+    diff = got - ref
+    ref_norm = float(ref.norm())
+    rec: dict[str, Any] = {"finite": finite}
+    rec["max_abs_err"] = float(diff.abs().max()) if finite else math.inf
+    rec["rel_err"] = (float(diff.norm()) / ref_norm if ref_norm > 0 else 0.0) if finite else math.inf
+    if lse is not None and finite:
+        l64 = lse.to(torch.float64)
+        rec["recall"] = float(torch.exp(l64 - ref_lse).clamp(max=1.0).mean())
+        rec["lse_max_err"] = float((l64 - ref_lse).abs().max())
+    else:
+        rec["recall"] = None
+        rec["lse_max_err"] = None
+    return rec
+
+
+def gate_of(err: dict[str, Any], rows: int, exact: bool) -> harness.GateResult:
+    """The gate: exact methods must match within the harness tolerances, every method must give
+    finite output."""
+    reasons = []
+    if not err["finite"]:
+        reasons.append("non-finite output")
+    elif exact:
+        if err["max_abs_err"] > harness.ATOL:
+            reasons.append(f"max abs error {err['max_abs_err']:.3g} > {harness.ATOL:g}")
+        if err["rel_err"] > harness.RTOL:
+            reasons.append(f"relative error {err['rel_err']:.3g} > {harness.RTOL:g}")
+        if err["lse_max_err"] is not None and err["lse_max_err"] > harness.LSE_ATOL:
+            reasons.append(f"LSE error {err['lse_max_err']:.3g} > {harness.LSE_ATOL:g}")
+    return harness.GateResult(
+        passed=not reasons, max_abs_err=err["max_abs_err"], rel_err=err["rel_err"], lse_max_err=err["lse_max_err"],
+        rows=rows, atol=harness.ATOL if exact else math.inf, rtol=harness.RTOL if exact else math.inf,
+        reason="; ".join(reasons),
+    )
+
+
+def exact_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos: torch.Tensor | None = None,
+                    key_mask: torch.Tensor | None = None, chunk: int = 16384):
+    """Float64 attention of a few queries over a long cache: ``(out [B, Hq, n, D], lse [B, Hq, n])``.
+
+    ``q [B, Hq, n, D]``, ``k, v [B, Hkv, T, D]``; ``q_pos`` ``[n]``: each query sees keys at or
+    before its position (None: every key); ``key_mask`` bool ``[T]``: keys visible at all. Same
+    result as ``longattn.reference_attention``, but the query heads of a GQA group are folded
+    into the query axis and the cache is converted to float64 a chunk at a time, so no float64
+    copy of the whole cache (repeated per query head) is made."""
+    b, hq, n, d = q.shape
+    hk, tk = k.shape[1], k.shape[2]
+    g = hq // hk
+    scale = 1.0 / math.sqrt(d)
+    q64 = q.to(torch.float64).reshape(b, hk, g * n, d)
+    rows_pos = None if q_pos is None else q_pos.repeat(g)  # row j·n + i is query i of group member j
+    scores = []
+    for c0 in range(0, tk, chunk):
+        c1 = min(c0 + chunk, tk)
+        s = torch.matmul(q64, k[:, :, c0:c1].to(torch.float64).transpose(-1, -2)).mul_(scale)
+        allowed = None
+        if rows_pos is not None:
+            allowed = torch.arange(c0, c1)[None, :] <= rows_pos[:, None]
+        if key_mask is not None:
+            allowed = key_mask[c0:c1][None, :] if allowed is None else allowed & key_mask[c0:c1][None, :]
+        if allowed is not None:
+            s.masked_fill_(~allowed, -math.inf)
+        scores.append(s)
+    lse = torch.logsumexp(torch.cat(scores, -1), -1)  # [B, Hkv, g·n]
+    out = torch.zeros(b, hk, g * n, d, dtype=torch.float64)
+    for s, c0 in zip(scores, range(0, tk, chunk)):
+        w = torch.exp(s - lse[..., None]).nan_to_num_(0.0)
+        out += torch.matmul(w, v[:, :, c0:c0 + s.shape[-1]].to(torch.float64))
+    return out.view(b, hq, n, d), lse.view(b, hq, n)
+
+
+def _own_mask_reference(method: Method, q, k, v, ref, ref_lse):
+    """Reference on the method's own visible mask for queries at the cache's last position (the
+    full-cache reference when that mask shows every key)."""
+    tk = k.shape[2]
+    allowed = harness.rows_mask(method.visible_mask(1, tk, True), 1, 1, torch.zeros(1, dtype=torch.long), 1, tk)
+    if allowed is None or bool(allowed.all()):
+        return ref, ref_lse
+    if allowed.shape[:3] != (1, 1, 1):  # a mask that depends on batch or head
+        return longattn.reference_attention(q, k, v, mask=allowed)
+    return exact_reference(q, k, v, key_mask=allowed.reshape(tk))
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def run_decode_suite(
+    out_dir: str | Path,
+    *,
+    full: bool = False,
+    lengths: Sequence[int] | None = None,
+    methods: Iterable[str] | None = None,
+    seed: int = 0,
+    console: Console | None = None,
+    kv_heads: Sequence[int] = KV_HEADS,
+    heads: int = HEADS,
+    head_dim: int = HEAD_DIM,
+    timed_steps: int | None = None,
+    cases: Sequence[DecodeCase] | None = None,
+) -> dict[str, Any]:
+    """Run the suite, write ``results.json`` and ``report.md`` into ``out_dir``, return the results.
+
+    Args:
+        full: caches up to 262144 tokens (those the memory allows; default: 4096, 16384, 65536).
+        lengths: explicit cache lengths (overrides ``full``).
+        methods: case labels to run (see ``default_cases``); SDPA always runs.
+        kv_heads: key-value head counts to run (each divides ``heads``).
+        timed_steps: timed steps per case (default 16 quick, 32 full); fewer once a case has
+            spent its time budget.
+        cases: replace the case list (tests inject their own methods this way).
+        console: where the progress bar and tables go.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    console = console or Console()
+    caches = sorted({int(n) for n in lengths}) if lengths else list(FULL_CACHES if full else QUICK_CACHES)
+    if any(n < 2 for n in caches):
+        raise ValueError(f"lengths (cache tokens) must be at least 2, got {caches}")
+    layouts = [int(h) for h in kv_heads]
+    bad = [h for h in layouts if h < 1 or heads % h]
+    if bad:
+        raise ValueError(f"kv_heads must divide heads={heads}, got {bad}")
+    chosen = select_cases(cases if cases is not None else default_cases(), methods)
+    n_timed = timed_steps or (32 if full else 16)
+    max_case_s = 20.0 if full else 4.0
+    results: dict[str, Any] = {
+        "suite": "decode",
+        "machine": harness.machine_info(seed),
+        "config": {
+            "caches": caches, "lengths": caches, "heads": heads, "kv_heads": layouts, "head_dim": head_dim,
+            "batch": 1, "dtype": "float32", "seed": seed, "inputs": "sparse_speed.clustered_qkv",
+            "step_queries": STEP_QUERIES, "timed_steps": n_timed, "case_max_seconds": max_case_s,
+            "budget": BUDGET, "block": BLOCK, "baseline": "torch.nn.functional.scaled_dot_product_attention "
+            "(one query over the whole cache; enable_gqa for GQA)",
+            "gate_atol": harness.ATOL, "gate_rtol": harness.RTOL, "lse_atol": harness.LSE_ATOL,
+            "cases": {c.label: c.params for c in chosen}, "notes": {c.label: c.note for c in chosen if c.note},
+        },
+        "records": [],
+        "inputs": [],
+    }
+    records: list[dict[str, Any]] = results["records"]
+    t_start = time.perf_counter()
+    try:
+        with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task("decode", total=len(caches) * len(layouts) * (1 + len(chosen)))
+            for cache in caches:
+                for hkv in layouts:
+                    _run_layout(cache, hkv, heads, head_dim, chosen, seed, n_timed, max_case_s, results,
+                                progress, task, out)
+    finally:
+        finish(results, t_start)
+        write_results(out, results, render_report(results))
+    console.print(summary_table(results))
+    console.print(f"wrote {out / 'results.json'} and {out / 'report.md'} ({len(records)} records, "
+                  f"{results['wall_s']:.0f} s)")
+    return results
+
+
+def _common(cache, hkv, heads, head_dim) -> dict[str, Any]:
+    return dict(suite="decode", cache=cache, tokens=cache, kv_heads=hkv, heads=heads, head_dim=head_dim,
+                layout="MHA" if hkv == heads else f"GQA {heads}:{hkv}", causal=True, dtype="float32")
+
+
+def _run_layout(cache, hkv, heads, head_dim, chosen, seed, n_timed, max_case_s, results, progress, task, out):
+    """Every case at one cache length and key-value head count."""
+    records = results["records"]
+    common = _common(cache, hkv, heads, head_dim)
+    labels = [BASELINE] + [c.label for c in chosen]
+
+    def skip_all(status: str) -> None:
+        for lab in labels:
+            records.append({**common, "method": lab, "budget": None, "status": status, "step_s": None,
+                            "ratio_to_sdpa": None})
+            progress.advance(task)
+        _write_json(out / "results.json", results)
+
+    need, avail = memory_needed(cache, hkv, heads, head_dim), available_memory()
+    if avail is not None and need > 0.8 * avail:
+        skip_all(f"oom: needs about {need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available (not run)")
+        return
+    progress.update(task, description=f"inputs · cache {cache} · {common['layout']}")
+    t0 = time.perf_counter()
+    res, status = harness.guarded(lambda: _prepare(cache, hkv, heads, head_dim, seed))
+    if status is not None:
+        skip_all(f"inputs {status}")
+        return
+    q_all, k, v, ref_all, ref_lse_all = res
+    # single-step cases use the last STEP_QUERIES queries; recycled takes a block of its stride
+    q, ref, ref_lse = q_all[:, :, -STEP_QUERIES:], ref_all[:, :, -STEP_QUERIES:], ref_lse_all[:, :, -STEP_QUERIES:]
+    info = {"cache": cache, "kv_heads": hkv, "prepare_s": time.perf_counter() - t0, "summaries_build_s": {}}
+    results["inputs"].append(info)
+    summaries = _SummaryCache(k, info["summaries_build_s"])
+    qs = [q[:, :, i:i + 1] for i in range(q.shape[2])]
+    gqa = hkv != heads
+
+    # the baseline: SDPA over the whole cache
+    progress.update(task, description=f"{BASELINE} · cache {cache} · {common['layout']}")
+    t0 = time.perf_counter()
+    rec = {**common, "method": BASELINE, "registry_name": None, "budget": None, "params": "whole cache",
+           "status": "ok", "exact": True}
+    _step_case(rec, lambda i: F.scaled_dot_product_attention(qs[i % len(qs)], k, v, enable_gqa=gqa),
+               lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa), None, ref, ref_lse, None, None,
+               n_timed, max_case_s, per_call=1)
+    rec.update(kv_accounting(None, None, cache, heads, hkv, head_dim, cache))
+    rec["attended_keys"] = float(cache)
+    rec["flops"] = harness.attention_flops(1, cache, False, head_dim=head_dim, heads=heads, batch=1)
+    rec["wall_s"] = time.perf_counter() - t0
+    sdpa_step = rec.get("step_s")
+    _finish_record(rec, sdpa_step, records, out, results)
+    progress.advance(task)
+
+    for case in chosen:
+        progress.update(task, description=f"{case.label} · cache {cache} · {common['layout']}")
+        t0 = time.perf_counter()
+        rec = _run_case(case, common, q, q_all, k, v, qs, ref, ref_lse, summaries, n_timed, max_case_s, heads, hkv,
+                        head_dim)
+        rec["wall_s"] = time.perf_counter() - t0
+        _finish_record(rec, sdpa_step, records, out, results)
+        progress.advance(task)
+
+
+def _prepare(cache, hkv, heads, head_dim, seed):
+    q, k, v = decode_inputs(cache, hkv, heads=heads, head_dim=head_dim, queries=max(STEP_QUERIES, STRIDE), seed=seed)
+    # exact attention of every decode query over the whole cache (each sits at the cache's end)
+    ref, ref_lse = exact_reference(q, k, v)
+    return q, k, v, ref, ref_lse
+
+
+class _SummaryCache:
+    """The block summaries a decode loop keeps for this cache, built once per block size (their
+    build time goes to ``build_s``, outside every step)."""
+
+    def __init__(self, k: torch.Tensor, build_s: dict[str, float]):
+        self.k, self.build_s, self._by_block = k, build_s, {}
+
+    def get(self, block: int) -> BlockSummaries:
+        if block not in self._by_block:
+            t0 = time.perf_counter()
+            self._by_block[block] = BlockSummaries.build(self.k, block)
+            self.build_s[str(block)] = time.perf_counter() - t0
+        return self._by_block[block]
+
+
+def _run_case(case: DecodeCase, common, q, q_all, k, v, qs, ref, ref_lse, summaries, n_timed, max_case_s,
+              heads, hkv, head_dim) -> dict[str, Any]:
+    rec: dict[str, Any] = {**common, "method": case.label, "params": case.params, "kind": case.kind,
+                           "status": "ok", "note": case.note or None}
+    method, status = harness.guarded(case.make)
+    if status is not None:
+        rec.update(status=status, registry_name=None, budget=None, step_s=None)
+        return rec
+    rec["registry_name"] = method.name
+    rec["budget"] = getattr(method, "budget", None) if case.kind != "window" else \
+        getattr(method, "sinks", 0) + getattr(method, "window", 0)
+    rec["exact"] = bool(method.capabilities.exact)
+    cache = k.shape[2]
+    if case.kind == "recycled":
+        stride = int(getattr(method, "stride", STRIDE))
+        q_blk = q_all[:, :, -stride:] if q_all.shape[2] >= stride else None
+        if q_blk is None:
+            rec.update(status=f"unsupported: needs {stride} decode queries, the suite has {q_all.shape[2]}",
+                       step_s=None)
+            return rec
+        # a group's queries sit at the last ``stride`` positions; exact reference causal over them
+        g_ref, g_ref_lse = exact_reference(q_blk, k, v, q_pos=torch.arange(cache - stride, cache))
+
+        def call_all():
+            return longattn.attention(q_blk, k, v, causal=True, method=method, return_stats=True)
+
+        _step_case(rec, lambda i: longattn.attention(q_blk, k, v, causal=True, method=method), call_all,
+                   "stats", g_ref, g_ref_lse, None, None, n_timed, max_case_s, per_call=stride)
+    else:
+        kw = {"summaries": summaries.get(int(getattr(method, "block", BLOCK)))} if case.kind == "blocks" else {}
+        exact_ref = None
+        if rec["exact"]:
+            exact_ref, status = harness.guarded(lambda: _own_mask_reference(method, q, k, v, ref, ref_lse))
+            if status is not None:
+                rec.update(status=f"gate {status}", step_s=None)
+                return rec
+
+        def call_all():
+            outs, lses, dens, t_first = [], [], [], None
+            for qi in qs:
+                t0 = time.perf_counter()
+                o, st = longattn.attention(qi, k, v, causal=True, method=method, return_stats=True, **kw)
+                t_first = time.perf_counter() - t0 if t_first is None else t_first
+                outs.append(o)
+                lses.append(st.lse)
+                dens.append(st.density)
+            lse = None if any(x is None for x in lses) else torch.cat(lses, 2)
+            return torch.cat(outs, 2), lse, dens, t_first, st
+
+        _step_case(rec, lambda i: longattn.attention(qs[i % len(qs)], k, v, causal=True, method=method, **kw),
+                   call_all, "steps", ref, ref_lse, exact_ref, rec["exact"], n_timed, max_case_s, per_call=1)
+        if case.kind == "blocks" and rec["status"] == "ok":
+            rec["summary_append_s"] = _summary_append_s(kw["summaries"], k)
+    density = rec.get("density")
+    attended = (density if density is not None else 1.0) * cache
+    if case.kind == "recycled" and density is not None:
+        stride = int(getattr(method, "stride", STRIDE))
+        # stats density of a causal block of ``stride`` queries is over its causal pairs
+        attended = density * (stride * cache - stride * (stride - 1) / 2) / stride
+    rec["attended_keys"] = attended
+    rec.update(kv_accounting(case, method, cache, heads, hkv, head_dim, attended))
+    rec["flops"] = harness.attention_flops(1, max(1, round(attended)), False, head_dim=head_dim, heads=heads, batch=1)
+    return rec
+
+
+def _step_case(rec, step, first, kind, ref, ref_lse, exact_ref, exact, n_timed, max_case_s, *, per_call):
+    """Fill ``rec``: first call(s) and the gate, then timed steps. ``step(i)`` runs step ``i``;
+    ``first()`` gives every gated output at once: a tensor (``kind=None``), ``(out, stats)``
+    (``"stats"``) or ``(out, lse, densities, first_call_s, stats)`` (``"steps"``)."""
+    t0 = time.perf_counter()
+    res, status = harness.guarded(first)
+    if status is not None:
+        rec.update(status=status, step_s=None)
+        return
+    lse, dens = None, None
+    if kind is None:
+        out = res
+        rec["first_call_s"] = (time.perf_counter() - t0) / max(1, out.shape[2])
+    elif kind == "stats":
+        out, st = res
+        lse, dens = st.lse, [st.density]
+        rec["first_call_s"] = time.perf_counter() - t0
+        rec["path"] = st.path
+    else:
+        out, lse, dens, rec["first_call_s"], st = res
+        rec["path"] = st.path
+        if st.extra.get("path_detail"):
+            rec["path"] = f"{st.path} ({st.extra['path_detail']})"
+    if dens and all(d is not None for d in dens):
+        rec["density"] = sum(dens) / len(dens)
+    err = compare(out, lse, ref, ref_lse)
+    rec.update(rel_err=err["rel_err"], max_abs_err=err["max_abs_err"], recall=err["recall"], finite=err["finite"])
+    if exact_ref is not None or (rec.get("exact") and kind is None):
+        own = compare(out, lse, *(exact_ref or (ref, ref_lse)))
+        gate = gate_of(own, out.shape[2], True)
+    else:
+        gate = gate_of(err, out.shape[2], False)
+    rec["gate"] = gate.as_dict()
+    if not gate.passed:
+        rec.update(status="FAILED accuracy" if err["finite"] else "FAILED: non-finite output", step_s=None)
+        return
+    counter = iter(range(10**9))
+    timing, status = harness.guarded(lambda: harness.time_call(
+        lambda: step(next(counter)), warmup=2, repeats=n_timed, max_seconds=max_case_s, track_memory=True))
+    if status is not None:
+        rec.update(status=status, step_s=None)
+        return
+    samples = [s / per_call for s in timing.samples]
+    rec.update(
+        step_s=timing.median_s / per_call, min_step_s=timing.min_s / per_call, max_step_s=timing.max_s / per_call,
+        spread_s=timing.spread_s / per_call, samples=samples, steps_per_sample=per_call,
+        n_samples=len(samples), peak_mem_bytes=timing.peak_mem_bytes, cpu_s=timing.cpu_s,
+        load_1m=(harness.load_average() or [None])[0],
+    )
+
+
+def _summary_append_s(summaries: BlockSummaries, k: torch.Tensor, repeats: int = 5) -> float:
+    """Median time to fold one new key into the block summaries (on copies: the timed call must
+    not grow the summaries the steps reuse)."""
+    k_new = k[:, :, -1:]
+    times = []
+    for _ in range(repeats):
+        c = BlockSummaries(summaries.block, summaries.sums.clone(), summaries.kmin.clone(), summaries.kmax.clone(),
+                           summaries.count.clone(), summaries.tokens)
+        t0 = time.perf_counter()
+        c.append(k_new)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _finish_record(rec, sdpa_step, records, out, results) -> None:
+    rec["sdpa_step_s"] = sdpa_step
+    step = rec.get("step_s")
+    rec["ratio_to_sdpa"] = sdpa_step / step if (sdpa_step and step) else None
+    rec["kv_bytes"] = rec.get("kv_read_bytes")
+    for key in ("budget", "step_s", "rel_err", "recall", "kv_read_bytes", "kv_kept_bytes", "peak_mem_bytes"):
+        rec.setdefault(key, None)
+    records.append(rec)
+    _write_json(out / "results.json", results)
+
+
+# -- efficiency length -------------------------------------------------------------------------
+
+
+def crossover_estimate(points: Iterable[tuple[int, float | None]]) -> float | None:
+    """Where the speed ratio crosses 1, by linear interpolation of ``log ratio`` against
+    ``log length`` between the last length run where the method is slower and the next one,
+    from which it stays faster. None when it never gets ahead or is ahead from the smallest run."""
+    pts = sorted((int(n), float(r)) for n, r in points if r is not None and r > 0)
+    for (n0, r0), (n1, r1) in zip(pts, pts[1:]):
+        if r0 < 1.0 <= r1 and all(r >= 1.0 for _, r in pts if _ >= n1):
+            a, b = math.log(r0), math.log(r1)
+            x = math.log(n0) + (0.0 - a) * (math.log(n1) - math.log(n0)) / (b - a)
+            return math.exp(x)
+    return None
+
+
+def crossovers(records: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]], Any] | None = None,
+               length: str = "cache") -> list[dict[str, Any]]:
+    """Per method (and ``key``: default the KV layout), its efficiency length over the lengths run."""
+    key = key or (lambda r: r.get("kv_heads"))
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for r in records:
+        if r["method"] == BASELINE:
+            continue
+        groups.setdefault((r["method"], key(r)), []).append(r)
+    rows = []
+    for (method, k), rs in groups.items():
+        pts = [(r[length], r.get("ratio_to_sdpa")) for r in rs]
+        timed = sorted(n for n, ratio in pts if ratio is not None)
+        eff = harness.efficiency_length(pts)
+        rows.append({"method": method, "key": k, "efficiency_length": eff,
+                     "ahead_from_smallest": eff is not None and bool(timed) and eff == timed[0],
+                     "crossover_estimate": crossover_estimate(pts), "lengths_timed": timed})
+    return rows
+
+
+def finish(results: dict[str, Any], t_start: float) -> None:
+    """Wall time, end load, and the efficiency lengths folded into the records."""
+    results["wall_s"] = time.perf_counter() - t_start
+    results["machine"]["load_average_at_end"] = harness.load_average()
+    rows = crossovers(results["records"])
+    results["efficiency_length"] = rows
+    by = {(r["method"], r["key"]): r for r in rows}
+    for r in results["records"]:
+        row = by.get((r["method"], r.get("kv_heads")))
+        r["efficiency_length"] = row["efficiency_length"] if row else None
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe copy: non-finite floats become strings, tensors lists."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else str(x)
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return _clean(x.tolist())
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    return str(x)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def write_results(out: Path, results: dict[str, Any], report: str) -> None:
+    _write_json(out / "results.json", results)
+    (out / "report.md").write_text(report)
+
+
+def fmt(x: Any, spec: str, missing: str = "—") -> str:
+    if x is None:
+        return missing
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    try:
+        return format(x, spec)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def mib(x: Any) -> str:
+    return "—" if x is None else f"{x / 2**20:.1f}"
+
+
+def short_status(rec: dict[str, Any]) -> str:
+    s = rec.get("status") or ""
+    if s == "ok" or s.startswith("FAILED"):
+        return s
+    for head in ("unsupported", "oom"):
+        if s.startswith(head):
+            return head
+    return "error"
+
+
+def _ms(x: Any) -> str:
+    return "—" if x is None else f"{x * 1e3:.2f}"
+
+
+def summary_table(results: dict[str, Any]) -> Table:
+    """Rich table of every record: step time, ratio, error, recall and K/V read per step (fits
+    80 columns; the memory details are in ``report.md``)."""
+    t = Table(title="decode step vs cache length (×SDPA > 1: faster)", box=box.SIMPLE_HEAD, pad_edge=False,
+              collapse_padding=True, padding=(0, 1))
+    for col in ("cache", "kv", "method", "ms/step", "×SDPA", "rel err", "recall", "MiB read", "status"):
+        t.add_column(col, justify="left" if col in ("method", "status") else "right", no_wrap=True,
+                     overflow="ellipsis")
+    for r in results["records"]:
+        ratio = r.get("ratio_to_sdpa")
+        status = short_status(r)
+        style = "green" if status == "ok" else ("dim" if status == "unsupported" else "red")
+        t.add_row(str(r["cache"]), f"{r.get('heads')}/{r.get('kv_heads')}", r["method"], _ms(r.get("step_s")),
+                  fmt(ratio, ".2f"), fmt(r.get("rel_err"), ".1e"), fmt(r.get("recall"), ".3f"),
+                  mib(r.get("kv_read_bytes")), f"[{style}]{status.split(':')[0][:11]}[/{style}]")
+    return t
+
+
+def render_report(results: dict[str, Any]) -> str:
+    """``report.md``: setup, step time and ratio per cache length, accuracy, memory, crossovers."""
+    cfg, mach, recs = results["config"], results["machine"], results["records"]
+    caches = cfg["caches"]
+    lines = [
+        "# longattn decode suite",
+        "",
+        f"One decoding step (one new query over a cache of `cache` tokens), fp32, batch 1, {cfg['heads']} query heads, "
+        f"head_dim {cfg['head_dim']}, key-value heads {', '.join(map(str, cfg['kv_heads']))}; "
+        f"retrieval-shaped inputs ({cfg['inputs']}, seed {cfg['seed']}). Wall time {results.get('wall_s', 0):.0f} s.",
+        "",
+        f"- machine: {mach.get('cpu_model')}, {mach.get('cpu_affinity')} cores, torch threads "
+        f"{mach.get('torch_threads')}; {mach.get('platform')}",
+        f"- versions: python {mach.get('python')}, torch {mach.get('torch')}, longattn {mach.get('longattn')}",
+        f"- load average at start {mach.get('load_average_at_start')}, at end {mach.get('load_average_at_end')} "
+        "(other processes on the machine distort timings)",
+        f"- baseline: {cfg['baseline']}, timed in the same run at every cache length",
+        f"- timing: 2 warm-up steps, then up to {cfg['timed_steps']} timed steps cycling through "
+        f"{cfg['step_queries']} decode queries (fewer once a case has spent {cfg['case_max_seconds']:.0f} s); "
+        "step = median, spread = min … max",
+        f"- gate (before timing): every output finite; exact methods within max abs {cfg['gate_atol']:g} and relative "
+        f"{cfg['gate_rtol']:g} of the float64 reference on their own mask; a failed gate gives no speed figure",
+        "- rel err = ‖out − exact‖/‖exact‖ against attention over the whole cache; "
+        "recall = mean exp(lse − lse_exact)",
+        "- KV read = bytes of K/V one step reads by the method's algorithm; kept = what it must keep "
+        "(see the memory table); peak = RSS growth during the first timed step (approximate)",
+        "",
+    ]
+    notes = cfg.get("notes") or {}
+    if notes:
+        lines += ["Methods: " + "; ".join(f"`{k}` {v}" for k, v in cfg["cases"].items()), ""]
+        lines += [f"- {k}: {v}" for k, v in notes.items()] + [""]
+    layouts = list(dict.fromkeys(r.get("layout") for r in recs))
+    methods = list(dict.fromkeys(r["method"] for r in recs))
+    for lay in layouts:
+        lrecs = [r for r in recs if r.get("layout") == lay]
+        lines += [f"## {lay}: step time (ms) and ratio to SDPA", "",
+                  "| method | " + " | ".join(str(c) for c in caches) + " |", "|---|" + "---:|" * len(caches)]
+        for m in methods:
+            cells = []
+            for c in caches:
+                hit = [r for r in lrecs if r["method"] == m and r["cache"] == c]
+                cells.append(_cell(hit[-1]) if hit else "—")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Accuracy against exact attention", "",
+              "| layout | method | cache | density | rel err | recall | gate |", "|---|---|---:|---:|---:|---:|---|"]
+    for r in recs:
+        if r["method"] == BASELINE:
+            continue
+        g = r.get("gate") or {}
+        gate = "—" if not g else ("pass" if g.get("passed") else f"FAIL: {g.get('reason')}")
+        lines.append(f"| {r.get('layout')} | {r['method']} | {r['cache']} | {fmt(r.get('density'), '.4f')} | "
+                     f"{fmt(r.get('rel_err'), '.2e')} | {fmt(r.get('recall'), '.4f')} | {gate} |")
+    lines += ["", "## Memory", "",
+              "| layout | method | cache | KV read MiB/step | kept MiB | kept | peak MiB |",
+              "|---|---|---:|---:|---:|---|---:|"]
+    for r in recs:
+        lines.append(f"| {r.get('layout')} | {r['method']} | {r['cache']} | {mib(r.get('kv_read_bytes'))} | "
+                     f"{mib(r.get('kv_kept_bytes'))} | {r.get('kv_kept_what') or '—'} | "
+                     f"{mib(r.get('peak_mem_bytes'))} |")
+    lines += ["", "## Efficiency length (crossover with SDPA)", "",
+              "The smallest cache length run from which the method beats SDPA at that length and every larger one; "
+              "the estimate interpolates log ratio against log length between the lengths run.", "",
+              "| method | kv heads | efficiency length | estimate | lengths timed |", "|---|---:|---:|---:|---|"]
+    for row in results.get("efficiency_length") or crossovers(recs):
+        lines.append(efficiency_row(row))
+    extra = [r for r in recs if r.get("summary_append_s") is not None]
+    if extra:
+        lines += ["", "## Keeping block summaries current", "",
+                  "A retrieval decode loop folds each generated key into its block summaries: one append per token, "
+                  "not in the step time above.", "", "| layout | method | cache | append µs | step µs |",
+                  "|---|---|---:|---:|---:|"]
+        lines += [f"| {r.get('layout')} | {r['method']} | {r['cache']} | {r['summary_append_s'] * 1e6:.0f} | "
+                  f"{fmt(None if r.get('step_s') is None else r['step_s'] * 1e6, '.0f')} |" for r in extra]
+    bad = [r for r in recs if r.get("status") != "ok"]
+    lines += ["", "## Failures", ""]
+    if not bad:
+        lines.append("None: every case passed its gate and ran.")
+    for r in bad:
+        g = r.get("gate") or {}
+        why = r["status"] + (f" ({g.get('reason')})" if g.get("reason") else "")
+        lines.append(f"- {r['method']}, cache {r['cache']}, {r.get('layout')}: {why}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def efficiency_row(row: dict[str, Any]) -> str:
+    """One markdown row of the efficiency-length table (see ``crossovers``)."""
+    eff = row["efficiency_length"]
+    if eff is None:
+        eff_s = "never (in the lengths run)"
+    else:
+        eff_s = f"≤ {eff}" if row["ahead_from_smallest"] else str(eff)
+    est = row["crossover_estimate"]
+    return (f"| {row['method']} | {row['key']} | {eff_s} | {'—' if est is None else f'{est:.0f}'} | "
+            f"{', '.join(map(str, row['lengths_timed'])) or '—'} |")
+
+
+def _cell(r: dict[str, Any]) -> str:
+    s = short_status(r)
+    if s != "ok":
+        return s
+    step = r.get("step_s")
+    if r["method"] == BASELINE:
+        return f"{_ms(step)} ms"
+    ratio = r.get("ratio_to_sdpa")
+    return f"{_ms(step)} ({fmt(ratio, '.2f')}×)"
