@@ -112,7 +112,7 @@ PARTS = ("retrieval", "perplexity")
 
 
 def run_tasks_suite(out_dir: str | Path, *, full: bool = False, lengths=None, methods=None, seed: int = 0,
-                    console: Console | None = None, parts=PARTS) -> dict[str, Any]:
+                    console: Console | None = None, parts=PARTS, perplexity_tokens: int | None = None) -> dict[str, Any]:
     """``longattn bench --suite tasks``: writes ``out_dir/results.json`` and ``report.md``.
 
     ``lengths`` sets the retrieval lengths (default: quick 512…16k, full up to 32k) and, its
@@ -126,7 +126,7 @@ def run_tasks_suite(out_dir: str | Path, *, full: bool = False, lengths=None, me
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     say = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
-    ppl_tokens = 8192 if full else 4096
+    ppl_tokens = perplexity_tokens or (8192 if full else 4096)
     results: dict[str, Any] = {"suite": "tasks", "machine": harness.machine_info(seed),
                                "config": {"seed": seed, "perplexity_tokens": ppl_tokens, "parts": list(parts)},
                                "records": []}
