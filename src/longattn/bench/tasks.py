@@ -108,6 +108,66 @@ def run_perplexity(n_tokens: int = 4096, *, methods: dict[str, Any] | None = Non
     return records
 
 
+#: the retrieval model's trained length and the settings of the retrieval part
+RETRIEVAL_TRAINED_LENGTH = 512
+#: quick stops at 8k (16× the trained length): a LongHeads forward over 16k tokens takes ~4 s a
+#: sample here; ``--full`` (and ``--lengths``) reach 16k–32k
+QUICK_RETRIEVAL = {"lengths": (512, 2048, 8192), "depths": (0.1, 0.5, 0.9), "n": 3,
+                   "needle_lengths": (512, 2048), "mqar_lengths": (512, 2048), "mqar_pairs": 8}
+FULL_RETRIEVAL = {"lengths": (256, 512, 1024, 2048, 4096, 8192, 16384, 32768), "depths": (0.0, 0.25, 0.5, 0.75, 1.0),
+                  "n": 8, "needle_lengths": (512, 2048, 8192), "mqar_lengths": (512, 2048, 8192), "mqar_pairs": 8}
+
+
+def retrieval_methods(trained: int = RETRIEVAL_TRAINED_LENGTH) -> dict[str, Any]:
+    """Methods run inside the retrieval model, each giving a query at most ``trained`` keys (an
+    in-distribution count), plus dense over everything. LongHeads re-maps the positions of the
+    chunks it keeps into the trained window; the others keep original positions."""
+    block = 32
+    return {
+        "dense": longattn.method("dense"),
+        "longheads": longattn.method("longheads", window=trained, chunk=block, local=block),
+        "landmark": longattn.method("landmark", budget=trained, block=block, q_block=block, sinks=block, window=2 * block),
+        "quest": longattn.method("quest", budget=trained, block=block, q_block=block, sinks=block, window=2 * block),
+        "streaming": longattn.method("streaming", sinks=block, window=trained - block),
+    }
+
+
+def run_retrieval(settings: dict[str, Any], *, methods: dict[str, Any] | None = None, seed: int = 0,
+                  progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Passkey at every (length, depth) of ``settings`` and needle / MQAR at their lengths, with
+    each method inside the shipped retrieval model (``longattn.models.retrieval``). Accuracy is
+    exact match of the whole answer (teacher-forced argmax on every answer token = greedy)."""
+    from longattn.models import retrieval
+    from longattn.tasks import synthetic
+
+    say = progress or (lambda msg: None)
+    methods = methods if methods is not None else retrieval_methods()
+    model = retrieval.load()
+    trained = int(retrieval.read_config(retrieval.SHIPPED)["model"]["max_train_length"])
+    n = settings["n"]
+    jobs: list[tuple[str, int, float | None, Callable[[], Any]]] = []
+    for length in settings["lengths"]:
+        for depth in settings["depths"]:
+            jobs.append(("passkey", length, depth, lambda L=length, d=depth: synthetic.passkey(L, d, n, seed)))
+    for length in settings["needle_lengths"]:
+        jobs.append(("needle", length, 0.5, lambda L=length: synthetic.needle(L, 0.5, n, seed)))
+    for length in settings["mqar_lengths"]:
+        jobs.append(("mqar", length, None, lambda L=length: synthetic.mqar(L, settings["mqar_pairs"], n, seed)))
+    records: list[dict[str, Any]] = []
+    for task, length, depth, make in jobs:
+        batch = make()
+        for name, m in methods.items():
+            say(f"retrieval: {task} {length} tokens" + (f", depth {depth}" if depth is not None else "") + f": {name}")
+            t0 = time.perf_counter()
+            acc, status = harness.guarded(lambda m=m: retrieval.evaluate(model, batch, m, batch_size=n))
+            rec = {"task": task, "method": name, "length": length, "depth": depth, "n": n, "trained_length": trained,
+                   "status": status or "ok", "wall_s": time.perf_counter() - t0}
+            if acc is not None:
+                rec.update(accuracy=acc.accuracy, token_accuracy=acc.token_accuracy)
+            records.append(rec)
+    return records
+
+
 PARTS = ("retrieval", "perplexity")
 
 
@@ -115,8 +175,8 @@ def run_tasks_suite(out_dir: str | Path, *, full: bool = False, lengths=None, me
                     console: Console | None = None, parts=PARTS, perplexity_tokens: int | None = None) -> dict[str, Any]:
     """``longattn bench --suite tasks``: writes ``out_dir/results.json`` and ``report.md``.
 
-    ``lengths`` sets the retrieval lengths (default: quick 512…16k, full up to 32k) and, its
-    largest value capped at 8192, nothing else; perplexity reads 4096 tokens (8192 with
+    ``lengths`` sets the passkey lengths of the retrieval part (default ``QUICK_RETRIEVAL`` /
+    ``FULL_RETRIEVAL``); perplexity reads ``perplexity_tokens`` (default 4096, 8192 with
     ``full``). ``methods`` keeps only those method names."""
     unknown_parts = sorted(set(parts) - set(PARTS))
     if unknown_parts:
@@ -130,6 +190,16 @@ def run_tasks_suite(out_dir: str | Path, *, full: bool = False, lengths=None, me
     results: dict[str, Any] = {"suite": "tasks", "machine": harness.machine_info(seed),
                                "config": {"seed": seed, "perplexity_tokens": ppl_tokens, "parts": list(parts)},
                                "records": []}
+    if "retrieval" in parts:
+        settings = dict(FULL_RETRIEVAL if full else QUICK_RETRIEVAL)
+        if lengths:
+            settings["lengths"] = tuple(sorted(int(n) for n in lengths))
+        results["config"]["retrieval"] = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+        r_methods = retrieval_methods()
+        if methods:
+            r_methods = {k: v for k, v in r_methods.items() if k in methods}
+        results["records"] += run_retrieval(settings, methods=r_methods, seed=seed, progress=say)
+        console.print(retrieval_table(results["records"]))
     if "perplexity" in parts:
         ppl_methods = perplexity_methods()
         if methods:
@@ -141,6 +211,33 @@ def run_tasks_suite(out_dir: str | Path, *, full: bool = False, lengths=None, me
     (out / "report.md").write_text(render_report(results))
     console.print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
     return results
+
+
+def retrieval_summary(records: list[dict[str, Any]]) -> dict[tuple[str, str, int], tuple[float | None, int]]:
+    """``(task, method, length) -> (accuracy averaged over depths, samples)``."""
+    out: dict[tuple[str, str, int], tuple[float | None, int]] = {}
+    keys = dict.fromkeys((r["task"], r["method"], r["length"]) for r in records if r["task"] != "perplexity")
+    for key in keys:
+        rs = [r for r in records if (r["task"], r["method"], r["length"]) == key]
+        accs = [r["accuracy"] for r in rs if r.get("accuracy") is not None]
+        out[key] = (sum(accs) / len(accs) if accs else None, sum(r["n"] for r in rs))
+    return out
+
+
+def retrieval_table(records: list[dict[str, Any]]) -> Table:
+    summary = retrieval_summary(records)
+    lengths = sorted({k[2] for k in summary})
+    t = Table(title="retrieval accuracy inside the tiny retrieval model (trained ≤ 512 tokens), mean over depths")
+    t.add_column("task · method")
+    for n in lengths:
+        t.add_column(str(n), justify="right")
+    for task, method in dict.fromkeys((k[0], k[1]) for k in summary):
+        cells = []
+        for n in lengths:
+            acc = summary.get((task, method, n))
+            cells.append("" if acc is None else _f(acc[0]))
+        t.add_row(f"{task} · {method}", *cells)
+    return t
 
 
 def perplexity_table(records: list[dict[str, Any]]) -> Table:
@@ -161,6 +258,39 @@ def _f(x, spec: str = ".2f") -> str:
 
 def render_report(results: dict[str, Any]) -> str:
     lines = ["# longattn tasks suite", ""]
+    summary = retrieval_summary(results["records"])
+    if summary:
+        lengths = sorted({k[2] for k in summary})
+        ret = [r for r in results["records"] if r["task"] != "perplexity"]
+        lines += [
+            "## Retrieval past the trained length",
+            "",
+            f"- the project's tiny retrieval model (`longattn.models.retrieval`, 2 layers, trained at ≤ "
+            f"{ret[0]['trained_length']} tokens), every attention replaced by the method",
+            "- accuracy = share of samples whose whole answer is right (teacher-forced argmax on every answer "
+            "token = greedy decoding); passkey averaged over the needle depths run, needle at depth 0.5, MQAR "
+            f"{results['config'].get('retrieval', {}).get('mqar_pairs', '')} pairs",
+            "",
+            "| task · method | " + " | ".join(str(n) for n in lengths) + " |",
+            "|---|" + "---:|" * len(lengths),
+        ]
+        for task, method in dict.fromkeys((k[0], k[1]) for k in summary):
+            cells = [("" if (task, method, n) not in summary else _f(summary[(task, method, n)][0])) for n in lengths]
+            lines.append(f"| {task} · {method} | " + " | ".join(cells) + " |")
+        lines += ["", "Passkey accuracy by depth:", "",
+                  "| method | length | " + " | ".join(f"depth {d}" for d in sorted({r['depth'] for r in ret if r['task'] == 'passkey'})) + " |"]
+        depths = sorted({r["depth"] for r in ret if r["task"] == "passkey"})
+        lines.append("|---|---:|" + "---:|" * len(depths))
+        for method in dict.fromkeys(r["method"] for r in ret if r["task"] == "passkey"):
+            for n in lengths:
+                row = {r["depth"]: r for r in ret if r["task"] == "passkey" and r["method"] == method and r["length"] == n}
+                if row:
+                    lines.append(f"| {method} | {n} | " + " | ".join(
+                        _f(row[d].get("accuracy")) if d in row else "" for d in depths) + " |")
+        bad = [r for r in ret if r["status"] != "ok"]
+        for r in bad:
+            lines.append(f"- {r['task']} · {r['method']} · {r['length']}: {r['status']}")
+        lines.append("")
     ppl = [r for r in results["records"] if r["task"] == "perplexity"]
     if ppl:
         r0 = ppl[0]
