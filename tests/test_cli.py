@@ -27,8 +27,11 @@ def test_bench_unknown_suite_lists_known():
 
 
 def test_bench_unknown_method_and_bad_lengths():
-    res = runner.invoke(app, ["bench", "--methods", "warp_drive", "--lengths", "256"])
+    res = runner.invoke(app, ["bench", "--suite", "kernels", "--methods", "warp_drive", "--lengths", "256"])
     assert res.exit_code != 0 and "warp_drive" in res.output
+    # the main job has no per-suite options: it says so and names --suite
+    res = runner.invoke(app, ["bench", "--methods", "dense"])
+    assert res.exit_code != 0 and "--suite" in res.output
     res = runner.invoke(app, ["bench", "--lengths", "12x"])
     assert res.exit_code != 0 and "12x" in res.output
 
