@@ -45,3 +45,24 @@ def test_bench_kernels_small(tmp_path):
     assert {r["label"] for r in data["records"]} == {"sdpa", "dense", "window"}
     assert (out / "report.md").exists()
     assert "window" in res.output
+
+
+def test_train_retrieval_command_writes_a_loadable_checkpoint(tmp_path, monkeypatch):
+    from longattn.models import retrieval, train_retrieval
+
+    calls = []
+    real_main = train_retrieval.main
+
+    def small_main(argv):
+        calls.append(argv)
+        # the real entry point, shrunk so the test stays fast: few steps, short sequences
+        return real_main(argv + ["--tokens-per-step", "256", "--max-length", "128", "--dim", "32", "--hidden", "64"])
+
+    monkeypatch.setattr(train_retrieval, "main", small_main)
+    monkeypatch.setattr(train_retrieval, "final_evaluation", lambda model, **kw: {"passkey@128": 0.0})
+    res = runner.invoke(app, ["train-retrieval", "--out", str(tmp_path / "ck"), "--steps", "3", "--seed", "5"])
+    assert res.exit_code == 0, res.output
+    assert calls == [["--out", str(tmp_path / "ck"), "--seed", "5", "--steps", "3"]]
+    model = retrieval.load(tmp_path / "ck")
+    cfg = retrieval.read_config(tmp_path / "ck")
+    assert cfg["training"]["seed"] == 5 and cfg["training"]["steps"] == 3 and model.config.dim == 32

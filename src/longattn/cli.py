@@ -160,5 +160,18 @@ def calibrate_minference_cmd(
     console.print(f"wrote {out}")
 
 
+@app.command("train-retrieval")
+def train_retrieval_cmd(
+    out: Path = typer.Option(..., "--out", help="checkpoint directory to write (model.safetensors + config.json)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the initialisation and the training data"),
+    steps: int = typer.Option(3000, "--steps", min=1, help="optimiser steps (the shipped model: 3000, ~8 min on 2 cores)"),
+) -> None:
+    """Train the tiny retrieval model (passkey / needle / MQAR at <= 512 tokens) the tasks suite
+    uses; `python -m longattn.models.train_retrieval --help` lists every setting."""
+    from longattn.models import train_retrieval
+
+    raise typer.Exit(train_retrieval.main(["--out", str(out), "--seed", str(seed), "--steps", str(steps)]))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
