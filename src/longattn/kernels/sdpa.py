@@ -37,6 +37,9 @@ def sdpa_attention(
         key_padding_mask: bool ``[B, Tk]``, True = real key.
     """
     tq, tk = q.shape[2], k.shape[2]
+    if causal and tq == 1:
+        # one query aligned with the last key sees every key: no split, no merge (a decode step)
+        causal = False
     if causal and tq != tk:
         # torch's is_causal aligns top-left; we align the last query with the last key. Split the
         # keys: the first tk - tq are visible to every query, the last tq form a causal square.
