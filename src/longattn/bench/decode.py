@@ -808,14 +808,7 @@ def render_report(results: dict[str, Any]) -> str:
                   "|---|---|---:|---:|---:|"]
         lines += [f"| {r.get('layout')} | {r['method']} | {r['cache']} | {r['summary_append_s'] * 1e6:.0f} | "
                   f"{fmt(None if r.get('step_s') is None else r['step_s'] * 1e6, '.0f')} |" for r in extra]
-    bad = [r for r in recs if r.get("status") != "ok"]
-    lines += ["", "## Failures", ""]
-    if not bad:
-        lines.append("None: every case passed its gate and ran.")
-    for r in bad:
-        g = r.get("gate") or {}
-        why = r["status"] + (f" ({g.get('reason')})" if g.get("reason") else "")
-        lines.append(f"- {r['method']}, cache {r['cache']}, {r.get('layout')}: {why}")
+    lines += [""] + harness.failure_lines(recs, lambda r: f"{r['method']}, cache {r['cache']}, {r.get('layout')}")
     lines.append("")
     return "\n".join(lines)
 

@@ -393,6 +393,19 @@ def efficiency_length(points) -> int | None:
 # -- failures --------------------------------------------------------------------------------
 
 
+def failure_lines(records, describe: Callable[[dict[str, Any]], str]) -> list[str]:
+    """The markdown "Failures" section of a suite report: every record whose status is not
+    ``"ok"``, as ``- describe(record): status (gate reason)``."""
+    bad = [r for r in records if r.get("status") != "ok"]
+    lines = ["## Failures", ""]
+    if not bad:
+        lines.append("None: every case passed its gate and ran.")
+    for r in bad:
+        g = r.get("gate") or {}
+        lines.append(f"- {describe(r)}: {r['status']}" + (f" ({g.get('reason')})" if g.get("reason") else ""))
+    return lines
+
+
 class Unsupported(Exception):
     """A case the method cannot run by its capability sheet (recorded as ``unsupported``)."""
 

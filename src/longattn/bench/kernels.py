@@ -575,14 +575,8 @@ def render_report(results: dict[str, Any]) -> str:
             f"{_fmt(cpu_use, '.0%')} | {_fmt(r.get('load_1m'), '.2f')} | {_short_status(r)} |"
         )
     lines.append("")
-    bad = [r for r in recs if r.get("status") != "ok"]
-    lines += ["## Failures", ""]
-    if not bad:
-        lines += ["None: every case passed its gate and ran.", ""]
-    for r in bad:
-        g = r.get("gate") or {}
-        why = r["status"] + (f" ({g.get('reason')})" if g.get("reason") else "")
-        lines.append(f"- {_label(r)}, {r['tokens']} tokens, {'causal' if r['causal'] else 'non-causal'}: {why}")
+    lines += harness.failure_lines(recs, lambda r: f"{_label(r)}, {r['tokens']} tokens, "
+                                                  f"{'causal' if r['causal'] else 'non-causal'}")
     fell_back = [r for r in recs if (r.get("extra") or {}).get("flex_error")]
     if fell_back:
         lines += ["", "FlexAttention fallbacks (results are exact, timings are of the tiled kernel):", ""]

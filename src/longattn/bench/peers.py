@@ -482,14 +482,8 @@ def render_report(results: dict[str, Any]) -> str:
     kv = [r for r in recs if r["peer"] == "kvpress"]
     if kv:
         lines += ["", "## kvpress", "", f"- {kv[0]['status']}"]
-    bad = [r for r in recs if r.get("status") != "ok" and r["peer"] != "kvpress"]
-    lines += ["", "## Failures", ""]
-    if not bad:
-        lines.append("None: every case passed its gate and ran.")
-    for r in bad:
-        g = r.get("gate") or {}
-        why = r["status"] + (f" ({g.get('reason')})" if g.get("reason") else "")
-        lines.append(f"- {r['peer']}, {r['case']}, {r['tokens']} tokens: {why}")
+    lines += [""] + harness.failure_lines([r for r in recs if r["peer"] != "kvpress"],
+                                          lambda r: f"{r['peer']}, {r['case']}, {r['tokens']} tokens")
     lines.append("")
     return "\n".join(lines)
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from longattn.bench.plots import PLOT_NAMES, fmt_bytes, fmt_tokens, machine_line
+from longattn.bench.plots import PLOT_NAMES, _is_ok, _num, fmt_bytes, fmt_tokens, machine_line
 
 #: the suites the main job knows, in report order
 SUITE_ORDER: tuple[str, ...] = ("kernels", "sparse", "decode", "tasks", "peers")
@@ -102,20 +101,6 @@ def _e(x: Any) -> str:
     """Escaped text of anything; None is an em dash."""
     return "—" if x is None else html.escape(str(x), quote=True)
 
-
-def _num(x: Any) -> float | None:
-    if isinstance(x, bool) or x is None:
-        return None
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _is_ok(rec: dict[str, Any]) -> bool:
-    status = rec.get("status", "ok")
-    return status is None or str(status).startswith("ok")
 
 
 def _fmt(x: Any, spec: str = ".3g") -> str:
