@@ -172,7 +172,14 @@ def test_suite_writes_results_and_report(tmp_path):
     labels = {(r["label"], r["tokens"], r["causal"]) for r in recs}
     assert ("sdpa", 256, True) in labels and ("streaming", 512, True) in labels
     assert ("streaming", 256, False) not in labels and ("pattern:prefix_lm", 256, True) not in labels
-    assert len(recs) == 2 * (4 + 4)  # per length: sdpa, dense, window + streaming (causal) / prefix_lm
+    # per length and shape: sdpa, dense, window + streaming (causal) / prefix_lm (non-causal)
+    assert len(recs) == 2 * 2 * (4 + 4)
+    cross = [r for r in recs if r["shape"] == "cross"]
+    assert len(cross) == 16 and all(r["tokens_q"] == r["tokens"] // 4 and r["tokens_k"] == r["tokens"] for r in cross)
+    assert all(r["tokens_q"] == r["tokens_k"] == r["tokens"] for r in recs if r["shape"] == "self")
+    cross_sdpa = [r for r in cross if r["label"] == "sdpa" and r["causal"]]
+    assert cross_sdpa and all(r["params"] == "attn_mask=causal_lower_right" for r in cross_sdpa)
+    assert "dense · causal cross" in data["efficiency_length"]
     for r in recs:
         assert r["status"] == "ok", r
         assert r["path"] in ("sdpa", "tiled")  # tiny lengths never compile Flex
@@ -182,11 +189,29 @@ def test_suite_writes_results_and_report(tmp_path):
     assert all(r["ratio_to_sdpa"] == pytest.approx(1.0) for r in recs if r["label"] == "sdpa")
     assert "by_label" in data["time_spent"]
     report = (tmp_path / "out" / "report.md").read_text()
-    for heading in ("## Causal: ratio to SDPA", "## Non-causal: ratio to SDPA", "speed-ups at 512 tokens",
+    for heading in ("## Causal: ratio to SDPA", "## Non-causal: ratio to SDPA", "## Causal cross (tokens / 4",
+                    "## Non-causal cross (tokens / 4", "speed-ups at 512 tokens",
                     "## All cases", "## Failures", "## Where the time went"):
         assert heading in report
     assert "| window |" in report
     assert len(res["records"]) == len(recs)
+
+
+def test_cross_sdpa_baseline_aligns_the_last_query_with_the_last_key():
+    """The causal cross baseline must be the mask longattn computes (bottom-right), not SDPA's
+    is_causal (top-left), or the ratio would compare different attention."""
+    from longattn.core.reference import reference_attention
+
+    q, k, v = kernels.make_inputs(256, 0)
+    q = kernels.cross_queries(q, kernels.query_tokens(256, "cross"))
+    assert q.shape[2] == 64 and q.is_contiguous()
+    ref, _ = reference_attention(q.double(), k.double(), v.double(), causal=True)
+    out = kernels.sdpa_baseline(q, k, v, causal=True)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    top_left = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert (top_left.double() - ref).abs().max() > 0.1
+    with pytest.raises(ValueError, match="shape"):
+        kernels.query_tokens(256, "diagonal")
 
 
 def test_suite_records_failures_and_keeps_going(tmp_path):
@@ -232,7 +257,8 @@ def test_failed_auto_case_gets_a_tiled_fallback_record(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "FLEX_MIN_TOKENS", 1)  # treat tiny lengths as the Flex range (nothing compiles)
     cases = [kernels.KernelCase("flaky", lambda n, s: FlexOnlyBroken(window=32), (True,))]
     console = Console(file=open(tmp_path / "console.txt", "w"), width=100)
-    res = kernels.run_kernels_suite(tmp_path, lengths=[256], cases=cases, console=console, n_rows=8)
+    res = kernels.run_kernels_suite(tmp_path, lengths=[256], cases=cases, console=console, n_rows=8,
+                                    shapes=["self"])
     flaky = [r for r in res["records"] if r["label"] == "flaky"]
     assert [r["status"].split(":")[0] for r in flaky] == ["error", "ok"]
     assert flaky[1]["fallback_for"] == "auto" and flaky[1]["backend"] == "tiled" and flaky[1]["path"] == "tiled"

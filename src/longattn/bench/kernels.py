@@ -1,8 +1,14 @@
 """The ``kernels`` suite: exact kernels and exact masked methods against torch SDPA.
 
-For each length and for causal and non-causal attention (float32, batch 1, 8 heads, head_dim 64,
-seeded random q/k/v) it times torch's ``scaled_dot_product_attention`` as the baseline in the same
-run, then every method case: correctness gate first, then timing. Records go to
+It covers CAB's four attention patterns, {causal, non-causal} × {self, cross}: for each length
+(float32, batch 1, 8 heads, head_dim 64, seeded random q/k/v) self attention has ``tokens``
+queries over ``tokens`` keys, cross attention ``tokens // CROSS_QUERY_DIVISOR`` queries over
+``tokens`` keys (the shape of a chunked prefill or of a decoder reading an encoder's output);
+causal cross aligns the last query with the last key (DESIGN.md), so its SDPA baseline is
+``attn_mask=causal_lower_right(tokens_q, tokens_k)`` (``is_causal=True`` would align the first
+query with the first key). Each pattern times torch's ``scaled_dot_product_attention`` as the
+baseline in the same run, then every method case: correctness gate first, then timing. Records
+carry ``shape`` ("self" / "cross"), ``tokens_q`` and ``tokens_k``; ``tokens`` is the key count. Records go to
 ``DIR/results.json`` (rewritten after every case, so an interrupted run keeps what it measured)
 and ``DIR/report.md``.
 
@@ -28,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -46,6 +53,18 @@ BASELINE = "sdpa"
 SUMMARY_TOKENS = 16384
 #: a case stops taking timed repeats once it has spent this long (it always gets one sample)
 CASE_MAX_SECONDS = 30.0
+#: CAB's {self, cross} axis; cross attention runs ``tokens // CROSS_QUERY_DIVISOR`` queries
+SHAPES: tuple[str, ...] = ("self", "cross")
+CROSS_QUERY_DIVISOR = 4
+
+
+def query_tokens(tokens: int, shape: str) -> int:
+    """Queries of a case with ``tokens`` keys: all of them for self attention, a quarter for cross."""
+    if shape == "self":
+        return tokens
+    if shape == "cross":
+        return max(1, tokens // CROSS_QUERY_DIVISOR)
+    raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
 
 
 def repeats_for(tokens: int) -> int:
@@ -64,13 +83,16 @@ class KernelCase:
     """One method configuration of the suite.
 
     ``make(tokens, seed)`` builds the method object for a length (patterns such as documents or
-    a random block map depend on it); ``modes`` lists the causal settings it runs in.
+    a random block map depend on it); ``modes`` lists the causal settings it runs in and
+    ``shapes`` the CAB shapes ("self", "cross"). A method without cross attention in its
+    capability sheet is recorded as unsupported for cross, not skipped.
     """
 
     label: str
     make: Callable[[int, int], Method]
     modes: tuple[bool, ...] = (True, False)
     params: str = ""
+    shapes: tuple[str, ...] = SHAPES
 
 
 def _document_ids(tokens: int, doc_tokens: int = 2048) -> torch.Tensor:
@@ -140,6 +162,12 @@ def make_inputs(tokens: int, seed: int, *, batch: int = 1, heads: int = 8, head_
     return tuple(torch.randn(batch, heads, tokens, head_dim, generator=g) for _ in range(3))
 
 
+def cross_queries(q: torch.Tensor, tokens_q: int) -> torch.Tensor:
+    """The last ``tokens_q`` queries of a self-attention ``q`` (contiguous), for the cross shape:
+    with bottom-right causal alignment they are exactly the rows self attention gives them."""
+    return q[:, :, q.shape[2] - tokens_q:].contiguous()
+
+
 def _with_backend(method: Method, backend: str) -> Method | None:
     if any(f.name == "backend" for f in dataclasses.fields(method)):  # type: ignore[arg-type]
         return dataclasses.replace(method, backend=backend)  # type: ignore[type-var]
@@ -166,6 +194,7 @@ def run_kernels_suite(
     head_dim: int = 64,
     n_rows: int = 64,
     cases: Sequence[KernelCase] | None = None,
+    shapes: Sequence[str] = SHAPES,
     fallback_tiled: bool = True,
     console: Console | None = None,
 ) -> dict[str, Any]:
@@ -176,6 +205,8 @@ def run_kernels_suite(
         lengths: explicit lengths (overrides ``full``).
         methods: case labels or method names to keep (see ``select_cases``); SDPA always runs.
         cases: replace the default case list (tests inject their own methods this way).
+        shapes: which of CAB's shapes run: "self" (tokens queries) and / or "cross"
+            (``tokens // CROSS_QUERY_DIVISOR`` queries over ``tokens`` keys).
         fallback_tiled: when an ``auto`` case on the FlexAttention path fails, also run it with
             ``backend="tiled"`` as a separate record.
         console: where the live table and progress bar go.
@@ -186,17 +217,23 @@ def run_kernels_suite(
     lens = sorted({int(n) for n in lengths}) if lengths else list(FULL_LENGTHS if full else QUICK_LENGTHS)
     if any(n < 1 for n in lens):
         raise ValueError(f"lengths must be positive, got {lens}")
+    shapes = tuple(dict.fromkeys(shapes))
+    if not shapes or any(sh not in SHAPES for sh in shapes):
+        raise ValueError(f"shapes must be a non-empty subset of {SHAPES}, got {list(shapes)}")
     chosen = select_cases(cases if cases is not None else default_cases(), methods)
-    plan = [(n, causal, c) for n in lens for causal in (True, False) for c in [None, *chosen]
-            if c is None or causal in c.modes]
+    plan = [(n, shape, causal, c) for n in lens for shape in shapes for causal in (True, False)
+            for c in [None, *chosen] if c is None or (causal in c.modes and shape in c.shapes)]
     results: dict[str, Any] = {
         "suite": "kernels",
         "machine": harness.machine_info(seed),
         "config": {
-            "lengths": lens, "batch": batch, "heads": heads, "head_dim": head_dim, "dtype": "float32",
+            "lengths": lens, "shapes": list(shapes), "cross_query_divisor": CROSS_QUERY_DIVISOR,
+            "batch": batch, "heads": heads, "head_dim": head_dim, "dtype": "float32",
             "seed": seed, "gate_rows": n_rows, "gate_atol": harness.ATOL, "gate_rtol": harness.RTOL,
             "repeats": {str(n): repeats_for(n) for n in lens}, "case_max_seconds": CASE_MAX_SECONDS,
-            "flex_min_tokens": FLEX_MIN_TOKENS, "baseline": "torch.nn.functional.scaled_dot_product_attention",
+            "flex_min_tokens": FLEX_MIN_TOKENS,
+            "baseline": "torch.nn.functional.scaled_dot_product_attention (causal cross: "
+                        "attn_mask=torch.nn.attention.bias.causal_lower_right)",
             "cases": {c.label: c.params for c in chosen},
         },
         "records": [],
@@ -208,22 +245,27 @@ def run_kernels_suite(
         with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("kernels", total=len(plan))
-            inputs_for: int | None = None
+            inputs_for: tuple[int, str] | None = None
             q = k = v = None
-            sdpa_time: dict[tuple[int, bool], float | None] = {}
-            for n, causal, case in plan:
-                if inputs_for != n:
+            sdpa_time: dict[tuple[int, bool, str], float | None] = {}
+            for n, shape, causal, case in plan:
+                if inputs_for != (n, shape):
                     q = k = v = None
                     q, k, v = make_inputs(n, seed, batch=batch, heads=heads, head_dim=head_dim)
-                    inputs_for = n
+                    if shape == "cross":
+                        q = cross_queries(q, query_tokens(n, shape))
+                    inputs_for = (n, shape)
                 label = BASELINE if case is None else case.label
-                progress.update(task, description=f"{label} · {n} · {'causal' if causal else 'non-causal'}")
-                common = dict(suite="kernels", tokens=n, causal=causal, batch=batch, heads=heads,
-                              head_dim=head_dim, dtype="float32", repeats=repeats_for(n))
+                progress.update(task, description=f"{label} · {n} · {_mode(causal, shape)}")
+                common = dict(suite="kernels", tokens=n, tokens_q=q.shape[2], tokens_k=n, shape=shape,
+                              causal=causal, batch=batch, heads=heads, head_dim=head_dim, dtype="float32",
+                              repeats=repeats_for(n))
                 if case is None:
                     rec = _run_baseline(q, k, v, causal, n, seed, n_rows)
-                    rec.update(label=BASELINE, method=BASELINE, backend="sdpa", params="is_causal", **common)
-                    sdpa_time[(n, causal)] = rec.get("median_s")
+                    params = ("attn_mask=causal_lower_right" if causal and shape == "cross"
+                              else "is_causal" if causal else "")
+                    rec.update(label=BASELINE, method=BASELINE, backend="sdpa", params=params, **common)
+                    sdpa_time[(n, causal, shape)] = rec.get("median_s")
                     _finish(rec, sdpa_time, records, printer, progress, out, results)
                     progress.advance(task)
                     continue
@@ -241,7 +283,8 @@ def run_kernels_suite(
                     tiled = _with_backend(method, "tiled") if fallback_tiled else None
                     if tiled is not None:
                         progress.update(task, total=progress.tasks[0].total + 1,
-                                        description=f"{case.label} [tiled fallback] · {n}")
+                                        description=f"{case.label} [tiled fallback] · {n} · "
+                                                    f"{_mode(causal, shape)}")
                         rec2 = _timed_case(tiled, q, k, v, causal, n, seed, n_rows)
                         rec2.update(label=case.label, method=tiled.name, backend="tiled", params=case.params,
                                     fallback_for="auto", note="FlexAttention path failed; eager tiled kernel",
@@ -262,11 +305,30 @@ def run_kernels_suite(
     return results
 
 
+def _mode(causal: bool, shape: str) -> str:
+    return ("causal" if causal else "non-causal") + (" cross" if shape == "cross" else "")
+
+
+def rec_mode(rec: dict[str, Any]) -> str:
+    """"causal", "non-causal", "causal cross" or "non-causal cross" (records without a shape are self)."""
+    return _mode(bool(rec["causal"]), rec.get("shape", "self"))
+
+
+def sdpa_baseline(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """torch SDPA as a user calls it: ``is_causal`` for self attention; for causal cross attention
+    the lower-right causal bias, which aligns the last query with the last key as longattn does
+    (``is_causal=True`` would align the first query with the first key and be a different mask)."""
+    tq, tk = q.shape[2], k.shape[2]
+    if causal and tq != tk:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(tq, tk))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
 def _run_baseline(q, k, v, causal, n, seed, n_rows) -> dict[str, Any]:
     t0 = time.perf_counter()
 
     def sdpa():
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return sdpa_baseline(q, k, v, causal)
 
     rec = harness.run_callable_case(sdpa, q, k, v, causal=causal, path="sdpa", repeats=repeats_for(n),
                                     max_seconds=CASE_MAX_SECONDS, n_rows=n_rows, seed=seed)
@@ -290,7 +352,7 @@ def _timed_case(method, q, k, v, causal, n, seed, n_rows) -> dict[str, Any]:
 
 
 def _finish(rec, sdpa_time, records, printer, progress, out, results) -> None:
-    base = sdpa_time.get((rec["tokens"], rec["causal"]))
+    base = sdpa_time.get((rec["tokens"], rec["causal"], rec.get("shape", "self")))
     rec["sdpa_median_s"] = base
     med = rec.get("median_s")
     rec["ratio_to_sdpa"] = base / med if (base and med) else None
@@ -324,7 +386,7 @@ def time_spent(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         lab = r["label"] + (" [tiled fallback]" if r.get("fallback_for") else "")
         by_label[lab] = by_label.get(lab, 0.0) + w
         by_tokens[str(r["tokens"])] = by_tokens.get(str(r["tokens"]), 0.0) + w
-        mode = "causal" if r["causal"] else "non-causal"
+        mode = rec_mode(r)
         by_mode[mode] = by_mode.get(mode, 0.0) + w
         first_calls += float(r.get("first_call_s") or 0.0)
     order = lambda d: dict(sorted(d.items(), key=lambda kv: -kv[1]))  # noqa: E731
@@ -339,11 +401,11 @@ def efficiency_lengths(records: Sequence[dict[str, Any]]) -> dict[str, int | Non
     for r in records:
         if r["label"] == BASELINE:
             continue
-        key = f"{_label(r)} · {'causal' if r['causal'] else 'non-causal'}"
+        key = f"{_label(r)} · {rec_mode(r)}"
         if key in out:
             continue
         pts = [(x["tokens"], x.get("ratio_to_sdpa")) for x in records
-               if _label(x) == _label(r) and x["causal"] == r["causal"]]
+               if _label(x) == _label(r) and rec_mode(x) == rec_mode(r)]
         out[key] = harness.efficiency_length(pts)
     return out
 
@@ -424,7 +486,7 @@ class _RowPrinter:
         status = _short_status(rec)
         style = _STATUS_STYLE.get(status, "red")
         values = {
-            "tokens": str(rec["tokens"]), "mode": "causal" if rec["causal"] else "full", "method": _label(rec),
+            "tokens": str(rec["tokens"]), "mode": ("causal" if rec["causal"] else "full") + (" ×" if rec.get("shape") == "cross" else ""), "method": _label(rec),
             "path": rec.get("path") or "—", "density": _fmt(rec.get("density"), ".3f"),
             "computed": _fmt(rec.get("computed_fraction"), ".3f"), "median s": _fmt(rec.get("median_s"), ".4f"),
             "spread": _fmt(rec.get("spread_s"), ".4f"),
@@ -454,7 +516,7 @@ def summary_table(results: dict[str, Any]) -> Table:
         if rec["tokens"] != n:
             continue
         r = rec.get("ratio_to_sdpa")
-        t.add_row(_label(rec), "causal" if rec["causal"] else "non-causal",
+        t.add_row(_label(rec), rec_mode(rec),
                   _fmt(r, ".2f") + ("×" if r is not None else ""), _fmt(rec.get("median_s"), ".3f"),
                   _fmt(rec.get("sdpa_median_s"), ".3f"), _fmt(rec.get("density"), ".3f"),
                   rec.get("path") or "—", _short_status(rec))
@@ -507,11 +569,16 @@ def render_report(results: dict[str, Any]) -> str:
         "100% for SDPA, or a high 1-minute load average, means other work shared the CPUs",
         "",
     ]
-    for causal in (True, False):
-        mode_recs = [r for r in recs if r["causal"] == causal]
+    div = cfg.get("cross_query_divisor", CROSS_QUERY_DIVISOR)
+    for shape, causal in ((sh, c) for sh in SHAPES for c in (True, False)):
+        mode_recs = [r for r in recs if r["causal"] == causal and r.get("shape", "self") == shape]
         if not mode_recs:
             continue
-        lines += [f"## {'Causal' if causal else 'Non-causal'}: ratio to SDPA", ""]
+        title = "Causal" if causal else "Non-causal"
+        if shape == "cross":
+            title += (f" cross (tokens / {div} queries over tokens keys"
+                      + (", the last query aligned with the last key)" if causal else ")"))
+        lines += [f"## {title}: ratio to SDPA", ""]
         lines.append("| method | " + " | ".join(str(n) for n in lens) + " |")
         lines.append("|---|" + "---:|" * len(lens))
         labels: list[str] = []
@@ -540,7 +607,7 @@ def render_report(results: dict[str, Any]) -> str:
                 continue
             ratio = r.get("ratio_to_sdpa")
             lines.append(
-                f"| {_label(r)} | {'causal' if r['causal'] else 'non-causal'} | "
+                f"| {_label(r)} | {rec_mode(r)} | "
                 f"{_fmt(ratio, '.2f') + ('×' if ratio is not None else '')} | {_fmt(r.get('median_s'), '.3f')} | "
                 f"{_fmt(r.get('sdpa_median_s'), '.3f')} | {_fmt(r.get('density'), '.3f')} | "
                 f"{_fmt(r.get('computed_fraction'), '.3f')} | {r.get('path') or '—'} | "
@@ -567,7 +634,7 @@ def render_report(results: dict[str, Any]) -> str:
         busy = sum(r.get("samples") or [])
         cpu_use = r["cpu_s"] / (busy * threads) if r.get("cpu_s") is not None and busy > 0 else None
         lines.append(
-            f"| {r['tokens']} | {'causal' if r['causal'] else 'non-causal'} | {_label(r)} | {r.get('path') or '—'} | "
+            f"| {r['tokens']} | {rec_mode(r)} | {_label(r)} | {r.get('path') or '—'} | "
             f"{_fmt(r.get('density'), '.4f')} | {_fmt(r.get('computed_fraction'), '.4f')} | "
             f"{_fmt(r.get('median_s'), '.4f')} | {_fmt(r.get('min_s'), '.4f')} | {_fmt(r.get('max_s'), '.4f')} | "
             f"{_fmt(r.get('first_call_s'), '.2f')} | {_mb(r.get('peak_mem_bytes'))} | {_fmt(r.get('tflops'), '.3f')} | "
@@ -576,12 +643,12 @@ def render_report(results: dict[str, Any]) -> str:
         )
     lines.append("")
     lines += harness.failure_lines(recs, lambda r: f"{_label(r)}, {r['tokens']} tokens, "
-                                                  f"{'causal' if r['causal'] else 'non-causal'}")
+                                                  f"{rec_mode(r)}")
     fell_back = [r for r in recs if (r.get("extra") or {}).get("flex_error")]
     if fell_back:
         lines += ["", "FlexAttention fallbacks (results are exact, timings are of the tiled kernel):", ""]
         for r in fell_back:
-            lines.append(f"- {_label(r)}, {r['tokens']} tokens, {'causal' if r['causal'] else 'non-causal'}: "
+            lines.append(f"- {_label(r)}, {r['tokens']} tokens, {rec_mode(r)}: "
                          f"{r['extra']['flex_error']}")
     lines.append("")
     spent = results.get("time_spent") or time_spent(recs)

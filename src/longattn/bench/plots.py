@@ -109,6 +109,11 @@ def kernel_series(rec: dict[str, Any]) -> str:
     return str(rec.get("label") or rec.get("method")) + (" [tiled]" if rec.get("fallback_for") else "")
 
 
+def kernel_shape(rec: dict[str, Any]) -> str:
+    """A kernels record's CAB shape, "self" or "cross" (records written before cross ran are self)."""
+    return str(rec.get("shape") or "self")
+
+
 def frontier_records(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Sparse-suite records of the density ↔ error ↔ speed frontier (``part == "frontier"``)."""
     return [r for r in suite_records(results, "sparse") if r.get("part") == "frontier"]
@@ -332,11 +337,20 @@ def speedup_vs_length(results: dict[str, Any], path: str | Path) -> Path | None:
     kern = [r for r in suite_records(results, "kernels")
             if _is_ok(r) and _num(r.get("ratio_to_sdpa")) and _num(r.get("tokens"))
             and base_name(kernel_series(r)) not in _BASELINES]
-    for causal, title in ((True, "exact kernels, causal"), (False, "exact kernels, non-causal")):
-        pts = [(kernel_series(r), float(r["tokens"]), float(r["ratio_to_sdpa"]))
-               for r in kern if bool(r.get("causal")) == causal]
-        if pts:
-            panels.append((title, "sequence length (tokens)", pts))
+    # CAB's four patterns get a panel each: self and cross timings are different shapes and
+    # would zigzag on one line. Cross runs fewer queries (tokens_q) than keys (tokens).
+    for shape, causal in (("self", True), ("self", False), ("cross", True), ("cross", False)):
+        group = [r for r in kern if bool(r.get("causal")) == causal and kernel_shape(r) == shape]
+        if not group:
+            continue
+        title = "exact kernels, " + ("causal" if causal else "non-causal")
+        xlabel = "sequence length (tokens)"
+        if shape == "cross":
+            tq, tk = _num(group[0].get("tokens_q")), float(group[0]["tokens"])
+            title += f" cross (keys / {tk / tq:.0f} queries)" if tq else " cross"
+            xlabel = "keys (tokens)"
+        panels.append((title, xlabel, [(kernel_series(r), float(r["tokens"]), float(r["ratio_to_sdpa"]))
+                                       for r in group]))
     front = _frontier_speed_points(results)
     if front:
         panels.append((f"sparse prefill, causal, density ≈ {FRONTIER_SPEED_DENSITY:.0%} (sparse suite)",
@@ -466,7 +480,8 @@ def memory_vs_length(results: dict[str, Any], path: str | Path) -> Path | None:
         panels.append((f"decode{lay}: peak memory per step (RSS growth)", "tokens in the KV cache", peak))
     kern = [(kernel_series(r), float(r["tokens"]), float(r["peak_mem_bytes"]))
             for r in suite_records(results, "kernels")
-            if _is_ok(r) and r.get("causal") and _num(r.get("tokens")) and _num(r.get("peak_mem_bytes"))
+            if _is_ok(r) and r.get("causal") and kernel_shape(r) == "self" and _num(r.get("tokens"))
+            and _num(r.get("peak_mem_bytes"))
             and float(r["peak_mem_bytes"]) > 0]
     if kern:
         panels.append(("prefill, causal: peak memory (RSS growth, kernels suite)", "sequence length (tokens)", kern))

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from longattn.bench.plots import PLOT_NAMES, _is_ok, _num, fmt_bytes, fmt_tokens, machine_line
+from longattn.bench.plots import PLOT_NAMES, _is_ok, _num, fmt_bytes, fmt_tokens, kernel_shape, machine_line
 
 #: the suites the main job knows, in report order
 SUITE_ORDER: tuple[str, ...] = ("kernels", "sparse", "decode", "tasks", "peers")
@@ -37,7 +37,8 @@ PLOT_NOTES: dict[str, str] = {
     "speedup_vs_length": (
         "Each point is torch SDPA's median time divided by the method's, measured in the same run on the "
         "same inputs (float32): above the dashed 1× line the method is faster. Only cases that passed the "
-        "correctness gate have a speed. Exact kernels are drawn for causal and non-causal attention; the "
+        "correctness gate have a speed. Exact kernels are drawn for CAB's four patterns (causal and "
+        "non-causal, self and cross attention; cross runs a quarter as many queries as keys); the "
         "sparse-prefill and decode-step panels appear when those suites ran. Both axes are logarithmic."
     ),
     "passkey_heatmap": (
@@ -275,11 +276,21 @@ def _kernels(recs: list[dict[str, Any]]) -> str:
 
     out = ['<p>Ratio to SDPA (SDPA median time / method median time, same run; &gt; 1× = faster). '
            "The SDPA row gives its median time. A failed or unsupported case shows its status.</p>"]
-    for causal, title in ((True, "Causal"), (False, "Non-causal")):
-        mode = [r for r in recs if bool(r.get("causal")) == causal and _num(r.get("tokens"))]
-        if mode:
-            out.append(f"<h3>{title}</h3>")
-            out.append(_pivot(mode, _kernel_label, lambda r: int(r["tokens"]), cell, "method / tokens"))
+    for shape, causal in (("self", True), ("self", False), ("cross", True), ("cross", False)):
+        mode = [r for r in recs if bool(r.get("causal")) == causal and kernel_shape(r) == shape
+                and _num(r.get("tokens"))]
+        if not mode:
+            continue
+        title = "Causal" if causal else "Non-causal"
+        corner = "method / tokens"
+        if shape == "cross":
+            tq = _num(mode[0].get("tokens_q"))
+            ratio = f"keys / {float(mode[0]['tokens']) / tq:.0f}" if tq else "fewer"
+            title += (f" cross attention ({ratio} queries" +
+                      (", the last query aligned with the last key)" if causal else ")"))
+            corner = "method / keys"
+        out.append(f"<h3>{_e(title)}</h3>")
+        out.append(_pivot(mode, _kernel_label, lambda r: int(r["tokens"]), cell, corner))
     return "".join(out)
 
 
