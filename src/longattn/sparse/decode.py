@@ -10,7 +10,9 @@ linear block estimator and full key blocks outside the forced ones):
   include the query's own block) — the same rule as ``select.forced_block_grid``;
 * the remaining slots go to the highest-scoring blocks in between; for one query the top-k of its
   per-block estimates equals the top-k of their softmax, which the general path ranks by;
-* one gather of the keys (sinks, chosen blocks, window) and one fused call without a mask.
+* the kept blocks (sinks, chosen blocks, window) read in place by the native kernel
+  (``longattn.kernels.native.decode_blocks``), or else one gather of their keys into a reused
+  buffer and one fused call without a mask.
 
 ``tests/test_sparse_decode.py`` checks it against ``select_blocks`` + ``sparse_attention``.
 """
@@ -22,6 +24,7 @@ import threading
 
 import torch
 
+from longattn.kernels import native
 from longattn.kernels.eager import gather_tokens
 from longattn.sparse.select import BlockEstimator, Selection
 from longattn.sparse.summaries import BlockSummaries
@@ -66,11 +69,14 @@ def applies(q: torch.Tensor, k: torch.Tensor, *, causal: bool, key_padding_mask,
 
 def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summaries: BlockSummaries,
                 estimator: BlockEstimator, *, scale: float, n_sel: int, sinks: int, window: int,
-                want_selection: bool = True):
+                want_selection: bool = True, native_decode: bool = True):
     """Attention of one query ``q [B, Hq, 1, D]`` over ``k, v [B, Hkv, T, D]`` through the blocks
     a block-top-k selector keeps. Returns ``(out, lse, selection, visible_keys)`` where
     ``visible_keys`` is the number of keys attended per head; ``selection`` is None unless
-    ``want_selection`` (building it costs a sort per step)."""
+    ``want_selection`` (building it costs a sort per step). With ``native_decode`` (and the
+    kernel built, see ``longattn.kernels.native``) the kept blocks are read in place by
+    ``native.decode_blocks``; otherwise they are gathered into a reused buffer and attended by
+    torch's fused kernel. Both give the same result."""
     b, hq = q.shape[:2]
     tk = k.shape[2]
     bs = summaries.block
@@ -78,8 +84,6 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summaries: Bl
     n_sink, w0 = forced_ranges(tk, bs, sinks, window)
     free = n_sel - n_sink - (n - w0)
     candidates = w0 - n_sink
-    sink_pos = torch.arange(0, n_sink * bs, device=q.device)
-    window_pos = torch.arange(w0 * bs, tk, device=q.device)
     if free <= 0 or candidates <= 0:
         chosen = torch.empty(b, hq, 0, dtype=torch.long, device=q.device)
     elif candidates > free:
@@ -87,15 +91,25 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summaries: Bl
         chosen = est.topk(free, dim=-1).indices + n_sink  # [B, Hq, free]
     else:  # every block fits: the step is dense
         chosen = torch.arange(n_sink, w0, device=q.device).expand(b, hq, -1)
-    chosen_pos = ((chosen * bs)[..., None] + torch.arange(bs, device=q.device)).flatten(-2)
-    positions = torch.cat([sink_pos.expand(b, hq, -1), chosen_pos, window_pos.expand(b, hq, -1)], dim=-1)
-    n_keys = positions.shape[-1]
-    # the gathered keys live only until the fused call returns, so one buffer serves every step
-    # (not under autograd: a buffer written with out= records no history)
-    reuse = not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad))
-    buffers = _BUFFERS.get(positions.numel() * k.shape[-1], k) if reuse else None
-    keys, values = gather_tokens(k, v, positions, out=buffers)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, False, scale=scale)
+    n_keys = n_sink * bs + chosen.shape[-1] * bs + (tk - w0 * bs)
+    if native_decode and native.decode_blocks_applies(q, k, v, bs):
+        # every kept key lies in a whole block (sinks, chosen, window; the last may be short):
+        # the native kernel reads those blocks in place, with no gathered copy
+        blocks = torch.cat([torch.arange(n_sink, device=q.device).expand(b, hq, -1), chosen,
+                            torch.arange(w0, n, device=q.device).expand(b, hq, -1)], dim=-1)
+        out, lse = native.decode_blocks(q, k, v, blocks, bs, scale)
+    else:
+        sink_pos = torch.arange(0, n_sink * bs, device=q.device)
+        window_pos = torch.arange(w0 * bs, tk, device=q.device)
+        chosen_pos = ((chosen * bs)[..., None] + torch.arange(bs, device=q.device)).flatten(-2)
+        positions = torch.cat([sink_pos.expand(b, hq, -1), chosen_pos, window_pos.expand(b, hq, -1)], dim=-1)
+        # the gathered keys live only until the fused call returns, so one buffer serves every step
+        # (not under autograd: a buffer written with out= records no history)
+        reuse = not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad))
+        buffers = _BUFFERS.get(positions.numel() * k.shape[-1], k) if reuse else None
+        keys, values = gather_tokens(k, v, positions, out=buffers)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, False,
+                                                                              scale=scale)
     if not want_selection:
         return out, lse.float(), None, n_keys
     forced_lo = torch.arange(n_sink, device=q.device).expand(b, hq, -1)
