@@ -448,16 +448,27 @@ def _label(rec: dict[str, Any]) -> str:
 _STATUS_STYLE = {"ok": "green", "ok, no flex": "yellow", "FAILED accuracy": "bold red", "unsupported": "dim"}
 
 
+def _short_mode(rec: dict[str, Any], narrow: bool) -> str:
+    """The live table's mode cell: "causal" / "full", with "cross" for CAB's cross shape
+    ("c·cross" / "f·cross" on a narrow console)."""
+    causal = bool(rec["causal"])
+    if rec.get("shape", "self") != "cross":
+        return "causal" if causal else "full"
+    if narrow:
+        return "c·cross" if causal else "f·cross"
+    return "causal cross" if causal else "full cross"
+
+
 class _RowPrinter:
     """Prints one aligned table row per finished case (header once); fewer columns on a narrow
     console."""
 
-    WIDE = (("tokens", 6, "right"), ("mode", 6, "left"), ("method", 26, "left"), ("path", 5, "left"),
+    WIDE = (("tokens", 6, "right"), ("mode", 12, "left"), ("method", 26, "left"), ("path", 5, "left"),
             ("density", 7, "right"), ("computed", 8, "right"), ("median s", 9, "right"),
             ("spread", 8, "right"), ("vs SDPA", 8, "right"), ("peak MB", 7, "right"),
             ("TFLOP/s", 7, "right"), ("gate err", 8, "right"), ("status", 22, "left"))
     NARROW = ("tokens", "mode", "method", "path", "density", "median s", "vs SDPA", "peak MB", "status")
-    NARROW_WIDTHS = {"tokens": 6, "method": 17, "density": 7, "median s": 8, "vs SDPA": 7, "peak MB": 5,
+    NARROW_WIDTHS = {"tokens": 6, "mode": 7, "method": 17, "density": 7, "median s": 8, "vs SDPA": 7, "peak MB": 5,
                      "status": 11}
     NARROW_HEADERS = {"peak MB": "MB"}
 
@@ -486,7 +497,7 @@ class _RowPrinter:
         status = _short_status(rec)
         style = _STATUS_STYLE.get(status, "red")
         values = {
-            "tokens": str(rec["tokens"]), "mode": ("causal" if rec["causal"] else "full") + (" ×" if rec.get("shape") == "cross" else ""), "method": _label(rec),
+            "tokens": str(rec["tokens"]), "mode": _short_mode(rec, narrow), "method": _label(rec),
             "path": rec.get("path") or "—", "density": _fmt(rec.get("density"), ".3f"),
             "computed": _fmt(rec.get("computed_fraction"), ".3f"), "median s": _fmt(rec.get("median_s"), ".4f"),
             "spread": _fmt(rec.get("spread_s"), ".4f"),
