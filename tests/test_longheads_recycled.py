@@ -35,8 +35,8 @@ def rotated(rope, q, k):
     return rope.rotate(q, k, torch.arange(tq) + tk - tq, torch.arange(tk))
 
 
-def longheads(window, chunk=16, local=16):
-    return longattn.method("longheads", window=window, chunk=chunk, local=local)
+def longheads(window, chunk=16, local=16, score="mean"):
+    return longattn.method("longheads", window=window, chunk=chunk, local=local, score=score)
 
 
 def recycled(stride, budget, sinks=0):
@@ -58,12 +58,14 @@ class RecordingRoPE(RoPE):
 # -- LongHeads --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("score", ["mean", "bound"])
 @pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize("causal", [True, False])
-def test_longheads_full_window_equals_exact_attention(causal, rope):
+def test_longheads_full_window_equals_exact_attention(causal, rope, score):
     q, k, v = make_qkv(b=2, hq=4, hk=2, tq=100, tk=100, d=16, seed=1)
     pos = RoPE(16) if rope else None
-    out, stats = longattn.attention(q, k, v, causal=causal, method=longheads(112), position=pos, return_stats=True)
+    out, stats = longattn.attention(q, k, v, causal=causal, method=longheads(112, score=score), position=pos,
+                                    return_stats=True)
     qr, kr = rotated(pos, q, k) if rope else (q, k)  # exact attention with RoPE at the original positions
     ref, ref_lse = longattn.reference_attention(qr, kr, v, causal=causal)
     assert_close_to_oracle(out, ref)
@@ -192,7 +194,32 @@ def test_longheads_heads_choose_different_chunks():
     assert not torch.equal(idx[0], idx[1])  # heads 0 and 1 share key head 0 but not their chunks
 
 
+def test_longheads_bound_score_finds_a_needle_cut_by_a_chunk_boundary():
+    """One strong key on each side of the chunk boundary at 128 and a decoy chunk of uniformly
+    moderate keys: the mean key of the decoy beats each needle chunk's diluted mean, Quest's bound
+    does not dilute. The last query block may keep one free middle chunk beside the forced ones."""
+    d, tk, chunk = 16, 256, 32
+    g = torch.Generator().manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    k = 0.1 * torch.randn(1, 1, tk, d, generator=g)
+    k[0, 0, 127] += 8.0 * u  # chunk 3
+    k[0, 0, 128] += 8.0 * u  # chunk 4
+    k[0, 0, 64:96] += 0.5 * u  # chunk 2, the decoy: mean 0.5·u against the needles' 8/32 = 0.25·u
+    q = u.expand(1, 1, chunk, d).clone()
+    v = torch.randn(1, 1, tk, d, generator=g)
+    # first chunk + the last two (local, own block) are forced; 5 chunks leave room for 2 middle ones
+    picked = {}
+    for score in ("mean", "bound"):
+        _, st = longattn.attention(q, k, v, causal=True, return_stats=True,
+                                   method=longheads(5 * chunk, chunk=chunk, local=chunk, score=score))
+        picked[score] = set(st.extra["selected_blocks"][0, 0, -1].tolist()) - {-1}
+    assert {3, 4} <= picked["bound"], picked
+    assert 2 in picked["mean"] and not {3, 4} <= picked["mean"], picked
+
+
 def test_longheads_bad_parameters_and_positions():
+    with pytest.raises(ValueError, match="score must be one of 'mean', 'bound', got 'max'"):
+        longattn.method("longheads", score="max")
     with pytest.raises(ValueError, match=r"window=48 holds 3 chunks of 16.*use window >= 64"):
         longattn.method("longheads", window=48, chunk=16, local=16)
     with pytest.raises(ValueError, match="chunk must be a positive int, got 0"):

@@ -149,3 +149,13 @@ def test_shipped_checkpoint_retrieves_the_passkey_at_its_trained_length(shipped,
     for depth in (0.0, 0.5, 1.0):
         acc = evaluate(shipped, passkey(length, depth, 16, seed=2024), batch_size=16)
         assert acc.accuracy >= 0.99, (length, depth, acc.accuracy)
+
+
+def test_longheads_bound_score_keeps_a_passkey_cut_by_a_chunk_boundary(shipped):
+    """At 1,024 tokens and depth 0.25 the 7-token passkey sits at 253–259, across the chunk boundary
+    at 256: scored by mean key, LongHeads lost it in 5 of 8 samples; by Quest's bound it keeps it."""
+    batch = passkey(1024, 0.25, 8, seed=0)
+    assert int(batch.needle_pos[0]) == 253
+    m = {s: longattn.method("longheads", window=512, chunk=32, local=32, score=s) for s in ("mean", "bound")}
+    assert evaluate(shipped, batch, m["bound"], batch_size=8).accuracy == 1.0
+    assert evaluate(shipped, batch, m["mean"], batch_size=8).accuracy <= 0.5

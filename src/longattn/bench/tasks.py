@@ -121,11 +121,14 @@ FULL_RETRIEVAL = {"lengths": (256, 512, 1024, 2048, 4096, 8192, 16384, 32768), "
 def retrieval_methods(trained: int = RETRIEVAL_TRAINED_LENGTH) -> dict[str, Any]:
     """Methods run inside the retrieval model, each giving a query at most ``trained`` keys (an
     in-distribution count), plus dense over everything. LongHeads re-maps the positions of the
-    chunks it keeps into the trained window; the others keep original positions."""
+    chunks it keeps into the trained window; the others keep original positions. LongHeads runs
+    twice: chunks scored by their mean key (the paper's) and by Quest's bound (``score="bound"``),
+    which still finds a passkey that a chunk boundary cuts in two."""
     block = 32
     return {
         "dense": longattn.method("dense"),
         "longheads": longattn.method("longheads", window=trained, chunk=block, local=block),
+        "longheads_bound": longattn.method("longheads", window=trained, chunk=block, local=block, score="bound"),
         "landmark": longattn.method("landmark", budget=trained, block=block, q_block=block, sinks=block, window=2 * block),
         "quest": longattn.method("quest", budget=trained, block=block, q_block=block, sinks=block, window=2 * block),
         "streaming": longattn.method("streaming", sinks=block, window=trained - block),
