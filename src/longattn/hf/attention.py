@@ -172,10 +172,10 @@ class Applied:
         self.previous = getattr(model.config, "_attn_implementation", None)
         self._previous_methods = {m: _ACTIVE.get(m) for m in self.modules}
         _register()
+        if self.previous != ATTN_IMPLEMENTATION:  # first, so that a refusal leaves nothing half-applied
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
         for m in self.modules:
             _ACTIVE[m] = method
-        if self.previous != ATTN_IMPLEMENTATION:
-            model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.active = True
 
     def remove(self) -> None:
