@@ -52,16 +52,25 @@ def _register() -> None:
 # the mask function
 
 
-def longattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                  mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+def longattn_mask(batch_size: int, q_length: int | None = None, kv_length: int | None = None, q_offset: int = 0,
+                  kv_offset: int = 0, mask_function=None, attention_mask: torch.Tensor | None = None,
+                  cache_position: torch.Tensor | None = None, **kwargs: Any):
     """transformers' mask-interface call → ``None``, a key-padding mask ``[B, kv_length]`` or a
     dense bool mask ``[B, 1, q_length, kv_length]`` (see the module docstring).
 
     ``attention_mask`` is transformers' 2-D padding mask over every position seen so far
-    (``[B, kv_offset + kv_length]`` or longer), True/1 = real token.
+    (``[B, kv_offset + kv_length]`` or longer), True/1 = real token. The queries arrive as
+    ``q_length`` + ``q_offset`` (transformers ≥ 5.3) or as ``cache_position``, their positions
+    (5.2).
     """
     from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
+    if q_length is None:
+        if cache_position is None:
+            raise TypeError("the mask interface gave neither q_length nor cache_position")
+        q_length, q_offset = int(cache_position.shape[0]), int(cache_position[0]) if len(cache_position) else 0
+    if kv_length is None:
+        raise TypeError("the mask interface gave no kv_length")
     q_offset, kv_offset = int(q_offset), int(kv_offset)
     pad = None
     if attention_mask is not None:
@@ -75,9 +84,13 @@ def longattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     if plain and aligned:
         return pad
     device = kwargs.get("device", attention_mask.device if attention_mask is not None else "cpu")
-    dense = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                      kv_offset=kv_offset, mask_function=mask_function or causal_mask_function,
-                      attention_mask=attention_mask, allow_is_causal_skip=False, device=device)
+    if cache_position is not None:  # transformers 5.2's signature
+        where = dict(cache_position=cache_position)
+    else:
+        where = dict(q_length=q_length, q_offset=q_offset, device=device)
+    dense = sdpa_mask(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset,
+                      mask_function=mask_function or causal_mask_function, attention_mask=attention_mask,
+                      allow_is_causal_skip=False, **where)
     if aligned and mask_function is not bidirectional_mask_function:
         # a sliding window shorter than it could cut is just causal: keep the light form
         causal = torch.ones(q_length, kv_length, dtype=torch.bool, device=dense.device).tril(kv_length - q_length)
