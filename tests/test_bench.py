@@ -189,8 +189,8 @@ def test_suite_writes_results_and_report(tmp_path):
     assert all(r["ratio_to_sdpa"] == pytest.approx(1.0) for r in recs if r["label"] == "sdpa")
     assert "by_label" in data["time_spent"]
     report = (tmp_path / "out" / "report.md").read_text()
-    for heading in ("## Causal: ratio to SDPA", "## Non-causal: ratio to SDPA", "## Causal cross (tokens / 4",
-                    "## Non-causal cross (tokens / 4", "speed-ups at 512 tokens",
+    for heading in ("## Causal: ratio to SDPA", "## Non-causal: ratio to SDPA", "## Causal cross (keys / 4",
+                    "## Non-causal cross (keys / 4", "speed-ups at 512 tokens",
                     "## All cases", "## Failures", "## Where the time went"):
         assert heading in report
     assert "| window |" in report

@@ -208,16 +208,19 @@ def test_permanent_switch_nesting_and_two_models():
     assert "removed" in repr(handle)
 
 
-def test_sliding_window_that_cuts_runs_exactly_with_dense_and_is_refused_by_selectors():
+def test_sliding_window_that_cuts_runs_exactly_with_dense_and_is_refused_by_patterned_methods():
     model = tiny("mistral", seed=10, sliding_window=16)
     ids, mask = left_padded([40, 25])
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits
         with hf.apply(model, "dense"):
             got = model(ids, attention_mask=mask).logits
-        with hf.apply(model, "landmark", budget=64, block=8, q_block=8, sinks=8, window=8), \
-                pytest.raises(NotImplementedError, match="method 'landmark' selects keys itself.*sliding window"):
-            model(ids, attention_mask=mask)
+        # methods with their own pattern would silently lose it on the dense 4-D path: refused
+        for m in (longattn.method("landmark", budget=64, block=8, q_block=8, sinks=8, window=8),
+                  longattn.method("window", window=8)):
+            with hf.apply(model, m), pytest.raises(
+                    NotImplementedError, match=f"method '{m.name}' attends with its own pattern.*sliding window"):
+                model(ids, attention_mask=mask)
     real = mask.bool()
     torch.testing.assert_close(got[real], ref[real], atol=2e-5, rtol=1e-5)
 

@@ -41,6 +41,7 @@ from rich.table import Table
 
 import longattn
 from longattn.bench import harness
+from longattn.bench.plots import KERNEL_PATTERNS, kernel_pattern_records, kernel_pattern_title
 from longattn.core import masks
 from longattn.kernels import flex
 from longattn.methods.base import Method
@@ -580,16 +581,11 @@ def render_report(results: dict[str, Any]) -> str:
         "100% for SDPA, or a high 1-minute load average, means other work shared the CPUs",
         "",
     ]
-    div = cfg.get("cross_query_divisor", CROSS_QUERY_DIVISOR)
-    for shape, causal in ((sh, c) for sh in SHAPES for c in (True, False)):
-        mode_recs = [r for r in recs if r["causal"] == causal and r.get("shape", "self") == shape]
+    for shape, causal in KERNEL_PATTERNS:
+        mode_recs = kernel_pattern_records(recs, shape, causal)
         if not mode_recs:
             continue
-        title = "Causal" if causal else "Non-causal"
-        if shape == "cross":
-            title += (f" cross (tokens / {div} queries over tokens keys"
-                      + (", the last query aligned with the last key)" if causal else ")"))
-        lines += [f"## {title}: ratio to SDPA", ""]
+        lines += [f"## {kernel_pattern_title(shape, causal, mode_recs)}: ratio to SDPA", ""]
         lines.append("| method | " + " | ".join(str(n) for n in lens) + " |")
         lines.append("|---|" + "---:|" * len(lens))
         labels: list[str] = []

@@ -114,6 +114,29 @@ def kernel_shape(rec: dict[str, Any]) -> str:
     return str(rec.get("shape") or "self")
 
 
+#: CAB's four kernel patterns in report order, as ``(shape, causal)``
+KERNEL_PATTERNS: tuple[tuple[str, bool], ...] = (("self", True), ("self", False), ("cross", True), ("cross", False))
+
+
+def kernel_pattern_records(records: Iterable[dict[str, Any]], shape: str, causal: bool) -> list[dict[str, Any]]:
+    """The kernels records of one pattern."""
+    return [r for r in records if bool(r.get("causal")) == causal and kernel_shape(r) == shape]
+
+
+def kernel_pattern_title(shape: str, causal: bool, records: list[dict[str, Any]], *, brief: bool = False) -> str:
+    """One pattern's heading, shared by report.md, report.html and the plots: "Causal",
+    "Non-causal", "Causal cross (keys / 4 queries, the last query aligned with the last key)",
+    "Non-causal cross (keys / 4 queries)"; the ratio comes from the records. ``brief`` (plot
+    titles) leaves out the alignment clause."""
+    title = "Causal" if causal else "Non-causal"
+    if shape != "cross":
+        return title
+    tq = _num(records[0].get("tokens_q")) if records else None
+    ratio = f"keys / {float(records[0]['tokens']) / tq:.0f} queries" if tq else "fewer queries than keys"
+    aligned = ", the last query aligned with the last key" if causal and not brief else ""
+    return f"{title} cross ({ratio}{aligned})"
+
+
 def frontier_records(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Sparse-suite records of the density ↔ error ↔ speed frontier (``part == "frontier"``)."""
     return [r for r in suite_records(results, "sparse") if r.get("part") == "frontier"]
@@ -339,16 +362,12 @@ def speedup_vs_length(results: dict[str, Any], path: str | Path) -> Path | None:
             and base_name(kernel_series(r)) not in _BASELINES]
     # CAB's four patterns get a panel each: self and cross timings are different shapes and
     # would zigzag on one line. Cross runs fewer queries (tokens_q) than keys (tokens).
-    for shape, causal in (("self", True), ("self", False), ("cross", True), ("cross", False)):
-        group = [r for r in kern if bool(r.get("causal")) == causal and kernel_shape(r) == shape]
+    for shape, causal in KERNEL_PATTERNS:
+        group = kernel_pattern_records(kern, shape, causal)
         if not group:
             continue
-        title = "exact kernels, " + ("causal" if causal else "non-causal")
-        xlabel = "sequence length (tokens)"
-        if shape == "cross":
-            tq, tk = _num(group[0].get("tokens_q")), float(group[0]["tokens"])
-            title += f" cross (keys / {tk / tq:.0f} queries)" if tq else " cross"
-            xlabel = "keys (tokens)"
+        title = "exact kernels, " + kernel_pattern_title(shape, causal, group, brief=True).lower()
+        xlabel = "keys (tokens)" if shape == "cross" else "sequence length (tokens)"
         panels.append((title, xlabel, [(kernel_series(r), float(r["tokens"]), float(r["ratio_to_sdpa"]))
                                        for r in group]))
     front = _frontier_speed_points(results)

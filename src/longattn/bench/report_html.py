@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from longattn.bench.plots import PLOT_NAMES, _is_ok, _num, fmt_bytes, fmt_tokens, kernel_shape, machine_line
+from longattn.bench.plots import (KERNEL_PATTERNS, PLOT_NAMES, _is_ok, _num, fmt_bytes, fmt_tokens,
+                                  kernel_pattern_records, kernel_pattern_title, machine_line)
 
 #: the suites the main job knows, in report order
 SUITE_ORDER: tuple[str, ...] = ("kernels", "sparse", "decode", "tasks", "peers")
@@ -276,20 +277,12 @@ def _kernels(recs: list[dict[str, Any]]) -> str:
 
     out = ['<p>Ratio to SDPA (SDPA median time / method median time, same run; &gt; 1× = faster). '
            "The SDPA row gives its median time. A failed or unsupported case shows its status.</p>"]
-    for shape, causal in (("self", True), ("self", False), ("cross", True), ("cross", False)):
-        mode = [r for r in recs if bool(r.get("causal")) == causal and kernel_shape(r) == shape
-                and _num(r.get("tokens"))]
+    for shape, causal in KERNEL_PATTERNS:
+        mode = [r for r in kernel_pattern_records(recs, shape, causal) if _num(r.get("tokens"))]
         if not mode:
             continue
-        title = "Causal" if causal else "Non-causal"
-        corner = "method / tokens"
-        if shape == "cross":
-            tq = _num(mode[0].get("tokens_q"))
-            ratio = f"keys / {float(mode[0]['tokens']) / tq:.0f}" if tq else "fewer"
-            title += (f" cross attention ({ratio} queries" +
-                      (", the last query aligned with the last key)" if causal else ")"))
-            corner = "method / keys"
-        out.append(f"<h3>{_e(title)}</h3>")
+        corner = "method / keys" if shape == "cross" else "method / tokens"
+        out.append(f"<h3>{_e(kernel_pattern_title(shape, causal, mode))}</h3>")
         out.append(_pivot(mode, _kernel_label, lambda r: int(r["tokens"]), cell, corner))
     return "".join(out)
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 import longattn
+from longattn.core.masks import Causal
 from longattn.methods.base import Method
 
 #: the name under which longattn registers in transformers' interfaces
@@ -139,12 +140,16 @@ def longattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
 
 
 def _dense_4d(query, key, value, mask, scaling, method: Method) -> torch.Tensor:
-    """Exact attention under a general 4-D mask (bool, or additive float); rows that see no key give 0."""
-    if not method.capabilities.exact:
+    """Exact attention under a general 4-D mask (bool, or additive float); rows that see no key give 0.
+
+    Only for methods that attend to every visible key (``dense``, ``dense_chunked``): any other
+    method has its own pattern (a window, sinks, a selection), which this path would drop."""
+    tq, tk = query.shape[2], key.shape[2]
+    if not (method.capabilities.exact and isinstance(method.visible_mask(tq, tk, True), (Causal, type(None)))):
         raise NotImplementedError(
-            f"method {method.name!r} selects keys itself and cannot also follow a general 4-D attention mask; "
-            "this layer needs one (a sliding window shorter than the context, packed sequences, a static cache, "
-            "or a 4-D mask passed by the caller): use an exact method such as 'dense' here"
+            f"method {method.name!r} attends with its own pattern and cannot also follow a general 4-D attention "
+            "mask; this layer needs one (a sliding window shorter than the context, packed sequences, a static "
+            "cache, or a 4-D mask passed by the caller): use 'dense' or 'dense_chunked' here"
         )
     if mask.dtype != torch.bool:
         mask = mask > torch.finfo(mask.dtype).min / 2

@@ -76,8 +76,9 @@ class Llama2cTokenizer:
         return BatchEncoding(data)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        """Text of ``ids`` (a list or a 1-D tensor); padding is always dropped, BOS/EOS too unless
-        ``skip_special_tokens=False`` keeps them out of the text anyway (they have no surface form)."""
+        """Text of ``ids`` (a list or a 1-D tensor). Padding, BOS and EOS never appear in the text
+        (they have no surface form); ``skip_special_tokens`` is accepted for transformers'
+        signature and changes nothing."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return self._tok.decode([i for i in ids if i != self.pad_token_id])

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from longattn.core import validate
 from longattn.core.masks import Causal
-from longattn.kernels import flex, native
+from longattn.kernels import flex
 from longattn.kernels.layout import count_allowed_pairs, dense_pairs
 from longattn.methods.base import Call, Capabilities, Method, Result, register
 from longattn.sparse import decode
@@ -189,16 +189,15 @@ class BlockTopK(Method):
         result as the general one, a fraction of its per-step overhead)."""
         t0 = time.perf_counter()
         summaries = self._summaries(k, call)
-        out, lse, selection, n_keys = decode.decode_step(
+        step = decode.decode_step(
             q, k, v, summaries, self.estimator, scale=call.scale, n_sel=min(self.budget // self.block, summaries.n_blocks),
             sinks=self.sinks, window=self.window, want_selection=call.want_stats)
         # selection and attention interleave in this path: the whole step is reported as kernel time
-        kernel = "native" if native.decode_blocks_applies(q, k, v, self.block) else "gather"
-        stats = {"selection_s": 0.0, "kernel_s": time.perf_counter() - t0, "path_detail": f"decode ({kernel})"}
+        stats = {"selection_s": 0.0, "kernel_s": time.perf_counter() - t0, "path_detail": f"decode ({step.kernel})"}
         if call.want_stats:
-            stats.update(selected_blocks=selection.indices, blocks_per_query_block=selection.n_sel,
-                         density=n_keys / k.shape[2])
-        return Result(out, lse, "sparse", stats)
+            stats.update(selected_blocks=step.selection.indices, blocks_per_query_block=step.selection.n_sel,
+                         density=step.visible_keys / k.shape[2])
+        return Result(step.out, step.lse, "sparse", stats)
 
 
 def _caps(paper: str, cost: str) -> Capabilities:

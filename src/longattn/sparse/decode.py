@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import NamedTuple
 
 import torch
 
@@ -28,6 +29,16 @@ from longattn.kernels import native
 from longattn.kernels.eager import gather_tokens
 from longattn.sparse.select import BlockEstimator, Selection
 from longattn.sparse.summaries import BlockSummaries
+
+
+class DecodeStep(NamedTuple):
+    """What ``decode_step`` returns."""
+
+    out: torch.Tensor  # [B, Hq, 1, D]
+    lse: torch.Tensor  # [B, Hq, 1] float32
+    selection: Selection | None  # the kept blocks, when asked for
+    visible_keys: int  # keys attended per head
+    kernel: str  # "native" (blocks read in place) or "gather" (gathered copy + fused call)
 
 
 class _GatherBuffers(threading.local):
@@ -71,8 +82,8 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summaries: Bl
                 estimator: BlockEstimator, *, scale: float, n_sel: int, sinks: int, window: int,
                 want_selection: bool = True, native_decode: bool = True):
     """Attention of one query ``q [B, Hq, 1, D]`` over ``k, v [B, Hkv, T, D]`` through the blocks
-    a block-top-k selector keeps. Returns ``(out, lse, selection, visible_keys)`` where
-    ``visible_keys`` is the number of keys attended per head; ``selection`` is None unless
+    a block-top-k selector keeps. Returns a ``DecodeStep`` (out, lse, selection, visible_keys,
+    kernel); ``selection`` is None unless
     ``want_selection`` (building it costs a sort per step). With ``native_decode`` (and the
     kernel built, see ``longattn.kernels.native``) the kept blocks are read in place by
     ``native.decode_blocks``; otherwise they are gathered into a reused buffer and attended by
@@ -92,17 +103,17 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summaries: Bl
     else:  # every block fits: the step is dense
         chosen = torch.arange(n_sink, w0, device=q.device).expand(b, hq, -1)
     n_keys = n_sink * bs + chosen.shape[-1] * bs + (tk - w0 * bs)
+    # the kept blocks: sinks, chosen, window (the last may be short); ascending except `chosen`
+    blocks = torch.cat([torch.arange(n_sink, device=q.device).expand(b, hq, -1), chosen,
+                        torch.arange(w0, n, device=q.device).expand(b, hq, -1)], dim=-1)
     if native_decode and native.decode_blocks_applies(q, k, v, bs):
-        # every kept key lies in a whole block (sinks, chosen, window; the last may be short):
         # the native kernel reads those blocks in place, with no gathered copy
-        blocks = torch.cat([torch.arange(n_sink, device=q.device).expand(b, hq, -1), chosen,
-                            torch.arange(w0, n, device=q.device).expand(b, hq, -1)], dim=-1)
+        kernel = "native"
         out, lse = native.decode_blocks(q, k, v, blocks, bs, scale)
     else:
-        sink_pos = torch.arange(0, n_sink * bs, device=q.device)
-        window_pos = torch.arange(w0 * bs, tk, device=q.device)
-        chosen_pos = ((chosen * bs)[..., None] + torch.arange(bs, device=q.device)).flatten(-2)
-        positions = torch.cat([sink_pos.expand(b, hq, -1), chosen_pos, window_pos.expand(b, hq, -1)], dim=-1)
+        kernel = "gather"
+        positions = ((blocks * bs)[..., None] + torch.arange(bs, device=q.device)).flatten(-2)
+        positions = positions[..., :n_keys]  # only the cache's last block can be short, and it comes last
         # the gathered keys live only until the fused call returns, so one buffer serves every step
         # (not under autograd: a buffer written with out= records no history)
         reuse = not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad))
@@ -110,10 +121,6 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summaries: Bl
         keys, values = gather_tokens(k, v, positions, out=buffers)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, False,
                                                                               scale=scale)
-    if not want_selection:
-        return out, lse.float(), None, n_keys
-    forced_lo = torch.arange(n_sink, device=q.device).expand(b, hq, -1)
-    forced_hi = torch.arange(w0, n, device=q.device).expand(b, hq, -1)
-    indices = torch.cat([forced_lo, chosen, forced_hi], dim=-1).sort(-1).values
-    return out, lse.float(), Selection(indices[:, :, None], 1, bs), n_keys
+    selection = Selection(blocks.sort(-1).values[:, :, None], 1, bs) if want_selection else None
+    return DecodeStep(out, lse.float(), selection, n_keys, kernel)
 
