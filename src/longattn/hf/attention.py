@@ -35,6 +35,8 @@ ATTN_IMPLEMENTATION = "longattn"
 #: attention module -> the method it runs (set by ``apply``, removed on exit)
 _ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, Method]" = weakref.WeakKeyDictionary()
 _registered = False
+#: methods that leave the choice of keys to a LongattnCache (they attend to all they are given)
+_MEMORY_OK = ("dense", "dense_chunked")
 
 
 def _register() -> None:
@@ -121,6 +123,20 @@ def longattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         ``(out [B, Lq, Hq, D], None)``: longattn never materialises attention weights.
     """
     method = _ACTIVE.get(module)
+    from longattn.hf.cache import pending_layer
+
+    layer = pending_layer(key)
+    if layer is not None:  # a LongattnCache layer: its memory decides what the queries see
+        if attention_mask is not None and attention_mask.ndim != 2:
+            raise NotImplementedError(
+                "LongattnCache attends over its own kept keys and cannot follow a general 4-D attention mask "
+                "(a sliding window shorter than the context, packed sequences, or a 4-D mask passed by the caller)")
+        if method is not None and method.name not in _MEMORY_OK and getattr(layer, "source_method", None) is not method:
+            raise ValueError(
+                f"the model runs method {method.name!r} but the LongattnCache decides which keys each query sees "
+                f"(policy {layer.memory.__class__.__name__}); apply 'dense' with a LongattnCache, or build the cache "
+                "from the applied method with applied.new_cache()")
+        return layer.attend(query, scaling, attention_mask).transpose(1, 2), None
     if method is None:
         raise RuntimeError(
             f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) asked for attention "

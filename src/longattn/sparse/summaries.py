@@ -67,6 +67,32 @@ class BlockSummaries:
             tokens=t,
         )
 
+    def extend(self, k_new: torch.Tensor) -> None:
+        """Fold many new keys ``[B, H, t, D]`` at once: fill the open block, then summarise the rest
+        block-wise and append them in one concatenation (``append`` goes token by token)."""
+        t = k_new.shape[2]
+        if t == 0:
+            return
+        self._mean = None
+        off = self.tokens % self.block
+        start = 0
+        if off and self.n_blocks:
+            start = min(self.block - off, t)
+            part = k_new[:, :, :start].to(torch.float32)
+            j = self.n_blocks - 1
+            self.sums[:, :, j] += part.sum(2)
+            self.kmin[:, :, j] = torch.minimum(self.kmin[:, :, j], part.amin(2))
+            self.kmax[:, :, j] = torch.maximum(self.kmax[:, :, j], part.amax(2))
+            self.count[j] += start
+            self.tokens += start
+        if start < t:
+            rest = BlockSummaries.build(k_new[:, :, start:], self.block)
+            self.sums = torch.cat([self.sums, rest.sums], 2)
+            self.kmin = torch.cat([self.kmin, rest.kmin], 2)
+            self.kmax = torch.cat([self.kmax, rest.kmax], 2)
+            self.count = torch.cat([self.count, rest.count])
+            self.tokens += rest.tokens
+
     def append(self, k_new: torch.Tensor) -> None:
         """Fold new keys ``[B, H, t, D]`` (positions ``tokens …``) into the summaries."""
         k_new = k_new.to(torch.float32)
