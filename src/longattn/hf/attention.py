@@ -225,6 +225,34 @@ class Applied:
             self.model.set_attn_implementation(self.previous or "sdpa")
         self.active = False
 
+    def new_cache(self, **params: Any):
+        """A ``LongattnCache`` that runs this method with its tokens really dropped or paged out:
+        ``dense`` → ``full``; ``streaming`` → ``streaming`` (sinks + window); ``quest``,
+        ``landmark``, ``infllm`` → ``blocks`` (their block, sinks, window and budget);
+        ``longheads`` → ``longheads`` (chunk pages, its local window, its key budget). Keys take
+        positions within the kept layout unless ``positions='original'``. ``params`` override.
+        Pass it to ``model(..., past_key_values=cache)`` or ``model.generate(...)``."""
+        from longattn.hf.cache import LongattnCache
+
+        m = self.method
+        if m.name in ("dense", "dense_chunked"):
+            spec = {"policy": "full"}
+        elif m.name == "streaming":
+            spec = {"policy": "streaming", "sinks": m.sinks, "window": m.window}
+        elif m.name in ("quest", "landmark", "infllm"):
+            spec = {"policy": "blocks", "page": m.block, "sinks": m.sinks, "window": m.window, "budget": m.budget}
+        elif m.name == "longheads":
+            spec = {"policy": "longheads", "page": m.chunk, "sinks": m.chunk, "window": m.local, "budget": m.window}
+        else:
+            raise NotImplementedError(
+                f"method {m.name!r} has no KV-memory form; LongattnCache policies: full, streaming, h2o, tova, "
+                "snapkv, heads, blocks, longheads (use longattn.hf.LongattnCache(model, policy, ...) with 'dense')")
+        spec.update(params)
+        cache = LongattnCache(self.model, spec.pop("policy"), **spec)
+        for layer in cache.layers:
+            layer.source_method = m
+        return cache
+
     def __enter__(self) -> "Applied":
         return self
 

@@ -84,13 +84,17 @@ class FullKV(EvictionPolicy):
 
 @dataclass
 class StreamingLLM(EvictionPolicy):
-    """Keeps ``sinks`` + ``window`` tokens; ``budget`` defaults to their sum."""
+    """Keeps ``sinks`` + ``window`` tokens; give either ``window`` or ``budget`` (= their sum)."""
 
     sinks: int = 4
-    window: int = 1020
+    window: int | None = None
     name: ClassVar[str] = "streaming"
 
     def __post_init__(self):
+        if self.window is None:
+            if self.budget is None:
+                raise ValueError("streaming needs window= (recent tokens) or budget= (sinks + window)")
+            self.window = self.budget - self.sinks
         if self.budget is None:
             self.budget = self.sinks + self.window
         super().__post_init__()
@@ -134,7 +138,7 @@ class TOVA(EvictionPolicy):
 
 @dataclass
 class SnapKV(EvictionPolicy):
-    window: int = 32
+    window: int | None = None  # the observation window; default min(32, budget // 2)
     kernel: int = 5
     name: ClassVar[str] = "snapkv"
     needs_probs: ClassVar[bool] = True
@@ -142,6 +146,8 @@ class SnapKV(EvictionPolicy):
     def __post_init__(self):
         if self.budget is None:
             raise ValueError("snapkv needs a budget (tokens kept per head)")
+        if self.window is None:
+            self.window = min(32, self.budget // 2)
         _positive_int("kernel", self.kernel)
         if self.kernel % 2 == 0:
             raise ValueError(f"snapkv kernel must be odd (centred pooling), got {self.kernel}")
