@@ -104,6 +104,9 @@ class MemoryLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:  # transformers 5.2's name for get_max_length
+        return -1
+
     def reset(self) -> None:
         raise NotImplementedError("LongattnCache cannot be reset in place: build a new one")
 
