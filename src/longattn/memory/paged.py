@@ -142,7 +142,7 @@ class PagedMemory:
         ok_ext = new_ok if self.ok is None else torch.cat([self.ok, new_ok], 1)
         new_idx = torch.arange(seen, seen + lq, device=dev)
         if seen == 0:
-            k_lay, v_lay, idx = k_new, v_new, new_idx.expand(b, h, lq)
+            v_lay, idx = v_new, new_idx.expand(b, h, lq)
             k_att = k_new
         else:
             s_end, c_end = self._regions(seen)
@@ -183,7 +183,7 @@ class PagedMemory:
             v_lay = torch.cat([v_old, v_new], 2)
             idx = torch.cat([old_idx, new_idx.expand(b, h, lq)], 2)
         key_ok = ok_ext[:, None, :].expand(b, h, -1).gather(2, idx)
-        out, _ = attend_layout(q, k_att, v_lay if seen else v_new, key_ok, scale)
+        out, _ = attend_layout(q, k_att, v_lay, key_ok, scale)
         self._store(k_new, v_new, ok_ext)
         return out
 
