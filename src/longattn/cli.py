@@ -173,5 +173,80 @@ def train_retrieval_cmd(
     raise typer.Exit(train_retrieval.main(["--out", str(out), "--seed", str(seed), "--steps", str(steps)]))
 
 
+@app.command("calibrate-heads")
+def calibrate_heads_cmd(
+    out: Path = typer.Option(..., "--out",
+                             help="JSON head map to write (for LongattnCache(model, 'heads', head_map=OUT))"),
+    model_dir: Optional[Path] = typer.Option(None, "--model",
+                                             help="llama2.c checkpoint or its folder (default: the stories260K lookup, "
+                                                  "$LONGATTN_STORIES260K or ../shared/models/stories260K)"),
+    method: str = typer.Option("razor", "--method", help="razor (echo + induction attention mass) or duo (output "
+                                                         "change under sinks + window, a DuoAttention proxy)"),
+    samples: int = typer.Option(8, "--samples", help="synthetic passkey sequences scored"),
+    length: int = typer.Option(384, "--length", help="tokens per sequence"),
+    span: int = typer.Option(16, "--span", help="passkey tokens (planted at a random depth, repeated at the end)"),
+    share: float = typer.Option(0.25, "--share",
+                                help="fraction in (0, 1] of (layer, key head) pairs kept as retrieval heads"),
+    seed: int = typer.Option(0, "--seed", help="seed of the synthetic data"),
+) -> None:
+    """Score every (layer, key head) on synthetic passkey data (RazorAttention / DuoAttention) and
+    write the retrieval-head map for the 'heads' KV-cache policy."""
+    import time
+
+    from longattn.hf import load_llama2c
+    from longattn.memory.calibrate import calibrate_heads, save_head_map, validate_args
+    from longattn.models.llama2c import stories260k_dir
+
+    hints = {"method": "--method", "n_samples": "--samples", "length": "--length", "span": "--span",
+             "retrieval_share": "--share", "seed": "--seed"}
+
+    def bad(exc: ValueError) -> typer.BadParameter:
+        msg = str(exc)
+        hint = next((opt for arg, opt in hints.items() if msg.startswith(arg + " ")), None)
+        return typer.BadParameter(msg, param_hint=hint)
+
+    try:  # the arguments first, before loading anything
+        validate_args(n_samples=samples, length=length, span=span, seed=seed, retrieval_share=share, method=method,
+                      sinks=4, window=64)
+    except ValueError as exc:
+        raise bad(exc) from None
+    if model_dir is None:
+        model_dir = stories260k_dir()
+        if model_dir is None:
+            raise typer.BadParameter("stories260K not found ($LONGATTN_STORIES260K or ../shared/models/stories260K): "
+                                     "pass the checkpoint folder", param_hint="--model")
+    try:
+        model, _ = load_llama2c(model_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model") from None
+
+    console = Console()
+    console.print(f"calibrating {method} head scores of {model_dir} on {samples} × {length} synthetic tokens "
+                  f"(passkey span {span}, seed {seed}) …")
+    start = time.perf_counter()
+    try:
+        result = calibrate_heads(model, n_samples=samples, length=length, span=span, seed=seed,
+                                 retrieval_share=share, method=method,
+                                 progress=lambda i, n: console.print(f"  sample {i}/{n}"))
+    except ValueError as exc:
+        raise bad(exc) from None
+    seconds = time.perf_counter() - start
+    path = save_head_map(result, out)
+
+    rows = result["retrieval"]
+    n_ret, n_all = sum(map(sum, rows)), sum(map(len, rows))
+    table = Table(title=f"{method} head scores per layer × key head (★ retrieval: {n_ret} of {n_all})",
+                  box=box.SIMPLE_HEAD)
+    table.add_column("layer", justify="right")
+    for h in range(len(rows[0])):
+        table.add_column(f"kv {h}", justify="right")
+    for li, (scores, keep) in enumerate(zip(result["scores"], rows)):
+        table.add_row(str(li), *(f"[bold green]★ {s:.4f}[/]" if k else f"{s:.4f}" for s, k in zip(scores, keep)))
+    console.print(table)
+    if method == "razor":
+        console.print(f"(attention spread evenly over the context would score about {2 / (length - span / 2):.4f})")
+    console.print(f"wrote {path} ({seconds:.2f} s)")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
