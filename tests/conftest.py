@@ -39,3 +39,17 @@ def assert_close_to_oracle(out, ref, *, atol=2e-5, rtol=1e-4):
 @pytest.fixture
 def qkv():
     return make_qkv()
+
+
+@pytest.fixture(scope="module")
+def stories():
+    """stories260K as ``(LlamaForCausalLM, tokenizer)`` through ``longattn.hf.load_llama2c``, one
+    per test module (tests switch its attention); skips without transformers or the model files."""
+    pytest.importorskip("transformers")
+    import longattn.hf as hf
+    from longattn.models import llama2c as l2c
+
+    d = l2c.stories260k_dir()
+    if d is None:
+        pytest.skip("stories260K not found")
+    return hf.load_llama2c(d)

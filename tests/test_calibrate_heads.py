@@ -28,17 +28,13 @@ SMALL = dict(n_samples=2, length=128, span=8)
 
 
 @pytest.fixture(scope="module")
-def stories():
-    d = l2c.stories260k_dir()
-    if d is None:
-        pytest.skip("stories260K not found")
-    model, _ = hf.load_llama2c(d)
-    return model
+def stories_model(stories):
+    return stories[0]
 
 
 @pytest.fixture(scope="module")
-def razor(stories):
-    return calibrate_heads(stories, seed=0, **SMALL)
+def razor(stories_model):
+    return calibrate_heads(stories_model, seed=0, **SMALL)
 
 
 def test_passkey_batch_plants_the_repeat():
@@ -51,7 +47,7 @@ def test_passkey_batch_plants_the_repeat():
         assert torch.equal(ids[i, d:d + 8], ids[i, -8:])
 
 
-def test_stories_map_shape_share_and_scores(stories, razor):
+def test_stories_map_shape_share_and_scores(stories_model, razor):
     assert razor["method"] == "razor" and razor["model"] == "llama"
     assert {k: razor[k] for k in ("n_samples", "length", "span", "seed", "retrieval_share")} == \
         {**SMALL, "seed": 0, "retrieval_share": 0.25}
@@ -66,32 +62,32 @@ def test_stories_map_shape_share_and_scores(stories, razor):
     sel = torch.tensor(ret).flatten()
     assert flat[sel].min() >= flat[~sel].max() and flat[sel].min() >= flat.median()
     # the model is left as it was: sdpa, eval
-    assert stories.config._attn_implementation == "sdpa" and not stories.training
+    assert stories_model.config._attn_implementation == "sdpa" and not stories_model.training
 
 
-def test_deterministic_for_a_seed(stories, razor):
-    assert calibrate_heads(stories, seed=0, **SMALL) == razor
-    assert calibrate_heads(stories, seed=1, **SMALL)["scores"] != razor["scores"]
+def test_deterministic_for_a_seed(stories_model, razor):
+    assert calibrate_heads(stories_model, seed=0, **SMALL) == razor
+    assert calibrate_heads(stories_model, seed=1, **SMALL)["scores"] != razor["scores"]
 
 
-def test_duo_on_stories_and_restores_longattn(stories):
-    with hf.apply(stories, "dense"):
-        res = calibrate_heads(stories, method="duo", retrieval_share=0.1, seed=0, **SMALL)
-        assert stories.config._attn_implementation == "longattn"
+def test_duo_on_stories_and_restores_longattn(stories_model):
+    with hf.apply(stories_model, "dense"):
+        res = calibrate_heads(stories_model, method="duo", retrieval_share=0.1, seed=0, **SMALL)
+        assert stories_model.config._attn_implementation == "longattn"
     assert res["method"] == "duo" and sum(map(sum, res["retrieval"])) == 2
     flat = torch.tensor(res["scores"]).flatten()
     assert torch.isfinite(flat).all() and (flat >= 0).all()
 
 
-def test_json_round_trip_drives_the_heads_cache(stories, razor, tmp_path):
+def test_json_round_trip_drives_the_heads_cache(stories_model, razor, tmp_path):
     path = save_head_map(razor, tmp_path / "maps" / "heads.json")
     assert json.loads(path.read_text()) == razor
     assert path.read_text().startswith('{\n  "method"')  # indent 2
     sinks, window, n = 4, 28, 64
-    cache = LongattnCache(stories, "heads", head_map=str(path), sinks=sinks, window=window)
+    cache = LongattnCache(stories_model, "heads", head_map=str(path), sinks=sinks, window=window)
     ids = torch.randint(3, 512, (1, n), generator=torch.Generator().manual_seed(0))
-    with hf.apply(stories, "dense"), torch.no_grad():
-        out = stories(ids, past_key_values=cache)
+    with hf.apply(stories_model, "dense"), torch.no_grad():
+        out = stories_model(ids, past_key_values=cache)
     assert torch.isfinite(out.logits).all()
     tokens = cache.stats()["tokens"]
     for row_t, row_r in zip(tokens, razor["retrieval"]):
@@ -172,13 +168,13 @@ def test_duo_and_razor_scores_on_hand_built_probabilities():
     (dict(length=1024, span=16), ["length", "max_position_embeddings", "512", "1024"]),
     (dict(length=90, span=16), ["length", "sinks + 2*span + window", "100", "90"]),
 ])
-def test_bad_arguments_are_refused_by_name(stories, kwargs, words):
+def test_bad_arguments_are_refused_by_name(stories_model, kwargs, words):
     args = {**SMALL, **kwargs}
     with pytest.raises(ValueError) as err:
-        calibrate_heads(stories, **args)
+        calibrate_heads(stories_model, **args)
     for w in words:
         assert w in str(err.value)
-    assert stories.config._attn_implementation == "sdpa"
+    assert stories_model.config._attn_implementation == "sdpa"
 
 
 def test_save_head_map_refuses_a_non_result(tmp_path):
@@ -186,7 +182,7 @@ def test_save_head_map_refuses_a_non_result(tmp_path):
         save_head_map({"scores": [[0.1]]}, tmp_path / "x.json")
 
 
-def test_cli_writes_the_map(stories, tmp_path):
+def test_cli_writes_the_map(stories_model, tmp_path):
     from typer.testing import CliRunner
 
     from longattn.cli import app

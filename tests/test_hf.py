@@ -58,14 +58,6 @@ def full_budget_methods(tokens: int):
     ]
 
 
-@pytest.fixture(scope="module")
-def stories():
-    d = l2c.stories260k_dir()
-    if d is None:
-        pytest.skip("stories260K not found")
-    return hf.load_llama2c(d)
-
-
 # -- load_llama2c ------------------------------------------------------------------------------
 
 

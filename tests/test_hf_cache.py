@@ -45,17 +45,6 @@ def test_every_policy_at_full_budget_generates_what_dense_generates(family):
                 assert torch.equal(out, ref), name
 
 
-@pytest.fixture(scope="module")
-def stories():
-    from longattn.models import llama2c as l2c
-
-    d = l2c.stories260k_dir()
-    if d is None:
-        pytest.skip("stories260K not found")
-    model, tok = hf.load_llama2c(d)
-    return model.float().eval(), tok
-
-
 def test_stories260k_full_budget_greedy_and_sampling_match_dense(stories):
     model, tok = stories
     ids = torch.tensor([[1] + tok.encode("Once upon a time, there was a little girl named Lily.")])

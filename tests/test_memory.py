@@ -58,6 +58,13 @@ def test_layout_kernel_matches_float64_with_gqa_padding_and_empty_rows():
     torch.testing.assert_close(out.double(), reference(q, k, v, ok, 5, 0.25), atol=1e-5, rtol=1e-5)
     assert torch.isfinite(out).all() and (out[1] == 0).all()
     assert probs.shape == (2, 2, 2, 5, 12)
+    # no padding and no probabilities wanted: the SDPA path, same answer as the explicit softmax
+    full = torch.ones(2, 2, 12, dtype=torch.bool)
+    fast, none = attend_layout(q, k, v, full, 0.25)
+    slow, _ = attend_layout(q, k, v, full, 0.25, want_probs=True)
+    assert none is None
+    torch.testing.assert_close(fast.double(), reference(q, k, v, full, 5, 0.25), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
 
 def feed(mem, q, k, v, chunk, ok=None, scale=0.25):

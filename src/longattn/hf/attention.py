@@ -27,6 +27,7 @@ import torch
 
 import longattn
 from longattn.core.masks import Causal
+from longattn.hf.cache import pending_layer
 from longattn.methods.base import Method
 
 #: the name under which longattn registers in transformers' interfaces
@@ -123,8 +124,6 @@ def longattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         ``(out [B, Lq, Hq, D], None)``: longattn never materialises attention weights.
     """
     method = _ACTIVE.get(module)
-    from longattn.hf.cache import pending_layer
-
     layer = pending_layer(key)
     if layer is not None:  # a LongattnCache layer: its memory decides what the queries see
         if attention_mask is not None and attention_mask.ndim != 2:

@@ -227,7 +227,6 @@ class LongattnCache(Cache):
         self.spec["positions"] = positions
         super().__init__(layers=[MemoryLayer(m, self) for m in memories])
         self._model = weakref.ref(model)
-        self._attn_ok = False
 
     # ------------------------------------------------------------------ guards
     def check_model(self) -> None:

@@ -1,7 +1,10 @@
 """Exact attention of a chunk of queries over a memory's layout of kept keys.
 
 The layout is ``[kept keys …, the chunk's own keys]``: every kept key is visible to every query
-of the chunk (they all came earlier), the chunk's keys causally. GQA is handled by grouping the
+of the chunk (they all came earlier), the chunk's keys causally — the bottom-right-aligned causal
+rule of ``kernels.sdpa``, which runs the step whenever no slot is padding and no probabilities
+are wanted. Padding differs per head here (each head keeps its own slots) and the scoring
+policies need the probabilities; those steps take the explicit float32 softmax below. GQA is handled by grouping the
 queries of a key head, never by repeating keys. Scores are float32; a row that sees no real key
 (a padding query) gives 0, not NaN.
 """
@@ -11,6 +14,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from longattn.kernels.sdpa import sdpa_attention
 
 
 def attend_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: torch.Tensor, scale: float,
@@ -32,6 +37,10 @@ def attend_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: tor
     h, n = k.shape[1], k.shape[2]
     if hq % h or n < lq:
         raise ValueError(f"query heads {hq} must be a multiple of key heads {h}, and keys {n} ≥ queries {lq}")
+    if not want_probs and bool(key_ok.all()):
+        # every slot real: exactly the library's dense causal kernel (last query ↔ last key)
+        out, _ = sdpa_attention(q, k, v, scale=scale, causal=True)
+        return out.to(q.dtype), None
     g = hq // h
     qg = q.to(torch.float32).reshape(b, h, g * lq, d)
     s = torch.matmul(qg, k.to(torch.float32).transpose(-1, -2)).mul_(scale).view(b, h, g, lq, n)

@@ -33,6 +33,7 @@ from longattn.memory.kernel import attend_layout
 from longattn.memory.policies import _positive_int
 from longattn.memory.rotation import KeyRotation
 from longattn.memory.tiers import DiskTier
+from longattn.sparse.select import mean_key_estimate, quest_bound_estimate
 from longattn.sparse.summaries import BlockSummaries
 
 
@@ -107,9 +108,8 @@ class PagedMemory:
 
     def _range(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of tokens ``[a, b)`` from the fast tier (pages and tail)."""
-        if b <= a:
-            e = self.tail_k if self.tail_k is not None else next(iter(self.fast.values()))[0]
-            return e[:, :, :0], (self.tail_v if self.tail_v is not None else next(iter(self.fast.values()))[1])[:, :, :0]
+        if b <= a:  # the tail exists (possibly empty) once anything is stored
+            return self.tail_k[:, :, :0], self.tail_v[:, :, :0]
         ks, vs = [], []
         for p in range(a // self.page, (b - 1) // self.page + 1):
             lo, hi = max(a, p * self.page) - p * self.page, min(b, (p + 1) * self.page) - p * self.page
@@ -189,17 +189,10 @@ class PagedMemory:
 
     def _select(self, q, c0, c1, kk, scale, g) -> torch.Tensor:
         """``[B, H, kk]`` page ids in ``[c0, c1)``, increasing: the best-scoring per key head."""
-        b, hq, lq, d = q.shape
-        h = hq // g
-        s = self.summaries
-        qf = q.to(torch.float32).reshape(b, h, g * lq, d)
-        if self.score == "quest":
-            pos, neg = qf.clamp(min=0), qf.clamp(max=0)
-            est = (torch.matmul(pos, s.kmax[:, :, c0:c1].transpose(-1, -2))
-                   + torch.matmul(neg, s.kmin[:, :, c0:c1].transpose(-1, -2)))
-        else:
-            est = torch.matmul(qf, s.mean[:, :, c0:c1].transpose(-1, -2))
-        est = (est * scale).view(b, h, g, lq, c1 - c0).mean(3).amax(2)  # [B, H, n_cand]
+        b, hq, lq, _ = q.shape
+        estimate = quest_bound_estimate if self.score == "quest" else mean_key_estimate
+        est = estimate(q.to(torch.float32), self.summaries.blocks(c0, c1), scale)  # [B, Hq, L, n_cand]
+        est = est.view(b, hq // g, g, lq, c1 - c0).mean(3).amax(2)  # [B, H, n_cand]
         return est.topk(kk, dim=-1).indices.sort(-1).values + c0
 
     def _store(self, k_new, v_new, ok_ext) -> None:

@@ -42,8 +42,12 @@ class EvictionPolicy:
     name: ClassVar[str] = "policy"
     #: the policy scores keys from attention probabilities
     needs_probs: ClassVar[bool] = False
+    #: the policy cannot run without a budget
+    needs_budget: ClassVar[bool] = False
 
     def __post_init__(self):
+        if self.needs_budget and self.budget is None:
+            raise ValueError(f"{self.name} needs a budget (tokens kept per head)")
         if self.budget is not None:
             _positive_int("budget", self.budget)
         _positive_int("sinks", self.sinks, allow_zero=True)
@@ -107,11 +111,10 @@ class StreamingLLM(EvictionPolicy):
 class H2O(EvictionPolicy):
     name: ClassVar[str] = "h2o"
     needs_probs: ClassVar[bool] = True
+    needs_budget: ClassVar[bool] = True
 
     def __post_init__(self):
-        if self.budget is None:
-            raise ValueError("h2o needs a budget (tokens kept per head)")
-        if self.window == 0:
+        if self.window == 0 and self.budget is not None:
             self.window = self.budget // 2  # the paper splits the budget between heavy hitters and recent tokens
         super().__post_init__()
 
@@ -126,11 +129,7 @@ class H2O(EvictionPolicy):
 class TOVA(EvictionPolicy):
     name: ClassVar[str] = "tova"
     needs_probs: ClassVar[bool] = True
-
-    def __post_init__(self):
-        if self.budget is None:
-            raise ValueError("tova needs a budget (tokens kept per head)")
-        super().__post_init__()
+    needs_budget: ClassVar[bool] = True
 
     def update_scores(self, old, probs, n_new):
         return probs[:, :, :, -1].mean(2)  # the newest query's attention
@@ -142,11 +141,10 @@ class SnapKV(EvictionPolicy):
     kernel: int = 5
     name: ClassVar[str] = "snapkv"
     needs_probs: ClassVar[bool] = True
+    needs_budget: ClassVar[bool] = True
 
     def __post_init__(self):
-        if self.budget is None:
-            raise ValueError("snapkv needs a budget (tokens kept per head)")
-        if self.window is None:
+        if self.window is None and self.budget is not None:
             self.window = min(32, self.budget // 2)
         _positive_int("kernel", self.kernel)
         if self.kernel % 2 == 0:

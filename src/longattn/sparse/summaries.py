@@ -67,6 +67,12 @@ class BlockSummaries:
             tokens=t,
         )
 
+    def blocks(self, start: int, stop: int) -> "BlockSummaries":
+        """The summaries of blocks ``[start, stop)`` (views, not copies)."""
+        return BlockSummaries(block=self.block, sums=self.sums[:, :, start:stop], kmin=self.kmin[:, :, start:stop],
+                              kmax=self.kmax[:, :, start:stop], count=self.count[start:stop],
+                              tokens=int(self.count[start:stop].sum()))
+
     def extend(self, k_new: torch.Tensor) -> None:
         """Fold many new keys ``[B, H, t, D]`` at once: fill the open block, then summarise the rest
         block-wise and append them in one concatenation (``append`` goes token by token)."""
