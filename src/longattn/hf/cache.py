@@ -16,7 +16,9 @@ see just the chunk.
 Policies (``policy=``): ``full``, ``streaming``, ``h2o``, ``tova``, ``snapkv`` (bounded, tokens
 dropped), ``heads`` (DuoAttention / RazorAttention head map: retrieval heads keep everything,
 streaming heads sinks + window), ``blocks`` (Quest/InfLLM block retrieval over a paged, tiered
-memory) and ``longheads`` (the same with LongHeads' mean-key chunk scores).
+memory), ``longheads`` (the same with LongHeads' mean-key chunk scores) and ``retrieval``
+(RetrievalAttention: per-token top-``q·k`` keys from a faiss / hnswlib index over the same paged
+memory).
 """
 
 from __future__ import annotations
@@ -35,13 +37,15 @@ from longattn.memory import store
 from longattn.memory.evicting import EvictingMemory
 from longattn.memory.paged import PagedMemory
 from longattn.memory.policies import FullKV, StreamingLLM, make_policy
+from longattn.memory.retrieval import RetrievalMemory
 from longattn.memory.rotation import KeyRotation
 
 #: id(key tensor returned by update) -> (weak reference to it, the layer): the attention function's
 #: way back to the layer that must attend (transformers passes it only the tensors)
 _PENDING: dict[int, tuple[weakref.ref, "MemoryLayer"]] = {}
 
-POLICY_NAMES = ("full", "streaming", "h2o", "tova", "snapkv", "heads", "duo", "razor", "blocks", "longheads")
+POLICY_NAMES = ("full", "streaming", "h2o", "tova", "snapkv", "heads", "duo", "razor", "blocks", "longheads",
+                "retrieval")
 
 
 def pending_layer(key: torch.Tensor) -> "MemoryLayer | None":
@@ -160,11 +164,13 @@ class LongattnCache(Cache):
         model: the transformers model it serves (switched with ``longattn.hf.apply``).
         policy: one of ``POLICY_NAMES``.
         budget: tokens kept per key head (``streaming``, ``h2o``, ``tova``, ``snapkv``); for
-            ``blocks``/``longheads`` the keys attended per step beside the chunk (sets ``topk``).
+            ``blocks``/``longheads``/``retrieval`` the keys attended per step beside the chunk (sets
+            ``topk`` pages, or ``retrieve`` tokens).
         positions: ``"cache"`` (keys take positions within the kept layout; default) or
             ``"original"``.
         **params: the policy's own parameters (``sinks``, ``window``, ``kernel``, ``head_map``,
-            ``page``, ``topk``, ``host_tokens``, ``disk_dir``).
+            ``page``, ``topk``, ``host_tokens``, ``disk_dir``; for ``retrieval`` also ``retrieve``
+            and the index's ``backend``, ``m``, ``ef_construction``, ``ef_search``, ``space``, ``seed``).
     """
 
     def __init__(self, model: torch.nn.Module, policy: str = "full", *, budget: int | None = None,
@@ -193,6 +199,21 @@ class LongattnCache(Cache):
                 memories.append(PagedMemory(n_kv, rotation, page=page, sinks=sinks, window=window, topk=topk,
                                             score=score, positions=positions, **params))
             self.spec = {"policy": policy, "page": page, "sinks": sinks, "window": window, "topk": topk}
+        elif policy == "retrieval":
+            page = params.pop("page", 64)
+            sinks, window = params.pop("sinks", page), params.pop("window", 256)
+            retrieve = params.pop("retrieve", None)
+            if retrieve is None:
+                if budget is None:
+                    raise ValueError("policy 'retrieval' needs budget= (keys attended per step) or retrieve= (tokens)")
+                retrieve = budget - page * -(-sinks // page) - window
+                if retrieve < 0:
+                    raise ValueError(f"budget {budget} is smaller than sinks ({sinks}, whole pages) + window ({window})")
+            for _ in range(n_layers):
+                memories.append(RetrievalMemory(n_kv, rotation, retrieve=retrieve, page=page, sinks=sinks,
+                                                window=window, positions=positions, **params))
+            self.spec = {"policy": policy, "page": page, "sinks": sinks, "window": window, "retrieve": retrieve,
+                         **memories[0].index_options}
         elif policy in ("heads", "duo", "razor"):
             rows = _head_map(params.pop("head_map", None), n_layers, n_kv)
             sinks, window = params.pop("sinks", 4), params.pop("window", None)
@@ -244,8 +265,9 @@ class LongattnCache(Cache):
     # ------------------------------------------------------------------ reporting
     def stats(self) -> dict[str, Any]:
         """What the cache holds now: ``tokens`` ``[layer][key head]`` (real tokens, batch row 0),
-        bytes per tier summed over layers, the fast tier's peak and budget (paged policies)."""
-        tiers = {"fast": 0, "host": 0, "disk": 0, "metadata": 0}
+        bytes per tier summed over layers, the fast tier's peak and budget (paged policies), and the
+        index's recall against exact ranking (``retrieval`` with ``measure_recall=True``)."""
+        tiers = {"fast": 0, "host": 0, "disk": 0, "metadata": 0, "index": 0}
         tokens = []
         for mem in self.memories:
             for k, v in mem.nbytes().items():
@@ -259,6 +281,9 @@ class LongattnCache(Cache):
             out["fast_tokens_per_layer"] = [m.fast_tokens() for m in paged]
             out["peak_fast_tokens"] = max(m.peak_fast_tokens for m in paged)
             out["fast_budget_tokens"] = paged[0].fast_budget
+        measured = [m for m in paged if isinstance(m, RetrievalMemory) and m.recall_total]
+        if measured:  # RetrievalMemory with measure_recall: the index's recall over all layers
+            out["recall"] = sum(m.recall_hits for m in measured) / sum(m.recall_total for m in measured)
         return out
 
     # ------------------------------------------------------------------ save / load

@@ -281,6 +281,33 @@ class KeyIndex:
             ids = self._rerank(q, self._search_graph(q, kk))
         return torch.from_numpy(ids).to(device)
 
+    # ------------------------------------------------------------------------- save / load
+    def graph_state(self) -> np.ndarray | None:
+        """The faiss graph serialized (``faiss.serialize_index``, a uint8 array), so that a saved
+        memory reloads the very graph it searched; None for hnswlib and exact (``restore``
+        rebuilds those) and for an empty index."""
+        if self.backend != "faiss" or self._graph is None:
+            return None
+        return np.asarray(self._lib.serialize_index(self._graph))
+
+    def restore(self, keys: torch.Tensor, graph: np.ndarray | None = None) -> None:
+        """Make an empty index hold ``keys [n, D]`` (ids ``0 .. n-1``): reuse ``graph`` from
+        ``graph_state`` when given (faiss), else build the graph over them as one ``add`` does."""
+        if self._n:
+            raise RuntimeError(f"restore needs an empty index, this one holds {self._n} keys")
+        if graph is None or self.backend != "faiss":
+            self.add(keys)
+            return
+        self._append(self._as_matrix(keys, "keys"))
+        restored = self._lib.deserialize_index(np.ascontiguousarray(graph, dtype=np.uint8))
+        if restored.ntotal != self._n or restored.d != (self.dim if self.space == "ip" else self.dim + 1):
+            raise ValueError(f"saved graph holds {restored.ntotal} vectors of width {restored.d}, "
+                             f"expected {self._n} keys of dim {self.dim} (space {self.space!r})")
+        self._graph = restored
+        if self.space == "l2":  # every stored vector has norm M: recover the bound from the graph
+            first = np.asarray(restored.reconstruct(0), dtype=np.float64)
+            self.norm_bound = float(np.sqrt(first @ first))
+
     # ------------------------------------------------------------------------------ storage
     def _append(self, new: np.ndarray) -> None:
         need = self._n + new.shape[0]

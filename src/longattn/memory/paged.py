@@ -146,31 +146,10 @@ class PagedMemory:
             k_att = k_new
         else:
             s_end, c_end = self._regions(seen)
-            c0, c1 = s_end // self.page, c_end // self.page
-            n_cand = c1 - c0
-            kk = min(self.topk, n_cand)
             bh = (b, h)
-            if kk == n_cand:
-                sel = torch.arange(c0, c1, device=dev).expand(b, h, n_cand)
-            else:
-                sel = self._select(q, c0, c1, kk, scale, g)
             sink_k, sink_v = self._range(0, s_end)
             win_k, win_v = self._range(c_end, seen)
-            if kk:
-                union = torch.unique(sel).tolist()
-                where = torch.full((c1,), -1, dtype=torch.long, device=dev)
-                where[union] = torch.arange(len(union), device=dev)
-                got = [self._page(p) for p in union]
-                pk, pv = torch.stack([x[0] for x in got]), torch.stack([x[1] for x in got])  # [U, B, H, P, D]
-                bi = torch.arange(b, device=dev)[:, None, None]
-                hi = torch.arange(h, device=dev)[None, :, None]
-                u = where[sel]
-                sel_k = pk[u, bi, hi].reshape(b, h, kk * self.page, d)
-                sel_v = pv[u, bi, hi].reshape(b, h, kk * self.page, v_new.shape[-1])
-                sel_idx = (sel[..., None] * self.page + torch.arange(self.page, device=dev)).reshape(b, h, -1)
-            else:
-                sel_k, sel_v = sink_k[:, :, :0], sink_v[:, :, :0]
-                sel_idx = torch.empty(b, h, 0, dtype=torch.long, device=dev)
+            sel_k, sel_v, sel_idx = self._retrieve(q, s_end, c_end, scale, v_new.shape[-1])
             old_idx = torch.cat([torch.arange(0, s_end, device=dev).expand(*bh, s_end), sel_idx,
                                  torch.arange(c_end, seen, device=dev).expand(*bh, seen - c_end)], 2)
             k_old = torch.cat([sink_k.expand(b, h, -1, -1), sel_k, win_k.expand(b, h, -1, -1)], 2)
@@ -186,6 +165,42 @@ class PagedMemory:
         out, _ = attend_layout(q, k_att, v_lay, key_ok, scale)
         self._store(k_new, v_new, ok_ext)
         return out
+
+    def _retrieve(self, q: torch.Tensor, s_end: int, c_end: int, scale: float, dv: int):
+        """The middle of the layout: ``(keys [B, H, M, D], values [B, H, M, Dv], token ids [B, H, M])``
+        retrieved from the candidate region ``[s_end, c_end)`` for the chunk's queries ``q``; ids
+        increase along ``M``. Here: the ``topk`` best pages per (row, key head), whole."""
+        b, hq, _, d = q.shape
+        h, dev = self.n_kv_heads, q.device
+        c0, c1 = s_end // self.page, c_end // self.page
+        n_cand = c1 - c0
+        kk = min(self.topk, n_cand)
+        if kk == 0:
+            return (q.new_empty(b, h, 0, d), q.new_empty(b, h, 0, dv),
+                    torch.empty(b, h, 0, dtype=torch.long, device=dev))
+        if kk == n_cand:
+            sel = torch.arange(c0, c1, device=dev).expand(b, h, n_cand)
+        else:
+            sel = self._select(q, c0, c1, kk, scale, hq // h)
+        tokens = (sel[..., None] * self.page + torch.arange(self.page, device=dev)).reshape(b, h, -1)
+        k, v = self._gather(tokens)
+        return k, v, tokens
+
+    def _gather(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, H, M, D]`` of the stored tokens ``tokens [B, H, M]`` (each row and
+        key head its own), fetching every page they touch once, from whichever tier holds it."""
+        b, h, m = tokens.shape
+        dev = tokens.device
+        pages = tokens // self.page
+        union = torch.unique(pages).tolist()
+        where = torch.full((max(union) + 1,), -1, dtype=torch.long, device=dev)
+        where[union] = torch.arange(len(union), device=dev)
+        got = [self._page(p) for p in union]
+        pk, pv = torch.stack([x[0] for x in got]), torch.stack([x[1] for x in got])  # [U, B, H, P, D]
+        bi = torch.arange(b, device=dev)[:, None, None]
+        hi = torch.arange(h, device=dev)[None, :, None]
+        u, off = where[pages], tokens % self.page
+        return pk[u, bi, hi, off], pv[u, bi, hi, off]
 
     def _select(self, q, c0, c1, kk, scale, g) -> torch.Tensor:
         """``[B, H, kk]`` page ids in ``[c0, c1)``, increasing: the best-scoring per key head."""

@@ -1,0 +1,203 @@
+"""RetrievalAttention over the paged memory: each query finds its own keys in a vector index.
+
+RetrievalAttention (Liu et al. 2024) keeps the long middle of the KV cache out of the attention
+step and, per decode step, retrieves from an approximate-nearest-neighbour index the keys with
+the largest ``q·k`` — the few that carry nearly all of the softmax mass — then attends over those
+plus a static part (attention sinks and the recent window). Unlike block retrieval (Quest,
+InfLLM, LongHeads: ``PagedMemory``), the unit is one token, found by its own key rather than by a
+page summary.
+
+``RetrievalMemory`` is a ``PagedMemory`` (same pages, tiers, summaries, positions and save/load)
+whose middle of the layout is chosen this way. One step for a chunk of ``L`` queries lays out,
+per (row, key head)::
+
+    [sink pages][`retrieve` retrieved tokens, in order][recent window][the chunk]
+
+Retrieval, per (row, key head) with ``g`` query heads: each of the ``g·L`` queries asks the
+head's ``KeyIndex`` for its top-``retrieve`` keys; the union is ranked by each key's best exact
+``q·k`` over those queries and the ``retrieve`` best are kept (for a decode step, ``L = 1``, that
+is the top keys of the group's queries). Keys enter the index when they leave the recent window
+(the candidate region ``[sink pages, window)`` of ``PagedMemory``), so the index covers exactly
+the tokens that can be retrieved. With no more candidates than ``retrieve`` every candidate is
+taken and the step is exact, as in ``PagedMemory``.
+
+The index stores float32 keys on the host beside the pages (what the graph search and the exact
+re-ranking read); its bytes are reported under ``index`` in ``nbytes``. Its ids are positions
+within the candidate region; tokens that are padding can be retrieved but are masked in the step,
+so they only cost a slot. Keys are indexed as the model produced them (rotated at their original
+positions): retrieval ranks by the real ``q·k``, and with ``positions='cache'`` the retrieved keys
+are then moved to their slots in the layout like every other kept key.
+
+Save and load keep the pages; the index is saved too for faiss (``faiss.serialize_index``) so a
+reloaded memory searches the same graph, and rebuilt from the stored keys for ``exact`` (the
+same answer by construction) and ``hnswlib`` (whose graph can then differ from the original; its
+answers are approximate either way).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from longattn.memory.ann import KeyIndex
+from longattn.memory.paged import PagedMemory
+from longattn.memory.policies import _positive_int
+from longattn.memory.rotation import KeyRotation
+
+
+class RetrievalMemory(PagedMemory):
+    """One layer's paged memory with per-token RetrievalAttention (module docstring).
+
+    Args:
+        n_kv_heads: key heads of the layer.
+        rotation: the model's ``KeyRotation`` (None: no RoPE).
+        retrieve: tokens retrieved per (row, key head) for each chunk.
+        page: tokens per page (the storage and tiering unit; sinks and window are whole pages).
+        sinks, window, host_tokens, disk_dir, positions: as for ``PagedMemory``.
+        backend, m, ef_construction, ef_search, space, seed: the ``KeyIndex`` of each (row, key
+            head) (``backend="auto"``: faiss, else hnswlib, else exact).
+        measure_recall: also rank every candidate exactly at each retrieval and count how many of
+            the exact choice the index found (``recall``; costs a ``[g·L, candidates]`` product per
+            row and key head, so switch it on for decode steps, or short contexts). Settable later.
+
+    Attributes:
+        recall_hits, recall_total: retrieved tokens that the exact ranking also chose, and tokens
+            retrieved, summed over the steps measured (``recall`` is their ratio).
+    """
+
+    kind = "retrieval"
+
+    def __init__(self, n_kv_heads: int, rotation: KeyRotation | None, *, retrieve: int = 256, page: int = 64,
+                 sinks: int = 64, window: int = 256, host_tokens: int | None = None, disk_dir=None,
+                 positions: str = "cache", backend: str = "auto", m: int = 16, ef_construction: int = 100,
+                 ef_search: int = 64, space: str = "ip", seed: int = 0, measure_recall: bool = False):
+        self.measure_recall = bool(measure_recall)
+        self.recall_hits = self.recall_total = 0
+        self.retrieve = _positive_int("retrieve", retrieve, allow_zero=True)
+        # validated (and the backend resolved, so a missing library fails here, not mid-prefill)
+        probe = KeyIndex(1, backend, m=m, ef_construction=ef_construction, ef_search=ef_search, space=space, seed=seed)
+        self.index_options = {"backend": probe.backend, "m": m, "ef_construction": ef_construction,
+                              "ef_search": ef_search, "space": space, "seed": seed}
+        super().__init__(n_kv_heads, rotation, page=page, sinks=sinks, window=window, topk=0, score="quest",
+                         host_tokens=host_tokens, disk_dir=disk_dir, positions=positions)
+
+    def _reset(self) -> None:
+        super()._reset()
+        self.indexes: list[list[KeyIndex]] | None = None  # [row][key head]
+        self.indexed = 0  # tokens [sink pages·page, indexed) are in the indexes
+        self.last_candidates = 0  # candidate tokens at the last step (for reporting recall)
+
+    # ------------------------------------------------------------------ retrieval
+    def _retrieve(self, q: torch.Tensor, s_end: int, c_end: int, scale: float, dv: int):
+        b, hq, lq, d = q.shape
+        h, dev = self.n_kv_heads, q.device
+        g = hq // h
+        n_cand = c_end - s_end
+        self.last_candidates = n_cand
+        kk = min(self.retrieve, n_cand)
+        if kk == 0:
+            return (q.new_empty(b, h, 0, d), q.new_empty(b, h, 0, dv),
+                    torch.empty(b, h, 0, dtype=torch.long, device=dev))
+        if kk == n_cand:  # every candidate fits: the whole context, in order (exact)
+            tokens = torch.arange(s_end, c_end, device=dev).expand(b, h, n_cand)
+        else:
+            if self.indexed != c_end:  # an invariant of _store; never expected
+                raise RuntimeError(f"index covers tokens up to {self.indexed}, candidates end at {c_end}")
+            qg = q.detach().to("cpu", torch.float32).reshape(b, h, g * lq, d)
+            tokens = torch.empty(b, h, kk, dtype=torch.long)
+            for r in range(b):
+                for head in range(h):
+                    tokens[r, head] = self._top_tokens(self.indexes[r][head], qg[r, head], kk)
+                    if self.measure_recall:
+                        self._count_recall(self.indexes[r][head], qg[r, head], tokens[r, head], kk)
+            tokens = tokens.add_(s_end).to(dev)
+        k, v = self._gather(tokens)
+        return k, v, tokens
+
+    @staticmethod
+    def _top_tokens(index: KeyIndex, queries: torch.Tensor, kk: int) -> torch.Tensor:
+        """``[kk]`` increasing index ids: the union of each query's top-``kk`` keys, ranked by the
+        best exact ``q·k`` over the queries."""
+        ids = index.search(queries, kk)  # [Q, kk], each row best first
+        if ids.shape[0] == 1:
+            return ids[0].sort().values
+        hit = torch.zeros(len(index), dtype=torch.bool)
+        hit[ids.reshape(-1)] = True  # cheaper than torch.unique for a few thousand ids
+        union = hit.nonzero()[:, 0]
+        best = (queries @ index.keys[union].T).amax(0)  # [U]
+        return union[best.topk(kk).indices].sort().values
+
+    def _count_recall(self, index: KeyIndex, queries: torch.Tensor, found: torch.Tensor, kk: int) -> None:
+        """Add to the recall counters: ``found`` ids against the exact top-``kk`` by the same rule."""
+        exact = (queries @ index.keys.T).amax(0).topk(kk).indices
+        hit = torch.zeros(len(index), dtype=torch.bool)
+        hit[exact] = True
+        self.recall_hits += int(hit[found].sum())
+        self.recall_total += kk
+
+    @property
+    def recall(self) -> float | None:
+        """Share of the exactly-chosen tokens the index retrieved, over the measured steps (None
+        when nothing was measured: ``measure_recall`` off, or every step exact)."""
+        return self.recall_hits / self.recall_total if self.recall_total else None
+
+    # ------------------------------------------------------------------ storage
+    def _store(self, k_new, v_new, ok_ext) -> None:
+        super()._store(k_new, v_new, ok_ext)
+        self._index_upto(self._regions(self.seen)[1])
+
+    def _index_upto(self, c_end: int) -> None:
+        """Add the keys of tokens ``[indexed, c_end)`` — those that just left the window — to the
+        (row, key head) indexes, creating them at the first call."""
+        b = self.ok.shape[0]
+        if self.indexes is None:
+            d = self.summaries.sums.shape[-1]
+            self.indexes = [[KeyIndex(d, **self.index_options) for _ in range(self.n_kv_heads)] for _ in range(b)]
+            self.indexed = self.sink_pages * self.page
+        if c_end <= self.indexed:
+            return
+        keys, _ = self._range(self.indexed, c_end)  # [B, H, n, D]
+        keys = keys.detach().to("cpu", torch.float32)
+        for r in range(b):
+            for head in range(self.n_kv_heads):
+                self.indexes[r][head].add(keys[r, head])
+        self.indexed = c_end
+
+    # ------------------------------------------------------------------ reporting
+    def nbytes(self) -> dict[str, int]:
+        out = super().nbytes()
+        out["index"] = 0 if self.indexes is None else sum(len(ix) * ix.dim * 4 for row in self.indexes for ix in row)
+        return out
+
+    def describe(self) -> dict:
+        return {"page": self.page, "sinks": self.sinks, "window": self.window, "retrieve": self.retrieve,
+                **self.index_options}
+
+    # ------------------------------------------------------------------ save / load
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, meta = super().state()
+        meta["indexed"] = self.indexed
+        for r, row in enumerate(self.indexes or []):
+            for head, ix in enumerate(row):
+                saved = ix.graph_state()
+                if saved is not None:
+                    tensors[f"index.{r}.{head}"] = torch.from_numpy(saved)
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict, device) -> None:
+        super().load_state(tensors, meta, device)  # pages, summaries and tiers (and _reset)
+        if self.seen == 0:
+            return
+        end = int(meta["indexed"])
+        self.indexed = self.sink_pages * self.page
+        keys = self._range(self.indexed, end)[0].detach().to("cpu", torch.float32)
+        self.indexes = []
+        for r in range(self.ok.shape[0]):
+            row = []
+            for head in range(self.n_kv_heads):
+                ix = KeyIndex(keys.shape[-1], **self.index_options)
+                blob = tensors.get(f"index.{r}.{head}")
+                ix.restore(keys[r, head], None if blob is None else blob.numpy())
+                row.append(ix)
+            self.indexes.append(row)
+        self.indexed = max(end, self.indexed)
