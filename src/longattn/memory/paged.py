@@ -130,9 +130,8 @@ class PagedMemory:
     def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, new_ok: torch.Tensor | None,
                scale: float) -> torch.Tensor:
         """Attention of ``q [B, Hq, L, D]`` over the layout, then stores ``k_new, v_new [B, H, L, D]``."""
-        b, hq, lq, d = q.shape
+        b, _, lq, _ = q.shape
         h = k_new.shape[1]
-        g = hq // h
         dev = q.device
         if self.device is None:
             self.device = dev

@@ -36,7 +36,6 @@ answers are approximate either way).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from longattn.memory.ann import KeyIndex
