@@ -13,6 +13,7 @@ TINY = {
     "decode": {"lengths": [512, 1024]},
     "tasks": {"parts": ("perplexity",), "perplexity_tokens": 600},
     "peers": {"lengths": [256]},
+    "memory": {"parts": ("long_decode",), "lengths": [4096], "decode": 2, "methods": ["blocks"]},
 }
 
 
@@ -22,7 +23,7 @@ def test_main_job_writes_everything_and_survives_a_failing_suite(tmp_path, monke
     res = main.run_all(tmp_path)
     assert list(res["suites"]) == list(main.MAIN_SUITES)
     assert res["suite_status"]["peers"].startswith("error: TypeError")
-    for name in ("kernels", "sparse", "decode", "tasks"):
+    for name in ("kernels", "sparse", "decode", "tasks", "memory"):
         assert res["suite_status"][name] == "ok", (name, res["suite_status"][name])
         assert res["suites"][name]["records"], name
         assert (tmp_path / name / "results.json").exists()

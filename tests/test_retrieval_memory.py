@@ -42,6 +42,13 @@ def test_exact_index_retrieves_the_top_keys_and_attends_over_exactly_the_layout(
         best = (ql[0, 2 * head:2 * head + 2, 0] @ k[0, head, s_end:c_end].T).amax(0)
         want = best.topk(24).indices.sort().values + s_end
         assert torch.equal(tokens[0, head], want)
+    # a chunk of several queries: ranked exactly (default) = the index's union rule with the exact index
+    chunk = q[:, :, 594:599]
+    fast = mem._retrieve(chunk, s_end, c_end, 0.25, D)[2]
+    mem.exact_chunks = False
+    assert torch.equal(fast, mem._retrieve(chunk, s_end, c_end, 0.25, D)[2])
+    best = (chunk[0, 2:4].reshape(-1, D) @ k[0, 1, s_end:c_end].T).amax(0)
+    assert torch.equal(fast[0, 1], best.topk(24).indices.sort().values + s_end)
     mem.measure_recall = True
     out = mem.attend(ql, kl, vl, None, 0.25)
     assert mem.recall == 1.0 and mem.recall_total == 2 * 24
@@ -61,7 +68,7 @@ def test_graph_index_finds_the_planted_keys_and_the_fast_tier_stays_in_budget(ba
     k[:, :, planted] = q[:, :, -1:].mean(1, keepdim=True) * 3
     v[:, :, planted] = 5.0  # a value no random token has: the output shows whether they were found
     mem = RetrievalMemory(1, None, retrieve=32, page=16, sinks=16, window=64, backend=backend,
-                          host_tokens=256, disk_dir=tmp_path, measure_recall=True)
+                          host_tokens=256, disk_dir=tmp_path, exact_chunks=False, measure_recall=True)
     out = feed(mem, q, k, v, chunk=100)
     print(backend, "recall", mem.recall)
     assert 0.8 <= mem.recall <= 1.0  # measured 1.0 with both libraries (D=16, 3k keys)

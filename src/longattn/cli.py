@@ -84,7 +84,7 @@ def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
 def bench_cmd(
     suite: str = typer.Option("all", "--suite",
                               help="all (the main job: every suite, plots, report.html) or one of kernels, sparse, "
-                                   "decode, tasks, peers"),
+                                   "decode, tasks, peers, memory"),
     out: Path = typer.Option(Path("bench-out"), "--out",
                              help="directory for results.json, report.md (and, for all, plots/ and report.html)"),
     quick: bool = typer.Option(True, "--quick/--full",

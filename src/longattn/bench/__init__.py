@@ -19,6 +19,7 @@ SUITES: dict[str, str] = {
     "decode": "longattn.bench.decode:run_decode_suite",
     "tasks": "longattn.bench.tasks:run_tasks_suite",
     "peers": "longattn.bench.peers:run_peers_suite",
+    "memory": "longattn.bench.memory:run_memory_suite",
 }
 
 

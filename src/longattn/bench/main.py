@@ -1,7 +1,7 @@
 """The main job: every suite in one run, then one report a person wants to read.
 
-``longattn bench`` (``make bench``) runs ``kernels``, ``sparse``, ``decode``, ``tasks`` and
-``peers`` one after the other, each into ``OUT/<suite>/`` (its own ``results.json`` and
+``longattn bench`` (``make bench``) runs ``kernels``, ``sparse``, ``decode``, ``tasks``,
+``peers`` and ``memory`` one after the other, each into ``OUT/<suite>/`` (its own ``results.json`` and
 ``report.md``), and then writes
 
 * ``OUT/results.json`` — ``{"machine", "config", "suites": {name: suite results}}``;
@@ -30,7 +30,7 @@ from rich.table import Table
 from longattn.bench import harness
 
 #: the suites of the main job, in the order they run
-MAIN_SUITES: tuple[str, ...] = ("kernels", "sparse", "decode", "tasks", "peers")
+MAIN_SUITES: tuple[str, ...] = ("kernels", "sparse", "decode", "tasks", "peers", "memory")
 
 #: per-suite options of the quick main job (each suite alone keeps its own, larger defaults)
 QUICK_OPTIONS: dict[str, dict[str, Any]] = {
@@ -39,6 +39,7 @@ QUICK_OPTIONS: dict[str, dict[str, Any]] = {
     "decode": {},
     "tasks": {},
     "peers": {},
+    "memory": {},
 }
 FULL_OPTIONS: dict[str, dict[str, Any]] = {
     "kernels": {},
@@ -46,6 +47,7 @@ FULL_OPTIONS: dict[str, dict[str, Any]] = {
     "decode": {},
     "tasks": {},
     "peers": {},
+    "memory": {},
 }
 
 
@@ -63,7 +65,7 @@ def run_all(out_dir: str | Path, *, full: bool = False, lengths=None, methods=No
 
     for given, option in ((lengths, "--lengths"), (methods, "--methods")):
         if given:
-            raise ValueError(f"{option} applies to one suite: pick it with --suite (kernels, sparse, decode, tasks, peers)")
+            raise ValueError(f"{option} applies to one suite: pick it with --suite (kernels, sparse, decode, tasks, peers, memory)")
     chosen = list(suites) if suites else list(MAIN_SUITES)
     unknown = [s for s in chosen if s not in MAIN_SUITES]
     if unknown:

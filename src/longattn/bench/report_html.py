@@ -7,7 +7,8 @@ method names and error messages are data, never markup.
 
 The page: a header (date, machine, versions, seed, wall time), the plots each with a short note on
 what it shows, the headline table of every suite that ran (kernels: ratio to SDPA per method ×
-length; sparse frontier; decode; tasks: accuracy per method × length; peers), the failed or
+length; sparse frontier; decode; tasks: accuracy per method × length; peers; memory: KV policies
+and the long tiered decode), the failed or
 unsupported cases, and optionally the markdown report as text. Suites that were not run are
 named and skipped.
 """
@@ -24,7 +25,7 @@ from longattn.bench.plots import (KERNEL_PATTERNS, PLOT_NAMES, _is_ok, _num, fmt
                                   kernel_pattern_records, kernel_pattern_title, machine_line)
 
 #: the suites the main job knows, in report order
-SUITE_ORDER: tuple[str, ...] = ("kernels", "sparse", "decode", "tasks", "peers")
+SUITE_ORDER: tuple[str, ...] = ("kernels", "sparse", "decode", "tasks", "peers", "memory")
 
 PLOT_TITLES: dict[str, str] = {
     "speedup_vs_length": "Speed-up over SDPA vs length",
@@ -368,12 +369,28 @@ def _peers(recs: list[dict[str, Any]]) -> str:
             + _table(["peer", "case", "tokens", "mode", "median", "vs SDPA", "status"], rows, numeric=(2, 4, 5)))
 
 
+def _memory(recs: list[dict[str, Any]]) -> str:
+    from longattn.bench import memory
+
+    out = []
+    pol = list(memory._policy_rows(recs))
+    if pol:
+        out.append("<h3>KV policies on stories260K: continuation NLL at a fixed budget of keys per head</h3>"
+                   + _table(memory.POLICY_COLUMNS, pol, numeric=range(2, len(memory.POLICY_COLUMNS))))
+    long = list(memory._long_rows(recs))
+    if long:
+        out.append("<h3>Long prompt through the tiered memory, then decode</h3>"
+                   + _table(memory.LONG_COLUMNS, long, numeric=range(1, len(memory.LONG_COLUMNS) - 2)))
+    return "".join(out) or '<p class="missing">No records.</p>'
+
+
 _SUITE_TABLES: dict[str, tuple[str, Callable[[list[dict[str, Any]]], str]]] = {
     "kernels": ("Kernels: exact kernels and masks vs SDPA", _kernels),
     "sparse": ("Sparse: density, error and speed", _sparse),
     "decode": ("Decode: per-step time and memory vs cache length", _decode),
     "tasks": ("Tasks: retrieval accuracy and perplexity", _tasks),
     "peers": ("Peers: other implementations", _peers),
+    "memory": ("Memory: KV policies and the tiered memory", _memory),
 }
 
 
@@ -417,6 +434,8 @@ def _what(suite: str, r: dict[str, Any]) -> str:
                 + (f", depth {float(depth):.0%}" if _num(depth) is not None else ""))
     if suite == "peers":
         return f"{r.get('peer')}, {r.get('case')}, {r.get('tokens')} tokens"
+    if suite == "memory":
+        return f"{r.get('test')}: {r.get('policy')}" + (f", prompt {r['prompt']}" if r.get("prompt") else "")
     if suite == "sparse":
         return f"{r.get('method')}, {r.get('tokens')} tokens, density {r.get('density')}"
     return str(r.get("method") or r.get("label") or r.get("peer") or "?")

@@ -106,6 +106,12 @@ class PagedMemory:
             return k.to(self.device), v.to(self.device)
         return self.disk.read(p, self.device)
 
+    def _pages(self, pages: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``_page`` for many pages, reading those on disk together (``DiskTier.read_many``)."""
+        on_disk = [p for p in pages if p not in self.fast and p not in self.host]
+        read = self.disk.read_many(on_disk, self.device) if on_disk else {}
+        return [read[p] if p in read else self._page(p) for p in pages]
+
     def _range(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of tokens ``[a, b)`` from the fast tier (pages and tail)."""
         if b <= a:  # the tail exists (possibly empty) once anything is stored
@@ -194,7 +200,7 @@ class PagedMemory:
         union = torch.unique(pages).tolist()
         where = torch.full((max(union) + 1,), -1, dtype=torch.long, device=dev)
         where[union] = torch.arange(len(union), device=dev)
-        got = [self._page(p) for p in union]
+        got = self._pages(union)
         pk, pv = torch.stack([x[0] for x in got]), torch.stack([x[1] for x in got])  # [U, B, H, P, D]
         bi = torch.arange(b, device=dev)[:, None, None]
         hi = torch.arange(h, device=dev)[None, :, None]
@@ -282,7 +288,7 @@ class PagedMemory:
                    "sum.sums": self.summaries.sums, "sum.kmin": self.summaries.kmin,
                    "sum.kmax": self.summaries.kmax, "sum.count": self.summaries.count}
         if self.n_pages:
-            pages = [self._page(p) for p in range(self.n_pages)]
+            pages = self._pages(list(range(self.n_pages)))
             tensors["pages_k"] = torch.stack([k for k, _ in pages])
             tensors["pages_v"] = torch.stack([v for _, v in pages])
         return tensors, meta

@@ -49,6 +49,22 @@ class DiskTier:
         f = self._handles[seg]
         return f.get_slice("k")[row:row + 1][0].to(device), f.get_slice("v")[row:row + 1][0].to(device)
 
+    def read_many(self, pages: list[int], device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """``{page: (k, v)}`` for many pages: one read per segment, of the row span they cover
+        (a retrieval step touches hundreds of pages; one slice each cost more than the bytes)."""
+        by_segment: dict[int, list[tuple[int, int]]] = {}
+        for p in pages:
+            seg, row = self.where[p]
+            by_segment.setdefault(seg, []).append((row, p))
+        out = {}
+        for seg, rows in by_segment.items():
+            lo, hi = min(r for r, _ in rows), max(r for r, _ in rows) + 1
+            f = self._handles[seg]
+            k, v = f.get_slice("k")[lo:hi].to(device), f.get_slice("v")[lo:hi].to(device)
+            for r, p in rows:
+                out[p] = (k[r - lo], v[r - lo])
+        return out
+
     def __contains__(self, page: int) -> bool:
         return page in self.where
 
