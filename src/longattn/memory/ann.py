@@ -38,13 +38,17 @@ last (re)build, so fewer than ``log_{headroom}(final max norm / first max norm)`
 ``space="ip"`` (default) — the graph is built directly under the inner product (faiss
 ``METRIC_INNER_PRODUCT``, hnswlib ``space="ip"``; the "ip-NSW" approach of Morozov & Babenko
 2018). No norm bound is needed, so growing norms cost nothing: keys are always just appended.
-It is the default because it measured far better here (faiss-cpu 1.15 / hnswlib 0.8, m=16,
+It is ``KeyIndex``'s default because it measured far better on Gaussian data (faiss-cpu 1.15 / hnswlib 0.8, m=16,
 ef_construction=100, ef_search=64, Gaussian keys and queries, D=64): recall@10 at n=5000 about
 0.90-0.93 against 0.61-0.63 for the L2 reduction, recall@32 at n=100000 about 0.45-0.47 against
 0.11-0.14; with later keys 10x longer, 1.00 against about 0.2 (``tests/test_ann.py``). Gaussian
 keys in 64 dimensions are a hard case for any graph index; on 2 CPU cores the exact backend
 searched 100 queries over 100000 keys in about 40 ms, against about 10 ms (ef_search=64) to
 35 ms (ef_search=256, recall@32 about 0.81) for the graphs, which took 10-14 s to build.
+Real attention keys reverse the verdict: they share a large common direction, the inner-product
+graph left part of them out of reach (recall about 0.95 at any ``ef_search`` up to 1024 on
+stories260K's keys, 0.75 with its real decode queries) while the L2 reduction reached 1.00 from
+``ef_search=256`` (0.995-1.000 with the real queries) — so ``memory.retrieval`` builds ``"l2"``.
 
 Either way the returned ids are re-ranked by their exact inner products (a ``[m, k, D]`` gather),
 so every row is sorted by score, descending.
