@@ -33,6 +33,7 @@ def test_main_job_writes_everything_and_survives_a_failing_suite(tmp_path, monke
     assert "## longattn kernels benchmark" in report and "| peers | error: TypeError" in report
     html = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
+    assert 'id="suite-memory"' in html and "Long prompt through the tiered memory" in html
     pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     assert "speedup_vs_length.png" in pngs and "error_vs_density.png" in pngs and "memory_vs_length.png" in pngs
 

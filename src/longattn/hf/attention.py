@@ -245,7 +245,8 @@ class Applied:
         else:
             raise NotImplementedError(
                 f"method {m.name!r} has no KV-memory form; LongattnCache policies: full, streaming, h2o, tova, "
-                "snapkv, heads, blocks, longheads (use longattn.hf.LongattnCache(model, policy, ...) with 'dense')")
+                "snapkv, heads, blocks, longheads, retrieval (use longattn.hf.LongattnCache(model, policy, ...) "
+                "with 'dense')")
         spec.update(params)
         cache = LongattnCache(self.model, spec.pop("policy"), **spec)
         for layer in cache.layers:
