@@ -102,7 +102,7 @@ class RetrievalMemory(PagedMemory):
         super()._reset()
         self.indexes: list[list[KeyIndex]] | None = None  # [row][key head]
         self.indexed = 0  # tokens [sink pages·page, indexed) are in the indexes
-        self.last_candidates = 0  # candidate tokens at the last step (for reporting recall)
+        self.last_candidates = 0  # candidate tokens at the last step (tokens outside sinks and window)
 
     # ------------------------------------------------------------------ retrieval
     def _retrieve(self, q: torch.Tensor, s_end: int, c_end: int, scale: float, dv: int):
