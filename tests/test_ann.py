@@ -232,3 +232,32 @@ def test_auto_falls_back_when_libraries_missing(monkeypatch):
     keys, q = _gaussian(50, 8, 4)
     index.add(keys)
     assert torch.equal(index.search(q, 5), _exact_topk(q, keys, 5))
+
+
+@pytest.mark.parametrize("space", ["ip", "l2"])
+@pytest.mark.parametrize("backend", ALL)
+def test_restore_from_graph_state_answers_like_the_original(backend, space):
+    """What a saved memory does: keys + ``graph_state`` into an empty index. faiss reloads the very
+    graph (same answers, same norm bound); the others rebuild over the keys."""
+    _need(backend)
+    g = torch.Generator().manual_seed(4)
+    keys, q = torch.randn(3000, 16, generator=g), torch.randn(50, 16, generator=g)
+    a = KeyIndex(16, backend, space=space)
+    for i in range(0, 3000, 500):
+        a.add(keys[i:i + 500])
+    saved = a.graph_state()
+    assert (saved is not None) == (backend == "faiss")
+    b = KeyIndex(16, backend, space=space)
+    b.restore(a.keys, saved)
+    assert len(b) == 3000 and torch.equal(b.keys, a.keys)
+    if backend == "faiss":
+        assert torch.equal(a.search(q, 20), b.search(q, 20))
+        if space == "l2":
+            assert b.norm_bound == pytest.approx(a.norm_bound, rel=1e-6)
+    else:
+        assert recall(b.search(q, 20), a.search(q, 20)) >= 0.9
+    with pytest.raises(RuntimeError, match="empty index"):
+        b.restore(keys)
+    if backend == "faiss":
+        with pytest.raises(ValueError, match="saved graph holds"):
+            KeyIndex(16, backend, space=space).restore(keys[:10], saved)

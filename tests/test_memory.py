@@ -229,3 +229,24 @@ def test_save_load_is_bit_identical_and_refuses_tampering_and_mismatch(tmp_path)
     (tensors, meta), = store.load(path, {"model": "x"})
     with pytest.raises(ValueError, match="this cache uses"):
         PagedMemory(2, None, page=16, sinks=16, window=32, topk=4).load_state(tensors, meta, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_disk_tier_reads_back_every_dtype_bit_for_bit(dtype, tmp_path):
+    from longattn.memory.tiers import DiskTier
+
+    g = torch.Generator().manual_seed(1)
+    pages = {p: (torch.randn(2, 3, 8, 4, generator=g).to(dtype), torch.randn(2, 3, 8, 4, generator=g).to(dtype))
+             for p in range(10)}
+    tier = DiskTier(tmp_path)
+    tier.write({p: pages[p] for p in range(6)})
+    tier.write({p: pages[p] for p in range(6, 10)})
+    for p in (0, 5, 9):
+        k, v = tier.read(p, "cpu")
+        assert k.dtype == dtype and torch.equal(k, pages[p][0]) and torch.equal(v, pages[p][1])
+    got = tier.read_many([9, 1, 7, 3], "cpu")  # across both segments, any order
+    assert sorted(got) == [1, 3, 7, 9]
+    for p, (k, v) in got.items():
+        assert torch.equal(k, pages[p][0]) and torch.equal(v, pages[p][1])
+    with pytest.raises(TypeError, match="disk tier stores"):
+        tier.write({20: (torch.zeros(1, 1, 8, 4, dtype=torch.int32), torch.zeros(1, 1, 8, 4, dtype=torch.int32))})

@@ -142,7 +142,10 @@ def run_long_decode(prompt: int = 131072, policy: str = "blocks", chunk: int = 2
     with tempfile.TemporaryDirectory(prefix="longattn-bench-") as tmp, torch.no_grad(), hf.apply(model, "dense"), \
             harness.PeakRSS(interval=0.005, trim=True) as rss:
         kw = dict(page=page, sinks=sinks, window=window, host_tokens=host_tokens, disk_dir=Path(tmp) / "tiers")
-        kw.update(topk=topk) if policy == "blocks" else kw.update(retrieve=topk * page)
+        if policy == "blocks":
+            kw["topk"] = topk
+        else:  # the same number of keys per step, as single tokens
+            kw["retrieve"] = topk * page
         cache = hf.LongattnCache(model, policy, **kw)
         t0 = time.perf_counter()
         for i in range(0, prompt, chunk):

@@ -183,37 +183,30 @@ class LongattnCache(Cache):
         rotation = KeyRotation.from_model(model) if positions == "cache" else None
         heads = list(range(n_kv))
         memories = []
-        if policy in ("blocks", "longheads"):
+        if policy in ("blocks", "longheads", "retrieval"):
             page = params.pop("page", 64)
             sinks, window = params.pop("sinks", page), params.pop("window", 256)
-            topk = params.pop("topk", None)
-            if topk is None:
+            # retrieved per step: `topk` pages (blocks, longheads) or `retrieve` tokens (retrieval),
+            # given, or what the budget leaves after the sink pages and the window
+            unit, per = ("retrieve", 1) if policy == "retrieval" else ("topk", page)
+            count = params.pop(unit, None)
+            if count is None:
                 if budget is None:
-                    raise ValueError(f"policy {policy!r} needs budget= (keys attended per step) or topk= (pages)")
+                    raise ValueError(f"policy {policy!r} needs budget= (keys attended per step) or {unit}= "
+                                     f"({'tokens' if per == 1 else 'pages'})")
                 rest = budget - page * -(-sinks // page) - window
                 if rest < 0:
                     raise ValueError(f"budget {budget} is smaller than sinks ({sinks}, whole pages) + window ({window})")
-                topk = rest // page
-            score = "quest" if policy == "blocks" else "mean"
+                count = rest // per
+            geometry = dict(page=page, sinks=sinks, window=window, positions=positions)
             for _ in range(n_layers):
-                memories.append(PagedMemory(n_kv, rotation, page=page, sinks=sinks, window=window, topk=topk,
-                                            score=score, positions=positions, **params))
-            self.spec = {"policy": policy, "page": page, "sinks": sinks, "window": window, "topk": topk}
-        elif policy == "retrieval":
-            page = params.pop("page", 64)
-            sinks, window = params.pop("sinks", page), params.pop("window", 256)
-            retrieve = params.pop("retrieve", None)
-            if retrieve is None:
-                if budget is None:
-                    raise ValueError("policy 'retrieval' needs budget= (keys attended per step) or retrieve= (tokens)")
-                retrieve = budget - page * -(-sinks // page) - window
-                if retrieve < 0:
-                    raise ValueError(f"budget {budget} is smaller than sinks ({sinks}, whole pages) + window ({window})")
-            for _ in range(n_layers):
-                memories.append(RetrievalMemory(n_kv, rotation, retrieve=retrieve, page=page, sinks=sinks,
-                                                window=window, positions=positions, **params))
-            self.spec = {"policy": policy, "page": page, "sinks": sinks, "window": window, "retrieve": retrieve,
-                         **memories[0].index_options}
+                if policy == "retrieval":
+                    memories.append(RetrievalMemory(n_kv, rotation, retrieve=count, **geometry, **params))
+                else:
+                    memories.append(PagedMemory(n_kv, rotation, topk=count, score="quest" if policy == "blocks" else "mean",
+                                                **geometry, **params))
+            self.spec = {"policy": policy, "page": page, "sinks": sinks, "window": window, unit: count,
+                         **getattr(memories[0], "index_options", {})}
         elif policy in ("heads", "duo", "razor"):
             rows = _head_map(params.pop("head_map", None), n_layers, n_kv)
             sinks, window = params.pop("sinks", 4), params.pop("window", None)
