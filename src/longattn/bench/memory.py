@@ -133,6 +133,7 @@ def run_long_decode(prompt: int = 131072, policy: str = "blocks", chunk: int = 2
     """A ``prompt``-token prefill and ``decode`` greedy tokens through a tiered ``policy`` cache
     (``blocks``: ``topk`` pages; ``retrieval``: ``topk·page`` tokens, recall measured while decoding)."""
     import longattn.hf as hf
+    from longattn.memory.retrieval import RetrievalMemory
 
     if policy not in LONG_POLICIES:
         raise ValueError(f"policy must be one of {LONG_POLICIES}, got {policy!r}")
@@ -158,8 +159,8 @@ def run_long_decode(prompt: int = 131072, policy: str = "blocks", chunk: int = 2
         saved = Path(tmp) / "memory.safetensors"
         cache.save(saved)  # right after the prompt
         first = nxt
-        for mem in cache.memories:  # recall of the decode steps only (a prefill chunk's exact ranking is costly)
-            if hasattr(mem, "measure_recall"):
+        for mem in cache.memories:  # recall of the decode steps only (prefill chunks are ranked exactly)
+            if isinstance(mem, RetrievalMemory):
                 mem.measure_recall = True
         t0 = time.perf_counter()
         for step in range(decode):
@@ -274,7 +275,7 @@ def _kept(r) -> str:
     return str(flat.pop()) if len(flat) == 1 else (f"{min(flat)}–{max(flat)}" if flat else "")
 
 
-def _policy_rows(records):
+def policy_rows(records):
     for r in records:
         if r.get("test") == "policies":
             yield [r["policy"], r.get("backend") or "", _f(r.get("nll")), _f(r.get("nll_vs_full"), "+.3f"),
@@ -289,7 +290,7 @@ LONG_COLUMNS = ["policy", "prompt", "index", "fast peak / budget", "host MiB", "
                 "status"]
 
 
-def _long_rows(records):
+def long_decode_rows(records):
     for r in records:
         if r.get("test") == "long_decode":
             if r.get("status") != "ok" and "peak_fast_tokens" not in r:
@@ -306,7 +307,7 @@ def policies_table(records) -> Table:
     t = Table(title="KV policies on stories260K (continuation NLL; lower is better)")
     for c in POLICY_COLUMNS:
         t.add_column(c, justify="left" if c in ("policy", "index") else "right")
-    for row in _policy_rows(records):
+    for row in policy_rows(records):
         t.add_row(*row)
     return t
 
@@ -315,7 +316,7 @@ def long_decode_table(records) -> Table:
     t = Table(title="Long prompt through a tiered memory, then decode (tiny random Llama)")
     for c in LONG_COLUMNS:
         t.add_column(c, justify="left" if c in ("policy", "index", "status") else "right")
-    for row in _long_rows(records):
+    for row in long_decode_rows(records):
         t.add_row(*row)
     return t
 
@@ -330,7 +331,7 @@ def render_report(results: dict[str, Any]) -> str:
     lines = ["# longattn memory suite", "",
              f"- ANN libraries found: {', '.join(cfg.get('ann_backends', []))}; seed {cfg.get('seed')}; "
              f"wall time {results.get('wall_s', 0):.0f} s", ""]
-    pol = list(_policy_rows(results["records"]))
+    pol = list(policy_rows(results["records"]))
     if pol:
         lines += ["## Policies on stories260K", "",
                   f"stories260K (trained at 512 tokens) reads {cfg['policy_tokens']} tokens of its own text in 64-token "
@@ -340,7 +341,7 @@ def render_report(results: dict[str, Any]) -> str:
                   "hence its higher NLL). `recall`: share of the exactly-ranked top tokens the ANN index "
                   "retrieved.", ""]
         lines += _md_table(POLICY_COLUMNS, pol) + [""]
-    long = list(_long_rows(results["records"]))
+    long = list(long_decode_rows(results["records"]))
     if long:
         lines += ["## Long prompt, tiered memory, decode", "",
                   "A tiny random Llama (2 layers, 2 key heads, head_dim 16) reads the prompt in 2048-token chunks "

@@ -373,11 +373,11 @@ def _memory(recs: list[dict[str, Any]]) -> str:
     from longattn.bench import memory
 
     out = []
-    pol = list(memory._policy_rows(recs))
+    pol = list(memory.policy_rows(recs))
     if pol:
         out.append("<h3>KV policies on stories260K: continuation NLL at a fixed budget of keys per head</h3>"
                    + _table(memory.POLICY_COLUMNS, pol, numeric=range(2, len(memory.POLICY_COLUMNS))))
-    long = list(memory._long_rows(recs))
+    long = list(memory.long_decode_rows(recs))
     if long:
         out.append("<h3>Long prompt through the tiered memory, then decode</h3>"
                    + _table(memory.LONG_COLUMNS, long, numeric=range(1, len(memory.LONG_COLUMNS) - 2)))

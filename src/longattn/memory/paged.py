@@ -171,25 +171,35 @@ class PagedMemory:
         self._store(k_new, v_new, ok_ext)
         return out
 
+    @property
+    def retrieved_tokens(self) -> int:
+        """Tokens a step retrieves from the candidate region when it holds more: ``topk`` pages."""
+        return self.topk * self.page
+
     def _retrieve(self, q: torch.Tensor, s_end: int, c_end: int, scale: float, dv: int):
         """The middle of the layout: ``(keys [B, H, M, D], values [B, H, M, Dv], token ids [B, H, M])``
-        retrieved from the candidate region ``[s_end, c_end)`` for the chunk's queries ``q``; ids
-        increase along ``M``. Here: the ``topk`` best pages per (row, key head), whole."""
-        b, hq, _, d = q.shape
+        from the candidate region ``[s_end, c_end)`` (whole pages) for the chunk's queries ``q``; ids
+        increase along ``M``. Every candidate when they all fit in ``retrieved_tokens`` (the step is
+        then exact), else the subclass's choice (``_choose``)."""
+        b, _, _, d = q.shape
         h, dev = self.n_kv_heads, q.device
-        c0, c1 = s_end // self.page, c_end // self.page
-        n_cand = c1 - c0
-        kk = min(self.topk, n_cand)
-        if kk == 0:
+        n = min(self.retrieved_tokens, c_end - s_end)
+        if n == 0:
             return (q.new_empty(b, h, 0, d), q.new_empty(b, h, 0, dv),
                     torch.empty(b, h, 0, dtype=torch.long, device=dev))
-        if kk == n_cand:
-            sel = torch.arange(c0, c1, device=dev).expand(b, h, n_cand)
+        if n == c_end - s_end:
+            tokens = torch.arange(s_end, c_end, device=dev).expand(b, h, n)
         else:
-            sel = self._select(q, c0, c1, kk, scale, hq // h)
-        tokens = (sel[..., None] * self.page + torch.arange(self.page, device=dev)).reshape(b, h, -1)
+            tokens = self._choose(q, s_end, c_end, n, scale)
         k, v = self._gather(tokens)
         return k, v, tokens
+
+    def _choose(self, q: torch.Tensor, s_end: int, c_end: int, n: int, scale: float) -> torch.Tensor:
+        """``[B, H, n]`` increasing token ids in ``[s_end, c_end)``: here the tokens of the ``n / page``
+        best pages per (row, key head) by their summaries (``_select``)."""
+        b, hq, _, _ = q.shape
+        sel = self._select(q, s_end // self.page, c_end // self.page, n // self.page, scale, hq // self.n_kv_heads)
+        return (sel[..., None] * self.page + torch.arange(self.page, device=q.device)).reshape(b, self.n_kv_heads, -1)
 
     def _gather(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[B, H, M, D]`` of the stored tokens ``tokens [B, H, M]`` (each row and

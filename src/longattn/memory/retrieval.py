@@ -102,39 +102,33 @@ class RetrievalMemory(PagedMemory):
         super()._reset()
         self.indexes: list[list[KeyIndex]] | None = None  # [row][key head]
         self.indexed = 0  # tokens [sink pages·page, indexed) are in the indexes
-        self.last_candidates = 0  # candidate tokens at the last step (tokens outside sinks and window)
 
     # ------------------------------------------------------------------ retrieval
-    def _retrieve(self, q: torch.Tensor, s_end: int, c_end: int, scale: float, dv: int):
+    @property
+    def retrieved_tokens(self) -> int:
+        return self.retrieve
+
+    def _choose(self, q: torch.Tensor, s_end: int, c_end: int, n: int, scale: float) -> torch.Tensor:
+        """``[B, H, n]`` increasing token ids in ``[s_end, c_end)``: per (row, key head) the ``n``
+        candidates with the best ``q·k`` over the chunk's queries — exactly for a chunk of several
+        queries (``exact_chunks``), else through the index (module docstring)."""
         b, hq, lq, d = q.shape
-        h, dev = self.n_kv_heads, q.device
-        g = hq // h
-        n_cand = c_end - s_end
-        self.last_candidates = n_cand
-        kk = min(self.retrieve, n_cand)
-        if kk == 0:
-            return (q.new_empty(b, h, 0, d), q.new_empty(b, h, 0, dv),
-                    torch.empty(b, h, 0, dtype=torch.long, device=dev))
-        if kk == n_cand:  # every candidate fits: the whole context, in order (exact)
-            tokens = torch.arange(s_end, c_end, device=dev).expand(b, h, n_cand)
-        else:
-            if self.indexed != c_end:  # an invariant of _store; never expected
-                raise RuntimeError(f"index covers tokens up to {self.indexed}, candidates end at {c_end}")
-            qg = q.detach().to("cpu", torch.float32).reshape(b, h, g * lq, d)
-            tokens = torch.empty(b, h, kk, dtype=torch.long)
-            exact = self.exact_chunks and lq > 1
-            for r in range(b):
-                for head in range(h):
-                    index = self.indexes[r][head]
-                    if exact:
-                        tokens[r, head] = self._exact_top(index, qg[r, head], kk).sort().values
-                        continue
-                    tokens[r, head] = self._top_tokens(index, qg[r, head], kk)
-                    if self.measure_recall:
-                        self._count_recall(self.indexes[r][head], qg[r, head], tokens[r, head], kk)
-            tokens = tokens.add_(s_end).to(dev)
-        k, v = self._gather(tokens)
-        return k, v, tokens
+        h = self.n_kv_heads
+        if self.indexed != c_end:  # an invariant of _store; never expected
+            raise RuntimeError(f"index covers tokens up to {self.indexed}, candidates end at {c_end}")
+        qg = q.detach().to("cpu", torch.float32).reshape(b, h, hq // h * lq, d)
+        exact = self.exact_chunks and lq > 1
+        tokens = torch.empty(b, h, n, dtype=torch.long)
+        for r in range(b):
+            for head in range(h):
+                index, queries = self.indexes[r][head], qg[r, head]
+                if exact:
+                    tokens[r, head] = self._exact_top(index, queries, n).sort().values
+                    continue
+                tokens[r, head] = self._top_tokens(index, queries, n)
+                if self.measure_recall:
+                    self._count_recall(index, queries, tokens[r, head], n)
+        return tokens.add_(s_end).to(q.device)
 
     @staticmethod
     def _top_tokens(index: KeyIndex, queries: torch.Tensor, kk: int) -> torch.Tensor:
@@ -182,17 +176,25 @@ class RetrievalMemory(PagedMemory):
         (row, key head) indexes, creating them at the first call."""
         b = self.ok.shape[0]
         if self.indexes is None:
-            d = self.summaries.sums.shape[-1]
-            self.indexes = [[KeyIndex(d, **self.index_options) for _ in range(self.n_kv_heads)] for _ in range(b)]
-            self.indexed = self.sink_pages * self.page
+            self._new_indexes()
         if c_end <= self.indexed:
             return
-        keys, _ = self._range(self.indexed, c_end)  # [B, H, n, D]
-        keys = keys.detach().to("cpu", torch.float32)
+        keys = self._index_keys(c_end)
         for r in range(b):
             for head in range(self.n_kv_heads):
                 self.indexes[r][head].add(keys[r, head])
         self.indexed = c_end
+
+    def _new_indexes(self) -> None:
+        """Empty indexes for every (row, key head); candidates start after the sink pages."""
+        d = self.summaries.sums.shape[-1]
+        self.indexes = [[KeyIndex(d, **self.index_options) for _ in range(self.n_kv_heads)]
+                        for _ in range(self.ok.shape[0])]
+        self.indexed = self.sink_pages * self.page
+
+    def _index_keys(self, end: int) -> torch.Tensor:
+        """Keys ``[B, H, n, D]`` (CPU float32) of tokens ``[indexed, end)``, as the index stores them."""
+        return self._range(self.indexed, end)[0].detach().to("cpu", torch.float32)
 
     # ------------------------------------------------------------------ reporting
     def nbytes(self) -> dict[str, int]:
@@ -219,16 +221,11 @@ class RetrievalMemory(PagedMemory):
         super().load_state(tensors, meta, device)  # pages, summaries and tiers (and _reset)
         if self.seen == 0:
             return
-        end = int(meta["indexed"])
-        self.indexed = self.sink_pages * self.page
-        keys = self._range(self.indexed, end)[0].detach().to("cpu", torch.float32)
-        self.indexes = []
-        for r in range(self.ok.shape[0]):
-            row = []
-            for head in range(self.n_kv_heads):
-                ix = KeyIndex(keys.shape[-1], **self.index_options)
+        self._new_indexes()
+        end = max(int(meta["indexed"]), self.indexed)
+        keys = self._index_keys(end)
+        for r, row in enumerate(self.indexes):
+            for head, ix in enumerate(row):
                 blob = tensors.get(f"index.{r}.{head}")
                 ix.restore(keys[r, head], None if blob is None else blob.numpy())
-                row.append(ix)
-            self.indexes.append(row)
-        self.indexed = max(end, self.indexed)
+        self.indexed = end

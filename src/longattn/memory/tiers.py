@@ -78,9 +78,7 @@ class DiskTier:
 
     def read(self, page: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Page ``(k, v)`` ``[B, H, P, D]``: only its rows are read from the mapped file."""
-        seg, row = self.where[page]
-        mapped = self._segments[seg]
-        return _rows(mapped["k"], row).to(device), _rows(mapped["v"], row).to(device)
+        return self.read_many([page], device)[page]
 
     def read_many(self, pages: list[int], device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """``{page: (k, v)}`` for many pages: one gather per segment of exactly their rows."""
