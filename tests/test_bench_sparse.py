@@ -7,10 +7,6 @@ import torch
 
 import longattn
 from longattn.bench import sparse
-from longattn.models.llama2c import stories260k_dir
-
-
-pytestmark = pytest.mark.skipif(stories260k_dir() is None, reason="stories260K not present")
 
 
 def test_recall_is_exp_lse_gap_and_oracle_is_the_upper_bound():

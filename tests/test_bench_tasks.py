@@ -7,14 +7,13 @@ import pytest
 import torch
 
 import longattn
-from longattn.models.llama2c import forward, load_checkpoint, stories260k_dir
-
-pytestmark = pytest.mark.skipif(stories260k_dir() is None, reason="stories260K checkpoint not found")
+from longattn.models import stories260k
+from longattn.models.llama2c import forward, load_checkpoint
 
 
 @pytest.fixture(scope="module")
 def model():
-    return load_checkpoint(stories260k_dir() / "stories260K.bin")
+    return load_checkpoint(stories260k() / "stories260K.bin")
 
 
 def test_forward_with_a_method_equals_the_checkpoint_forward(model):

@@ -22,7 +22,7 @@ from longattn.memory.calibrate import (  # noqa: E402
     razor_scores,
     save_head_map,
 )
-from longattn.models import llama2c as l2c  # noqa: E402
+from longattn.models import stories260k  # noqa: E402
 
 SMALL = dict(n_samples=2, length=128, span=8)
 
@@ -189,7 +189,7 @@ def test_cli_writes_the_map(stories_model, tmp_path):
 
     runner = CliRunner()
     out = tmp_path / "heads.json"
-    res = runner.invoke(app, ["calibrate-heads", "--out", str(out), "--model", str(l2c.stories260k_dir()),
+    res = runner.invoke(app, ["calibrate-heads", "--out", str(out), "--model", str(stories260k()),
                               "--samples", "2", "--length", "128", "--span", "8", "--share", "0.25", "--seed", "0"])
     assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())

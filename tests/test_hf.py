@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 import longattn  # noqa: E402
 import longattn.hf as hf  # noqa: E402
 from longattn.models import llama2c as l2c  # noqa: E402
+from longattn.models import stories260k  # noqa: E402
 
 
 def tiny(family: str, seed: int = 0, **overrides):
@@ -64,7 +65,7 @@ def full_budget_methods(tokens: int):
 def test_llama2c_logits_match_the_float64_checkpoint_forward(stories):
     model, tok = stories
     ids = torch.tensor([tok.encode("Once upon a time, there was a little dog named Max. He liked to run.")])
-    ref = l2c.forward(l2c.load_checkpoint(l2c.stories260k_dir() / "stories260K.bin"), ids)  # float64, interleaved RoPE
+    ref = l2c.forward(l2c.load_checkpoint(stories260k() / "stories260K.bin"), ids)  # float64, interleaved RoPE
     with torch.no_grad():
         got = model(ids).logits
     torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4)

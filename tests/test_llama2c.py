@@ -1,12 +1,12 @@
-"""The embedded llama2.c checkpoint, read and run directly (../shared/models/stories260K)."""
+"""The bundled llama2.c checkpoint (stories260K), read and run directly."""
 
 import pytest
 import torch
 
-from longattn.models.llama2c import Tokenizer, forward, generate, load_checkpoint, stories260k_dir
+from longattn.models import stories260k
+from longattn.models.llama2c import Tokenizer, forward, generate, load_checkpoint
 
-MODEL_DIR = stories260k_dir()
-pytestmark = pytest.mark.skipif(MODEL_DIR is None, reason="stories260K not present (set LONGATTN_STORIES260K)")
+MODEL_DIR = stories260k()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from longattn.core.merge import merge_partials
 from longattn.core.reference import reference_attention
 from longattn.methods.base import MethodSpec, build as method, specs as methods
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AttentionStats",

@@ -178,8 +178,8 @@ def calibrate_heads_cmd(
     out: Path = typer.Option(..., "--out",
                              help="JSON head map to write (for LongattnCache(model, 'heads', head_map=OUT))"),
     model_dir: Optional[Path] = typer.Option(None, "--model",
-                                             help="llama2.c checkpoint or its folder (default: the stories260K lookup, "
-                                                  "$LONGATTN_STORIES260K or ../shared/models/stories260K)"),
+                                             help="llama2.c checkpoint or its folder (default: the bundled "
+                                                  "stories260K, or $LONGATTN_STORIES260K)"),
     method: str = typer.Option("razor", "--method", help="razor (echo + induction attention mass) or duo (output "
                                                          "change under sinks + window, a DuoAttention proxy)"),
     samples: int = typer.Option(8, "--samples", help="synthetic passkey sequences scored"),
@@ -195,7 +195,6 @@ def calibrate_heads_cmd(
 
     from longattn.hf import load_llama2c
     from longattn.memory.calibrate import calibrate_heads, save_head_map, validate_args
-    from longattn.models.llama2c import stories260k_dir
 
     hints = {"method": "--method", "n_samples": "--samples", "length": "--length", "span": "--span",
              "retrieval_share": "--share", "seed": "--seed"}
@@ -210,18 +209,13 @@ def calibrate_heads_cmd(
                       sinks=4, window=64)
     except ValueError as exc:
         raise bad(exc) from None
-    if model_dir is None:
-        model_dir = stories260k_dir()
-        if model_dir is None:
-            raise typer.BadParameter("stories260K not found ($LONGATTN_STORIES260K or ../shared/models/stories260K): "
-                                     "pass the checkpoint folder", param_hint="--model")
     try:
         model, _ = load_llama2c(model_dir)
     except (FileNotFoundError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--model") from None
 
     console = Console()
-    console.print(f"calibrating {method} head scores of {model_dir} on {samples} × {length} synthetic tokens "
+    console.print(f"calibrating {method} head scores of {model_dir or 'stories260K'} on {samples} × {length} synthetic tokens "
                   f"(passkey span {span}, seed {seed}) …")
     start = time.perf_counter()
     try:

@@ -66,15 +66,12 @@ DEFAULT_POLICIES = ("full", "streaming", "h2o", "snapkv", "tova")
 
 # --------------------------------------------------------------------------- shared pieces
 def _model_dir(path: str | Path | None) -> Path:
-    """``path``, else the stories260K folder that ``longattn.models.llama2c`` finds."""
+    """``path``, else the bundled stories260K (``longattn.models.stories260k()``)."""
     if path is not None:
         return Path(path)
-    from longattn.models.llama2c import stories260k_dir
+    from longattn.models import stories260k
 
-    found = stories260k_dir()
-    if found is None:
-        raise FileNotFoundError("stories260K not found: pass model_dir= or set LONGATTN_STORIES260K")
-    return found
+    return stories260k()
 
 
 def _load(model_dir: Path, attn_implementation: str = "sdpa"):

@@ -88,7 +88,7 @@ def run_policies(tokens: int = 2048, cont: int = 256, budget: int = 256, seed: i
     from longattn.bench.tasks import stories_text
 
     _, text = stories_text(tokens + cont, seed)
-    model, _ = hf.load_llama2c(_stories_dir())
+    model, _ = hf.load_llama2c()
     model = model.float().eval()
     n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
     configs = policy_configs(budget, n_layers, n_kv)
@@ -189,15 +189,6 @@ def run_long_decode(prompt: int = 131072, policy: str = "blocks", chunk: int = 2
     ok = rec["peak_fast_tokens"] <= rec["fast_budget_tokens"] and rec["reload_bit_identical"]
     rec["status"] = "ok" if ok else "FAILED: fast tier over budget or reload not bit-identical"
     return rec
-
-
-def _stories_dir():
-    from longattn.models.llama2c import stories260k_dir
-
-    d = stories260k_dir()
-    if d is None:
-        raise FileNotFoundError("stories260K not found: set LONGATTN_STORIES260K")
-    return d
 
 
 def run_memory_suite(out_dir: str | Path, *, full: bool = False, lengths=None, methods=None, seed: int = 0,

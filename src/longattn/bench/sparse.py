@@ -35,11 +35,10 @@ BLOCKS_PER_QUERY_BLOCK = 4
 def capture_real_qkv(n_tokens: int = 4096, seed: int = 0, model_dir: Path | None = None):
     """Per layer ``(q, k, v)`` (float32, after RoPE) of stories260K over ``n_tokens`` tokens of its
     own sampled stories (BOS-separated, seeded). Returns ``(layers, tokens)``."""
-    from longattn.models.llama2c import forward, generate, load_checkpoint, stories260k_dir
+    from longattn.models import stories260k
+    from longattn.models.llama2c import forward, generate, load_checkpoint
 
-    model_dir = model_dir or stories260k_dir()
-    if model_dir is None:
-        raise FileNotFoundError("stories260K not found: set LONGATTN_STORIES260K to the folder holding stories260K.bin")
+    model_dir = Path(model_dir) if model_dir is not None else stories260k()
     model = load_checkpoint(model_dir / "stories260K.bin")
     tokens = [1] + generate(model, n_tokens - 1, seed=seed, temperature=1.0)
     capture: list = []

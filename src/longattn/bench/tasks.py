@@ -60,12 +60,10 @@ def _nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def stories_text(n_tokens: int, seed: int):
     """``(model, tokens [1, n_tokens])``: stories260K and its own sampled stories, BOS-separated."""
-    from longattn.models.llama2c import generate, load_checkpoint, stories260k_dir
+    from longattn.models import stories260k
+    from longattn.models.llama2c import generate, load_checkpoint
 
-    model_dir = stories260k_dir()
-    if model_dir is None:
-        raise FileNotFoundError("stories260K not found: set LONGATTN_STORIES260K to the folder holding stories260K.bin")
-    model = load_checkpoint(model_dir / "stories260K.bin")
+    model = load_checkpoint(stories260k() / "stories260K.bin")
     return model, torch.tensor([[1] + generate(model, n_tokens - 1, seed=seed, temperature=1.0)])
 
 

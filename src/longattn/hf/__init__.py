@@ -2,7 +2,7 @@
 library's own extension points (``AttentionInterface`` and ``AttentionMaskInterface``).
 
     >>> import longattn.hf
-    >>> model, tok = longattn.hf.load_llama2c("../shared/models/stories260K")
+    >>> model, tok = longattn.hf.load_llama2c()          # the bundled stories260K
     >>> with longattn.hf.apply(model, "landmark", budget=256, block=32, q_block=32):
     ...     out = model.generate(**tok(["Once upon a time"], return_tensors="pt"), max_new_tokens=20)
 

@@ -7,7 +7,7 @@ hands the chunk's queries to the layer's ``attend``. That only works with the mo
 longattn (``longattn.hf.apply``); ``update`` refuses otherwise, since any other attention would
 see just the chunk.
 
-    >>> model, tok = longattn.hf.load_llama2c("../shared/models/stories260K")
+    >>> model, tok = longattn.hf.load_llama2c()          # the bundled stories260K
     >>> with longattn.hf.apply(model, "dense"):
     ...     cache = longattn.hf.LongattnCache(model, "streaming", sinks=4, window=252)
     ...     out = model.generate(ids, past_key_values=cache, max_new_tokens=64)

@@ -1,4 +1,4 @@
-"""A llama2.c checkpoint (e.g. ../shared/models/stories260K) as a transformers
+"""A llama2.c checkpoint (e.g. the bundled stories260K) as a transformers
 ``LlamaForCausalLM``, with a tokenizer for its ``tok512.bin``.
 
 The weights map one-to-one except the query and key projections: llama2.c rotates adjacent
@@ -124,17 +124,22 @@ def rotate_half_order(head_dim: int) -> torch.Tensor:
     return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
 
 
-def load_llama2c(path: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+def load_llama2c(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
     """``(model, tokenizer)``: a llama2.c checkpoint as ``transformers.LlamaForCausalLM`` (eval
     mode, ``dtype``) and its ``Llama2cTokenizer``.
 
     Args:
-        path: the checkpoint ``.bin`` or its folder (the tokenizer ``tok*.bin`` sits beside it).
+        path: the checkpoint ``.bin`` or its folder (the tokenizer ``tok*.bin`` sits beside it);
+            default: the bundled stories260K (``longattn.models.stories260k()``, SHA-256 checked).
         dtype: parameter dtype (float32 default: bf16 matmul is ~100× slower on these CPUs).
         attn_implementation: the model's attention before any ``longattn.hf.apply``.
     """
     from transformers import LlamaForCausalLM
 
+    if path is None:
+        from longattn.models import stories260k
+
+        path = stories260k()
     ckpt, tok_path = _resolve(path)
     src = l2c.load_checkpoint(ckpt)
     cfg, w = src.config, src.weights

@@ -1,1 +1,11 @@
-"""Small models readable top to bottom: the embedded llama2.c checkpoint (stories260K)."""
+"""Small models readable top to bottom, and the ones that ship with the package.
+
+``stories260k()`` returns the folder of the bundled stories260K checkpoint (a real Llama trained on
+TinyStories, llama2.c format, checked by SHA-256); ``retrieval_tiny()`` the folder of the tiny
+retrieval model trained here. ``llama2c`` reads and runs llama2.c checkpoints, ``retrieval`` is the
+retrieval model.
+"""
+
+from longattn.models.bundled import retrieval_tiny, stories260k
+
+__all__ = ["retrieval_tiny", "stories260k"]

@@ -1,8 +1,9 @@
 """The llama2.c checkpoint format (Karpathy's llama2.c "legacy" export), read and run directly.
 
-A whole Llama forward in one page, for two jobs: a float64 reference for the checkpoint
-(``../shared/models/stories260K``, a real Llama-architecture model trained on TinyStories, 512-token
-context, GQA) and a source of real q/k/v for measuring attention methods on real attention.
+A whole Llama forward in one page, for two jobs: a float64 reference for the checkpoint (the
+bundled stories260K, ``longattn.models.stories260k()``: a real Llama-architecture model trained on
+TinyStories, 512-token context, GQA) and a source of real q/k/v for measuring attention methods on
+real attention.
 
 Format (little-endian): 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size — negative
 when the classifier is separate —, seq_len), then float32 arrays: token_embedding [vocab, dim];
@@ -15,7 +16,6 @@ classifier. RoPE rotates *adjacent* channel pairs (2i, 2i+1) of each head, theta
 from __future__ import annotations
 
 import math
-import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,20 +25,6 @@ import numpy as np
 import torch
 
 import longattn
-
-
-def stories260k_dir() -> Path | None:
-    """Where the embedded stories260K checkpoint is: ``$LONGATTN_STORIES260K``, else
-    ``../shared/models/stories260K`` next to the working directory or next to this checkout."""
-    candidates = []
-    if os.environ.get("LONGATTN_STORIES260K"):
-        candidates.append(Path(os.environ["LONGATTN_STORIES260K"]))
-    candidates.append(Path.cwd().parent / "shared" / "models" / "stories260K")
-    candidates.append(Path(__file__).resolve().parents[4] / "shared" / "models" / "stories260K")
-    for c in candidates:
-        if (c / "stories260K.bin").exists():
-            return c
-    return None
 
 
 @dataclass(frozen=True)

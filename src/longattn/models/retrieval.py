@@ -32,12 +32,14 @@ from torch import nn
 
 import longattn
 from longattn.core.positions import RoPE
+from longattn.models.bundled import retrieval_tiny
 from longattn.methods.base import Method
 from longattn.tasks.synthetic import VOCAB, TaskBatch
 
 Tensor = torch.Tensor
 FORMAT = "longattn-retrieval"
-SHIPPED = Path(__file__).resolve().parent / "weights" / "retrieval-tiny"
+#: the checkpoint bundled with the package (``longattn.models.retrieval_tiny()``)
+SHIPPED = retrieval_tiny()
 
 MethodArg = None | str | Method | Sequence[None | str | Method]
 
