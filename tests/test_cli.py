@@ -66,3 +66,30 @@ def test_train_retrieval_command_writes_a_loadable_checkpoint(tmp_path, monkeypa
     model = retrieval.load(tmp_path / "ck")
     cfg = retrieval.read_config(tmp_path / "ck")
     assert cfg["training"]["seed"] == 5 and cfg["training"]["steps"] == 3 and model.config.dim == 32
+
+
+def test_version_flag_prints_the_package_version():
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"longattn {longattn.__version__}"
+
+
+def test_a_bad_out_is_a_one_line_error_before_any_work(tmp_path, monkeypatch):
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    from longattn.memory import calibrate
+    from longattn.models import train_retrieval
+
+    def must_not_run(*a, **k):
+        raise AssertionError("the work started before --out was checked")
+
+    monkeypatch.setattr(calibrate, "calibrate_heads", must_not_run)
+    monkeypatch.setattr(train_retrieval, "main", must_not_run)
+    monkeypatch.setattr("longattn.bench.sparse.capture_real_qkv", must_not_run)
+    for argv in (["calibrate-heads", "--out", str(tmp_path)],
+                 ["calibrate-heads", "--out", str(a_file / "map.json")],
+                 ["calibrate-minference", "--out", str(tmp_path)],
+                 ["train-retrieval", "--out", str(a_file)]):
+        res = runner.invoke(app, argv)
+        assert res.exit_code == 2, (argv, res.output)
+        flat = " ".join(res.output.replace("│", " ").split())  # rich wraps the message in a box
+        assert "--out" in flat and ("is a folder" in flat or "is a file" in flat), res.output

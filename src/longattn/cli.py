@@ -1,6 +1,8 @@
-"""The ``longattn`` command line: ``longattn methods`` and ``longattn bench``.
+"""The ``longattn`` command line: ``methods``, ``bench``, ``calibrate-minference``,
+``calibrate-heads`` and ``train-retrieval``.
 
-Thin by design: parse the arguments, call the library, print.
+Thin by design: parse the arguments, call the library, print. Every ``--out`` is checked before
+any work starts, so a bad one is a one-line error, not a crash after minutes of work.
 """
 
 from __future__ import annotations
@@ -16,10 +18,46 @@ from rich.table import Table
 
 app = typer.Typer(
     name="longattn",
-    help="Long-context attention: list the registered methods, run benchmarks.",
+    help="Long-context attention: list the registered methods, run benchmarks, calibrate and train.",
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        import longattn
+
+        typer.echo(f"longattn {longattn.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="print the version and exit"),
+) -> None:
+    """Long-context attention: list the registered methods, run benchmarks, calibrate and train."""
+
+
+def _out_dir(path: Path, option: str = "--out") -> Path:
+    """``path`` created and writable as a folder, or a one-line usage error."""
+    from longattn.files import output_dir
+
+    try:
+        return output_dir(path, option)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc).removeprefix(f"{option} "), param_hint=option) from None
+
+
+def _out_file(path: Path, option: str = "--out") -> Path:
+    """``path`` writable as a file (its folder created), or a one-line usage error."""
+    from longattn.files import output_file
+
+    try:
+        return output_file(path, option)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc).removeprefix(f"{option} "), param_hint=option) from None
 
 
 def _yes(flag: bool) -> str:
@@ -132,6 +170,7 @@ def calibrate_minference_cmd(
     from longattn.bench.sparse import capture_real_qkv
     from longattn.sparse.head_patterns import PATTERNS, save_head_patterns, search_head_patterns
 
+    _out_file(out)
     console = Console()
     console.print(f"capturing q/k/v of stories260K over {tokens} sampled tokens (seed {seed}) …")
     try:
@@ -170,6 +209,7 @@ def train_retrieval_cmd(
     uses; `python -m longattn.models.train_retrieval --help` lists every setting."""
     from longattn.models import train_retrieval
 
+    _out_dir(out)
     raise typer.Exit(train_retrieval.main(["--out", str(out), "--seed", str(seed), "--steps", str(steps)]))
 
 
@@ -209,6 +249,7 @@ def calibrate_heads_cmd(
                       sinks=4, window=64)
     except ValueError as exc:
         raise bad(exc) from None
+    _out_file(out)
     try:
         model, _ = load_llama2c(model_dir)
     except (FileNotFoundError, ValueError) as exc:

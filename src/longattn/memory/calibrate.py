@@ -326,8 +326,6 @@ def save_head_map(result: dict[str, Any], path: str | os.PathLike) -> Path:
     rows = result.get("retrieval") if isinstance(result, dict) else None
     if not isinstance(rows, list) or not all(isinstance(r, list) and all(isinstance(x, bool) for x in r) for r in rows):
         raise ValueError("result must be a dict from calibrate_heads with 'retrieval': [[bool per key head] per layer]")
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
+    from longattn.files import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(result, indent=2) + "\n")

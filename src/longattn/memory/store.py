@@ -41,7 +41,9 @@ def save(path: str | os.PathLike, layers: list[tuple[dict[str, torch.Tensor], di
             tensors[f"layer{i}.{name}"] = t.detach().cpu().contiguous()
     description = json.dumps({"format": FORMAT, "fingerprint": fingerprint, "layers": metas}, sort_keys=True)
     digest = _digest(tensors, description)
-    save_file(tensors, os.fspath(path), metadata={"longattn": description, "sha256": digest})
+    from longattn.files import atomic_write
+
+    atomic_write(path, lambda tmp: save_file(tensors, os.fspath(tmp), metadata={"longattn": description, "sha256": digest}))
     return digest
 
 

@@ -308,10 +308,12 @@ def save(model: RetrievalModel, directory: str | Path, *, training: dict[str, An
          evaluation: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` (float32) and ``config.json`` (architecture, vocabulary,
     ``training`` settings incl. the seed, ``evaluation`` results) into ``directory``."""
+    from longattn.files import atomic_write, atomic_write_text
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
-    _safetensors().save_file(tensors, str(directory / "model.safetensors"), metadata={"format": FORMAT})
+    st = _safetensors()
+    atomic_write(directory / "model.safetensors", lambda tmp: st.save_file(tensors, str(tmp), metadata={"format": FORMAT}))
     meta = {
         "format": FORMAT,
         "model": dataclasses.asdict(model.config),
@@ -319,7 +321,7 @@ def save(model: RetrievalModel, directory: str | Path, *, training: dict[str, An
         "training": training or {},
         "evaluation": evaluation or {},
     }
-    (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(directory / "config.json", json.dumps(meta, indent=2) + "\n")
     return directory
 
 

@@ -366,10 +366,10 @@ def _check_document(doc: Any, source: str) -> dict[str, Any]:
 
 def save_head_patterns(path: str | os.PathLike, patterns: dict[str, Any]) -> Path:
     """Write ``patterns`` (from ``search_head_patterns``) as JSON; returns the path."""
-    path = Path(path)
+    from longattn.files import atomic_write_text
+
     _check_document(patterns, "the patterns to save")
-    path.write_text(json.dumps(patterns, indent=1) + "\n")
-    return path
+    return atomic_write_text(path, json.dumps(patterns, indent=1) + "\n")
 
 
 def load_head_patterns(path: str | os.PathLike) -> dict[str, Any]:

@@ -1,0 +1,113 @@
+"""Writing files so that a failed write never leaves a half-written file behind, and checking an
+output location before any long work starts.
+
+* ``atomic_write(path, write)`` — ``write(tmp)`` fills a temporary file in the same folder, which
+  is flushed to disk and then renamed over ``path`` in one step (``os.replace``): a reader sees the
+  old file or the new one, never a torn one, and a crash or an exception inside ``write`` keeps
+  the old file (the temporary one is removed).
+* ``atomic_write_text`` / ``atomic_write_json`` — the same for text and JSON (non-finite floats
+  become the strings "inf", "-inf", "nan", so the file stays standard JSON).
+* ``output_dir(path, option)`` / ``output_file(path, option)`` — a one-line ``ValueError`` naming
+  the option when the place cannot be written (a file where a folder is wanted, a folder where a
+  file is wanted, no permission), checked by actually creating a file there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` and move the result to ``path`` atomically; returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def json_safe(x: Any) -> Any:
+    """A copy of ``x`` that ``json.dumps(..., allow_nan=False)`` accepts: non-finite floats as
+    strings, tensors and arrays as lists, paths and other objects as their ``str``."""
+    if isinstance(x, bool) or x is None or isinstance(x, (int, str)):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else str(x)
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if hasattr(x, "tolist"):
+        return json_safe(x.tolist())
+    return str(x)
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 1) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically (see ``json_safe``)."""
+    return atomic_write_text(path, json.dumps(json_safe(data), indent=indent, allow_nan=False) + "\n")
+
+
+def _probe(folder: Path) -> str | None:
+    """Why nothing can be written in ``folder`` (an existing folder), or None."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".longattn-probe-", dir=folder)
+    except OSError as exc:
+        return f"cannot write there ({exc.strerror or exc})"
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
+def output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Create ``path`` as a folder (parents included) and check it can be written, or raise a
+    one-line ``ValueError`` naming ``option``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is a file; expected a folder to write into")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{option} {str(path)!r}: cannot create the folder ({exc.strerror or exc})") from None
+    problem = _probe(path)
+    if problem:
+        raise ValueError(f"{option} {str(path)!r}: {problem}")
+    return path
+
+
+def output_file(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Check that a file can be written at ``path`` (its folder is created), or raise a one-line
+    ``ValueError`` naming ``option``. Nothing is written at ``path`` itself."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is a folder; expected a file name")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"{option} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{option} {str(path)!r}: cannot create {str(parent)!r} ({exc.strerror or exc})") from None
+    problem = _probe(parent)
+    if problem:
+        raise ValueError(f"{option} {str(path)!r}: {problem}")
+    return path
