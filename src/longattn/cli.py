@@ -123,35 +123,57 @@ def bench_cmd(
     suite: str = typer.Option("all", "--suite",
                               help="all (the main job: every suite, plots, report.html) or one of kernels, sparse, "
                                    "decode, tasks, peers, memory"),
-    out: Path = typer.Option(Path("bench-out"), "--out",
-                             help="directory for results.json, report.md (and, for all, plots/ and report.html)"),
+    out: Optional[Path] = typer.Option(None, "--out",
+                                       help="folder for results.json and report.md (and, for all, plots/ and "
+                                            "report.html); default bench-out for all, bench-out-SUITE for one suite"),
     quick: bool = typer.Option(True, "--quick/--full",
-                               help="quick: sizes for about 10 min on 2 cores for all suites together; "
+                               help="quick: the main job's sizes (about 10 min on 2 cores for all suites); "
                                     "full: up to 64k-128k tokens"),
     lengths: Optional[str] = typer.Option(None, "--lengths", help="comma-separated lengths, e.g. 1024,2048"),
     methods: Optional[str] = typer.Option(None, "--methods",
                                           help="comma-separated methods/cases, e.g. dense,window,pattern:lsg"),
     seed: int = typer.Option(0, "--seed", help="seed of the inputs, masks and gate rows"),
+    allow_partial: bool = typer.Option(False, "--allow-partial",
+                                       help="exit 0 even when a suite or case failed (the reports still say so)"),
 ) -> None:
-    """Run the benchmark (all suites by default) and write its results and reports into --out."""
-    from longattn.bench import SUITES, get_suite
+    """Run the benchmark (all suites by default) and write its results and reports into --out.
 
+    Exits 1 when any suite, part or case failed (a failed correctness gate included), unless
+    --allow-partial; the last lines printed say which and why."""
+    from longattn.bench import SUITES, get_suite
+    from longattn.bench.main import run_all
+    from longattn.bench.suite import resolve_options, run_suite
+
+    if suite != "all" and suite not in SUITES:
+        raise typer.BadParameter(f"unknown suite {suite!r}; known suites: all, {', '.join(SUITES)}",
+                                 param_hint="--suite")
+    length_list = _int_list(lengths, "--lengths")
+    method_list = [m.strip() for m in methods.split(",")] if methods is not None else None
+    if suite == "all":
+        for given, option in ((length_list, "--lengths"), (method_list, "--methods")):
+            if given:
+                raise typer.BadParameter(f"{option} applies to one suite: pick it with --suite "
+                                         f"({', '.join(SUITES)})", param_hint=option)
+    else:
+        try:  # every option is checked before any work starts
+            resolve_options(get_suite(suite), full=not quick, lengths=length_list, methods=method_list, overrides={})
+        except ValueError as exc:
+            msg = str(exc)
+            hint = "--lengths" if msg.startswith("--lengths") else "--methods"
+            raise typer.BadParameter(msg.removeprefix(hint + ": "), param_hint=hint) from None
+    folder = out if out is not None else Path("bench-out" if suite == "all" else f"bench-out-{suite}")
     try:
-        runner = get_suite(suite)
-    except ValueError:
-        raise typer.BadParameter(
-            f"unknown suite {suite!r}; known suites: {', '.join(sorted(SUITES))}", param_hint="--suite"
-        ) from None
-    method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-    try:
-        runner(out, full=not quick, lengths=_int_list(lengths, "--lengths"), methods=method_list, seed=seed)
+        if suite == "all":
+            res = run_all(folder, full=not quick, seed=seed)
+        else:
+            res = run_suite(get_suite(suite), folder, full=not quick, lengths=length_list, methods=method_list,
+                            seed=seed)
     except ValueError as exc:
-        if "unknown method" in str(exc):
-            raise typer.BadParameter(str(exc), param_hint="--methods") from None
-        for option in ("--lengths", "--methods"):
-            if str(exc).startswith(option):
-                raise typer.BadParameter(str(exc), param_hint=option) from None
+        if str(exc).startswith("--out"):
+            raise typer.BadParameter(str(exc).removeprefix("--out "), param_hint="--out") from None
         raise
+    if res.get("status") == "failed" and not allow_partial:
+        raise typer.Exit(1)
 
 
 @app.command("calibrate-minference")

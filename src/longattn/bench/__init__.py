@@ -1,36 +1,39 @@
-"""Benchmarks: a reusable harness (timing, memory, correctness gate, FLOPs) and the suites
-``longattn bench --suite NAME`` runs.
+"""Benchmarks: the harness (timing, memory, correctness gate, FLOPs), the suite declarations and
+the runner they share (``longattn.bench.suite``), and the main job (``longattn.bench.main``).
 
-Suites are looked up by name in ``SUITES`` and imported only when asked for; ``all`` is the main
-job (``longattn.bench.main``): every suite, then the combined report, plots and HTML page.
+Each suite is a ``Suite`` declaration in its own module, looked up by name in ``SUITES`` and
+imported only when asked for. ``longattn bench`` runs the main job (every suite in ``MAIN_SUITES``,
+then one report with plots); ``longattn bench --suite NAME`` runs one.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
-#: suite name -> "module:function"; the function takes ``out_dir`` and keyword options.
+if TYPE_CHECKING:  # pragma: no cover
+    from longattn.bench.suite import Suite
+
+#: suite name -> module holding its ``SUITE`` declaration, in the main job's order
 SUITES: dict[str, str] = {
-    "all": "longattn.bench.main:run_all",
-    "kernels": "longattn.bench.kernels:run_kernels_suite",
-    "sparse": "longattn.bench.sparse:run_sparse_suite",
-    "decode": "longattn.bench.decode:run_decode_suite",
-    "tasks": "longattn.bench.tasks:run_tasks_suite",
-    "peers": "longattn.bench.peers:run_peers_suite",
-    "memory": "longattn.bench.memory:run_memory_suite",
+    "kernels": "longattn.bench.kernels",
+    "sparse": "longattn.bench.sparse",
+    "decode": "longattn.bench.decode",
+    "tasks": "longattn.bench.tasks",
+    "peers": "longattn.bench.peers",
+    "memory": "longattn.bench.memory",
 }
 
-
-def get_suite(name: str) -> Callable[..., Any]:
-    """The runner of a named suite; an unknown name raises ``ValueError`` listing the known ones."""
-    target = SUITES.get(name)
-    if target is None:
-        known = ", ".join(sorted(SUITES))
-        raise ValueError(f"unknown benchmark suite {name!r}; known suites: {known}")
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
+#: the suites of the main job, in the order they run
+MAIN_SUITES: tuple[str, ...] = tuple(SUITES)
 
 
-__all__ = ["SUITES", "get_suite"]
+def get_suite(name: str) -> Suite:
+    """The declaration of a named suite; an unknown name raises ``ValueError`` listing the known ones."""
+    module = SUITES.get(name)
+    if module is None:
+        raise ValueError(f"unknown benchmark suite {name!r}; known suites: {', '.join(SUITES)} (or all)")
+    return importlib.import_module(module).SUITE
+
+
+__all__ = ["MAIN_SUITES", "SUITES", "get_suite"]

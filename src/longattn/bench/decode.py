@@ -44,24 +44,19 @@ Per record:
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich import box
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 import longattn
 from longattn.bench import harness
+from longattn.bench.suite import (Column, Context, Panel, Part, Pivot, Suite, Table, format_value, label, num,
+                                  short_status, status_column)
 from longattn.bench.sparse_speed import clustered_qkv
 from longattn.methods.base import Method
 from longattn.sparse.summaries import BlockSummaries
@@ -307,124 +302,68 @@ def _own_mask_reference(method: Method, q, k, v, ref, ref_lse):
     return exact_reference(q, k, v, key_mask=allowed.reshape(tk))
 
 
-# -- the run -----------------------------------------------------------------------------------
+# -- the part ---------------------------------------------------------------------------------
 
 
-def run_decode_suite(
-    out_dir: str | Path,
-    *,
-    full: bool = False,
-    lengths: Sequence[int] | None = None,
-    methods: Iterable[str] | None = None,
-    seed: int = 0,
-    console: Console | None = None,
-    kv_heads: Sequence[int] = KV_HEADS,
-    heads: int = HEADS,
-    head_dim: int = HEAD_DIM,
-    timed_steps: int | None = None,
-    cases: Sequence[DecodeCase] | None = None,
-) -> dict[str, Any]:
-    """Run the suite, write ``results.json`` and ``report.md`` into ``out_dir``, return the results.
-
-    Args:
-        full: caches up to 262144 tokens (those the memory allows; default: 4096, 16384, 65536).
-        lengths: explicit cache lengths (overrides ``full``).
-        methods: case labels to run (see ``default_cases``); SDPA always runs.
-        kv_heads: key-value head counts to run (each divides ``heads``).
-        timed_steps: timed steps per case (default 16 quick, 32 full); fewer once a case has
-            spent its time budget.
-        cases: replace the case list (tests inject their own methods this way).
-        console: where the progress bar and tables go.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    console = console or Console()
-    caches = sorted({int(n) for n in lengths}) if lengths else list(FULL_CACHES if full else QUICK_CACHES)
-    if any(n < 2 for n in caches):
+def run_steps(ctx: Context) -> Iterator[dict[str, Any]]:
+    """Every cache length × KV layout: SDPA's step first, then each selected case."""
+    o = ctx.options
+    caches = sorted({int(n) for n in o["lengths"]})
+    if not caches or any(n < 2 for n in caches):
         raise ValueError(f"lengths (cache tokens) must be at least 2, got {caches}")
-    layouts = [int(h) for h in kv_heads]
+    heads, head_dim = int(o["heads"]), int(o["head_dim"])
+    layouts = [int(h) for h in o["kv_heads"]]
     bad = [h for h in layouts if h < 1 or heads % h]
     if bad:
         raise ValueError(f"kv_heads must divide heads={heads}, got {bad}")
-    chosen = select_cases(cases if cases is not None else default_cases(), methods)
-    n_timed = timed_steps or (32 if full else 16)
-    max_case_s = 20.0 if full else 4.0
-    results: dict[str, Any] = {
-        "suite": "decode",
-        "machine": harness.machine_info(seed),
-        "config": {
-            "caches": caches, "lengths": caches, "heads": heads, "kv_heads": layouts, "head_dim": head_dim,
-            "batch": 1, "dtype": "float32", "seed": seed, "inputs": "sparse_speed.clustered_qkv",
-            "step_queries": STEP_QUERIES, "timed_steps": n_timed, "case_max_seconds": max_case_s,
-            "budget": BUDGET, "block": BLOCK, "baseline": "torch.nn.functional.scaled_dot_product_attention "
-            "(one query over the whole cache; enable_gqa for GQA)",
-            "gate_atol": harness.ATOL, "gate_rtol": harness.RTOL, "lse_atol": harness.LSE_ATOL,
-            "cases": {c.label: c.params for c in chosen}, "notes": {c.label: c.note for c in chosen if c.note},
-        },
-        "records": [],
-        "inputs": [],
-    }
-    records: list[dict[str, Any]] = results["records"]
-    t_start = time.perf_counter()
-    try:
-        with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console) as progress:
-            task = progress.add_task("decode", total=len(caches) * len(layouts) * (1 + len(chosen)))
-            for cache in caches:
-                for hkv in layouts:
-                    _run_layout(cache, hkv, heads, head_dim, chosen, seed, n_timed, max_case_s, results,
-                                progress, task, out)
-    finally:
-        finish(results, t_start)
-        write_results(out, results, render_report(results))
-    console.print(summary_table(results))
-    console.print(f"wrote {out / 'results.json'} and {out / 'report.md'} ({len(records)} records, "
-                  f"{results['wall_s']:.0f} s)")
-    return results
+    chosen = select_cases(_options_cases(o), ctx.methods)
+    n_timed = int(o["timed_steps"])
+    max_case_s = float(o["case_max_seconds"])
+    ctx.plan(len(caches) * len(layouts) * (1 + len(chosen)))
+    for cache in caches:
+        for hkv in layouts:
+            yield from _run_layout(ctx, cache, hkv, heads, head_dim, chosen, n_timed, max_case_s)
 
 
 def _common(cache, hkv, heads, head_dim) -> dict[str, Any]:
-    return dict(suite="decode", cache=cache, tokens=cache, kv_heads=hkv, heads=heads, head_dim=head_dim,
+    return dict(cache=cache, tokens=cache, kv_heads=hkv, heads=heads, head_dim=head_dim,
                 layout="MHA" if hkv == heads else f"GQA {heads}:{hkv}", causal=True, dtype="float32")
 
 
-def _run_layout(cache, hkv, heads, head_dim, chosen, seed, n_timed, max_case_s, results, progress, task, out):
+def _run_layout(ctx: Context, cache, hkv, heads, head_dim, chosen, n_timed, max_case_s) -> Iterator[dict[str, Any]]:
     """Every case at one cache length and key-value head count."""
-    records = results["records"]
     common = _common(cache, hkv, heads, head_dim)
     labels = [BASELINE] + [c.label for c in chosen]
 
-    def skip_all(status: str) -> None:
+    def skip_all(status: str) -> Iterator[dict[str, Any]]:
         for lab in labels:
-            records.append({**common, "method": lab, "budget": None, "status": status, "step_s": None,
-                            "ratio_to_sdpa": None})
-            progress.advance(task)
-        _write_json(out / "results.json", results)
+            ctx.step(f"{lab} · cache {cache} · {common['layout']}")
+            yield _finish_record({**common, "method": lab, "budget": None, "status": status, "step_s": None}, None)
 
     need, avail = memory_needed(cache, hkv, heads, head_dim), available_memory()
     if avail is not None and need > 0.8 * avail:
-        skip_all(f"oom: needs about {need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available (not run)")
+        yield from skip_all(f"oom: needs about {need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available (not run)")
         return
-    progress.update(task, description=f"inputs · cache {cache} · {common['layout']}")
+    ctx.step(f"inputs · cache {cache} · {common['layout']}", advance=0)
     t0 = time.perf_counter()
-    res, status = harness.guarded(lambda: _prepare(cache, hkv, heads, head_dim, seed))
+    res, status = harness.guarded(lambda: _prepare(cache, hkv, heads, head_dim, ctx.seed))
     if status is not None:
-        skip_all(f"inputs {status}")
+        yield from skip_all(f"inputs {status}")
         return
     q_all, k, v, ref_all, ref_lse_all = res
     # single-step cases use the last STEP_QUERIES queries; recycled takes a block of its stride
     q, ref, ref_lse = q_all[:, :, -STEP_QUERIES:], ref_all[:, :, -STEP_QUERIES:], ref_lse_all[:, :, -STEP_QUERIES:]
-    info = {"cache": cache, "kv_heads": hkv, "prepare_s": time.perf_counter() - t0, "summaries_build_s": {}}
-    results["inputs"].append(info)
-    summaries = _SummaryCache(k, info["summaries_build_s"])
+    prepare_s = time.perf_counter() - t0
+    build_s: dict[str, float] = {}
+    summaries = _SummaryCache(k, build_s)
     qs = [q[:, :, i:i + 1] for i in range(q.shape[2])]
     gqa = hkv != heads
 
     # the baseline: SDPA over the whole cache
-    progress.update(task, description=f"{BASELINE} · cache {cache} · {common['layout']}")
+    ctx.step(f"{BASELINE} · cache {cache} · {common['layout']}", advance=0)
     t0 = time.perf_counter()
     rec = {**common, "method": BASELINE, "registry_name": None, "budget": None, "params": "whole cache",
-           "status": "ok", "exact": True}
+           "status": "ok", "exact": True, "prepare_s": prepare_s}
     _step_case(rec, lambda i: F.scaled_dot_product_attention(qs[i % len(qs)], k, v, enable_gqa=gqa),
                lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa), None, ref, ref_lse, None, None,
                n_timed, max_case_s, per_call=1)
@@ -433,17 +372,19 @@ def _run_layout(cache, hkv, heads, head_dim, chosen, seed, n_timed, max_case_s, 
     rec["flops"] = harness.attention_flops(1, cache, False, head_dim=head_dim, heads=heads, batch=1)
     rec["wall_s"] = time.perf_counter() - t0
     sdpa_step = rec.get("step_s")
-    _finish_record(rec, sdpa_step, records, out, results)
-    progress.advance(task)
+    ctx.step(f"{BASELINE} · cache {cache} · {common['layout']}")
+    yield _finish_record(rec, sdpa_step)
 
     for case in chosen:
-        progress.update(task, description=f"{case.label} · cache {cache} · {common['layout']}")
+        ctx.step(f"{case.label} · cache {cache} · {common['layout']}", advance=0)
         t0 = time.perf_counter()
         rec = _run_case(case, common, q, q_all, k, v, qs, ref, ref_lse, summaries, n_timed, max_case_s, heads, hkv,
                         head_dim)
         rec["wall_s"] = time.perf_counter() - t0
-        _finish_record(rec, sdpa_step, records, out, results)
-        progress.advance(task)
+        if case.kind == "blocks":
+            rec["summaries_build_s"] = build_s.get(str(rec.get("block") or BLOCK))
+        ctx.step(f"{case.label} · cache {cache} · {common['layout']}")
+        yield _finish_record(rec, sdpa_step)
 
 
 def _prepare(cache, hkv, heads, head_dim, seed):
@@ -598,15 +539,14 @@ def _summary_append_s(summaries: BlockSummaries, k: torch.Tensor, repeats: int =
     return sorted(times)[len(times) // 2]
 
 
-def _finish_record(rec, sdpa_step, records, out, results) -> None:
+def _finish_record(rec: dict[str, Any], sdpa_step: float | None) -> dict[str, Any]:
     rec["sdpa_step_s"] = sdpa_step
     step = rec.get("step_s")
     rec["ratio_to_sdpa"] = sdpa_step / step if (sdpa_step and step) else None
     rec["kv_bytes"] = rec.get("kv_read_bytes")
     for key in ("budget", "step_s", "rel_err", "recall", "kv_read_bytes", "kv_kept_bytes", "peak_mem_bytes"):
         rec.setdefault(key, None)
-    records.append(rec)
-    _write_json(out / "results.json", results)
+    return rec
 
 
 # -- efficiency length -------------------------------------------------------------------------
@@ -645,10 +585,8 @@ def crossovers(records: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]]
     return rows
 
 
-def finish(results: dict[str, Any], t_start: float) -> None:
-    """Wall time, end load, and the efficiency lengths folded into the records."""
-    results["wall_s"] = time.perf_counter() - t_start
-    results["machine"]["load_average_at_end"] = harness.load_average()
+def finish(results: dict[str, Any]) -> None:
+    """The efficiency lengths, folded into the records too."""
     rows = crossovers(results["records"])
     results["efficiency_length"] = rows
     by = {(r["method"], r["key"]): r for r in rows}
@@ -657,180 +595,120 @@ def finish(results: dict[str, Any], t_start: float) -> None:
         r["efficiency_length"] = row["efficiency_length"] if row else None
 
 
-# -- output ------------------------------------------------------------------------------------
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe copy: non-finite floats become strings, tensors lists."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else str(x)
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _clean(x.tolist())
-    if x is None or isinstance(x, (bool, int, str)):
-        return x
-    return str(x)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=1, allow_nan=False))
-    os.replace(tmp, path)
-
-
-def write_results(out: Path, results: dict[str, Any], report: str) -> None:
-    _write_json(out / "results.json", results)
-    (out / "report.md").write_text(report)
-
-
-def fmt(x: Any, spec: str, missing: str = "—") -> str:
-    if x is None:
-        return missing
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    try:
-        return format(x, spec)
-    except (TypeError, ValueError):
-        return str(x)
-
-
-def mib(x: Any) -> str:
-    return "—" if x is None else f"{x / 2**20:.1f}"
-
-
-def short_status(rec: dict[str, Any]) -> str:
-    s = rec.get("status") or ""
-    if s == "ok" or s.startswith("FAILED"):
-        return s
-    for head in ("unsupported", "oom"):
-        if s.startswith(head):
-            return head
-    return "error"
-
-
-def _ms(x: Any) -> str:
-    return "—" if x is None else f"{x * 1e3:.2f}"
-
-
-def summary_table(results: dict[str, Any]) -> Table:
-    """Rich table of every record: step time, ratio, error, recall and K/V read per step (fits
-    80 columns; the memory details are in ``report.md``)."""
-    t = Table(title="decode step vs cache length (×SDPA > 1: faster)", box=box.SIMPLE_HEAD, pad_edge=False,
-              collapse_padding=True, padding=(0, 1))
-    for col in ("cache", "kv", "method", "ms/step", "×SDPA", "rel err", "recall", "MiB read", "status"):
-        t.add_column(col, justify="left" if col in ("method", "status") else "right", no_wrap=True,
-                     overflow="ellipsis")
-    for r in results["records"]:
-        ratio = r.get("ratio_to_sdpa")
-        status = short_status(r)
-        style = "green" if status == "ok" else ("dim" if status == "unsupported" else "red")
-        t.add_row(str(r["cache"]), f"{r.get('heads')}/{r.get('kv_heads')}", r["method"], _ms(r.get("step_s")),
-                  fmt(ratio, ".2f"), fmt(r.get("rel_err"), ".1e"), fmt(r.get("recall"), ".3f"),
-                  mib(r.get("kv_read_bytes")), f"[{style}]{status.split(':')[0][:11]}[/{style}]")
-    return t
-
-
-def render_report(results: dict[str, Any]) -> str:
-    """``report.md``: setup, step time and ratio per cache length, accuracy, memory, crossovers."""
-    cfg, mach, recs = results["config"], results["machine"], results["records"]
-    caches = cfg["caches"]
-    lines = [
-        "# longattn decode suite",
-        "",
-        f"One decoding step (one new query over a cache of `cache` tokens), fp32, batch 1, {cfg['heads']} query heads, "
-        f"head_dim {cfg['head_dim']}, key-value heads {', '.join(map(str, cfg['kv_heads']))}; "
-        f"retrieval-shaped inputs ({cfg['inputs']}, seed {cfg['seed']}). Wall time {results.get('wall_s', 0):.0f} s.",
-        "",
-        f"- machine: {mach.get('cpu_model')}, {mach.get('cpu_affinity')} cores, torch threads "
-        f"{mach.get('torch_threads')}; {mach.get('platform')}",
-        f"- versions: python {mach.get('python')}, torch {mach.get('torch')}, longattn {mach.get('longattn')}",
-        f"- load average at start {mach.get('load_average_at_start')}, at end {mach.get('load_average_at_end')} "
-        "(other processes on the machine distort timings)",
-        f"- baseline: {cfg['baseline']}, timed in the same run at every cache length",
-        f"- timing: 2 warm-up steps, then up to {cfg['timed_steps']} timed steps cycling through "
-        f"{cfg['step_queries']} decode queries (fewer once a case has spent {cfg['case_max_seconds']:.0f} s); "
-        "step = median, spread = min … max",
-        f"- gate (before timing): every output finite; exact methods within max abs {cfg['gate_atol']:g} and relative "
-        f"{cfg['gate_rtol']:g} of the float64 reference on their own mask; a failed gate gives no speed figure",
-        "- rel err = ‖out − exact‖/‖exact‖ against attention over the whole cache; "
-        "recall = mean exp(lse − lse_exact)",
-        "- KV read = bytes of K/V one step reads by the method's algorithm; kept = what it must keep "
-        "(see the memory table); peak = RSS growth during the first timed step (approximate)",
-        "",
-    ]
-    notes = cfg.get("notes") or {}
-    if notes:
-        lines += ["Methods: " + "; ".join(f"`{k}` {v}" for k, v in cfg["cases"].items()), ""]
-        lines += [f"- {k}: {v}" for k, v in notes.items()] + [""]
-    layouts = list(dict.fromkeys(r.get("layout") for r in recs))
-    methods = list(dict.fromkeys(r["method"] for r in recs))
-    for lay in layouts:
-        lrecs = [r for r in recs if r.get("layout") == lay]
-        lines += [f"## {lay}: step time (ms) and ratio to SDPA", "",
-                  "| method | " + " | ".join(str(c) for c in caches) + " |", "|---|" + "---:|" * len(caches)]
-        for m in methods:
-            cells = []
-            for c in caches:
-                hit = [r for r in lrecs if r["method"] == m and r["cache"] == c]
-                cells.append(_cell(hit[-1]) if hit else "—")
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += ["## Accuracy against exact attention", "",
-              "| layout | method | cache | density | rel err | recall | gate |", "|---|---|---:|---:|---:|---:|---|"]
-    for r in recs:
-        if r["method"] == BASELINE:
-            continue
-        g = r.get("gate") or {}
-        gate = "—" if not g else ("pass" if g.get("passed") else f"FAIL: {g.get('reason')}")
-        lines.append(f"| {r.get('layout')} | {r['method']} | {r['cache']} | {fmt(r.get('density'), '.4f')} | "
-                     f"{fmt(r.get('rel_err'), '.2e')} | {fmt(r.get('recall'), '.4f')} | {gate} |")
-    lines += ["", "## Memory", "",
-              "| layout | method | cache | KV read MiB/step | kept MiB | kept | peak MiB |",
-              "|---|---|---:|---:|---:|---|---:|"]
-    for r in recs:
-        lines.append(f"| {r.get('layout')} | {r['method']} | {r['cache']} | {mib(r.get('kv_read_bytes'))} | "
-                     f"{mib(r.get('kv_kept_bytes'))} | {r.get('kv_kept_what') or '—'} | "
-                     f"{mib(r.get('peak_mem_bytes'))} |")
-    lines += ["", "## Efficiency length (crossover with SDPA)", "",
-              "The smallest cache length run from which the method beats SDPA at that length and every larger one; "
-              "the estimate interpolates log ratio against log length between the lengths run.", "",
-              "| method | kv heads | efficiency length | estimate | lengths timed |", "|---|---:|---:|---:|---|"]
-    for row in results.get("efficiency_length") or crossovers(recs):
-        lines.append(efficiency_row(row))
-    extra = [r for r in recs if r.get("summary_append_s") is not None]
-    if extra:
-        lines += ["", "## Keeping block summaries current", "",
-                  "A retrieval decode loop folds each generated key into its block summaries: one append per token, "
-                  "not in the step time above.", "", "| layout | method | cache | append µs | step µs |",
-                  "|---|---|---:|---:|---:|"]
-        lines += [f"| {r.get('layout')} | {r['method']} | {r['cache']} | {r['summary_append_s'] * 1e6:.0f} | "
-                  f"{fmt(None if r.get('step_s') is None else r['step_s'] * 1e6, '.0f')} |" for r in extra]
-    lines += [""] + harness.failure_lines(recs, lambda r: f"{r['method']}, cache {r['cache']}, {r.get('layout')}")
-    lines.append("")
-    return "\n".join(lines)
-
-
-def efficiency_row(row: dict[str, Any]) -> str:
-    """One markdown row of the efficiency-length table (see ``crossovers``)."""
+def efficiency_text(row: dict[str, Any]) -> str:
+    """The efficiency length of a ``crossovers`` row as written in the reports."""
     eff = row["efficiency_length"]
     if eff is None:
-        eff_s = "never (in the lengths run)"
-    else:
-        eff_s = f"≤ {eff}" if row["ahead_from_smallest"] else str(eff)
-    est = row["crossover_estimate"]
-    return (f"| {row['method']} | {row['key']} | {eff_s} | {'—' if est is None else f'{est:.0f}'} | "
-            f"{', '.join(map(str, row['lengths_timed'])) or '—'} |")
+        return "never (in the lengths run)"
+    return f"≤ {eff}" if row["ahead_from_smallest"] else str(eff)
+
+
+def efficiency_columns(key_header: str) -> tuple[Column, ...]:
+    """The efficiency-length table's columns (also the peers suite's)."""
+    return (label("method", "method"), label(key_header, "key"), label("efficiency length", efficiency_text),
+            Column("estimate", "crossover_estimate", ".0f"),
+            label("lengths timed", lambda r: ", ".join(map(str, r["lengths_timed"])) or "—"))
+
+
+# -- the declaration ---------------------------------------------------------------------------
 
 
 def _cell(r: dict[str, Any]) -> str:
-    s = short_status(r)
+    s = short_status(r.get("status"))
     if s != "ok":
         return s
     step = r.get("step_s")
     if r["method"] == BASELINE:
-        return f"{_ms(step)} ms"
+        return f"{step * 1e3:.2f} ms"
     ratio = r.get("ratio_to_sdpa")
-    return f"{_ms(step)} ({fmt(ratio, '.2f')}×)"
+    return f"{step * 1e3:.2f} ({format_value(ratio, '.2f')}×)"
+
+
+def _gate_text(r: dict[str, Any]) -> str | None:
+    g = r.get("gate") or {}
+    if not g:
+        return None
+    return "pass" if g.get("passed") else f"FAIL: {g.get('reason')}"
+
+
+def _about(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    notes = {c.label: c.note for c in _options_cases(cfg) if c.note}
+    lines = [
+        f"One decoding step (one new query over a cache of `cache` tokens), fp32, batch 1, {cfg['heads']} query "
+        f"heads, head_dim {cfg['head_dim']}, key-value heads {', '.join(map(str, cfg['kv_heads']))}; "
+        "retrieval-shaped inputs (`sparse_speed.clustered_qkv`).",
+        "",
+        "- baseline: torch SDPA, one query over the whole cache (`enable_gqa` for GQA), timed in the same run at "
+        "every cache length",
+        f"- timing: 2 warm-up steps, then up to {cfg['timed_steps']} timed steps cycling through {STEP_QUERIES} "
+        f"decode queries (fewer once a case has spent {cfg['case_max_seconds']:.0f} s); step = median",
+        f"- gate (before timing): every output finite; exact methods within max abs {harness.ATOL:g} and relative "
+        f"{harness.RTOL:g} of the float64 reference on their own mask; a failed gate gives no speed figure",
+        "- rel err = ‖out − exact‖/‖exact‖ against attention over the whole cache; recall = mean exp(lse − lse_exact)",
+        "- KV read = bytes of K/V one step reads by the method's algorithm; kept = what it must keep; peak = RSS "
+        "growth during the first timed step (approximate)",
+    ]
+    lines += [f"- `{k}`: {v}" for k, v in notes.items()]
+    return "\n".join(lines)
+
+
+def _options_cases(options: Mapping[str, Any]) -> list[DecodeCase]:
+    return list(options.get("cases") or default_cases())
+
+
+_LAYOUT = label("layout", "layout")
+_METHOD = label("method", "method")
+
+SUITE = Suite(
+    name="decode",
+    title="longattn decode suite",
+    about=_about,
+    parts=(Part("steps", run_steps, methods=lambda o: [c.label for c in _options_cases(o)]),),
+    quick={"lengths": QUICK_CACHES, "kv_heads": KV_HEADS, "heads": HEADS, "head_dim": HEAD_DIM, "timed_steps": 16,
+           "case_max_seconds": 4.0, "cases": None},
+    full={"lengths": FULL_CACHES, "kv_heads": KV_HEADS, "heads": HEADS, "head_dim": HEAD_DIM, "timed_steps": 32,
+          "case_max_seconds": 20.0, "cases": None},
+    describe=lambda r: f"{r['method']}, cache {r['cache']}, {r.get('layout')}",
+    live=(Column("", "step_s", lambda x: None if x is None else f"{x * 1e3:.3f} ms/step"),
+          Column("", "ratio_to_sdpa", lambda x: None if x is None else f"{x:.2f}× SDPA"),
+          Column("rel err", "rel_err", ".1e"), Column("recall", "recall", ".3f")),
+    tables=(
+        Table("{group}: step time (ms) and ratio to SDPA", group=lambda r: r.get("layout"), console=False,
+              pivot=Pivot(_METHOD, "cache", Column("", lambda r: r, _cell))),
+        Table("decode step vs cache length (×SDPA > 1: faster)", markdown=False, html=False,
+              columns=(Column("cache", "cache"), label("kv", lambda r: f"{r.get('heads')}/{r.get('kv_heads')}"),
+                       _METHOD, Column("ms/step", "step_s", "ms"), Column("×SDPA", "ratio_to_sdpa", ".2f"),
+                       Column("rel err", "rel_err", ".1e", keep=2), Column("recall", "recall", ".3f", keep=1),
+                       Column("MiB read", "kv_read_bytes", "mib", keep=3), status_column())),
+        Table("Accuracy against exact attention", where=lambda r: r["method"] != BASELINE, console=False,
+              columns=(_LAYOUT, _METHOD, Column("cache", "cache"), Column("density", "density", ".4f"),
+                       Column("rel err", "rel_err", ".2e"), Column("recall", "recall", ".4f"),
+                       label("gate", _gate_text))),
+        Table("Memory", console=False, html=False,
+              columns=(_LAYOUT, _METHOD, Column("cache", "cache"), Column("KV read MiB/step", "kv_read_bytes", "mib"),
+                       Column("kept MiB", "kv_kept_bytes", "mib"), label("kept", "kv_kept_what"),
+                       Column("peak MiB", "peak_mem_bytes", "mib"))),
+        Table("Efficiency length (crossover with SDPA)", source=lambda res: res.get("efficiency_length") or [],
+              console=False, columns=efficiency_columns("kv heads"),
+              note="The smallest cache length run from which the method beats SDPA at that length and every larger "
+                   "one; the estimate interpolates log ratio against log length between the lengths run."),
+        Table("Keeping block summaries current", where=lambda r: r.get("summary_append_s") is not None,
+              console=False, html=False,
+              note="A retrieval decode loop folds each generated key into its block summaries: one append per "
+                   "token, not in the step time above.",
+              columns=(_LAYOUT, _METHOD, Column("cache", "cache"), Column("append µs", "summary_append_s", "us"),
+                       Column("step µs", "step_s", "us"))),
+    ),
+    panels=(
+        Panel("speedup_vs_length", "one decode step, MHA (decode suite)", "cache", "ratio_to_sdpa",
+              lambda r: r["method"], where=lambda r: r.get("kv_heads") == r.get("heads") and r["method"] != BASELINE,
+              xlabel="tokens in the KV cache"),
+        Panel("memory_vs_length", "decode, MHA: K/V bytes read per step", "cache", "kv_bytes", lambda r: r["method"],
+              where=lambda r: r.get("kv_heads") == r.get("heads"), xlabel="tokens in the KV cache"),
+        Panel("memory_vs_length", "decode, MHA: peak memory per step (RSS growth)", "cache", "peak_mem_bytes",
+              lambda r: r["method"], where=lambda r: r.get("kv_heads") == r.get("heads") and
+              (num(r.get("peak_mem_bytes")) or 0) > 0, xlabel="tokens in the KV cache"),
+    ),
+    finish=finish,
+)

@@ -602,6 +602,28 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_capability() -> str:
+    """torch's CPU capability ("AVX512", "AVX2", …) and the bf16/fp16 matrix extensions the
+    processor reports (``/proc/cpuinfo`` flags), e.g. ``"AVX512 + avx512_bf16"``: what decides
+    which dtypes are fast here."""
+    try:
+        cap = str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # noqa: BLE001 - older torch, unusual builds
+        cap = "unknown"
+    wanted = ("avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    have = [w for w in wanted if w in flags]
+    return " + ".join([cap] + have)
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -622,6 +644,7 @@ def machine_info(seed: int | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_model": _cpu_model(),
+        "cpu_capability": cpu_capability(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": affinity,
         "torch_threads": torch.get_num_threads(),

@@ -1,115 +1,108 @@
 """The main job: every suite in one run, then one report a person wants to read.
 
-``longattn bench`` (``make bench``) runs ``kernels``, ``sparse``, ``decode``, ``tasks``,
-``peers`` and ``memory`` one after the other, each into ``OUT/<suite>/`` (its own ``results.json`` and
-``report.md``), and then writes
+``longattn bench`` (``make bench``) runs the suites of ``MAIN_SUITES`` one after the other, each
+into ``OUT/<suite>/`` (its own ``results.json``, ``report.md`` and, when a part failed,
+``errors.log``) at the same sizes as ``longattn bench --suite NAME`` alone, and then writes
 
-* ``OUT/results.json`` — ``{"machine", "config", "suites": {name: suite results}}``;
-* ``OUT/report.md`` — a short summary, then each suite's report;
-* ``OUT/plots/*.png`` — speed-up vs length, error vs density, memory vs length, the passkey
-  heat map (``longattn.bench.plots``);
-* ``OUT/report.html`` — one self-contained page with all of it (``longattn.bench.report_html``).
+* ``OUT/results.json`` — ``{"kind": "main", "machine", "config", "status", "suites": {name: suite
+  results}}``;
+* ``OUT/report.md`` — one status line per suite, then each suite's report;
+* ``OUT/plots/*.png`` — the panels the suites declare (``longattn.bench.plots``);
+* ``OUT/report.html`` — one self-contained page with all of it (``longattn.bench.report_html``);
+* ``OUT/errors.log`` — the tracebacks of every part that failed (none: no file).
 
-``quick`` (the default) sizes every suite so the whole job takes about 10 minutes on two cores;
-``full`` reaches 64k–128k tokens. A suite that crashes is recorded with its error and the job
-goes on; so does one whose optional dependency is missing.
+A suite or part that fails is recorded with a one-line reason and the job goes on; the status of
+the whole job is the worst of its suites', and ``longattn bench`` exits non-zero when it is
+``"failed"``.
 """
 
 from __future__ import annotations
 
-import json
 import time
-import traceback
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.rule import Rule
-from rich.table import Table
 
-from longattn.bench import harness
+from longattn.bench import MAIN_SUITES, get_suite, harness
+from longattn.bench.suite import (KIND_MAIN, Results, claim_folder, console_table, one_line, render_markdown,
+                                  render_tables, status_line)
+from longattn.files import atomic_write_json, atomic_write_text
 
-#: the suites of the main job, in the order they run
-MAIN_SUITES: tuple[str, ...] = ("kernels", "sparse", "decode", "tasks", "peers", "memory")
-
-#: per-suite options of the quick main job (each suite alone keeps its own, larger defaults)
-QUICK_OPTIONS: dict[str, dict[str, Any]] = {
-    "kernels": {"lengths": [1024, 4096, 8192]},
-    "sparse": {"parts": ("accuracy", "frontier")},
-    "decode": {},
-    "tasks": {},
-    "peers": {},
-    "memory": {},
-}
-FULL_OPTIONS: dict[str, dict[str, Any]] = {
-    "kernels": {},
-    "sparse": {},
-    "decode": {},
-    "tasks": {},
-    "peers": {},
-    "memory": {},
-}
+_ORDER = {"ok": 0, "partial": 1, "failed": 2}
 
 
-def run_all(out_dir: str | Path, *, full: bool = False, lengths=None, methods=None, seed: int = 0,
-            suites: tuple[str, ...] | list[str] | None = None, console: Console | None = None) -> dict[str, Any]:
+def run_all(out_dir: str | Path, *, full: bool = False, seed: int = 0, suites: Sequence[str] | None = None,
+            console: Console | None = None, options: Mapping[str, Mapping[str, Any]] | None = None) -> Results:
     """Run the main job into ``out_dir`` (see the module docstring) and return the combined results.
 
     Args:
-        full: the full sizes of every suite instead of the quick ones.
-        lengths, methods: not accepted here (each suite has its own lengths and method names);
-            run one suite with ``--suite`` to choose them.
-        suites: a subset of ``MAIN_SUITES`` (default all).
+        full: every suite at its full sizes instead of its quick ones.
+        suites: a subset of ``MAIN_SUITES`` (default all), in their order.
+        options: per-suite overrides of their options (tests shrink sizes this way).
     """
-    from longattn.bench import get_suite
-
-    for given, option in ((lengths, "--lengths"), (methods, "--methods")):
-        if given:
-            raise ValueError(f"{option} applies to one suite: pick it with --suite (kernels, sparse, decode, tasks, peers, memory)")
     chosen = list(suites) if suites else list(MAIN_SUITES)
     unknown = [s for s in chosen if s not in MAIN_SUITES]
     if unknown:
         raise ValueError(f"unknown suite(s) {', '.join(unknown)} for the main job; known: {', '.join(MAIN_SUITES)}")
+    options = dict(options or {})
     console = console or Console()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    options = FULL_OPTIONS if full else QUICK_OPTIONS
-    combined: dict[str, Any] = {
+    out = claim_folder(Path(out_dir), KIND_MAIN, "all")
+    (out / "errors.log").unlink(missing_ok=True)
+    combined: Results = {
+        "kind": KIND_MAIN,
         "machine": harness.machine_info(seed),
-        "config": {"mode": "full" if full else "quick", "seed": seed, "suites": chosen,
-                   "suite_options": {s: {k: list(v) if isinstance(v, tuple) else v for k, v in options[s].items()}
-                                     for s in chosen}},
+        "config": {"mode": "full" if full else "quick", "seed": seed, "suites": chosen},
         "suites": {},
-        "suite_status": {},
-        "suite_wall_s": {},
     }
     t_start = time.perf_counter()
     for i, name in enumerate(chosen, 1):
         console.print(Rule(f"[bold]{i}/{len(chosen)} · suite {name}[/bold]"))
         t0 = time.perf_counter()
         try:
-            runner = get_suite(name)
-            res = runner(out / name, full=full, seed=seed, console=console, **options[name])
-            combined["suites"][name] = res
-            combined["suite_status"][name] = "ok"
+            res = _run_one(name, out, full=full, seed=seed, console=console, options=options.get(name) or {})
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - one failed suite must not lose the others
-            combined["suite_status"][name] = harness.classify_exception(exc)
-            combined["suites"][name] = {"suite": name, "error": traceback.format_exc(limit=5), "records": []}
-            console.print(f"[red]suite {name} failed: {exc}[/red]")
-        combined["suite_wall_s"][name] = time.perf_counter() - t0
-        _write_json(out / "results.json", combined)
+            # the suite could not even start (its options, its module): one line here, the rest in the log
+            res = {"kind": "suite", "suite": name, "status": "failed", "error": one_line(exc), "records": [],
+                   "parts": {}, "wall_s": time.perf_counter() - t0}
+            import traceback
+
+            _append(out / "errors.log", f"== {name} ==\n{traceback.format_exc()}\n")
+        combined["suites"][name] = res
+        log = out / name / "errors.log"
+        if log.exists():
+            _append(out / "errors.log", log.read_text())
+        console.print(status_line(name, res))
+        atomic_write_json(out / "results.json", combined)
     combined["wall_s"] = time.perf_counter() - t_start
     combined["machine"]["load_average_at_end"] = harness.load_average()
+    combined["status"] = max((r.get("status", "failed") for r in combined["suites"].values()),
+                             key=lambda s: _ORDER.get(s, 2), default="ok")
     write_outputs(out, combined, console)
     return combined
 
 
-def write_outputs(out: Path, combined: dict[str, Any], console: Console) -> None:
-    """``results.json``, ``report.md``, the plots and ``report.html`` from the combined results."""
-    _write_json(out / "results.json", combined)
-    markdown = render_markdown(combined, out)
+def _run_one(name: str, out: Path, *, full: bool, seed: int, console: Console, options: Mapping[str, Any]) -> Results:
+    from longattn.bench.suite import run_suite
+
+    return run_suite(get_suite(name), out / name, full=full, seed=seed, console=console, part_of_main=True,
+                     **options)
+
+
+def _append(path: Path, text: str) -> None:
+    previous = path.read_text() if path.exists() else ""
+    atomic_write_text(path, previous + text)
+
+
+def write_outputs(out: Path, combined: Results, console: Console) -> None:
+    """``results.json``, ``report.md``, the plots and ``report.html`` from the combined results;
+    the console gets each suite's tables, then one status line per suite as its last lines."""
+    atomic_write_json(out / "results.json", combined)
+    markdown = render_report(combined)
     plots: dict[str, Path] = {}
     try:
         from longattn.bench import plots as plot_module
@@ -118,62 +111,52 @@ def write_outputs(out: Path, combined: dict[str, Any], console: Console) -> None
     except ImportError as exc:
         console.print(f"[yellow]no plots: {exc}[/yellow]")
     if plots:
-        markdown += "\n## Plots\n\n" + "\n".join(f"![{name}]({p.relative_to(out)})" for name, p in plots.items()) + "\n"
-    (out / "report.md").write_text(markdown)
+        markdown += "\n## Plots\n\n" + "\n".join(f"![{name}]({p.relative_to(out).as_posix()})"
+                                                 for name, p in plots.items()) + "\n"
+    atomic_write_text(out / "report.md", markdown)
     from longattn.bench import report_html
 
-    report_html.write_html(out / "report.html", combined, plots, markdown=None)
-    console.print(summary_table(combined))
-    console.print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'report.html'} and {len(plots)} plots "
-                  f"({combined.get('wall_s', 0):.0f} s)")
+    report_html.write_html(out / "report.html", combined, plots)
+    for name, res in combined["suites"].items():
+        if res.get("error"):
+            continue
+        for rendered in render_tables(get_suite(name), res, target="console"):
+            console.print(console_table(rendered, console.width))
+    console.print(Rule("[bold]longattn bench[/bold]"))
+    for line in summary_lines(combined):
+        console.print(line)
+    log = out / "errors.log"
+    console.print(f"wrote {out / 'report.html'}, {out / 'report.md'}, {out / 'results.json'} and {len(plots)} plots"
+                  + (f"; tracebacks in {log}" if log.exists() else ""))
 
 
-def render_markdown(combined: dict[str, Any], out: Path) -> str:
-    """The main report: what ran and how long it took, then every suite's own report."""
-    mach = combined["machine"]
-    lines = [
-        "# longattn benchmark",
-        "",
-        f"- date (UTC): {mach.get('date_utc')}; mode {combined['config']['mode']}; seed {combined['config']['seed']}; "
-        f"wall time {combined.get('wall_s', 0):.0f} s",
-        f"- machine: {mach.get('cpu_model')}, {mach.get('cpu_count')} CPUs, torch threads {mach.get('torch_threads')}; "
-        f"python {mach.get('python')}, torch {mach.get('torch')}, longattn {mach.get('longattn')}",
-        "",
-        "| suite | status | wall s |",
-        "|---|---|---:|",
-    ]
-    for name in combined["config"]["suites"]:
-        lines.append(f"| {name} | {combined['suite_status'].get(name, 'not run')} | "
-                     f"{combined['suite_wall_s'].get(name, 0):.0f} |")
-    lines.append("")
-    for name in combined["config"]["suites"]:
-        report = out / name / "report.md"
-        if report.exists():
-            text = report.read_text()
-            # each suite's report starts with a level-1 title: nest it one level down
-            lines.append("\n".join(("#" + ln) if ln.startswith("#") else ln for ln in text.splitlines()))
-            lines.append("")
+def summary_lines(combined: Results) -> list[str]:
+    """One line per suite, then the job's verdict: what the console ends with and report.md and
+    report.html start with."""
+    lines = [status_line(name, res) for name, res in combined["suites"].items()]
+    status = combined.get("status", "ok")
+    failed = [n for n, r in combined["suites"].items() if r.get("status") == "failed"]
+    wall = combined.get("wall_s")
+    verdict = (f"all {len(lines)} suites ok" if status == "ok" else
+               f"{len(failed)} of {len(lines)} suites FAILED: {', '.join(failed)}" if failed else
+               f"{len(lines)} suites ran, some parts were skipped")
+    lines.append(verdict + (f" ({wall:.0f} s)" if wall is not None else ""))
+    return lines
+
+
+def render_report(combined: Results) -> str:
+    """The main report: the status of every suite first, then each suite's own report."""
+    from longattn.bench.suite import machine_lines
+
+    lines = ["# longattn benchmark", "", "## Status", ""]
+    lines += [f"- {line}" for line in summary_lines(combined)]
+    lines += ["", *machine_lines(combined), ""]
+    for name, res in combined["suites"].items():
+        if res.get("error"):
+            lines += [f"## {name}", "", f"Did not run: {res['error']}", ""]
+            continue
+        text = render_markdown(get_suite(name), res, machine=False)
+        # each suite's report starts with a level-1 title: nest it one level down
+        lines.append("\n".join(("#" + ln) if ln.startswith("#") else ln for ln in text.splitlines()))
+        lines.append("")
     return "\n".join(lines) + "\n"
-
-
-def summary_table(combined: dict[str, Any]) -> Table:
-    t = Table(title="longattn bench: suites")
-    for col in ("suite", "status", "records", "wall s"):
-        t.add_column(col, justify="right" if col in ("records", "wall s") else "left")
-    for name in combined["config"]["suites"]:
-        res = combined["suites"].get(name, {})
-        t.add_row(name, combined["suite_status"].get(name, "not run"), str(len(res.get("records", []))),
-                  f"{combined['suite_wall_s'].get(name, 0):.0f}")
-    return t
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, default=_json_default))
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, Path):
-        return str(x)
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    return repr(x)

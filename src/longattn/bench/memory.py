@@ -1,8 +1,6 @@
 """The ``memory`` suite: what the KV memory (``longattn.hf.LongattnCache``) keeps, costs and loses.
 
-``longattn bench --suite memory`` (also part of the main job) writes ``OUT/memory/results.json``
-and ``report.md``; ``python -m longattn.bench.memory`` runs the suite alone with its own options.
-Two parts:
+``longattn bench --suite memory`` runs it alone (also part of the main job). Two parts:
 
 * **policies** — the real stories260K model (512-token context) reads ``policy_tokens`` of its own
   TinyStories-like text in 64-token chunks, then ``continuation`` more tokens teacher-forced; per
@@ -20,27 +18,24 @@ Two parts:
   next-token logits. ``blocks`` (Quest block retrieval) and ``retrieval`` (per-token ANN
   retrieval, recall measured on the decode steps) run at every length.
 
-Only the default (quick) sizes fit the main job's time: 2048 + 256 policy tokens and a
-32k-token prompt; ``full`` reads 131072 tokens (the issue's 128k).
+Quick (the main job's sizes): 2048 + 256 policy tokens and a 32k-token prompt; ``full`` reads a
+131072-token prompt (128k).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 from longattn.bench import harness
+from longattn.bench.suite import Column, Context, Part, Suite, Table, guarded_record, label, status_column
 
-PARTS = ("policies", "long_decode")
 QUICK_PROMPTS = (32768,)
 FULL_PROMPTS = (131072,)
 LONG_POLICIES = ("blocks", "retrieval")
@@ -82,8 +77,9 @@ def policy_configs(budget: int, n_layers: int, n_kv: int) -> dict[str, tuple[str
 
 
 def run_policies(tokens: int = 2048, cont: int = 256, budget: int = 256, seed: int = 0, methods=None,
-                 say=print) -> list[dict[str, Any]]:
-    """stories260K: read ``tokens`` of its own text, then teacher-force ``cont`` more, per policy."""
+                 say=print) -> Iterator[dict[str, Any]]:
+    """stories260K: read ``tokens`` of its own text, then teacher-force ``cont`` more, per policy
+    (one record each, ``nll_vs_full`` against the ``full`` policy when it ran first)."""
     import longattn.hf as hf
     from longattn.bench.tasks import stories_text
 
@@ -94,7 +90,7 @@ def run_policies(tokens: int = 2048, cont: int = 256, budget: int = 256, seed: i
     configs = policy_configs(budget, n_layers, n_kv)
     if methods:
         configs = {k: v for k, v in configs.items() if k in methods}
-    records = []
+    full_nll = None
     with torch.no_grad(), hf.apply(model, "dense"):
         for label, (policy, kw) in configs.items():
             cache = hf.LongattnCache(model, policy, **kw)
@@ -112,19 +108,15 @@ def run_policies(tokens: int = 2048, cont: int = 256, budget: int = 256, seed: i
             lp = torch.log_softmax(logits[0, :-1].double(), -1)
             nll = float(-lp.gather(-1, text[0, tokens + 1:tokens + cont, None]).mean())
             s = cache.stats()
-            records.append({
+            if label == "full":
+                full_nll = nll
+            yield {
                 "suite": "memory", "test": "policies", "policy": label, "budget": None if label == "full" else budget,
                 "backend": cache.spec.get("backend"), "tokens": tokens, "continuation": cont, "nll": nll,
                 "perplexity": math.exp(nll), "recall": s.get("recall"), "tokens_kept": s["tokens"],
                 "kv_bytes": s["kv_bytes"], "peak_kv_bytes": peak, "fast_bytes": s["fast_bytes"],
                 "index_bytes": s["index_bytes"], "prefill_s": prefill_s, "wall_s": time.perf_counter() - t0,
-                "status": "ok"})
-            say(f"  {label:15s} nll {nll:.3f}  kept/head {s['tokens'][0]}  kv {s['kv_bytes'] / 1024:.0f} KiB "
-                f"(peak {peak / 1024:.0f})" + (f"  recall {s['recall']:.3f}" if s.get("recall") is not None else ""))
-    full = next((r for r in records if r["policy"] == "full"), None)
-    for r in records:
-        r["nll_vs_full"] = None if full is None else r["nll"] - full["nll"]
-    return records
+                "nll_vs_full": None if full_nll is None else nll - full_nll, "status": "ok"}
 
 
 def run_long_decode(prompt: int = 131072, policy: str = "blocks", chunk: int = 2048, decode: int = 32,
@@ -191,73 +183,27 @@ def run_long_decode(prompt: int = 131072, policy: str = "blocks", chunk: int = 2
     return rec
 
 
-def run_memory_suite(out_dir: str | Path, *, full: bool = False, lengths=None, methods=None, seed: int = 0,
-                     console: Console | None = None, parts=PARTS, policy_tokens: int = 2048, continuation: int = 256,
-                     budget: int = 256, decode: int = 32) -> dict[str, Any]:
-    """``longattn bench --suite memory``: writes ``out_dir/results.json`` and ``report.md``.
+def _policies_part(ctx: Context) -> Iterator[dict[str, Any]]:
+    o = ctx.options
+    ctx.say(f"policies on stories260K: {o['policy_tokens']} + {o['continuation']} tokens, {o['budget']} keys per head")
+    yield from run_policies(int(o["policy_tokens"]), int(o["continuation"]), int(o["budget"]), ctx.seed,
+                            ctx.methods, ctx.say)
 
-    Args:
-        full: long-decode prompts of 131072 tokens instead of 32768.
-        lengths: long-decode prompt lengths (override ``full``).
-        methods: keep only these policy labels (``policy_configs``; ``blocks`` and ``retrieval``
-            also select the long-decode runs).
-        parts: from ``PARTS``.
-        policy_tokens, continuation, budget: the policies part's text and keys per head.
-        decode: tokens decoded after each long prompt.
-    """
-    unknown = sorted(set(parts) - set(PARTS))
-    if unknown:
-        raise ValueError(f"unknown memory suite part(s) {', '.join(unknown)}; known: {', '.join(PARTS)}")
-    prompts = sorted({int(n) for n in lengths}) if lengths else list(FULL_PROMPTS if full else QUICK_PROMPTS)
+
+def _long_decode_part(ctx: Context) -> Iterator[dict[str, Any]]:
+    o = ctx.options
+    prompts = sorted({int(n) for n in o["lengths"]})
     if any(n < 4096 for n in prompts):
-        raise ValueError(f"long-decode prompt lengths must be >= 4096 tokens (the tiers need pages to move), got {prompts}")
-    console = console or Console()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    say = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
-    from longattn.memory.ann import available_backends
-
-    results: dict[str, Any] = {
-        "suite": "memory", "machine": harness.machine_info(seed),
-        "config": {"seed": seed, "parts": list(parts), "policy_tokens": policy_tokens, "continuation": continuation,
-                   "budget": budget, "prompts": prompts, "decode": decode, "ann_backends": available_backends()},
-        "records": []}
-    t0 = time.perf_counter()
-    if "policies" in parts:
-        say(f"policies on stories260K: {policy_tokens} + {continuation} tokens, {budget} keys per head")
-        results["records"] += run_policies(policy_tokens, continuation, budget, seed, methods, say)
-    if "long_decode" in parts:
-        for policy in LONG_POLICIES:
-            if methods and policy not in methods:
-                continue
-            for n in prompts:
-                say(f"long decode: {policy}, {n}-token prompt")
-                rec, err = harness.guarded(lambda: run_long_decode(n, policy, decode=decode, seed=seed, say=say))
-                results["records"].append(rec if err is None else
-                                          {"suite": "memory", "test": "long_decode", "policy": policy, "prompt": n,
-                                           "status": err})
-    results["wall_s"] = time.perf_counter() - t0
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "report.md").write_text(render_report(results))
-    console.print(policies_table(results["records"]))
-    console.print(long_decode_table(results["records"]))
-    console.print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
-    return results
-
-
-# -- reports ----------------------------------------------------------------------------------
-
-
-def _kib(x) -> str:
-    return "" if x is None else f"{x / 1024:,.0f}"
-
-
-def _mib(x) -> str:
-    return "" if x is None else f"{x / 2**20:,.1f}"
-
-
-def _f(x, spec=".3f") -> str:
-    return "" if x is None else format(x, spec)
+        raise ValueError(f"long-decode prompt lengths must be >= 4096 tokens (the tiers need pages to move), "
+                         f"got {prompts}")
+    for policy in LONG_POLICIES:
+        if not ctx.wants(policy):
+            continue
+        for n in prompts:
+            ctx.say(f"long decode: {policy}, {n}-token prompt")
+            base = {"test": "long_decode", "policy": policy, "prompt": n}
+            yield guarded_record(base, lambda: run_long_decode(n, policy, decode=int(o["decode"]), seed=ctx.seed,
+                                                               say=ctx.say))
 
 
 def _kept(r) -> str:
@@ -266,96 +212,59 @@ def _kept(r) -> str:
     return str(flat.pop()) if len(flat) == 1 else (f"{min(flat)}–{max(flat)}" if flat else "")
 
 
-def policy_rows(records):
-    for r in records:
-        if r.get("test") == "policies":
-            yield [r["policy"], r.get("backend") or "", _f(r.get("nll")), _f(r.get("nll_vs_full"), "+.3f"),
-                   _f(r.get("recall")), _kept(r), _kib(r.get("kv_bytes")), _kib(r.get("peak_kv_bytes")),
-                   _kib(r.get("index_bytes")), _f(r.get("wall_s"), ".1f")]
+def _about(results: dict[str, Any]) -> str:
+    from longattn.memory.ann import available_backends
 
-
-POLICY_COLUMNS = ["policy", "index", "NLL", "vs full", "recall", "kept/head", "KV KiB", "peak KV KiB",
-                  "index KiB", "wall s"]
-LONG_COLUMNS = ["policy", "prompt", "index", "fast peak / budget", "host MiB", "disk MiB", "index MiB",
-                "RSS growth MiB", "full KV MiB", "prefill s", "decode ms/token", "recall", "reload identical",
-                "status"]
-
-
-def long_decode_rows(records):
-    for r in records:
-        if r.get("test") == "long_decode":
-            if r.get("status") != "ok" and "peak_fast_tokens" not in r:
-                yield [r["policy"], str(r["prompt"])] + [""] * (len(LONG_COLUMNS) - 3) + [r["status"]]
-                continue
-            yield [r["policy"], f"{r['prompt']:,}", r.get("backend") or "",
-                   f"{r['peak_fast_tokens']} / {r['fast_budget_tokens']}", _mib(r["host_bytes"]),
-                   _mib(r["disk_bytes"]), _mib(r["index_bytes"]), _mib(r.get("rss_growth_bytes")),
-                   _mib(r["full_kv_bytes"]), _f(r["prefill_s"], ".1f"), _f(r["decode_ms_per_token"], ".1f"),
-                   _f(r.get("recall")), "yes" if r["reload_bit_identical"] else "NO", r["status"]]
-
-
-def policies_table(records) -> Table:
-    t = Table(title="KV policies on stories260K (continuation NLL; lower is better)")
-    for c in POLICY_COLUMNS:
-        t.add_column(c, justify="left" if c in ("policy", "index") else "right")
-    for row in policy_rows(records):
-        t.add_row(*row)
-    return t
-
-
-def long_decode_table(records) -> Table:
-    t = Table(title="Long prompt through a tiered memory, then decode (tiny random Llama)")
-    for c in LONG_COLUMNS:
-        t.add_column(c, justify="left" if c in ("policy", "index", "status") else "right")
-    for row in long_decode_rows(records):
-        t.add_row(*row)
-    return t
-
-
-def _md_table(columns, rows) -> list[str]:
-    return ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)] + \
-        ["| " + " | ".join(row) + " |" for row in rows]
-
-
-def render_report(results: dict[str, Any]) -> str:
     cfg = results["config"]
-    lines = ["# longattn memory suite", "",
-             f"- ANN libraries found: {', '.join(cfg.get('ann_backends', []))}; seed {cfg.get('seed')}; "
-             f"wall time {results.get('wall_s', 0):.0f} s", ""]
-    pol = list(policy_rows(results["records"]))
-    if pol:
-        lines += ["## Policies on stories260K", "",
-                  f"stories260K (trained at 512 tokens) reads {cfg['policy_tokens']} tokens of its own text in 64-token "
-                  f"chunks, then {cfg['continuation']} more teacher-forced; NLL of the continuation. Bounded "
-                  f"policies keep {cfg['budget']} keys per key head with keys at positions inside the kept cache "
-                  "(the full cache keeps every key at its original position, far past the trained length, "
-                  "hence its higher NLL). `recall`: share of the exactly-ranked top tokens the ANN index "
-                  "retrieved.", ""]
-        lines += _md_table(POLICY_COLUMNS, pol) + [""]
-    long = list(long_decode_rows(results["records"]))
-    if long:
-        lines += ["## Long prompt, tiered memory, decode", "",
-                  "A tiny random Llama (2 layers, 2 key heads, head_dim 16) reads the prompt in 2048-token chunks "
-                  "through a cache with 64-token pages, 64 sink tokens, a 256-token window and 512 retrieved "
-                  "tokens per step (8 pages for `blocks`, 512 single tokens for `retrieval`); the host tier "
-                  "holds 8192 tokens, older pages spill to disk. `recall` is measured on the decode steps.", ""]
-        lines += _md_table(LONG_COLUMNS, long) + [""]
-    return "\n".join(lines) + "\n"
+    return "\n".join([
+        f"- ANN libraries found: {', '.join(available_backends())}",
+        f"- policies: stories260K (trained at 512 tokens) reads {cfg['policy_tokens']} tokens of its own text in "
+        f"64-token chunks, then {cfg['continuation']} more teacher-forced; NLL of the continuation. Bounded policies "
+        f"keep {cfg['budget']} keys per key head with keys at positions inside the kept cache (the full cache keeps "
+        "every key at its original position, far past the trained length, hence its higher NLL). `recall`: share "
+        "of the exactly-ranked top tokens the ANN index retrieved.",
+        "- long decode: a tiny random Llama (2 layers, 2 key heads, head_dim 16) reads the prompt in 2048-token "
+        "chunks through a cache with 64-token pages, 64 sink tokens, a 256-token window and 512 retrieved tokens "
+        "per step (8 pages for `blocks`, 512 single tokens for `retrieval`); the host tier holds 8192 tokens, older "
+        "pages spill to disk. `recall` is measured on the decode steps.",
+    ])
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("bench-out/memory"))
-    ap.add_argument("--prompt", type=int, nargs="*", default=None, help="long-decode prompt lengths")
-    ap.add_argument("--full", action="store_true", help="131072-token prompts")
-    ap.add_argument("--decode", type=int, default=32)
-    ap.add_argument("--policy-tokens", type=int, default=2048)
-    ap.add_argument("--budget", type=int, default=256)
-    ap.add_argument("--parts", nargs="*", default=list(PARTS), choices=PARTS)
-    args = ap.parse_args(argv)
-    run_memory_suite(args.out, full=args.full, lengths=args.prompt, parts=tuple(args.parts), decode=args.decode,
-                     policy_tokens=args.policy_tokens, budget=args.budget)
+_POLICY = label("policy", "policy")
 
-
-if __name__ == "__main__":
-    main()
+SUITE = Suite(
+    name="memory",
+    title="longattn memory suite",
+    about=_about,
+    parts=(Part("policies", _policies_part, requires=("transformers",),
+                methods=lambda o: list(policy_configs(256, 1, 2))),
+           Part("long_decode", _long_decode_part, requires=("transformers",), methods=lambda o: list(LONG_POLICIES))),
+    quick={"lengths": QUICK_PROMPTS, "policy_tokens": 2048, "continuation": 256, "budget": 256, "decode": 32},
+    full={"lengths": FULL_PROMPTS, "policy_tokens": 2048, "continuation": 256, "budget": 256, "decode": 32},
+    always=(),
+    describe=lambda r: f"{r.get('test')}: {r.get('policy')}" + (f", prompt {r['prompt']}" if r.get("prompt") else ""),
+    live=(Column("NLL", "nll", ".3f"), Column("recall", "recall", ".3f"),
+          Column("KV", "kv_bytes", lambda x: None if x is None else f"{x / 1024:,.0f} KiB"),
+          Column("prefill", "prefill_s", lambda x: None if x is None else f"{x:.1f} s"),
+          Column("decode", "decode_ms_per_token", lambda x: None if x is None else f"{x:.1f} ms/token")),
+    tables=(
+        Table("KV policies on stories260K (continuation NLL; lower is better)", part="policies",
+              columns=(_POLICY, label("index", "backend", keep=4), Column("NLL", "nll", ".3f"),
+                       Column("vs full", "nll_vs_full", "+.3f"), Column("recall", "recall", ".3f", keep=3),
+                       Column("kept/head", _kept), Column("KV KiB", "kv_bytes", "kib", keep=1),
+                       Column("peak KV KiB", "peak_kv_bytes", "kib", keep=2),
+                       Column("index KiB", "index_bytes", "kib", keep=5), Column("wall s", "wall_s", ".1f", keep=6))),
+        Table("Long prompt through the tiered memory, then decode (tiny random Llama)", part="long_decode",
+              columns=(_POLICY, Column("prompt", "prompt", "int"), label("index", "backend", keep=9),
+                       Column("fast peak / budget", lambda r: None if r.get("peak_fast_tokens") is None else
+                              f"{r['peak_fast_tokens']} / {r['fast_budget_tokens']}", keep=1),
+                       Column("host MiB", "host_bytes", "mib", keep=5), Column("disk MiB", "disk_bytes", "mib", keep=4),
+                       Column("index MiB", "index_bytes", "mib", keep=8),
+                       Column("RSS growth MiB", "rss_growth_bytes", "mib", keep=6),
+                       Column("full KV MiB", "full_kv_bytes", "mib", keep=7), Column("prefill s", "prefill_s", ".1f"),
+                       Column("decode ms/token", "decode_ms_per_token", ".1f"), Column("recall", "recall", ".3f", 3),
+                       label("reload identical", lambda r: None if "reload_bit_identical" not in r else
+                             ("yes" if r["reload_bit_identical"] else "NO"), keep=2),
+                       status_column(keep=10))),
+    ),
+)

@@ -18,8 +18,10 @@ For each mask the peers are
   apart and never inside the timed samples;
 * longattn's exact methods for the same mask: ``dense`` (causal; ``dense_chunked`` on request),
   ``window`` and ``pattern`` with ``longattn.masks.document``;
-* ``kvpress`` — recorded as unsupported: a press compresses the KV cache of a Hugging Face model,
-  so the side-by-side belongs with the HF integration (issue 4).
+* ``kvpress`` — recorded as unsupported here: a press compresses the KV cache of a Hugging Face
+  model, so the side-by-side with kvpress compares ``LongattnCache`` policies with its presses on
+  stories260K in its own environment (``longattn.bench.kvpress_side``; kvpress pins transformers
+  < 5.3).
 
 Every output first passes the correctness gate: seeded query rows against the float64 reference
 on the case's mask (``harness.check_rows``); a peer that fails gets no speed figure. Ratios are
@@ -34,22 +36,17 @@ import importlib.metadata
 import importlib.util
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich import box
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 import longattn
 from longattn import masks
 from longattn.bench import harness
-from longattn.bench.decode import (_write_json, available_memory, crossovers, efficiency_row, fmt, mib, short_status,
-                                   write_results)
+from longattn.bench.decode import available_memory, crossovers, efficiency_columns
+from longattn.bench.suite import Column, Context, Part, Pivot, Suite, Table, format_value, label, short_status, status_column
 
 QUICK_LENGTHS: tuple[int, ...] = (2048, 8192)
 FULL_LENGTHS: tuple[int, ...] = (2048, 8192, 32768)
@@ -63,7 +60,8 @@ LONGATTN_PEERS: dict[str, tuple[str, ...]] = {"causal": ("dense", "dense_chunked
                                               "document": ("pattern",)}
 PEERS: tuple[str, ...] = ("sdpa", "flex", "dense", "dense_chunked", "window", "pattern", "kvpress")
 DEFAULT_PEERS: tuple[str, ...] = ("sdpa", "flex", "dense", "window", "pattern", "kvpress")
-KVPRESS_NOTE = "the side-by-side with a Hugging Face model is part of the HF integration (issue 4)"
+KVPRESS_NOTE = ("a press compresses a Hugging Face model's KV cache; the KV-cache policies are compared with "
+                "kvpress in longattn.bench.kvpress_side")
 
 
 def repeats_for(tokens: int) -> int:
@@ -200,111 +198,62 @@ def select_peers(names: Iterable[str] | None) -> list[str]:
     return [p for p in PEERS if p in wanted or p == BASELINE]
 
 
-# -- the run -----------------------------------------------------------------------------------
+# -- the parts --------------------------------------------------------------------------------
 
 
-def run_peers_suite(
-    out_dir: str | Path,
-    *,
-    full: bool = False,
-    lengths: Sequence[int] | None = None,
-    methods: Iterable[str] | None = None,
-    seed: int = 0,
-    console: Console | None = None,
-    cases: Sequence[str] = CASES,
-    heads: int = HEADS,
-    head_dim: int = HEAD_DIM,
-    n_rows: int = 64,
-    make_method: Callable[[str, str, int, torch.Tensor | None], Any] | None = None,
-) -> dict[str, Any]:
-    """Run the suite, write ``results.json`` and ``report.md`` into ``out_dir``, return the results.
-
-    Args:
-        full: lengths 2048, 8192, 32768 (default 2048, 8192).
-        lengths: explicit lengths (overrides ``full``).
-        methods: peers to run (``PEERS``); SDPA always runs.
-        cases: masks to run, from ``CASES``.
-        make_method: ``(peer, case, tokens, ids) -> longattn method`` for the longattn peers
-            (tests inject a failing one); default ``default_method``.
-        console: where the progress bar and table go.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    console = console or Console()
-    lens = sorted({int(n) for n in lengths}) if lengths else list(FULL_LENGTHS if full else QUICK_LENGTHS)
-    if any(n < 1 for n in lens):
+def run_prefill(ctx: Context) -> Iterator[dict[str, Any]]:
+    """Every length × mask: SDPA first, then FlexAttention and longattn's method for the mask."""
+    o = ctx.options
+    lens = sorted({int(n) for n in o["lengths"]})
+    if not lens or any(n < 1 for n in lens):
         raise ValueError(f"lengths must be positive, got {lens}")
+    cases = list(o["cases"])
     bad = [c for c in cases if c not in CASES]
     if bad:
         raise ValueError(f"unknown peers case(s) {', '.join(bad)}; known: {', '.join(CASES)}")
-    peers = select_peers(methods)
-    make_method = make_method or default_method
+    peers = select_peers(ctx.methods)
+    make_method = o.get("make_method") or default_method
+    heads, head_dim, n_rows, seed = o["heads"], o["head_dim"], o["n_rows"], ctx.seed
     flex_reason = flex_unavailable() if "flex" in peers else None
-    results: dict[str, Any] = {
-        "suite": "peers",
-        "machine": harness.machine_info(seed),
-        "config": {
-            "lengths": lens, "cases": list(cases), "peers": peers, "batch": 1, "heads": heads, "head_dim": head_dim,
-            "dtype": "float32", "seed": seed, "window": WINDOW, "documents": DOCUMENTS, "gate_rows": n_rows,
-            "gate_atol": harness.ATOL, "gate_rtol": harness.RTOL,
-            "repeats": {str(n): repeats_for(n) for n in lens}, "case_max_seconds": CASE_MAX_SECONDS,
-            "baseline": "torch.nn.functional.scaled_dot_product_attention (is_causal, else a bool attn_mask)",
-            "flex": "torch.compile(flex_attention, dynamic=False) + create_block_mask",
-            "flex_unavailable_reason": flex_reason,
-            "longattn_peers": {c: [p for p in LONGATTN_PEERS[c] if p in peers] for c in cases},
-        },
-        "records": [],
-    }
-    records: list[dict[str, Any]] = results["records"]
-    t_start = time.perf_counter()
     per_case = [p for p in peers if p in (BASELINE, "flex")]
-    plan = [(n, c, p) for n in lens for c in cases
-            for p in per_case + [x for x in LONGATTN_PEERS[c] if x in peers]]
-    try:
-        with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console) as progress:
-            task = progress.add_task("peers", total=len(plan) + ("kvpress" in peers))
-            if "kvpress" in peers:
-                records.append(kvpress_record())
-                progress.advance(task)
-            inputs_for = None
-            q = k = v = ids = None
-            sdpa_time: dict[tuple[int, str], float | None] = {}
-            for n, case, peer in plan:
-                if inputs_for != n:
-                    q = k = v = None
-                    q, k, v = make_inputs(n, seed, heads, head_dim)
-                    ids = document_ids(n, seed)
-                    inputs_for = n
-                progress.update(task, description=f"{peer} · {case} · {n}")
-                t0 = time.perf_counter()
-                rec = run_peer(peer, case, q, k, v, ids, n_rows=n_rows, seed=seed, flex_reason=flex_reason,
-                               make_method=make_method)
-                rec["wall_s"] = time.perf_counter() - t0
-                if peer == BASELINE:
-                    sdpa_time[(n, case)] = rec.get("median_s")
-                base, causal_base = sdpa_time.get((n, case)), sdpa_time.get((n, "causal"))
-                med = rec.get("median_s")
-                rec["sdpa_median_s"] = base
-                rec["ratio_to_sdpa"] = base / med if (base and med) else None
-                rec["ratio_to_sdpa_causal"] = causal_base / med if (causal_base and med) else None
-                records.append(rec)
-                _write_json(out / "results.json", results)
-                progress.advance(task)
-    finally:
-        results["wall_s"] = time.perf_counter() - t_start
-        results["machine"]["load_average_at_end"] = harness.load_average()
-        timed = [r for r in records if r.get("tokens") is not None]
-        rows = crossovers(timed, key=lambda r: r["case"], length="tokens")
-        results["efficiency_length"] = rows
-        by = {(r["method"], r["key"]): r["efficiency_length"] for r in rows}
-        for r in timed:
-            r["efficiency_length"] = by.get((r["method"], r["case"]))
-        write_results(out, results, render_report(results))
-    console.print(summary_table(results))
-    console.print(f"wrote {out / 'results.json'} and {out / 'report.md'} ({len(records)} records, "
-                  f"{results['wall_s']:.0f} s)")
-    return results
+    plan = [(n, c, p) for n in lens for c in cases for p in per_case + [x for x in LONGATTN_PEERS[c] if x in peers]]
+    ctx.plan(len(plan))
+    inputs_for = None
+    q = k = v = ids = None
+    sdpa_time: dict[tuple[int, str], float | None] = {}
+    for i, (n, case, peer) in enumerate(plan):
+        if inputs_for != n:
+            q = k = v = None
+            q, k, v = make_inputs(n, seed, heads, head_dim)
+            ids = document_ids(n, seed)
+            inputs_for = n
+        ctx.step(f"{peer} · {case} · {n}", advance=0 if i == 0 else 1)
+        t0 = time.perf_counter()
+        rec = run_peer(peer, case, q, k, v, ids, n_rows=n_rows, seed=seed, flex_reason=flex_reason,
+                       make_method=make_method)
+        rec["wall_s"] = time.perf_counter() - t0
+        if peer == BASELINE:
+            sdpa_time[(n, case)] = rec.get("median_s")
+        base, causal_base = sdpa_time.get((n, case)), sdpa_time.get((n, "causal"))
+        med = rec.get("median_s")
+        rec["sdpa_median_s"] = base
+        rec["ratio_to_sdpa"] = base / med if (base and med) else None
+        rec["ratio_to_sdpa_causal"] = causal_base / med if (causal_base and med) else None
+        yield rec
+
+
+def run_kvpress(ctx: Context) -> Iterator[dict[str, Any]]:
+    yield kvpress_record()
+
+
+def finish(results: dict[str, Any]) -> None:
+    """Efficiency lengths per peer and mask, folded into the records too."""
+    timed = [r for r in results["records"] if r.get("tokens") is not None]
+    rows = crossovers(timed, key=lambda r: r["case"], length="tokens")
+    results["efficiency_length"] = rows
+    by = {(r["method"], r["key"]): r["efficiency_length"] for r in rows}
+    for r in timed:
+        r["efficiency_length"] = by.get((r["method"], r["case"]))
 
 
 def default_method(peer: str, case: str, tokens: int, ids: torch.Tensor | None):
@@ -390,108 +339,79 @@ def run_peer(peer: str, case: str, q, k, v, ids, *, n_rows: int, seed: int, flex
     return rec
 
 
-# -- output ------------------------------------------------------------------------------------
-
-
-def summary_table(results: dict[str, Any]) -> Table:
-    """Rich table: every record's median, ratio to SDPA and status (fits 80 columns)."""
-    t = Table(title="prefill peers (×SDPA > 1: faster than SDPA on the same mask)", box=box.SIMPLE_HEAD,
-              pad_edge=False, collapse_padding=True, padding=(0, 1))
-    for col in ("tokens", "case", "peer", "median s", "×SDPA", "×causal", "compile s", "status"):
-        t.add_column(col, justify="left" if col in ("case", "peer", "status") else "right", no_wrap=True,
-                     overflow="ellipsis")
-    for r in results["records"]:
-        status = short_status(r)
-        style = "green" if status == "ok" else ("dim" if status == "unsupported" else "red")
-        t.add_row("—" if r.get("tokens") is None else str(r["tokens"]), r["case"][:10], r["peer"],
-                  fmt(r.get("median_s"), ".3f"), fmt(r.get("ratio_to_sdpa"), ".2f"),
-                  fmt(r.get("ratio_to_sdpa_causal"), ".2f"), fmt(r.get("compile_s"), ".1f"),
-                  f"[{style}]{status.split(':')[0][:11]}[/{style}]")
-    return t
-
-
-def render_report(results: dict[str, Any]) -> str:
-    """``report.md``: setup, one table per mask (median and ratio per length), FlexAttention's
-    compile times, efficiency lengths, kvpress, failures."""
-    cfg, mach, recs = results["config"], results["machine"], results["records"]
-    lens = cfg["lengths"]
-    lines = [
-        "# longattn peers suite",
-        "",
-        f"Causal prefill, fp32, batch 1, {cfg['heads']} heads, head_dim {cfg['head_dim']}, seeded random q/k/v "
-        f"(seed {cfg['seed']}); masks: causal, a sliding window of {cfg['window']} keys, {cfg['documents']} packed "
-        f"documents of seeded uneven lengths. Wall time {results.get('wall_s', 0):.0f} s.",
-        "",
-        f"- machine: {mach.get('cpu_model')}, {mach.get('cpu_affinity')} cores, torch threads "
-        f"{mach.get('torch_threads')}; {mach.get('platform')}",
-        f"- versions: python {mach.get('python')}, torch {mach.get('torch')}, longattn {mach.get('longattn')}; "
-        f"FlexAttention peer: {cfg.get('flex_unavailable_reason') or 'available'}",
-        f"- load average at start {mach.get('load_average_at_start')}, at end {mach.get('load_average_at_end')} "
-        "(other processes on the machine distort timings)",
-        f"- baseline: {cfg['baseline']}, timed in the same run on the same mask",
-        f"- FlexAttention: {cfg['flex']}, written as a user would (not longattn's own flex path); block-mask "
-        "build and the first (compiling) call are reported apart, never in the timed samples",
-        f"- gate: {cfg['gate_rows']} seeded query rows against the float64 reference on the case's mask; pass = max "
-        f"abs error ≤ {cfg['gate_atol']:g}, relative ≤ {cfg['gate_rtol']:g}; a failed gate gives no speed figure",
-        "- timing: the first call is the warm-up, then " + ", ".join(f"{k}: {v}" for k, v in cfg["repeats"].items())
-        + " timed repeats; median, spread = min … max; ×SDPA = SDPA median / peer median on the same mask, "
-        "×causal = SDPA's plain causal median / peer median; TFLOP/s from the exact masked area",
-        "",
-    ]
-    for case in cfg["cases"]:
-        crecs = [r for r in recs if r.get("case") == case]
-        if not crecs:
-            continue
-        lines += [f"## {case}: median s (×SDPA)", "", "| peer | " + " | ".join(map(str, lens)) + " |",
-                  "|---|" + "---:|" * len(lens)]
-        for peer in dict.fromkeys(r["peer"] for r in crecs):
-            cells = []
-            for n in lens:
-                hit = [r for r in crecs if r["peer"] == peer and r["tokens"] == n]
-                cells.append(_cell(hit[-1]) if hit else "—")
-            lines.append(f"| {peer} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += ["## All cases", "",
-              "| tokens | case | peer | path | density | median s | min s | max s | ×SDPA | ×causal | TFLOP/s | "
-              "peak MiB | gate max err | status |",
-              "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in recs:
-        if r.get("tokens") is None:
-            continue
-        g = r.get("gate") or {}
-        lines.append(
-            f"| {r['tokens']} | {r['case']} | {r['peer']} | {r.get('path') or '—'} | "
-            f"{fmt(r.get('density'), '.3f')} | "
-            f"{fmt(r.get('median_s'), '.4f')} | {fmt(r.get('min_s'), '.4f')} | {fmt(r.get('max_s'), '.4f')} | "
-            f"{fmt(r.get('ratio_to_sdpa'), '.2f')} | {fmt(r.get('ratio_to_sdpa_causal'), '.2f')} | "
-            f"{fmt(r.get('tflops'), '.3f')} | {mib(r.get('peak_mem_bytes'))} | {fmt(g.get('max_abs_err'), '.1e')} | "
-            f"{short_status(r)} |")
-    flex = [r for r in recs if r["peer"] == "flex" and r.get("tokens") is not None]
-    if flex:
-        lines += ["", "## FlexAttention setup (not in the timed samples)", "",
-                  "| tokens | case | create_block_mask s | first call (compile) s |", "|---:|---|---:|---:|"]
-        for r in flex:
-            lines.append(f"| {r['tokens']} | {r['case']} | {fmt(r.get('block_mask_s'), '.2f')} | "
-                         f"{fmt(r.get('compile_s'), '.2f')} |")
-    lines += ["", "## Efficiency length (crossover with SDPA)", "",
-              "The smallest length run from which the peer beats SDPA on the same mask at that length and every "
-              "larger one.", "", "| peer | case | efficiency length | estimate | lengths timed |",
-              "|---|---|---:|---:|---|"]
-    for row in results.get("efficiency_length") or []:
-        lines.append(efficiency_row(row))
-    kv = [r for r in recs if r["peer"] == "kvpress"]
-    if kv:
-        lines += ["", "## kvpress", "", f"- {kv[0]['status']}"]
-    lines += [""] + harness.failure_lines([r for r in recs if r["peer"] != "kvpress"],
-                                          lambda r: f"{r['peer']}, {r['case']}, {r['tokens']} tokens")
-    lines.append("")
-    return "\n".join(lines)
+# -- the declaration ---------------------------------------------------------------------------
 
 
 def _cell(r: dict[str, Any]) -> str:
-    s = short_status(r)
+    s = short_status(r.get("status"))
     if s != "ok":
         return s
     if r["peer"] == BASELINE:
-        return fmt(r.get("median_s"), ".3f")
-    return f"{fmt(r.get('median_s'), '.3f')} ({fmt(r.get('ratio_to_sdpa'), '.2f')}×)"
+        return format_value(r.get("median_s"), ".3f")
+    return f"{format_value(r.get('median_s'), '.3f')} ({format_value(r.get('ratio_to_sdpa'), '.2f')}×)"
+
+
+def _about(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    return "\n".join([
+        f"Causal prefill, fp32, batch 1, {cfg['heads']} heads, head_dim {cfg['head_dim']}, seeded random q/k/v; "
+        f"masks: causal, a sliding window of {WINDOW} keys, {DOCUMENTS} packed documents of seeded uneven lengths.",
+        "",
+        "- baseline: torch SDPA (`is_causal`, else a bool `attn_mask`), timed in the same run on the same mask",
+        "- FlexAttention: `torch.compile(flex_attention, dynamic=False)` + `create_block_mask`, written as a user "
+        "would (not longattn's own flex path); block-mask build and the first (compiling) call are reported apart, "
+        "never in the timed samples",
+        f"- gate: {cfg['n_rows']} seeded query rows against the float64 reference on the case's mask; pass = max "
+        f"abs error ≤ {harness.ATOL:g}, relative ≤ {harness.RTOL:g}; a failed gate gives no speed figure",
+        "- ×SDPA = SDPA median / peer median on the same mask, ×causal = SDPA's plain causal median / peer median; "
+        "TFLOP/s from the exact masked area",
+    ])
+
+
+_PEER = label("peer", "peer")
+_TIMED = lambda r: r.get("tokens") is not None  # noqa: E731 - the kvpress note has no length
+
+SUITE = Suite(
+    name="peers",
+    title="longattn peers suite",
+    about=_about,
+    parts=(Part("prefill", run_prefill, methods=lambda o: [p for p in PEERS if p != "kvpress"]),
+           Part("kvpress", run_kvpress, methods=lambda o: ["kvpress"])),
+    quick={"lengths": QUICK_LENGTHS, "cases": CASES, "heads": HEADS, "head_dim": HEAD_DIM, "n_rows": 64,
+           "make_method": None},
+    full={"lengths": FULL_LENGTHS, "cases": CASES, "heads": HEADS, "head_dim": HEAD_DIM, "n_rows": 64,
+          "make_method": None},
+    describe=lambda r: (f"{r['peer']}, {r['case']}, {r['tokens']} tokens" if r.get("tokens") is not None
+                        else f"{r['peer']} ({r['case']})"),
+    live=(Column("median", "median_s", lambda x: None if x is None else f"{x:.4f} s"),
+          Column("", "ratio_to_sdpa", lambda x: None if x is None else f"{x:.2f}× SDPA"),
+          Column("compile", "compile_s", lambda x: None if x is None else f"{x:.1f} s")),
+    tables=(
+        Table("{group}: median s (×SDPA)", part="prefill", group=lambda r: r["case"], console=False,
+              pivot=Pivot(_PEER, "tokens", Column("", lambda r: r, _cell))),
+        Table("prefill peers (×SDPA > 1: faster than SDPA on the same mask)", part="prefill", markdown=False,
+              html=False,
+              columns=(Column("tokens", "tokens"), label("case", "case"), _PEER, Column("median s", "median_s", ".3f"),
+                       Column("×SDPA", "ratio_to_sdpa", ".2f"), Column("×causal", "ratio_to_sdpa_causal", ".2f", 2),
+                       Column("compile s", "compile_s", ".1f", 1), status_column())),
+        Table("All cases", part="prefill", console=False, html=False,
+              columns=(Column("tokens", "tokens"), label("case", "case"), _PEER, label("path", "path"),
+                       Column("density", "density", ".3f"), Column("median s", "median_s", ".4f"),
+                       Column("min s", "min_s", ".4f"), Column("max s", "max_s", ".4f"),
+                       Column("×SDPA", "ratio_to_sdpa", ".2f"), Column("×causal", "ratio_to_sdpa_causal", ".2f"),
+                       Column("TFLOP/s", "tflops", ".3f"), Column("peak MiB", "peak_mem_bytes", "mib"),
+                       Column("gate max err", lambda r: (r.get("gate") or {}).get("max_abs_err"), ".1e"),
+                       status_column())),
+        Table("FlexAttention setup (not in the timed samples)", part="prefill", console=False,
+              where=lambda r: r["peer"] == "flex" and str(r.get("status")).startswith("ok"),
+              columns=(Column("tokens", "tokens"), label("case", "case"),
+                       Column("create_block_mask s", "block_mask_s", ".2f"),
+                       Column("first call (compile) s", "compile_s", ".2f"))),
+        Table("Efficiency length (crossover with SDPA)", source=lambda res: res.get("efficiency_length") or [],
+              console=False, columns=efficiency_columns("case"),
+              note="The smallest length run from which the peer beats SDPA on the same mask at that length and "
+                   "every larger one."),
+        Table("kvpress", part="kvpress", console=False, columns=(label("status", "status"),)),
+    ),
+    finish=finish,
+)

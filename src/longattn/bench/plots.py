@@ -1,18 +1,17 @@
-"""PNG plots of a combined benchmark run (``longattn bench --out DIR`` → ``DIR/plots/*.png``).
+"""PNG plots of a benchmark run (``longattn bench --out DIR`` → ``DIR/plots/*.png``).
 
-Every plot function takes the combined results ``{"machine", "config", "suites": {name: suite}}``
-(each suite ``{"suite", "machine", "config", "records", "wall_s"}``, record fields as in the suites'
-docstrings) and an output path; it returns the path written, or None when the suite it needs was
-not run or has no usable record. ``write_all`` draws them all into a folder.
+The suites declare what they contribute (``Suite.panels``: which records, which x and y, one line
+per series); this module only draws. ``FIGURES`` lists the figures in report order, each with its
+kind of axes:
 
-* ``speedup_vs_length``: kernels suite, time of SDPA / time of the method against sequence length,
-  causal and non-causal panels; the sparse suite's prefill points and the decode suite's per-step
-  ratios get panels of their own when present.
-* ``error_vs_density``: sparse frontier, relative output error (and attention-mass recall) against
-  the share of the causal triangle each method attended, speed-up written next to timed points.
-* ``memory_vs_length``: decode suite, K/V bytes a step reads (``kv_bytes``) and its peak memory
-  against the cache length; the kernels suite's prefill peak memory when present.
-* ``passkey_heatmap``: tasks suite, passkey retrieval accuracy per method over needle depth × length.
+* ``speedup_vs_length`` — lines, SDPA's time / the method's against length (log 2 x, log y,
+  dashed line at 1×): the kernels suite's four CAB patterns, the sparse frontier at 10% density
+  when it ran at two lengths or more, the decode step;
+* ``passkey_heatmap`` — accuracy per method over needle depth × length (tasks suite);
+* ``error_vs_density`` — the sparse frontier: relative error (log) and attention-mass recall
+  against density, speed-ups written next to timed points;
+* ``memory_vs_length`` — lines, bytes against length: K/V bytes a decode step reads, its peak
+  memory, the kernels' prefill peak memory.
 
 Colours are fixed per method for a whole run (``series_styles``), so a method looks the same in
 every plot; variants of one method (``landmark`` / ``landmark (pooled)``) share its colour and differ
@@ -29,8 +28,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-#: the plots ``write_all`` draws, in report order: name -> function
-PLOT_NAMES: tuple[str, ...] = ("speedup_vs_length", "passkey_heatmap", "error_vs_density", "memory_vs_length")
+from longattn.bench.suite import Panel, num
+
+#: figure name -> (kind, title); the report shows them in this order
+FIGURES: dict[str, tuple[str, str]] = {
+    "speedup_vs_length": ("ratio", "Speed-up over torch SDPA vs length (float32; > 1× = faster)"),
+    "passkey_heatmap": ("heatmap", "Passkey retrieval accuracy, depth × length"),
+    "error_vs_density": ("density", "Sparse methods: error and recall vs density (float32)"),
+    "memory_vs_length": ("bytes", "Memory vs length (float32; RSS figures approximate)"),
+}
+PLOT_NAMES: tuple[str, ...] = tuple(FIGURES)
 
 #: colour of the baseline everywhere; other methods take the palette in order of first appearance
 BASELINE_COLOR = "#000000"
@@ -62,24 +69,23 @@ def _mpl():
     return plt
 
 
-# -- reading the combined results -----------------------------------------------------------
+# -- what the suites declare --------------------------------------------------------------
 
 
-def suite_records(results: dict[str, Any], name: str) -> list[dict[str, Any]]:
-    """The records of suite ``name`` (empty when that suite was not run)."""
-    suite = (results.get("suites") or {}).get(name)
-    if not isinstance(suite, dict):
-        return []
-    return [r for r in suite.get("records") or [] if isinstance(r, dict)]
+def _is_ok(rec: dict[str, Any]) -> bool:
+    status = rec.get("status", "ok")
+    return status is None or str(status).startswith("ok")
 
 
 def machine_line(results: dict[str, Any]) -> str:
-    """``"AMD EPYC, 2 threads, torch 2.13.0+cpu"``: what a plot's numbers were measured on."""
+    """``"AMD EPYC (AVX512 + avx512_bf16), 2 threads, torch 2.13.0+cpu"``: what a plot's numbers
+    were measured on."""
     m = results.get("machine")
     if not m:
         m = next((s.get("machine") for s in (results.get("suites") or {}).values()
                   if isinstance(s, dict) and s.get("machine")), None) or {}
-    parts = [str(m.get("cpu_model") or m.get("machine") or "unknown machine")]
+    parts = [str(m.get("cpu_model") or m.get("machine") or "unknown machine")
+             + (f" ({m['cpu_capability']})" if m.get("cpu_capability") else "")]
     if m.get("torch_threads"):
         parts.append(f"{m['torch_threads']} threads")
     if m.get("torch"):
@@ -87,90 +93,34 @@ def machine_line(results: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _is_ok(rec: dict[str, Any]) -> bool:
-    # records without a status (the sparse frontier) count as measured
-    status = rec.get("status", "ok")
-    return status is None or str(status).startswith("ok")
+def panel_data(results: dict[str, Any]) -> dict[str, list[tuple[Panel, list[dict[str, Any]]]]]:
+    """``figure -> [(panel, its records)]`` for every panel of every suite that ran with at least
+    one usable record (passed, with a finite x and, for lines, a finite y)."""
+    from longattn.bench import get_suite
 
-
-def _num(x: Any) -> float | None:
-    """``x`` as a finite float, else None (missing, None, NaN, inf, not a number)."""
-    if isinstance(x, bool) or x is None:
-        return None
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def kernel_series(rec: dict[str, Any]) -> str:
-    """The name a kernels record is plotted under: its label, ``[tiled]`` for a fallback rerun."""
-    return str(rec.get("label") or rec.get("method")) + (" [tiled]" if rec.get("fallback_for") else "")
-
-
-def kernel_shape(rec: dict[str, Any]) -> str:
-    """A kernels record's CAB shape, "self" or "cross" (records written before cross ran are self)."""
-    return str(rec.get("shape") or "self")
-
-
-#: CAB's four kernel patterns in report order, as ``(shape, causal)``
-KERNEL_PATTERNS: tuple[tuple[str, bool], ...] = (("self", True), ("self", False), ("cross", True), ("cross", False))
-
-
-def kernel_pattern_records(records: Iterable[dict[str, Any]], shape: str, causal: bool) -> list[dict[str, Any]]:
-    """The kernels records of one pattern."""
-    return [r for r in records if bool(r.get("causal")) == causal and kernel_shape(r) == shape]
-
-
-def kernel_pattern_title(shape: str, causal: bool, records: list[dict[str, Any]], *, brief: bool = False) -> str:
-    """One pattern's heading, shared by report.md, report.html and the plots: "Causal",
-    "Non-causal", "Causal cross (keys / 4 queries, the last query aligned with the last key)",
-    "Non-causal cross (keys / 4 queries)"; the ratio comes from the records. ``brief`` (plot
-    titles) leaves out the alignment clause."""
-    title = "Causal" if causal else "Non-causal"
-    if shape != "cross":
-        return title
-    tq = _num(records[0].get("tokens_q")) if records else None
-    ratio = f"keys / {float(records[0]['tokens']) / tq:.0f} queries" if tq else "fewer queries than keys"
-    aligned = ", the last query aligned with the last key" if causal and not brief else ""
-    return f"{title} cross ({ratio}{aligned})"
-
-
-def frontier_records(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Sparse-suite records of the density ↔ error ↔ speed frontier (``part == "frontier"``)."""
-    return [r for r in suite_records(results, "sparse") if r.get("part") == "frontier"]
-
-
-def decode_records(results: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
-    """Decode-suite records of one KV layout, and that layout's name (None when the records carry
-    none). The suite runs MHA and GQA; lines mixing them would zigzag, so the plots draw the
-    first layout run (its name goes in the panel titles) and the report's table lists all."""
-    recs = suite_records(results, "decode")
-    layouts = list(dict.fromkeys(r.get("layout") for r in recs))
-    if len(layouts) <= 1:
-        return recs, (str(layouts[0]) if layouts and layouts[0] is not None else None)
-    first = layouts[0]
-    return [r for r in recs if r.get("layout") == first], (None if first is None else str(first))
-
-
-def passkey_records(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Tasks-suite records of the passkey task."""
-    return [r for r in suite_records(results, "tasks") if r.get("task") == "passkey"]
+    figures: dict[str, list[tuple[Panel, list[dict[str, Any]]]]] = {name: [] for name in FIGURES}
+    for name, res in (results.get("suites") or {}).items():
+        try:
+            suite = get_suite(name)
+        except ValueError:
+            continue
+        recs = [r for r in (res or {}).get("records") or [] if isinstance(r, dict)]
+        for panel in suite.panels:
+            kind = FIGURES[panel.plot][0]
+            keep = [r for r in recs if (panel.where is None or panel.where(r)) and num(r.get(panel.x)) is not None
+                    and (kind == "heatmap" or (_is_ok(r) and num(r.get(panel.y)) is not None))]
+            if kind in ("ratio", "bytes"):
+                keep = [r for r in keep if num(r[panel.y]) > 0]
+            if keep:
+                figures[panel.plot].append((panel, keep))
+    return figures
 
 
 def _plotted_names(results: dict[str, Any]) -> list[str]:
     names: list[str] = []
-
-    def add(seq: Iterable[str]) -> None:
-        for n in sorted(set(seq)):
-            if n not in names:
-                names.append(n)
-
-    add(kernel_series(r) for r in suite_records(results, "kernels"))
-    add(str(r.get("method")) for r in frontier_records(results))
-    add(str(r.get("method")) for r in decode_records(results)[0])
-    add(str(r.get("method")) for r in suite_records(results, "tasks"))
+    for entries in panel_data(results).values():
+        batch = sorted({str(p.series(r)) for p, recs in entries for r in recs})
+        names += [n for n in batch if n not in names]
     return names
 
 
@@ -328,134 +278,90 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-# -- the plots ------------------------------------------------------------------------------
+# -- the figures ----------------------------------------------------------------------------
 
 
-#: the density whose sparse-prefill speed-ups the speed-up plot draws against length
-FRONTIER_SPEED_DENSITY = 0.10
+def _panel_title(panel: Panel, recs: list[dict[str, Any]]) -> str:
+    return panel.title(recs) if callable(panel.title) else panel.title
 
 
-def _frontier_speed_points(results: dict[str, Any]) -> list[tuple[str, float, float]]:
-    """``(method, tokens, ratio)`` of timed frontier records at the density nearest
-    ``FRONTIER_SPEED_DENSITY`` per method and length; empty unless the frontier was timed at two
-    lengths or more (one length is a vertical stripe, and ``error_vs_density`` labels it already)."""
-    timed = [r for r in frontier_records(results)
-             if _num(r.get("ratio_to_sdpa")) and _num(r.get("tokens")) and _num(r.get("density"))]
-    if len({int(r["tokens"]) for r in timed}) < 2:
-        return []
-    best: dict[tuple[str, int], dict[str, Any]] = {}
-    for r in timed:
-        key = (str(r.get("method")), int(r["tokens"]))
-        gap = abs(math.log(float(r["density"]) / FRONTIER_SPEED_DENSITY))
-        if key not in best or gap < abs(math.log(float(best[key]["density"]) / FRONTIER_SPEED_DENSITY)):
-            best[key] = r
-    return [(m, float(n), float(r["ratio_to_sdpa"])) for (m, n), r in best.items()]
+def _grid(plt, n: int):
+    ncols = min(2, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.4 * ncols, 3.5 * nrows), squeeze=False)
+    return fig, [ax for row in axes for ax in row]
 
 
-def speedup_vs_length(results: dict[str, Any], path: str | Path) -> Path | None:
-    """Speed-up over torch SDPA (its median time / the method's, same run, > 1 = faster) against
-    sequence length: kernels suite causal and non-causal panels; sparse prefill and decode-step
-    panels when those suites measured ratios. Log-2 x, log y, dashed line at 1×."""
-    panels: list[tuple[str, str, list[tuple[str, float, float]]]] = []
-    kern = [r for r in suite_records(results, "kernels")
-            if _is_ok(r) and _num(r.get("ratio_to_sdpa")) and _num(r.get("tokens"))
-            and base_name(kernel_series(r)) not in _BASELINES]
-    # CAB's four patterns get a panel each: self and cross timings are different shapes and
-    # would zigzag on one line. Cross runs fewer queries (tokens_q) than keys (tokens).
-    for shape, causal in KERNEL_PATTERNS:
-        group = kernel_pattern_records(kern, shape, causal)
-        if not group:
-            continue
-        title = "exact kernels, " + kernel_pattern_title(shape, causal, group, brief=True).lower()
-        xlabel = "keys (tokens)" if shape == "cross" else "sequence length (tokens)"
-        panels.append((title, xlabel, [(kernel_series(r), float(r["tokens"]), float(r["ratio_to_sdpa"]))
-                                       for r in group]))
-    front = _frontier_speed_points(results)
-    if front:
-        panels.append((f"sparse prefill, causal, density ≈ {FRONTIER_SPEED_DENSITY:.0%} (sparse suite)",
-                       "sequence length (tokens)", front))
-    dec_recs, layout = decode_records(results)
-    dec = [(str(r.get("method")), float(r["cache"]), float(r["ratio_to_sdpa"])) for r in dec_recs
-           if _is_ok(r) and _num(r.get("ratio_to_sdpa")) and _num(r.get("cache"))
-           and base_name(str(r.get("method"))) not in _BASELINES]
-    if dec:
-        panels.append((f"one decode step{f', {layout}' if layout else ''} (decode suite)", "tokens in the KV cache",
-                       dec))
-    if not panels:
-        return None
+def line_figure(name: str, entries, results: dict[str, Any], path: str | Path) -> Path | None:
+    """Panels of lines (x: tokens, log 2; y: a ratio to SDPA or bytes, log), one legend."""
+    kind, title = FIGURES[name]
     plt = _mpl()
     styles = series_styles(results)
-    ncols = min(2, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.4 * ncols, 3.5 * nrows), squeeze=False)
-    flat = [ax for row in axes for ax in row]
-    for ax, (title, xlabel, pts) in zip(flat, panels):
-        for name, group in _group(pts, lambda p: p[0]).items():
-            _line(ax, styles, name, [p[1] for p in group], [p[2] for p in group], zorder=3)
-        _token_axis(ax, [p[1] for p in pts], xlabel)
-        _ratio_axis(ax, [p[2] for p in pts])
-        ax.set_ylabel("speed-up over SDPA (×, log)")
-        ax.set_title(title, fontsize=11)
+    fig, flat = _grid(plt, len(entries))
+    for ax, (panel, recs) in zip(flat, entries):
+        pts = [(str(panel.series(r)), float(r[panel.x]), float(r[panel.y])) for r in recs]
+        for series, group in _group(pts, lambda p: p[0]).items():
+            _line(ax, styles, series, [p[1] for p in group], [p[2] for p in group], zorder=3)
+        _token_axis(ax, [p[1] for p in pts], panel.xlabel)
+        if kind == "ratio":
+            _ratio_axis(ax, [p[2] for p in pts])
+            ax.set_ylabel("speed-up over SDPA (×, log)")
+        else:
+            ax.set_yscale("log", base=2)
+            _bytes_axis(ax)
+            ax.set_ylabel("bytes (log)")
+        ax.set_title(_panel_title(panel, recs), fontsize=11)
         ax.grid(True, which="major", alpha=0.3)
-    for ax in flat[len(panels):]:
+    for ax in flat[len(entries):]:
         ax.set_visible(False)
-    fig.suptitle(f"Speed-up over torch SDPA vs length (float32; > 1× = faster) — {machine_line(results)}",
-                 fontsize=12)
+    fig.suptitle(f"{title} — {machine_line(results)}", fontsize=12)
     fig.tight_layout()
-    _figure_legend(fig, flat[: len(panels)], flat[len(panels)] if len(flat) > len(panels) else None)
+    _figure_legend(fig, flat[: len(entries)], flat[len(entries)] if len(flat) > len(entries) else None)
     return _save(fig, path)
 
 
-def error_vs_density(results: dict[str, Any], path: str | Path) -> Path | None:
-    """Sparse frontier: relative output error ``‖out − ref‖ / ‖ref‖`` (log y) and attention-mass
-    recall against density (share of the causal triangle attended), one line per method; each timed
-    point carries its speed-up over SDPA as a small label."""
-    recs = [r for r in frontier_records(results) if _num(r.get("density")) and _num(r.get("rel_err")) is not None]
-    if not recs:
-        return None
+def density_figure(name: str, entries, results: dict[str, Any], path: str | Path) -> Path | None:
+    """Panels against density (share of the causal triangle attended): an error panel (log y,
+    exact zeros clipped to a floor, ``annotate`` values written next to points) or a recall panel
+    (linear, zoomed on the range measured). With several lengths each gets its own line."""
     plt = _mpl()
     styles = series_styles(results)
-    lengths = sorted({int(r["tokens"]) for r in recs if _num(r.get("tokens"))})
-    multi_len = len(lengths) > 1
-    with_recall = any(_num(r.get("recall")) is not None for r in recs)
-    ncols = 2 if with_recall else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(5.4 * ncols, 3.9), squeeze=False)
-    ax_err = axes[0][0]
-    densities = [float(r["density"]) for r in recs]
-    # a rel_err of exactly 0 (an exact method) cannot sit on a log axis: clip it to a floor
-    positive = [float(r["rel_err"]) for r in recs if float(r["rel_err"]) > 0]
-    floor = min(positive) / 3 if positive else 1e-8
-
-    def key(r):
-        return (str(r.get("method")), int(r["tokens"]) if (multi_len and _num(r.get("tokens"))) else None)
-
-    for (method, tokens), group in _group(recs, key).items():
-        name = method if tokens is None else f"{method} @ {fmt_tokens(tokens)}"
-        st = _style(styles, method)
-        ls = st["linestyle"] if tokens is None else _VARIANT_LINESTYLES[lengths.index(tokens) % 4]
-        group = sorted(group, key=lambda r: float(r["density"]))
-        xs = [float(r["density"]) for r in group]
-        ys = [max(float(r["rel_err"]), floor) for r in group]
-        ax_err.plot(xs, ys, label=name, color=st["color"], marker=st["marker"], linestyle=ls, linewidth=1.8,
-                    markersize=5)
-        for x, y, r in zip(xs, ys, group):
-            ratio = _num(r.get("ratio_to_sdpa"))
-            # with several lengths, label the longest only: two labels per point overlap
-            if ratio is not None and (tokens is None or tokens == lengths[-1]):
-                ax_err.annotate(fmt_ratio(ratio), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                                color=st["color"])
-        if with_recall:
-            pts = [(float(r["density"]), float(r["recall"])) for r in group if _num(r.get("recall")) is not None]
-            if pts:
-                axes[0][1].plot([p[0] for p in pts], [p[1] for p in pts], label=name, color=st["color"],
-                                marker=st["marker"], linestyle=ls, linewidth=1.8, markersize=5)
-    log_x = max(densities) / max(min(densities), 1e-12) > 8
+    fig, axes = plt.subplots(1, len(entries), figsize=(5.4 * len(entries), 3.9), squeeze=False)
+    flat = list(axes[0])
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    ticks = sorted(set(densities))
-    if len(ticks) > 8:
-        ticks = ticks[:: math.ceil(len(ticks) / 8)]
-    for ax in [a for row in axes for a in row]:
+    for ax, (panel, recs) in zip(flat, entries):
+        lengths = sorted({int(r["tokens"]) for r in recs if num(r.get("tokens"))})
+        multi = len(lengths) > 1
+        ys_all = [float(r[panel.y]) for r in recs]
+        is_error = panel.y != "recall"
+        positive = [y for y in ys_all if y > 0]
+        floor = min(positive) / 3 if positive else 1e-8
+
+        def key(r):
+            return (str(panel.series(r)), int(r["tokens"]) if multi and num(r.get("tokens")) else None)
+
+        for (series, tokens), group in _group(recs, key).items():
+            label = series if tokens is None else f"{series} @ {fmt_tokens(tokens)}"
+            st = _style(styles, series)
+            ls = st["linestyle"] if tokens is None else _VARIANT_LINESTYLES[lengths.index(tokens) % 4]
+            group = sorted(group, key=lambda r: float(r[panel.x]))
+            xs = [float(r[panel.x]) for r in group]
+            ys = [max(float(r[panel.y]), floor) if is_error else float(r[panel.y]) for r in group]
+            ax.plot(xs, ys, label=label, color=st["color"], marker=st["marker"], linestyle=ls, linewidth=1.8,
+                    markersize=5)
+            if panel.annotate:
+                for x, y, r in zip(xs, ys, group):
+                    v = num(r.get(panel.annotate))
+                    # with several lengths, label the longest only: two labels per point overlap
+                    if v is not None and (tokens is None or tokens == lengths[-1]):
+                        ax.annotate(fmt_ratio(v), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                                    color=st["color"])
+        xs_all = [float(r[panel.x]) for r in recs]
+        log_x = max(xs_all) / max(min(xs_all), 1e-12) > 8
+        ticks = sorted(set(xs_all))
+        if len(ticks) > 8:
+            ticks = ticks[:: math.ceil(len(ticks) / 8)]
         if log_x:
             ax.set_xscale("log")
         ax.xaxis.set_major_locator(FixedLocator(ticks))
@@ -464,88 +370,39 @@ def error_vs_density(results: dict[str, Any], path: str | Path) -> Path | None:
                                                    else f"{100 * x:.3g}%"))
         ax.set_xlabel("density (share of the causal triangle attended" + (", log)" if log_x else ")"))
         ax.grid(True, which="major", alpha=0.3)
-    ax_err.set_yscale("log")
-    ax_err.set_ylabel("relative output error (log)")
-    at = f" at {fmt_tokens(lengths[-1])}" if multi_len else ""
-    ax_err.set_title(f"error vs density (labels: speed-up over SDPA{at})", fontsize=11)
-    if with_recall:
-        axes[0][1].set_ylabel("attention-mass recall (1 = all of it)")
-        recalls = [float(r["recall"]) for r in recs if _num(r.get("recall")) is not None]
-        lo = min(recalls) if recalls else 0.0
-        # zoom on the range measured (recall near 1 is where the methods differ), never below 0
-        axes[0][1].set_ylim(max(0.0, lo - 0.15 * (1.0 - lo) - 0.01), 1.005)
-        axes[0][1].set_title("attention-mass recall vs density", fontsize=11)
+        if is_error:
+            ax.set_yscale("log")
+            ax.set_ylabel("relative output error (log)")
+        else:
+            lo = min(ys_all)
+            # zoom on the range measured (recall near 1 is where the methods differ), never below 0
+            ax.set_ylim(max(0.0, lo - 0.15 * (1.0 - lo) - 0.01), 1.005)
+            ax.set_ylabel("attention-mass recall (1 = all of it)")
+        at = f" at {fmt_tokens(lengths[-1])}" if multi and panel.annotate else ""
+        ax.set_title(_panel_title(panel, recs) + at, fontsize=11)
+    lengths = sorted({int(r["tokens"]) for _, recs in entries for r in recs if num(r.get("tokens"))})
     where = f"{fmt_tokens(lengths[0])} tokens" if len(lengths) == 1 else "several lengths"
-    fig.suptitle(f"Sparse methods: error vs density ({where}, float32) — {machine_line(results)}", fontsize=12)
+    fig.suptitle(f"{FIGURES[name][1]} ({where}) — {machine_line(results)}", fontsize=12)
     fig.tight_layout()
-    _figure_legend(fig, [a for row in axes for a in row])
+    _figure_legend(fig, flat)
     return _save(fig, path)
 
 
-def memory_vs_length(results: dict[str, Any], path: str | Path) -> Path | None:
-    """Memory against length, log-log: the decode suite's K/V bytes a step reads (``kv_bytes``) and
-    its peak memory per cache length (first KV layout, see ``decode_records``); the kernels suite's
-    prefill peak memory (causal) per length."""
-    dec_recs, layout = decode_records(results)
-    dec = [r for r in dec_recs if _is_ok(r) and _num(r.get("cache"))]
-    lay = f", {layout}" if layout else ""
-    panels: list[tuple[str, str, list[tuple[str, float, float]]]] = []
-    kv = [(str(r.get("method")), float(r["cache"]), float(r["kv_bytes"])) for r in dec if _num(r.get("kv_bytes"))]
-    if kv:
-        panels.append((f"decode{lay}: K/V bytes read per step", "tokens in the KV cache", kv))
-    peak = [(str(r.get("method")), float(r["cache"]), float(r["peak_mem_bytes"])) for r in dec
-            if _num(r.get("peak_mem_bytes")) and float(r["peak_mem_bytes"]) > 0]
-    if peak:
-        panels.append((f"decode{lay}: peak memory per step (RSS growth)", "tokens in the KV cache", peak))
-    kern = [(kernel_series(r), float(r["tokens"]), float(r["peak_mem_bytes"]))
-            for r in suite_records(results, "kernels")
-            if _is_ok(r) and r.get("causal") and kernel_shape(r) == "self" and _num(r.get("tokens"))
-            and _num(r.get("peak_mem_bytes"))
-            and float(r["peak_mem_bytes"]) > 0]
-    if kern:
-        panels.append(("prefill, causal: peak memory (RSS growth, kernels suite)", "sequence length (tokens)", kern))
-    if not panels:
-        return None
-    plt = _mpl()
-    styles = series_styles(results)
-    ncols = min(2, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.4 * ncols, 3.5 * nrows), squeeze=False)
-    flat = [ax for row in axes for ax in row]
-    for ax, (title, xlabel, pts) in zip(flat, panels):
-        for name, group in _group(pts, lambda p: p[0]).items():
-            _line(ax, styles, name, [p[1] for p in group], [p[2] for p in group])
-        _token_axis(ax, [p[1] for p in pts], xlabel)
-        ax.set_yscale("log", base=2)
-        _bytes_axis(ax)
-        ax.set_ylabel("bytes (log)")
-        ax.set_title(title, fontsize=11)
-        ax.grid(True, which="major", alpha=0.3)
-    for ax in flat[len(panels):]:
-        ax.set_visible(False)
-    fig.suptitle(f"Memory vs length (float32; RSS figures approximate) — {machine_line(results)}", fontsize=12)
-    fig.tight_layout()
-    _figure_legend(fig, flat[: len(panels)], flat[len(panels)] if len(flat) > len(panels) else None)
-    return _save(fig, path)
-
-
-def passkey_heatmap(results: dict[str, Any], path: str | Path) -> Path | None:
-    """Passkey retrieval accuracy (0..1) per method: needle depth (y, 0 = start of the context) ×
-    context length (x), the value written in each cell, one shared colour bar. Cells not run or
-    failed are grey and marked."""
-    recs = [r for r in passkey_records(results) if _num(r.get("length")) and _num(r.get("depth")) is not None]
-    if not recs:
-        return None
+def heatmap_figure(name: str, entries, results: dict[str, Any], path: str | Path) -> Path | None:
+    """One heat map per series: ``y`` (rows) × ``x`` (columns), the ``value`` (0..1) written in each
+    cell, one shared colour bar; cells not run are grey, cells that failed are marked ×."""
+    panel, recs = entries[0]
+    recs = [r for p, rs in entries for r in rs]
     plt = _mpl()
     import numpy as np
 
     styles = series_styles(results)
-    methods = list(dict.fromkeys(str(r.get("method")) for r in recs))
-    lengths = sorted({int(r["length"]) for r in recs})
-    depths = sorted({round(float(r["depth"]), 6) for r in recs})
+    methods = list(dict.fromkeys(str(panel.series(r)) for r in recs))
+    xs = sorted({int(r[panel.x]) for r in recs})
+    ys = sorted({round(float(r[panel.y]), 6) for r in recs if num(r.get(panel.y)) is not None})
     cell_w, cell_h = 0.5, 0.3
-    panel_w = max(2.2, cell_w * len(lengths) + 0.9)
-    panel_h = max(1.6, cell_h * len(depths) + 0.9)
+    panel_w = max(2.2, cell_w * len(xs) + 0.9)
+    panel_h = max(1.6, cell_h * len(ys) + 0.9)
     # as many panels per row as fit ~11 inches (1100 px): the report shows it at 100% zoom
     max_cols = max(1, int(10.5 // panel_w))
     nrows = math.ceil(len(methods) / max_cols)
@@ -554,23 +411,23 @@ def passkey_heatmap(results: dict[str, Any], path: str | Path) -> Path | None:
     flat = [ax for row in axes for ax in row]
     cmap = plt.get_cmap(HEATMAP_CMAP).with_extremes(bad="#d9d9d9")  # cells not run: grey
     image = None
-    n_samples = sorted({int(r["n"]) for r in recs if _num(r.get("n"))})
+    n_samples = sorted({int(r["n"]) for r in recs if num(r.get("n"))})
     for ax, method in zip(flat, methods):
-        grid = np.full((len(depths), len(lengths)), np.nan)
+        grid = np.full((len(ys), len(xs)), np.nan)
         why = np.full(grid.shape, "", dtype=object)
         for r in recs:
-            if str(r.get("method")) != method:
+            if str(panel.series(r)) != method or num(r.get(panel.y)) is None:
                 continue
-            i, j = depths.index(round(float(r["depth"]), 6)), lengths.index(int(r["length"]))
-            acc = _num(r.get("accuracy"))
+            i, j = ys.index(round(float(r[panel.y]), 6)), xs.index(int(r[panel.x]))
+            acc = num(r.get(panel.value or "value"))
             if _is_ok(r) and acc is not None:
                 grid[i, j] = acc
             else:
                 why[i, j] = "×"  # ran and failed / unsupported: see the report's failures list
         image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto",
                           origin="upper", interpolation="nearest")
-        for i in range(len(depths)):
-            for j in range(len(lengths)):
+        for i in range(len(ys)):
+            for j in range(len(xs)):
                 v = grid[i, j]
                 if np.isnan(v):
                     text, color = (why[i, j] or "–"), "#444444"
@@ -579,15 +436,15 @@ def passkey_heatmap(results: dict[str, Any], path: str | Path) -> Path | None:
                     # dark end of viridis needs white text, light end black
                     color = "white" if v < 0.6 else "black"
                 ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
-        ax.set_xticks(range(len(lengths)), [fmt_tokens(n) for n in lengths], fontsize=8)
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
+        ax.set_xticks(range(len(xs)), [fmt_tokens(n) for n in xs], fontsize=8)
+        ax.set_yticks(range(len(ys)), [f"{d:.0%}" for d in ys], fontsize=8)
         ax.set_xlabel("context length (tokens)", fontsize=9)
         ax.set_ylabel("needle depth", fontsize=9)
         ax.set_title(method, fontsize=11, color=_style(styles, method)["color"], fontweight="bold")
     for ax in flat[len(methods):]:
         ax.set_visible(False)
     n_text = f"{n_samples[0]} samples per cell" if len(n_samples) == 1 else "samples per cell vary"
-    fig.suptitle(f"Passkey retrieval accuracy, depth × length ({n_text}) — {machine_line(results)}", fontsize=12)
+    fig.suptitle(f"{FIGURES[name][1]} ({n_text}) — {machine_line(results)}", fontsize=12)
     fig.tight_layout(rect=(0, 0, 0.9, 1))
     cax = fig.add_axes((0.92, 0.15, 0.015, 0.7))
     bar = fig.colorbar(image, cax=cax)
@@ -595,24 +452,22 @@ def passkey_heatmap(results: dict[str, Any], path: str | Path) -> Path | None:
     return _save(fig, path)
 
 
-PLOTS: dict[str, Callable[[dict[str, Any], str | Path], Path | None]] = {
-    "speedup_vs_length": speedup_vs_length,
-    "error_vs_density": error_vs_density,
-    "memory_vs_length": memory_vs_length,
-    "passkey_heatmap": passkey_heatmap,
-}
+_DRAW: dict[str, Callable[..., Path | None]] = {"ratio": line_figure, "bytes": line_figure,
+                                                "density": density_figure, "heatmap": heatmap_figure}
 
 
 def write_all(results: dict[str, Any], plot_dir: str | Path) -> dict[str, Path]:
-    """Draw every plot whose data is present into ``plot_dir/NAME.png``; ``{name: path}`` of those
-    written. A plot that fails is reported with a warning and left out, so that one bad record
-    does not cost the rest of a long run's report; a missing matplotlib raises ImportError."""
+    """Draw every figure some suite has data for into ``plot_dir/NAME.png``; ``{name: path}`` of
+    those written. A figure that fails is reported with a warning and left out, so that one bad
+    record does not cost the rest of a long run's report; a missing matplotlib raises ImportError."""
     _mpl()  # fail early, with the install hint, rather than once per plot
     out = Path(plot_dir)
     written: dict[str, Path] = {}
-    for name in PLOT_NAMES:
+    for name, entries in panel_data(results).items():
+        if not entries:
+            continue
         try:
-            path = PLOTS[name](results, out / f"{name}.png")
+            path = _DRAW[FIGURES[name][0]](name, entries, results, out / f"{name}.png")
         except ImportError:
             raise
         except Exception as e:  # noqa: BLE001 - reported, the other plots still get drawn
@@ -624,8 +479,5 @@ def write_all(results: dict[str, Any], plot_dir: str | Path) -> dict[str, Path]:
     return written
 
 
-__all__ = [
-    "PLOT_NAMES", "PLOTS", "base_name", "error_vs_density", "fmt_bytes", "fmt_ratio", "fmt_tokens",
-    "machine_line", "memory_vs_length", "passkey_heatmap", "series_styles", "speedup_vs_length",
-    "suite_records", "write_all",
-]
+__all__ = ["FIGURES", "PLOT_NAMES", "base_name", "fmt_bytes", "fmt_ratio", "fmt_tokens", "machine_line",
+           "panel_data", "series_styles", "write_all"]

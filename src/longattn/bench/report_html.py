@@ -5,27 +5,23 @@ there are no scripts and no external URLs, so the page looks the same offline, i
 attachment or years later. Every string taken from the results is escaped (``html.escape``):
 method names and error messages are data, never markup.
 
-The page: a header (date, machine, versions, seed, wall time), the plots each with a short note on
-what it shows, the headline table of every suite that ran (kernels: ratio to SDPA per method ×
-length; sparse frontier; decode; tasks: accuracy per method × length; peers; memory: KV policies
-and the long tiered decode), the failed or
-unsupported cases, and optionally the markdown report as text. Suites that were not run are
-named and skipped.
+The page: the status of every suite (one line each: which failed and why), the header (date,
+machine, versions, seed, wall time), the plots each with a short note on what it shows, then one
+section per suite with the tables its declaration marks for HTML (``Suite.tables``, rendered by the
+same code as report.md), and the failed or unsupported cases. Suites that were not run are named.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-from collections.abc import Callable, Iterable, Sequence
+import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from longattn.bench.plots import (KERNEL_PATTERNS, PLOT_NAMES, _is_ok, _num, fmt_bytes, fmt_tokens,
-                                  kernel_pattern_records, kernel_pattern_title, machine_line)
-
-#: the suites the main job knows, in report order
-SUITE_ORDER: tuple[str, ...] = ("kernels", "sparse", "decode", "tasks", "peers", "memory")
+from longattn.bench.plots import PLOT_NAMES, machine_line
+from longattn.bench.suite import NOT_SELECTED, num, render_tables, status_line
 
 PLOT_TITLES: dict[str, str] = {
     "speedup_vs_length": "Speed-up over SDPA vs length",
@@ -107,12 +103,12 @@ def _e(x: Any) -> str:
 
 
 def _fmt(x: Any, spec: str = ".3g") -> str:
-    v = _num(x)
+    v = num(x)
     return "—" if v is None else format(v, spec)
 
 
 def _seconds(x: Any) -> str:
-    v = _num(x)
+    v = num(x)
     if v is None:
         return "—"
     return f"{v * 1e3:.3g} ms" if v < 1 else f"{v:.3g} s"
@@ -127,7 +123,7 @@ _EMPTY = _Td('<td class="num">—</td>')
 
 def _ratio_cell(r: Any) -> str:
     """A ``<td>`` with ``2.31×``, green above 1 (faster than SDPA), red below."""
-    v = _num(r)
+    v = num(r)
     if v is None:
         return _EMPTY
     shown = round(v, 2)  # colour what the reader sees: 1.00× is neither faster nor slower
@@ -160,20 +156,6 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric: Itera
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _pivot(records: list[dict[str, Any]], row_key: Callable, col_key: Callable, cell: Callable,
-           row_title: str, col_fmt: Callable = fmt_tokens) -> str:
-    """A row × column table: ``cell(list of records in that cell)`` renders one ``<td>``."""
-    rows = list(dict.fromkeys(row_key(r) for r in records))
-    cols = sorted({col_key(r) for r in records})
-    grid: dict[tuple, list] = {}
-    for r in records:
-        grid.setdefault((row_key(r), col_key(r)), []).append(r)
-    out = []
-    for rk in rows:
-        out.append([str(rk)] + [cell(grid[(rk, c)]) if (rk, c) in grid else _EMPTY for c in cols])
-    return _table([row_title] + [col_fmt(c) for c in cols], out, numeric=range(1, len(cols) + 1))
-
-
 # -- header ---------------------------------------------------------------------------------
 
 
@@ -188,9 +170,9 @@ def _machine(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _wall_s(results: dict[str, Any]) -> float | None:
-    if _num(results.get("wall_s")) is not None:
+    if num(results.get("wall_s")) is not None:
         return float(results["wall_s"])
-    walls = [_num(s.get("wall_s")) for s in (results.get("suites") or {}).values() if isinstance(s, dict)]
+    walls = [num(s.get("wall_s")) for s in (results.get("suites") or {}).values() if isinstance(s, dict)]
     walls = [w for w in walls if w is not None]
     return sum(walls) if walls else None
 
@@ -201,13 +183,14 @@ def _header(results: dict[str, Any]) -> str:
     suites = results.get("suites") or {}
     seed = cfg.get("seed", m.get("seed"))
     wall = _wall_s(results)
-    walls = {name: _suite_wall(results, name) for name in suites}
+    walls = {name: num(res.get("wall_s")) for name, res in suites.items() if isinstance(res, dict)}
     per_suite = ", ".join(f"{name} {w:.0f} s" for name, w in walls.items() if w is not None)
     cpus = f"{m.get('cpu_count')} CPUs" + (f" ({m.get('cpu_affinity')} usable)" if m.get("cpu_affinity") else "")
     flex = m.get("flex_unavailable_reason")
     items = [
         ("Date (UTC)", m.get("date_utc")),
-        ("Machine", f"{m.get('cpu_model') or m.get('machine') or 'unknown'}, {cpus}, "
+        ("Machine", f"{m.get('cpu_model') or m.get('machine') or 'unknown'}"
+                    + (f" ({m['cpu_capability']})" if m.get("cpu_capability") else "") + f", {cpus}, "
                     f"torch threads {m.get('torch_threads')}; {m.get('platform')}"),
         ("Versions", f"longattn {m.get('longattn')}, torch {m.get('torch')}, python {m.get('python')}; "
                      f"FlexAttention {'unavailable: ' + str(flex) if flex else 'available'}"),
@@ -220,8 +203,10 @@ def _header(results: dict[str, Any]) -> str:
                          + " (other work on the machine distorts timings)" if m.get("load_average_at_start")
                          else None),
     ]
-    ran = [n for n in SUITE_ORDER if n in suites] + [n for n in suites if n not in SUITE_ORDER]
-    missing = [n for n in SUITE_ORDER if n not in suites]
+    from longattn.bench import MAIN_SUITES
+
+    ran = [n for n in MAIN_SUITES if n in suites] + [n for n in suites if n not in MAIN_SUITES]
+    missing = [n for n in MAIN_SUITES if n not in suites]
     items.append(("Suites", ", ".join(ran) + (f" — not run: {', '.join(missing)}" if missing else "")
                   if ran else f"none (not run: {', '.join(missing)})"))
     dl = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items if v not in (None, ""))
@@ -260,203 +245,124 @@ def _plots_section(results: dict[str, Any], plots: dict[str, Path]) -> str:
     return "".join(parts)
 
 
-# -- suite tables ---------------------------------------------------------------------------
+# -- suite sections ---------------------------------------------------------------------------
+
+_CODE = re.compile(r"`([^`]+)`")
+_BOLD = re.compile(r"\*\*([^*]+)\*\*")
 
 
-def _kernel_label(r: dict[str, Any]) -> str:
-    return str(r.get("label") or r.get("method")) + (" [tiled]" if r.get("fallback_for") else "")
+def _inline(text: str) -> str:
+    """Escaped text with markdown's ``code`` and **bold** as HTML (nothing else is markup)."""
+    out = _e(text)
+    out = _CODE.sub(lambda m: f"<code>{m.group(1)}</code>", out)
+    return _BOLD.sub(lambda m: f"<strong>{m.group(1)}</strong>", out)
 
 
-def _kernels(recs: list[dict[str, Any]]) -> str:
-    def cell(group: list[dict[str, Any]]) -> str:
-        r = group[-1]
-        if not _is_ok(r):
-            return _status_cell(r.get("status"))
-        if _kernel_label(r) == "sdpa":
-            return _Td(f'<td class="num">{_e(_seconds(r.get("median_s")))}</td>')
-        return _ratio_cell(r.get("ratio_to_sdpa"))
-
-    out = ['<p>Ratio to SDPA (SDPA median time / method median time, same run; &gt; 1× = faster). '
-           "The SDPA row gives its median time. A failed or unsupported case shows its status.</p>"]
-    for shape, causal in KERNEL_PATTERNS:
-        mode = [r for r in kernel_pattern_records(recs, shape, causal) if _num(r.get("tokens"))]
-        if not mode:
+def _prose(markdown: str) -> str:
+    """A suite's ``about`` text: paragraphs and "- " lists."""
+    out, items = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("- "):
+            items.append(f"<li>{_inline(line[2:])}</li>")
             continue
-        corner = "method / keys" if shape == "cross" else "method / tokens"
-        out.append(f"<h3>{_e(kernel_pattern_title(shape, causal, mode))}</h3>")
-        out.append(_pivot(mode, _kernel_label, lambda r: int(r["tokens"]), cell, corner))
+        if items:
+            out.append("<ul>" + "".join(items) + "</ul>")
+            items = []
+        if line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
     return "".join(out)
 
 
-def _sparse(recs: list[dict[str, Any]]) -> str:
-    front = sorted((r for r in recs if r.get("part") == "frontier"),
-                   key=lambda r: (str(r.get("method")), _num(r.get("tokens")) or 0, _num(r.get("density")) or 0))
-    out = []
-    if front:
-        out.append("<h3>Density ↔ error ↔ speed frontier</h3>"
-                   "<p>Relative output error ‖out − ref‖ / ‖ref‖ and attention-mass recall against exact "
-                   "attention; speed against SDPA where the point was timed.</p>")
-        rows = [[str(r.get("method")), _fmt(r.get("tokens"), ".0f"), _fmt(r.get("density"), ".3f"),
-                 _fmt(r.get("rel_err"), ".2e"), _fmt(r.get("recall"), ".3f"), _seconds(r.get("median_s")),
-                 _ratio_cell(r.get("ratio_to_sdpa"))] for r in front]
-        out.append(_table(["method", "tokens", "density", "rel. error", "recall", "median", "vs SDPA"], rows,
-                          numeric=range(1, 7)))
-    other = len(recs) - len(front)
-    if other:
-        out.append(f'<p class="muted">{other} further record(s) of other parts are in results.json.</p>')
-    return "".join(out) or '<p class="missing">No records.</p>'
+def _status_td(text: str, full: str) -> _Td:
+    cls = "unsupported" if full.startswith(("unsupported", "skipped")) else "status"
+    return _Td(f'<td class="{cls}" title="{_e(full)}">{_e(text)}</td>')
 
 
-def _decode(recs: list[dict[str, Any]]) -> str:
-    layouts = list(dict.fromkeys(r.get("layout") for r in recs))
-    with_layout = layouts != [None]
-    # stable sort: the suite's own method order within each layout and cache length
-    recs = sorted(recs, key=lambda r: (layouts.index(r.get("layout")), _num(r.get("cache")) or 0))
+def _rendered_table(r) -> str:
     rows = []
-    for r in recs:
-        kv, peak = _num(r.get("kv_bytes")), _num(r.get("peak_mem_bytes"))
-        row = [str(r.get("layout"))] if with_layout else []
-        rows.append(row + [str(r.get("method")), _fmt(r.get("cache"), ".0f"), _fmt(r.get("budget"), ".0f"),
-                           _seconds(r.get("step_s")), _ratio_cell(r.get("ratio_to_sdpa")),
-                           _fmt(r.get("rel_err"), ".2e"), _fmt(r.get("recall"), ".3f"),
-                           "—" if kv is None else fmt_bytes(kv), "—" if peak is None else fmt_bytes(peak),
-                           "ok" if _is_ok(r) else _status_cell(r.get("status"))])
-    k = 1 if with_layout else 0
-    headers = (["layout"] if with_layout else []) + [
-        "method", "cache", "budget", "step", "vs SDPA", "rel. error", "recall", "K/V bytes read", "peak memory",
-        "status"]
-    return ("<p>One decode step (a single new query) over a KV cache: time per step, ratio to SDPA over the "
-            "whole cache, error against exact attention, bytes of K/V the step reads.</p>"
-            + _table(headers, rows, numeric=range(k + 1, k + 9)))
+    for row, titles in zip(r.rows, r.titles or [[""] * len(r.headers)] * len(r.rows)):
+        cells: list[str] = []
+        for i, (text, full) in enumerate(zip(row, titles)):
+            if full and not full.startswith("ok"):
+                cells.append(_status_td(text, full))
+            elif text.endswith("×") and num(text[:-1]) is not None:
+                cells.append(_ratio_cell(float(text[:-1])))
+            else:
+                cells.append(text)
+        rows.append(cells)
+    numeric = [i for i, a in enumerate(r.align) if a == "right"]
+    head = f"<h3>{_inline(r.title)}</h3>" if r.title else ""
+    note = f'<p class="muted">{_inline(r.note)}</p>' if r.note else ""
+    return head + note + _table(r.headers, rows, numeric)
 
 
-def _tasks(recs: list[dict[str, Any]]) -> str:
-    out = []
-    for task in dict.fromkeys(str(r.get("task")) for r in recs):
-        group = [r for r in recs if str(r.get("task")) == task and _num(r.get("length"))]
-        if not group:
-            continue
-        perplexity = task == "perplexity" or all(r.get("accuracy") is None and r.get("perplexity") is not None
-                                                for r in group)
-        field = "perplexity" if perplexity else "accuracy"
+def _suite_section(name: str, res: dict[str, Any]) -> str:
+    from longattn.bench import get_suite
 
-        def cell(cell_recs: list[dict[str, Any]], field=field) -> str:
-            ok = [float(r[field]) for r in cell_recs if _is_ok(r) and _num(r.get(field)) is not None]
-            bad = [r for r in cell_recs if not _is_ok(r)]
-            if not ok:
-                return _status_cell(bad[0].get("status")) if bad else _EMPTY
-            mean = sum(ok) / len(ok)
-            mark = f" ({len(bad)} failed)" if bad else ""
-            text = f"{mean:.2f}"
-            return _Td(f'<td class="num">{_e(text + mark)}</td>')
-
-        depths = {r.get("depth") for r in group if r.get("depth") is not None}
-        what = ("perplexity (lower is better)" if perplexity else "accuracy (0..1)")
-        over = f", mean over {len(depths)} depths" if len(depths) > 1 else ""
-        out.append(f"<h3>{_e(task)}: {what}{_e(over)}</h3>")
-        out.append(_pivot(group, lambda r: str(r.get("method")), lambda r: int(r["length"]), cell,
-                          "method / length"))
-    return "".join(out) or '<p class="missing">No records.</p>'
-
-
-def _peers(recs: list[dict[str, Any]]) -> str:
-    rows = [[str(r.get("peer")), str(r.get("case")), _fmt(r.get("tokens"), ".0f"),
-             "—" if r.get("causal") is None else ("causal" if r.get("causal") else "non-causal"),
-             _seconds(r.get("median_s")), _ratio_cell(r.get("ratio_to_sdpa")),
-             "ok" if _is_ok(r) else _status_cell(r.get("status"))] for r in recs]
-    return ("<p>Other implementations on the same inputs: torch SDPA, compiled FlexAttention, kvpress where "
-            "it installs, and longattn's own methods for comparison.</p>"
-            + _table(["peer", "case", "tokens", "mode", "median", "vs SDPA", "status"], rows, numeric=(2, 4, 5)))
-
-
-def _memory(recs: list[dict[str, Any]]) -> str:
-    from longattn.bench import memory
-
-    out = []
-    pol = list(memory.policy_rows(recs))
-    if pol:
-        out.append("<h3>KV policies on stories260K: continuation NLL at a fixed budget of keys per head</h3>"
-                   + _table(memory.POLICY_COLUMNS, pol, numeric=range(2, len(memory.POLICY_COLUMNS))))
-    long = list(memory.long_decode_rows(recs))
-    if long:
-        out.append("<h3>Long prompt through the tiered memory, then decode</h3>"
-                   + _table(memory.LONG_COLUMNS, long, numeric=range(1, len(memory.LONG_COLUMNS) - 2)))
-    return "".join(out) or '<p class="missing">No records.</p>'
-
-
-_SUITE_TABLES: dict[str, tuple[str, Callable[[list[dict[str, Any]]], str]]] = {
-    "kernels": ("Kernels: exact kernels and masks vs SDPA", _kernels),
-    "sparse": ("Sparse: density, error and speed", _sparse),
-    "decode": ("Decode: per-step time and memory vs cache length", _decode),
-    "tasks": ("Tasks: retrieval accuracy and perplexity", _tasks),
-    "peers": ("Peers: other implementations", _peers),
-    "memory": ("Memory: KV policies and the tiered memory", _memory),
-}
-
-
-def _suite_wall(results: dict[str, Any], name: str) -> float | None:
-    """A suite's wall time: its own ``wall_s``, else the main job's ``suite_wall_s`` entry."""
-    suite = (results.get("suites") or {}).get(name)
-    wall = _num(suite.get("wall_s")) if isinstance(suite, dict) else None
-    return wall if wall is not None else _num((results.get("suite_wall_s") or {}).get(name))
-
-
-def _suite_section(name: str, suite: dict[str, Any], wall: float | None) -> str:
-    title, render = _SUITE_TABLES.get(name, (name, None))
-    recs = [r for r in suite.get("records") or [] if isinstance(r, dict)]
-    sub = f'<p class="muted">{len(recs)} records' + (f", {wall:.0f} s" if wall is not None else "") + "</p>"
-    if suite.get("error"):
-        # the main job keeps a crashed suite as {"error": traceback, "records": [...]}
-        body = ('<p class="status">The suite stopped with an error (below); what it recorded before is shown.</p>'
-                f"<pre>{_e(suite['error'])}</pre>" + (render(recs) if (recs and render) else ""))
-    elif not recs:
-        body = '<p class="missing">The suite ran but recorded nothing.</p>'
-    elif render is None:
-        body = '<p class="muted">No table for this suite here; see results.json.</p>'
+    line = status_line(name, res)
+    bad = res.get("status") == "failed"
+    sub = f'<p class="{"status" if bad else "muted"}">{_e(line)}</p>'
+    try:
+        suite = get_suite(name)
+    except ValueError:
+        return f'<section id="suite-{_e(name)}"><h2>{_e(name)}</h2>{sub}</section>'
+    title = suite.title
+    if res.get("error"):
+        body = '<p class="status">The suite did not run (see errors.log beside this page).</p>'
     else:
-        body = render(recs)
+        about = suite.about(res) if callable(suite.about) else suite.about
+        tables = [_rendered_table(r) for r in render_tables(suite, res, target="html")]
+        body = _prose(about or "") + ("".join(tables) if tables else
+                                      '<p class="missing">The suite ran but recorded nothing to show.</p>')
     return f'<section id="suite-{_e(name)}"><h2>{_e(title)}</h2>{sub}{body}</section>'
 
 
 # -- failures -------------------------------------------------------------------------------
 
 
-def _what(suite: str, r: dict[str, Any]) -> str:
-    """A short description of a record's case, per suite."""
-    if suite == "kernels":
-        mode = "causal" if r.get("causal") else "non-causal"
-        return f"{_kernel_label(r)}, {r.get('tokens')} tokens, {mode}"
-    if suite == "decode":
-        return f"{r.get('method')}, cache {r.get('cache')}" + (f", budget {r['budget']}" if r.get("budget") else "")
-    if suite == "tasks":
-        depth = r.get("depth")
-        return (f"{r.get('task')} / {r.get('method')}, length {r.get('length')}"
-                + (f", depth {float(depth):.0%}" if _num(depth) is not None else ""))
-    if suite == "peers":
-        return f"{r.get('peer')}, {r.get('case')}, {r.get('tokens')} tokens"
-    if suite == "memory":
-        return f"{r.get('test')}: {r.get('policy')}" + (f", prompt {r['prompt']}" if r.get("prompt") else "")
-    if suite == "sparse":
-        return f"{r.get('method')}, {r.get('tokens')} tokens, density {r.get('density')}"
-    return str(r.get("method") or r.get("label") or r.get("peer") or "?")
-
-
 def _failures(results: dict[str, Any]) -> str:
+    from longattn.bench import get_suite
+    from longattn.bench.suite import one_line
+
     rows = []
-    for name, suite in (results.get("suites") or {}).items():
-        if isinstance(suite, dict) and suite.get("error"):
-            lines = str(suite["error"]).strip().splitlines() or ["error"]
-            why = str((results.get("suite_status") or {}).get(name) or lines[-1])
-            rows.append([name, "the whole suite", _Td(f'<td class="status">{_e(why)}</td>')])
-        for r in (suite or {}).get("records") or []:
-            if isinstance(r, dict) and not _is_ok(r):
+    for name, res in (results.get("suites") or {}).items():
+        if not isinstance(res, dict):
+            continue
+        if res.get("error"):
+            rows.append([name, "the whole suite", _status_td("error", str(res["error"]))])
+        for pname, p in (res.get("parts") or {}).items():
+            if p.get("status") not in ("ok", None, NOT_SELECTED):
+                rows.append([name, f"part {pname}", _status_td(f"{p['status']}: {p.get('reason')}",
+                                                               str(p.get("status")))])
+        try:
+            describe = get_suite(name).describe
+        except ValueError:
+            describe = lambda r: str(r.get("method") or "?")  # noqa: E731
+        for r in res.get("records") or []:
+            if isinstance(r, dict) and not str(r.get("status", "ok")).startswith("ok"):
                 s = str(r.get("status"))
-                cls = "unsupported" if s.startswith(("unsupported", "skipped")) else "status"
-                rows.append([name, _what(name, r), _Td(f'<td class="{cls}">{_e(s)}</td>')])
+                try:
+                    what = describe(r)
+                except Exception:  # noqa: BLE001 - a record missing a field still gets listed
+                    what = str(r.get("method") or r.get("label") or "?")
+                rows.append([name, what, _status_td(one_line(s, 300), s)])
     head = '<section id="failures"><h2>Failures and unsupported cases</h2>'
     if not rows:
         return head + "<p>None: every case that ran passed.</p></section>"
     return head + _table(["suite", "case", "status"], rows) + "</section>"
+
+
+def _status_box(results: dict[str, Any]) -> str:
+    from longattn.bench.main import summary_lines
+
+    lines = summary_lines(results) if results.get("suites") else []
+    if not lines:
+        return ""
+    status = results.get("status", "ok")
+    cls = {"ok": "good", "failed": "bad"}.get(status, "")
+    items = "".join(f"<li>{_e(x)}</li>" for x in lines[:-1])
+    return (f'<section id="status"><h2>Status: <span class="{cls}">{_e(lines[-1])}</span></h2>'
+            f"<ul>{items}</ul></section>")
 
 
 # -- the page -------------------------------------------------------------------------------
@@ -466,20 +372,22 @@ def render_html(results: dict[str, Any], plots: dict[str, Path], markdown: str |
     """The report page as one string.
 
     Args:
-        results: the combined run ``{"machine", "config", "suites": {name: suite}}``; missing suites,
-            or a missing machine block, are fine.
+        results: the combined run ``{"machine", "config", "status", "suites": {name: suite}}``;
+            missing suites, or a missing machine block, are fine.
         plots: ``{plot name: PNG path}`` as ``plots.write_all`` returns; each file is inlined.
         markdown: ``report.md``'s text, shown (as text) in a collapsed block at the end.
     """
+    from longattn.bench import MAIN_SUITES
+
     suites = results.get("suites") or {}
-    ran = [n for n in SUITE_ORDER if n in suites] + [n for n in suites if n not in SUITE_ORDER]
-    missing = [n for n in SUITE_ORDER if n not in suites]
-    body = [_header(results), _nav([n for n in plots], ran)]
+    ran = [n for n in MAIN_SUITES if n in suites] + [n for n in suites if n not in MAIN_SUITES]
+    missing = [n for n in MAIN_SUITES if n not in suites]
+    body = [_header(results), _status_box(results), _nav([n for n in plots], ran)]
     if plots:
         body.append(_plots_section(results, plots))
     for name in ran:
-        suite = suites[name]
-        body.append(_suite_section(name, suite if isinstance(suite, dict) else {}, _suite_wall(results, name)))
+        res = suites[name]
+        body.append(_suite_section(name, res if isinstance(res, dict) else {}))
     if missing:
         body.append(f'<p class="missing">Suites not run: {_e(", ".join(missing))}.</p>')
     body.append(_failures(results))
@@ -498,11 +406,10 @@ def render_html(results: dict[str, Any], plots: dict[str, Path], markdown: str |
 
 def write_html(path: str | Path, results: dict[str, Any], plots: dict[str, Path],
                markdown: str | None = None) -> Path:
-    """Write ``render_html(...)`` to ``path`` (UTF-8), creating its folder; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(results, plots, markdown), encoding="utf-8")
-    return path
+    """Write ``render_html(...)`` to ``path`` (UTF-8) atomically; returns the path."""
+    from longattn.files import atomic_write_text
+
+    return atomic_write_text(path, render_html(results, plots, markdown))
 
 
-__all__ = ["PLOT_NOTES", "SUITE_ORDER", "render_html", "write_html"]
+__all__ = ["PLOT_NOTES", "render_html", "write_html"]

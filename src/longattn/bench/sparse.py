@@ -1,31 +1,30 @@
-"""The ``sparse`` suite: approximate methods against exact attention.
+"""The ``sparse`` suite: approximate methods against exact attention, in four parts.
 
-Part 1 (this file, so far): accuracy on *real* attention. q/k/v are captured from the embedded
-stories260K model (a real Llama trained on TinyStories) running over its own sampled stories,
-concatenated and seeded, and every method is compared with exact attention per layer:
+* ``accuracy`` — on *real* attention: q/k/v captured from the bundled stories260K model (a real
+  Llama trained on TinyStories) over its own sampled stories, concatenated and seeded; every
+  method is compared with exact attention per layer: relative output error ``‖out − ref‖ /
+  ‖ref‖``, LSE error (mean ``|lse − lse_ref|``) and attention-mass recall, the share of the true
+  softmax mass inside what the method attended (``exp(lse − lse_ref)`` per query, averaged).
+* ``frontier`` — density ↔ error ↔ speed-up of the block-retrieval families on synthetic
+  retrieval-shaped q/k/v (``sparse_speed``), each first gated at full budget.
+* ``prefill`` / ``decode`` — speed at 10% density over a long prefill and per step over a long
+  cache, against SDPA in the same run (``--full`` only: they take minutes).
 
-* relative output error ``‖out − ref‖ / ‖ref‖``;
-* LSE error, mean ``|lse − lse_ref|``;
-* attention-mass recall, the share of the true softmax mass inside what the method attended:
-  for a method that is exact on a subset of keys, ``exp(lse − lse_ref)`` per query, averaged.
-
-Density is measured as everywhere: visible pairs over the causal triangle. Speed figures for
-these methods (prefill at 32k, decode over a long cache) are still to be added.
+Density is measured as everywhere: visible pairs over the causal triangle.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 import longattn
-from longattn.bench.harness import machine_info
+from longattn.bench.suite import Column, Context, Panel, Part, Pivot, Suite, Table, label, num, status_column
 
 #: the configuration of the reference measurement: 64-query blocks, 4 key blocks of 64 each
 BLOCK = 64
@@ -54,7 +53,8 @@ def accuracy_methods(block: int = BLOCK, blocks: int = BLOCKS_PER_QUERY_BLOCK) -
 
     Block selectors choose all their blocks freely (``sinks=0``): the query block's own diagonal
     block is always kept, and the first block is chosen when it carries the sink's mass. The
-    ``sink forced`` row keeps the first block regardless, as in the issue's reference setting."""
+    ``sink forced`` row keeps the first block regardless (the usual setting of these methods,
+    which always keep the attention sink)."""
     budget = block * blocks
     common = dict(budget=budget, block=block, q_block=block, sinks=0, window=0)
     return {
@@ -98,116 +98,43 @@ def evaluate_accuracy(layers, methods: dict) -> list[dict[str, Any]]:
     return records
 
 
-PARTS = ("accuracy", "frontier", "prefill", "decode")
+# -- the parts ---------------------------------------------------------------------------------
 
 
-def run_sparse_suite(out: Path, *, full: bool = False, lengths=None, methods=None, seed: int = 0,
-                     parts=PARTS, prefill_tokens: int = 32768, decode_cache: int = 131072,
-                     frontier_tokens: int | None = None, console: Console | None = None) -> dict[str, Any]:
-    """``longattn bench --suite sparse``: writes ``out/results.json`` and ``out/report.md``.
+def _accuracy_part(ctx: Context) -> Iterator[dict[str, Any]]:
+    cases = {k: v for k, v in accuracy_methods().items() if ctx.wants(k)}
+    n_tokens = int(ctx.options["accuracy_tokens"])
+    ctx.say(f"capturing q/k/v of stories260K over {n_tokens} sampled tokens (seed {ctx.seed}) …")
+    layers, _ = capture_real_qkv(n_tokens, ctx.seed)
+    yield from evaluate_accuracy(layers, cases)
 
-    Parts: ``accuracy`` on real stories260K attention (``lengths[0]`` tokens, default 4096);
-    ``frontier``: density ↔ error ↔ speed-up per method family over ``frontier_tokens`` (default
-    8192, 32768 with ``full``); ``prefill`` speed at 10% density over ``prefill_tokens`` (default
-    32k) and ``decode`` speed over a ``decode_cache``-token cache at budget 2048 (default 128k),
-    all against SDPA in this run (``longattn.bench.sparse_speed``). ``methods`` filters the
-    accuracy part."""
+
+def _frontier_part(ctx: Context) -> Iterator[dict[str, Any]]:
     from longattn.bench import sparse_speed
 
-    unknown_parts = sorted(set(parts) - set(PARTS))
-    if unknown_parts:
-        raise ValueError(f"unknown sparse suite part(s) {', '.join(unknown_parts)}; known: {', '.join(PARTS)}")
-    console = console or Console()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    n_tokens = (lengths or [4096])[0]
-    t0 = time.perf_counter()
-    results: dict[str, Any] = {"suite": "sparse", "machine": machine_info(seed), "tokens": n_tokens, "block": BLOCK,
-                               "blocks_per_query_block": BLOCKS_PER_QUERY_BLOCK, "records": []}
-    if "accuracy" in parts:
-        cases = accuracy_methods()
-        if methods:
-            unknown = sorted(set(methods) - set(cases))
-            if unknown:
-                raise ValueError(f"unknown method(s) {', '.join(unknown)} for the sparse suite; known: {', '.join(cases)}")
-            cases = {k: v for k, v in cases.items() if k in methods}
-        console.print(f"capturing q/k/v of stories260K over {n_tokens} sampled tokens (seed {seed}) …")
-        layers, _ = capture_real_qkv(n_tokens, seed)
-        results["records"] = evaluate_accuracy(layers, cases)
-        table = Table(title=f"attention-mass recall on real attention (stories260K, {n_tokens} tokens)")
-        for col in ("method", "density", "recall", "rel. error", "LSE error"):
-            table.add_column(col, justify="right" if col != "method" else "left")
-        for name, row in summarise(results["records"]).items():
-            table.add_row(name, f"{row['density']:.3f}", f"{row['recall']:.3f}", f"{row['rel_err']:.3f}", f"{row['lse_err']:.3f}")
-        console.print(table)
-    say = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
-    if "frontier" in parts:
-        n = frontier_tokens or (32768 if full else 8192)
-        frontier = sparse_speed.run_frontier(n, seed=seed, progress=say)
-        results["frontier"] = {k: v for k, v in frontier.items() if k != "records"}
-        results["records"] += frontier["records"]
-        console.print(_frontier_table(frontier))
-    if "prefill" in parts:
-        results["prefill"] = sparse_speed.run_prefill(prefill_tokens, 0.10, seed=seed, progress=say)
-        console.print(_speed_table(results["prefill"]))
-    if "decode" in parts:
-        results["decode"] = sparse_speed.run_decode(decode_cache, 2048, seed=seed, progress=say)
-        console.print(_decode_table(results["decode"]))
-    results["wall_s"] = time.perf_counter() - t0
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "report.md").write_text(render_report(results))
-    console.print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
-    return results
+    methods = {k: v for k, v in sparse_speed.frontier_methods().items() if ctx.wants(k)}
+    for n in ctx.options["frontier_tokens"]:
+        yield from sparse_speed.run_frontier(int(n), methods=methods, seed=ctx.seed, progress=ctx.say)
 
 
-def _speed_table(p: dict[str, Any]) -> Table:
-    t = Table(title=f"causal prefill, {p['tokens']} tokens, budget {p['budget']} (SDPA {p['sdpa']['median_s']:.2f} s)")
-    for col in ("method", "density", "recall", "rel. error", "select s", "kernel s", "total s", "vs SDPA"):
-        t.add_column(col, justify="right" if col != "method" else "left")
-    for r in p["records"]:
-        if "median_s" not in r:
-            t.add_row(r["method"], f"{r['density']:.3f}", "-", "-", "-", "-", "-", "not finite")
-            continue
-        t.add_row(r["method"], f"{r['density']:.3f}", _fmt(r["recall"]), f"{r['rel_err']:.3f}", f"{r['selection_s']:.3f}",
-                  f"{r['kernel_s']:.3f}", f"{r['median_s']:.3f}", f"{r['ratio_to_sdpa']:.2f}×")
-    return t
+def _prefill_part(ctx: Context) -> Iterator[dict[str, Any]]:
+    from longattn.bench import sparse_speed
+
+    tokens = int(ctx.options["prefill_tokens"])
+    budget = sparse_speed.budget_for_density(tokens, 0.10)
+    methods = {k: v for k, v in sparse_speed.prefill_methods(budget).items() if ctx.wants(k)}
+    yield from sparse_speed.run_prefill(tokens, 0.10, methods=methods, seed=ctx.seed, progress=ctx.say)
 
 
-def _frontier_table(f: dict[str, Any]) -> Table:
-    t = Table(title=f"density ↔ error ↔ speed-up, causal prefill of {f['tokens']} tokens "
-                    f"(SDPA {f['sdpa']['median_s']:.2f} s)")
-    for col in ("method", "target", "density", "recall", "rel. error", "vs SDPA", "status"):
-        t.add_column(col, justify="left" if col in ("method", "status") else "right")
-    for r in f["records"]:
-        ratio = r.get("ratio_to_sdpa")
-        t.add_row(r["method"], f"{r['target_density']:.2f}", _fmt(r.get("density")), _fmt(r.get("recall")),
-                  _fmt(r.get("rel_err")), "—" if ratio is None else f"{ratio:.2f}×", r["status"])
-    return t
+def _decode_part(ctx: Context) -> Iterator[dict[str, Any]]:
+    from longattn.bench import sparse_speed
 
-
-def _decode_table(d: dict[str, Any]) -> Table:
-    t = Table(title=f"decode step over {d['cache']} cached keys, budget {d['budget']} "
-                    f"(SDPA {d['sdpa_step_s'] * 1e3:.1f} ms/step)")
-    for col in ("method", "density", "recall", "rel. error", "ms / step", "vs SDPA"):
-        t.add_column(col, justify="right" if col != "method" else "left")
-    for r in d["records"]:
-        t.add_row(r["method"], f"{r['density']:.4f}", f"{r['recall']:.3f}", f"{r['rel_err']:.3f}",
-                  f"{r['step_s'] * 1e3:.2f}", f"{r['ratio_to_sdpa']:.1f}×")
-    return t
-
-
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
-def accuracy_records(records) -> list[dict[str, Any]]:
-    """The accuracy part's records (per method and layer); the frontier's carry ``part``."""
-    return [r for r in records if r.get("part", "accuracy") == "accuracy"]
+    yield from sparse_speed.run_decode(int(ctx.options["decode_cache"]), 2048, seed=ctx.seed, progress=ctx.say)
 
 
 def summarise(records) -> dict[str, dict[str, float]]:
     """Mean over layers per method (accuracy records)."""
-    records = accuracy_records(records)
+    records = [r for r in records if r.get("part", "accuracy") == "accuracy"]
     rows: dict[str, dict[str, float]] = {}
     for name in dict.fromkeys(r["method"] for r in records):
         rs = [r for r in records if r["method"] == name]
@@ -215,86 +142,130 @@ def summarise(records) -> dict[str, dict[str, float]]:
     return rows
 
 
-def render_report(results: dict[str, Any]) -> str:
-    recs = accuracy_records(results["records"])
-    layers = sorted({r["layer"] for r in recs})
-    lines = ["# longattn sparse suite", ""]
-    if recs:
-        lines += _accuracy_lines(results, recs, layers)
-    frontier = [r for r in results["records"] if r.get("part") == "frontier"]
-    if frontier:
-        f = results["frontier"]
-        lines += [
-            "",
-            f"## Density ↔ error ↔ speed-up, causal prefill of {f['tokens']} tokens",
-            "",
-            "- synthetic retrieval-shaped q/k/v (`clustered_qkv`), fp32, batch 1, 8 heads, head_dim 64; "
-            f"torch SDPA (is_causal) in the same run: {f['sdpa']['median_s']:.3f} s",
-            "- each family must first equal the float64 reference at full budget (the gate); one that fails gets no speed",
-            "",
-            "| method | target density | density | recall | rel. error | vs SDPA | status |",
-            "|---|---:|---:|---:|---:|---:|---|",
-        ]
-        for r in frontier:
-            ratio = r.get("ratio_to_sdpa")
-            lines.append(f"| {r['method']} | {r['target_density']:.2f} | {_fmt(r.get('density'))} | {_fmt(r.get('recall'))} | "
-                         f"{_fmt(r.get('rel_err'))} | {'—' if ratio is None else f'{ratio:.2f}×'} | {r['status']} |")
-    return _speed_lines(results, lines)
+def finish(results: dict[str, Any]) -> None:
+    """The accuracy part's per-method means; which frontier records the speed-up plot draws (the
+    density nearest 10% per method and length, when the frontier ran at two lengths or more)."""
+    results["accuracy_summary"] = [{"method": k, **v} for k, v in summarise(results["records"]).items()]
+    front = [r for r in results["records"] if r.get("part") == "frontier" and r.get("method") != "sdpa"
+             and num(r.get("ratio_to_sdpa")) and num(r.get("density"))]
+    if len({r["tokens"] for r in front}) < 2:
+        return
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in front:
+        key = (r["method"], r["tokens"])
+        gap = abs(math.log(r["density"] / FRONTIER_SPEED_DENSITY))
+        if key not in best or gap < abs(math.log(best[key]["density"] / FRONTIER_SPEED_DENSITY)):
+            best[key] = r
+    for r in best.values():
+        r["speed_panel"] = True
 
 
-def _accuracy_lines(results, recs, layers) -> list[str]:
-    lines = [
-        "## Accuracy on real attention",
-        "",
-        f"- stories260K q/k/v over {results['tokens']} sampled tokens (seed {results['machine'].get('seed')}), "
-        f"causal, every layer and head; one selection per {results['block']}-query block, "
-        f"{results['blocks_per_query_block']} key blocks of {results['block']} per query block",
-        "- recall = share of the true softmax mass inside the attended keys, `exp(lse − lse_exact)`, mean over queries",
-        "",
-        "| method | density | recall | " + " | ".join(f"recall L{li}" for li in layers) + " | rel. error | LSE error |",
-        "|---|---:|---:|" + "---:|" * len(layers) + "---:|---:|",
-    ]
-    for name, row in summarise(recs).items():
-        per = [next(r["recall"] for r in recs if r["method"] == name and r["layer"] == li) for li in layers]
-        lines.append(f"| {name} | {row['density']:.3f} | {row['recall']:.3f} | "
-                     + " | ".join(f"{x:.3f}" for x in per) + f" | {row['rel_err']:.3f} | {row['lse_err']:.3f} |")
-    return lines
+#: the density whose sparse-prefill speed-ups the speed-up plot draws against length
+FRONTIER_SPEED_DENSITY = 0.10
 
 
-def _speed_lines(results: dict[str, Any], lines: list[str]) -> str:
-    if "prefill" in results:
-        p = results["prefill"]
-        lines += [
-            "",
-            f"## Causal prefill, {p['tokens']} tokens, target density {p['target_density']:.0%}",
-            "",
-            f"- synthetic retrieval-shaped q/k/v (`clustered_qkv`), fp32, batch 1, 8 heads, head_dim 64; "
-            f"budget {p['budget']} keys per query, key blocks of {p['block']}, query blocks of {p['q_block']}",
-            f"- torch SDPA (is_causal) in the same run: median {p['sdpa']['median_s']:.3f} s",
-            "",
-            "| method | density | recall | rel. error | selection s | kernel s | total s | vs SDPA |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for r in p["records"]:
-            if "median_s" not in r:
-                lines.append(f"| {r['method']} | {r['density']:.3f} | - | - | - | - | - | output not finite: no figure |")
-                continue
-            lines.append(f"| {r['method']} | {r['density']:.3f} | {_fmt(r['recall'])} | {r['rel_err']:.3f} | "
-                         f"{r['selection_s']:.3f} | {r['kernel_s']:.3f} | {r['median_s']:.3f} | {r['ratio_to_sdpa']:.2f}× |")
-    if "decode" in results:
-        d = results["decode"]
-        lines += [
-            "",
-            f"## Decode over a {d['cache']}-token cache, budget {d['budget']}",
-            "",
-            f"- one query per step, {d['steps']} steps; block summaries kept by the loop (built once in "
-            f"{d['summaries_build_s']:.2f} s; one new key folds in in {d['summary_append_s'] * 1e6:.0f} µs)",
-            f"- torch SDPA per step in the same run: {d['sdpa_step_s'] * 1e3:.2f} ms",
-            "",
-            "| method | density | recall | rel. error | ms / step | vs SDPA |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for r in d["records"]:
-            lines.append(f"| {r['method']} | {r['density']:.4f} | {r['recall']:.3f} | {r['rel_err']:.3f} | "
-                         f"{r['step_s'] * 1e3:.2f} | {r['ratio_to_sdpa']:.1f}× |")
-    return "\n".join(lines) + "\n"
+def _about(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    return "\n".join([
+        f"- accuracy: stories260K q/k/v over {cfg['accuracy_tokens']} sampled tokens, causal, every layer and head; "
+        f"block methods make one selection per {BLOCK}-query block with {BLOCKS_PER_QUERY_BLOCK} key blocks of "
+        f"{BLOCK}; token-level methods get {BLOCK * BLOCKS_PER_QUERY_BLOCK} keys per query; the others are set "
+        "to a similar density, shown beside them; recall = share of the true softmax mass inside the attended "
+        "keys, `exp(lse − lse_exact)`, mean over queries",
+        "- frontier, prefill, decode: synthetic retrieval-shaped q/k/v (`clustered_qkv`), fp32, batch 1, 8 heads, "
+        "head_dim 64, causal, torch SDPA timed in the same run; each frontier family must first equal the float64 "
+        "reference at full budget (the gate), one that fails gets no speed",
+    ])
+
+
+_METHOD = label("method", "method")
+_NOT_SDPA = lambda r: r.get("method") != "sdpa"  # noqa: E731
+
+
+def _frontier_title(results: dict[str, Any]) -> str:
+    sd = [r for r in results["records"] if r.get("part") == "frontier" and r.get("method") == "sdpa"]
+    base = ", ".join(f"{r['tokens']} tokens: SDPA {r['median_s']:.3f} s" for r in sd)
+    return "Density ↔ error ↔ speed-up, causal prefill" + (f" ({base})" if base else "")
+
+
+def _prefill_title(results: dict[str, Any]) -> str:
+    sd = next((r for r in results["records"] if r.get("part") == "prefill" and r.get("method") == "sdpa"), None)
+    return "Causal prefill at 10% density" + (f", {sd['tokens']} tokens, budget {sd['budget']} (SDPA "
+                                              f"{sd['median_s']:.3f} s)" if sd else "")
+
+
+def _decode_title(results: dict[str, Any]) -> str:
+    sd = next((r for r in results["records"] if r.get("part") == "decode" and r.get("method") == "sdpa"), None)
+    return "Decode step over a long cache" + (f", {sd['cache']} tokens, budget 2048 (SDPA "
+                                              f"{sd['step_s'] * 1e3:.2f} ms per step)" if sd else "")
+
+
+def _method_names(fn):
+    return lambda o: list(fn())
+
+
+def _prefill_names(o):
+    from longattn.bench import sparse_speed
+
+    return list(sparse_speed.prefill_methods(2048))
+
+
+def _frontier_names(o):
+    from longattn.bench import sparse_speed
+
+    return list(sparse_speed.frontier_methods())
+
+
+SUITE = Suite(
+    name="sparse",
+    title="longattn sparse suite",
+    about=_about,
+    parts=(Part("accuracy", _accuracy_part, methods=_method_names(accuracy_methods)),
+           Part("frontier", _frontier_part, methods=_frontier_names),
+           Part("prefill", _prefill_part, methods=_prefill_names),
+           Part("decode", _decode_part, methods=lambda o: ["landmark", "quest"])),
+    quick={"accuracy_tokens": 4096, "frontier_tokens": (8192,), "prefill_tokens": 32768, "decode_cache": 131072,
+           "parts": ("accuracy", "frontier")},
+    full={"accuracy_tokens": 4096, "frontier_tokens": (32768,), "prefill_tokens": 32768, "decode_cache": 131072,
+          "parts": ("accuracy", "frontier", "prefill", "decode")},
+    lengths="frontier_tokens",
+    describe=lambda r: (f"{r['method']}, layer {r['layer']}" if r.get("part") == "accuracy" else
+                        f"{r['method']}, {r.get('tokens') or r.get('cache')} tokens"
+                        + (f", density {r['target_density']:.2f}" if r.get("target_density") not in (None, 1.0)
+                           else "")),
+    live=(Column("density", "density", ".3f"), Column("recall", "recall", ".3f"), Column("rel err", "rel_err", ".3f"),
+          Column("", "ratio_to_sdpa", lambda x: None if x is None else f"{x:.2f}× SDPA")),
+    tables=(
+        Table("Accuracy on real attention (stories260K)", source=lambda res: res.get("accuracy_summary") or [],
+              columns=(_METHOD, Column("density", "density", ".3f"), Column("recall", "recall", ".3f"),
+                       Column("rel. error", "rel_err", ".3f", keep=1), Column("LSE error", "lse_err", ".3f", keep=2))),
+        Table("Recall by layer", part="accuracy", console=False,
+              pivot=Pivot(_METHOD, "layer", Column("", "recall", ".3f"), col_header=lambda li: f"L{li}")),
+        Table(_frontier_title, part="frontier", where=_NOT_SDPA,
+              columns=(_METHOD, Column("tokens", "tokens", keep=3), Column("target", "target_density", ".2f"),
+                       Column("density", "density", ".3f", keep=2), Column("recall", "recall", ".3f", keep=1),
+                       Column("rel. error", "rel_err", ".3f"), Column("vs SDPA", "ratio_to_sdpa", "ratio"),
+                       status_column(keep=4))),
+        Table(_prefill_title, part="prefill", where=_NOT_SDPA,
+              columns=(_METHOD, Column("density", "density", ".3f"), Column("recall", "recall", ".3f", keep=1),
+                       Column("rel. error", "rel_err", ".3f", keep=2), Column("selection s", "selection_s", ".3f", 3),
+                       Column("kernel s", "kernel_s", ".3f", keep=4), Column("total s", "median_s", ".3f"),
+                       Column("vs SDPA", "ratio_to_sdpa", "ratio"))),
+        Table(_decode_title, part="decode", where=_NOT_SDPA,
+              note="One query per step; block summaries kept by the loop (built once; one new key folds in per step).",
+              columns=(_METHOD, Column("density", "density", ".4f"), Column("recall", "recall", ".3f"),
+                       Column("rel. error", "rel_err", ".3f"), Column("ms / step", "step_s", "ms"),
+                       Column("vs SDPA", "ratio_to_sdpa", "ratio"),
+                       Column("append µs", "summary_append_s", "us", keep=1))),
+    ),
+    panels=(
+        Panel("speedup_vs_length", f"sparse prefill, causal, density ≈ {FRONTIER_SPEED_DENSITY:.0%} (sparse suite)",
+              "tokens", "ratio_to_sdpa", lambda r: r["method"], where=lambda r: bool(r.get("speed_panel"))),
+        Panel("error_vs_density", "error vs density (labels: speed-up over SDPA)", "density", "rel_err",
+              lambda r: r["method"], where=lambda r: r.get("part") == "frontier" and _NOT_SDPA(r),
+              annotate="ratio_to_sdpa"),
+        Panel("error_vs_density", "attention-mass recall vs density", "density", "recall", lambda r: r["method"],
+              where=lambda r: r.get("part") == "frontier" and _NOT_SDPA(r)),
+    ),
+    finish=finish,
+)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -117,9 +117,10 @@ def _errors(out: torch.Tensor, lse: torch.Tensor | None, ref: torch.Tensor, ref_
 
 
 def run_prefill(tokens: int = 32768, density: float = 0.10, *, methods: dict[str, Any] | None = None, repeats: int = 3,
-                seed: int = 0, progress=None) -> dict[str, Any]:
-    """Causal prefill of ``tokens`` tokens: every method at the budget giving ``density``, against
-    SDPA (``is_causal``) timed in the same run. Returns ``{"sdpa": {...}, "records": [...]}``."""
+                seed: int = 0, progress=None) -> Iterator[dict[str, Any]]:
+    """Causal prefill of ``tokens`` tokens: SDPA (``is_causal``) first, then every method at the
+    budget giving ``density`` (records carry ``sdpa_median_s`` and ``ratio_to_sdpa`` from the same
+    run). A method whose output is not finite gets no speed figure."""
     budget = budget_for_density(tokens, density)
     methods = methods if methods is not None else prefill_methods(budget)
     q, k, v = clustered_qkv(tokens, seed=seed)
@@ -127,13 +128,18 @@ def run_prefill(tokens: int = 32768, density: float = 0.10, *, methods: dict[str
     say(f"prefill {tokens} tokens: SDPA")
     ref_out, ref_stats = longattn.attention(q, k, v, causal=True, method="dense", return_stats=True)
     sdpa = time_call(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), warmup=1, repeats=repeats)
-    records = []
+    common = {"tokens": tokens, "target_density": density, "budget": budget, "block": PREFILL_BLOCK,
+              "q_block": PREFILL_Q_BLOCK, "sdpa_median_s": sdpa.median_s}
+    yield {**common, "method": "sdpa", "density": 1.0, "median_s": sdpa.median_s, "min_s": sdpa.min_s,
+           "max_s": sdpa.max_s, "ratio_to_sdpa": 1.0, "status": "ok"}
     for name, m in methods.items():
         say(f"prefill {tokens} tokens: {name}")
         out, st = longattn.attention(q, k, v, causal=True, method=m, return_stats=True)
-        rec = {"method": name, "registry_name": m.name, "tokens": tokens, "budget": budget, "density": st.density,
-               **_errors(out, st.lse, ref_out, ref_stats.lse)}
-        if rec["finite"]:
+        rec = {**common, "method": name, "registry_name": m.name, "density": st.density,
+               **_errors(out, st.lse, ref_out, ref_stats.lse), "status": "ok"}
+        if not rec["finite"]:
+            rec["status"] = "FAILED: output not finite"
+        else:
             parts: list[tuple[float, float]] = []
 
             def call():
@@ -144,17 +150,15 @@ def run_prefill(tokens: int = 32768, density: float = 0.10, *, methods: dict[str
             rec.update(median_s=t.median_s, min_s=t.min_s, max_s=t.max_s, ratio_to_sdpa=sdpa.median_s / t.median_s,
                        selection_s=sorted(p[0] for p in parts)[len(parts) // 2],
                        kernel_s=sorted(p[1] for p in parts)[len(parts) // 2])
-        records.append(rec)
-    return {"tokens": tokens, "target_density": density, "budget": budget, "block": PREFILL_BLOCK,
-            "q_block": PREFILL_Q_BLOCK, "sdpa": sdpa.as_dict(), "records": records}
+        yield rec
 
 
 def run_decode(cache: int = 131072, budget: int = 2048, *, steps: int = 20, repeats: int = 3, seed: int = 0,
-               progress=None) -> dict[str, Any]:
-    """One decode step (a single new query) over a ``cache``-token KV cache: dense SDPA against the
-    block-retrieval methods at ``budget`` keys, whose block summaries are kept by the decode loop
-    (``attention(..., summaries=)``), as a real cache would. Also times folding one new key into
-    the summaries."""
+               progress=None) -> Iterator[dict[str, Any]]:
+    """One decode step (a single new query) over a ``cache``-token KV cache: dense SDPA first, then
+    the block-retrieval methods at ``budget`` keys, whose block summaries are kept by the decode
+    loop (``attention(..., summaries=)``), as a real cache would. Each method record also carries
+    the time to build the summaries once and to fold one new key into them."""
     say = progress or (lambda msg: None)
     q_all, k, v = clustered_qkv(cache, tokens_q=steps, seed=seed)
     say(f"decode over {cache} keys: building block summaries")
@@ -170,9 +174,14 @@ def run_decode(cache: int = 131072, budget: int = 2048, *, steps: int = 20, repe
 
     say(f"decode over {cache} keys: SDPA")
     sdpa = time_call(lambda: [step_dense() for _ in range(steps)], warmup=1, repeats=repeats)
-    common = dict(budget=budget, block=DECODE_BLOCK, q_block=1, sinks=DECODE_BLOCK, window=256)
-    methods = {"landmark": longattn.method("landmark", **common), "quest": longattn.method("quest", **common)}
-    records = []
+    # the cost of keeping summaries current: one new key per step
+    extra = BlockSummaries.build(k[:, :, : cache - 1], DECODE_BLOCK)
+    t_app = time_call(lambda: _append_copy(extra, k[:, :, cache - 1: cache]), warmup=1, repeats=repeats)
+    common = {"cache": cache, "budget": budget, "steps": steps, "sdpa_step_s": sdpa.median_s / steps}
+    yield {**common, "method": "sdpa", "budget": None, "density": 1.0, "step_s": sdpa.median_s / steps,
+           "ratio_to_sdpa": 1.0, "status": "ok"}
+    kw = dict(budget=budget, block=DECODE_BLOCK, q_block=1, sinks=DECODE_BLOCK, window=256)
+    methods = {"landmark": longattn.method("landmark", **kw), "quest": longattn.method("quest", **kw)}
     for name, m in methods.items():
         say(f"decode over {cache} keys: {name}")
         errs = []
@@ -185,14 +194,10 @@ def run_decode(cache: int = 131072, budget: int = 2048, *, steps: int = 20, repe
             recalls.append(e["recall"])
         t = time_call(lambda: [longattn.attention(q, k, v, causal=True, method=m, summaries=summaries) for q in qs],
                       warmup=1, repeats=repeats)
-        records.append({"method": name, "cache": cache, "budget": budget, "density": budget / cache,
-                        "rel_err": sum(errs) / len(errs), "recall": sum(recalls) / len(recalls),
-                        "step_s": t.median_s / steps, "ratio_to_sdpa": sdpa.median_s / t.median_s})
-    # the cost of keeping summaries current: one new key per step
-    extra = BlockSummaries.build(k[:, :, : cache - 1], DECODE_BLOCK)
-    t_app = time_call(lambda: _append_copy(extra, k[:, :, cache - 1: cache]), warmup=1, repeats=repeats)
-    return {"cache": cache, "budget": budget, "steps": steps, "sdpa_step_s": sdpa.median_s / steps,
-            "summaries_build_s": build_s, "summary_append_s": t_app.median_s, "records": records}
+        yield {**common, "method": name, "density": budget / cache, "rel_err": sum(errs) / len(errs),
+               "recall": sum(recalls) / len(recalls), "step_s": t.median_s / steps,
+               "ratio_to_sdpa": sdpa.median_s / t.median_s, "summaries_build_s": build_s,
+               "summary_append_s": t_app.median_s, "status": "ok"}
 
 
 def _append_copy(s: BlockSummaries, k_new: torch.Tensor) -> None:
@@ -234,41 +239,44 @@ def full_budget_gate(make: Callable[[int], Any], tokens: int = 1024, seed: int =
 
 
 def run_frontier(tokens: int = 8192, densities=FRONTIER_DENSITIES, *, methods: dict[str, Callable[[int], Any]] | None = None,
-                 repeats: int = 2, seed: int = 0, progress=None) -> dict[str, Any]:
+                 repeats: int = 2, seed: int = 0, progress=None) -> Iterator[dict[str, Any]]:
     """Each method family at each target density over ``tokens`` causal tokens of
     ``clustered_qkv``: measured density, error against exact attention, and speed-up over SDPA
-    timed in the same run. A family that fails ``full_budget_gate`` gets errors but no speed."""
+    timed in the same run (SDPA's record comes first). A family that fails ``full_budget_gate``
+    gets errors but no speed."""
     say = progress or (lambda msg: None)
     methods = methods if methods is not None else frontier_methods()
     q, k, v = clustered_qkv(tokens, seed=seed)
     say(f"frontier {tokens} tokens: exact reference and SDPA")
     ref_out, ref_stats = longattn.attention(q, k, v, causal=True, method="dense", return_stats=True)
     sdpa = time_call(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), warmup=1, repeats=repeats)
-    records = []
+    yield {"method": "sdpa", "tokens": tokens, "target_density": 1.0, "density": 1.0, "median_s": sdpa.median_s,
+           "min_s": sdpa.min_s, "max_s": sdpa.max_s, "sdpa_median_s": sdpa.median_s, "ratio_to_sdpa": 1.0,
+           "status": "ok"}
     for name, make in methods.items():
         gate, status = guarded(lambda: full_budget_gate(make, seed=seed))
         for d in densities:
             budget = budget_for_density(tokens, d)
             say(f"frontier {tokens} tokens: {name} at density {d:.2f}")
-            rec: dict[str, Any] = {"part": "frontier", "method": name, "tokens": tokens, "target_density": d,
-                                   "budget": budget, "gate": gate, "status": "ok", "median_s": None,
-                                   "ratio_to_sdpa": None}
+            rec: dict[str, Any] = {"method": name, "tokens": tokens, "target_density": d, "budget": budget,
+                                   "gate": gate, "status": "ok", "median_s": None, "ratio_to_sdpa": None,
+                                   "sdpa_median_s": sdpa.median_s}
             m = make(budget)
             res, err = guarded(lambda: longattn.attention(q, k, v, causal=True, method=m, return_stats=True))
             if err is not None:
                 rec["status"] = err
-                records.append(rec)
+                yield rec
                 continue
             out, st = res
             rec.update(density=st.density, **_errors(out, st.lse, ref_out, ref_stats.lse))
-            if status is not None or not gate["passed"]:
-                rec["status"] = f"FAILED full-budget gate ({status or gate['max_abs_err']:.2e})" if status is None \
-                    else f"gate {status}"
+            if status is not None:
+                rec["status"] = f"gate {status}"
+            elif not gate["passed"]:
+                rec["status"] = f"FAILED full-budget gate ({gate['max_abs_err']:.2e})"
             elif not rec["finite"]:
                 rec["status"] = "FAILED: output not finite"
             else:
                 t = time_call(lambda: longattn.attention(q, k, v, causal=True, method=m), warmup=0, repeats=repeats)
                 rec.update(median_s=t.median_s, min_s=t.min_s, max_s=t.max_s,
                            ratio_to_sdpa=sdpa.median_s / t.median_s)
-            records.append(rec)
-    return {"tokens": tokens, "densities": list(densities), "sdpa": sdpa.as_dict(), "records": records}
+            yield rec

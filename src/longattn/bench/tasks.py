@@ -16,19 +16,16 @@ Every record follows the shared schema: ``task``, ``method``, ``length``, ``dept
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 import longattn
 from longattn.bench import harness
+from longattn.bench.suite import Column, Context, Panel, Part, Pivot, Suite, Table, label, num, status_column
 
 #: the context stories260K was trained on
 STORIES_TRAINED_LENGTH = 512
@@ -68,10 +65,11 @@ def stories_text(n_tokens: int, seed: int):
 
 
 def run_perplexity(n_tokens: int = 4096, *, methods: dict[str, Any] | None = None, seed: int = 0,
-                   progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+                   progress: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
     """Perplexity of stories260K over ``n_tokens`` of its own stories with each method, and the
-    in-length reference (``STORIES_TRAINED_LENGTH``-token chunks read separately). Records have
-    ``task="perplexity"``, ``perplexity``, ``in_length_perplexity`` and their ratio."""
+    in-length reference (``STORIES_TRAINED_LENGTH``-token chunks read separately), one record per
+    method as it finishes: ``task="perplexity"``, ``perplexity``, ``in_length_perplexity`` and
+    their ratio."""
     from longattn.models.llama2c import forward
 
     say = progress or (lambda msg: None)
@@ -83,7 +81,6 @@ def run_perplexity(n_tokens: int = 4096, *, methods: dict[str, Any] | None = Non
         chunk_nll = [_nll(forward(model, tokens[:, i:i + trained], dtype=torch.float32), tokens[:, i:i + trained])
                      for i in range(0, n_tokens, trained)]
     in_length = math.exp(float(torch.cat(chunk_nll).mean()))
-    records: list[dict[str, Any]] = []
     for name, m in methods.items():
         say(f"perplexity: {name} over {n_tokens} tokens")
         t0 = time.perf_counter()
@@ -102,8 +99,7 @@ def run_perplexity(n_tokens: int = 4096, *, methods: dict[str, Any] | None = Non
             else:
                 ppl = math.exp(float(_nll(logits, tokens).mean()))
                 rec.update(perplexity=ppl, ratio_to_in_length=ppl / in_length)
-        records.append(rec)
-    return records
+        yield rec
 
 
 #: the retrieval model's trained length and the settings of the retrieval part
@@ -133,11 +129,12 @@ def retrieval_methods(trained: int = RETRIEVAL_TRAINED_LENGTH) -> dict[str, Any]
     }
 
 
-def run_retrieval(settings: dict[str, Any], *, methods: dict[str, Any] | None = None, seed: int = 0,
-                  progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+def run_retrieval(settings: Mapping[str, Any], *, methods: dict[str, Any] | None = None, seed: int = 0,
+                  progress: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
     """Passkey at every (length, depth) of ``settings`` and needle / MQAR at their lengths, with
-    each method inside the shipped retrieval model (``longattn.models.retrieval``). Accuracy is
-    exact match of the whole answer (teacher-forced argmax on every answer token = greedy)."""
+    each method inside the shipped retrieval model (``longattn.models.retrieval``), one record per
+    (task, length, depth, method). Accuracy is exact match of the whole answer (teacher-forced
+    argmax on every answer token = greedy)."""
     from longattn.models import retrieval
     from longattn.tasks import synthetic
 
@@ -154,7 +151,6 @@ def run_retrieval(settings: dict[str, Any], *, methods: dict[str, Any] | None = 
         jobs.append(("needle", length, 0.5, lambda L=length: synthetic.needle(L, 0.5, n, seed)))
     for length in settings["mqar_lengths"]:
         jobs.append(("mqar", length, None, lambda L=length: synthetic.mqar(L, settings["mqar_pairs"], n, seed)))
-    records: list[dict[str, Any]] = []
     for task, length, depth, make in jobs:
         batch = make()
         for name, m in methods.items():
@@ -165,147 +161,91 @@ def run_retrieval(settings: dict[str, Any], *, methods: dict[str, Any] | None = 
                    "status": status or "ok", "wall_s": time.perf_counter() - t0}
             if acc is not None:
                 rec.update(accuracy=acc.accuracy, token_accuracy=acc.token_accuracy)
-            records.append(rec)
-    return records
+            yield rec
 
 
-PARTS = ("retrieval", "perplexity")
+# -- the parts and the declaration -------------------------------------------------------------
 
 
-def run_tasks_suite(out_dir: str | Path, *, full: bool = False, lengths=None, methods=None, seed: int = 0,
-                    console: Console | None = None, parts=PARTS, perplexity_tokens: int | None = None) -> dict[str, Any]:
-    """``longattn bench --suite tasks``: writes ``out_dir/results.json`` and ``report.md``.
-
-    ``lengths`` sets the passkey lengths of the retrieval part (default ``QUICK_RETRIEVAL`` /
-    ``FULL_RETRIEVAL``); perplexity reads ``perplexity_tokens`` (default 4096, 8192 with
-    ``full``). ``methods`` keeps only those method names."""
-    unknown_parts = sorted(set(parts) - set(PARTS))
-    if unknown_parts:
-        raise ValueError(f"unknown tasks suite part(s) {', '.join(unknown_parts)}; known: {', '.join(PARTS)}")
-    console = console or Console()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    say = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
-    ppl_tokens = perplexity_tokens or (8192 if full else 4096)
-    results: dict[str, Any] = {"suite": "tasks", "machine": harness.machine_info(seed),
-                               "config": {"seed": seed, "perplexity_tokens": ppl_tokens, "parts": list(parts)},
-                               "records": []}
-    if "retrieval" in parts:
-        settings = dict(FULL_RETRIEVAL if full else QUICK_RETRIEVAL)
-        if lengths:
-            settings["lengths"] = tuple(sorted(int(n) for n in lengths))
-        results["config"]["retrieval"] = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
-        r_methods = retrieval_methods()
-        if methods:
-            r_methods = {k: v for k, v in r_methods.items() if k in methods}
-        results["records"] += run_retrieval(settings, methods=r_methods, seed=seed, progress=say)
-        console.print(retrieval_table(results["records"]))
-    if "perplexity" in parts:
-        ppl_methods = perplexity_methods()
-        if methods:
-            ppl_methods = {k: v for k, v in ppl_methods.items() if k in methods}
-        results["records"] += run_perplexity(ppl_tokens, methods=ppl_methods, seed=seed, progress=say)
-        console.print(perplexity_table(results["records"]))
-    results["wall_s"] = time.perf_counter() - t0
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "report.md").write_text(render_report(results))
-    console.print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
-    return results
+def _retrieval_part(ctx: Context) -> Iterator[dict[str, Any]]:
+    o = ctx.options
+    settings = {**o["retrieval"]}
+    if o.get("lengths"):
+        settings["lengths"] = tuple(sorted(int(n) for n in o["lengths"]))
+    methods = {k: v for k, v in retrieval_methods().items() if ctx.wants(k)}
+    yield from run_retrieval(settings, methods=methods, seed=ctx.seed, progress=ctx.say)
 
 
-def retrieval_summary(records: list[dict[str, Any]]) -> dict[tuple[str, str, int], tuple[float | None, int]]:
-    """``(task, method, length) -> (accuracy averaged over depths, samples)``."""
-    out: dict[tuple[str, str, int], tuple[float | None, int]] = {}
-    keys = dict.fromkeys((r["task"], r["method"], r["length"]) for r in records if r["task"] != "perplexity")
-    for key in keys:
-        rs = [r for r in records if (r["task"], r["method"], r["length"]) == key]
+def _perplexity_part(ctx: Context) -> Iterator[dict[str, Any]]:
+    methods = {k: v for k, v in perplexity_methods().items() if ctx.wants(k)}
+    yield from run_perplexity(int(ctx.options["perplexity_tokens"]), methods=methods, seed=ctx.seed,
+                              progress=ctx.say)
+
+
+def retrieval_summary(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (task, method, length): accuracy averaged over the depths run, samples."""
+    recs = [r for r in records if r.get("task") not in (None, "perplexity")]
+    keys = dict.fromkeys((r["task"], r["method"], r["length"]) for r in recs)
+    rows = []
+    for task, method, length in keys:
+        rs = [r for r in recs if (r["task"], r["method"], r["length"]) == (task, method, length)]
         accs = [r["accuracy"] for r in rs if r.get("accuracy") is not None]
-        out[key] = (sum(accs) / len(accs) if accs else None, sum(r["n"] for r in rs))
-    return out
+        rows.append({"task": task, "method": method, "length": length,
+                     "accuracy": sum(accs) / len(accs) if accs else None, "n": sum(r["n"] for r in rs),
+                     "status": "ok" if all(str(r["status"]).startswith("ok") for r in rs) else rs[-1]["status"]})
+    return rows
 
 
-def retrieval_table(records: list[dict[str, Any]]) -> Table:
-    summary = retrieval_summary(records)
-    lengths = sorted({k[2] for k in summary})
-    t = Table(title="retrieval accuracy inside the tiny retrieval model (trained ≤ 512 tokens), mean over depths")
-    t.add_column("task · method")
-    for n in lengths:
-        t.add_column(str(n), justify="right")
-    for task, method in dict.fromkeys((k[0], k[1]) for k in summary):
-        cells = []
-        for n in lengths:
-            acc = summary.get((task, method, n))
-            cells.append("" if acc is None else _f(acc[0]))
-        t.add_row(f"{task} · {method}", *cells)
-    return t
+def _about(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    ret = cfg.get("retrieval") or {}
+    return "\n".join([
+        "Does a method let a model use context past its trained length?",
+        "",
+        f"- retrieval: the project's tiny retrieval model (`longattn.models.retrieval`, 2 layers, trained at ≤ "
+        f"{RETRIEVAL_TRAINED_LENGTH} tokens), every attention replaced by the method; accuracy = share of samples "
+        "whose whole answer is right (teacher-forced argmax on every answer token = greedy decoding); passkey "
+        f"averaged over the needle depths run, needle at depth 0.5, MQAR {ret.get('mqar_pairs', '')} pairs, "
+        f"{ret.get('n', '')} samples per cell",
+        f"- perplexity: stories260K (trained on {STORIES_TRAINED_LENGTH}-token stories) over "
+        f"{cfg.get('perplexity_tokens')} tokens of its own sampled stories, concatenated; the in-length reference "
+        f"reads the same text in {STORIES_TRAINED_LENGTH}-token chunks separately",
+    ])
 
 
-def perplexity_table(records: list[dict[str, Any]]) -> Table:
-    recs = [r for r in records if r["task"] == "perplexity"]
-    first = recs[0] if recs else {}
-    t = Table(title=f"stories260K perplexity over {first.get('length')} tokens (trained on {first.get('trained_length')}; "
-                    f"in-length {first.get('in_length_perplexity', float('nan')):.2f})")
-    for col in ("method", "perplexity", "× in-length", "status"):
-        t.add_column(col, justify="left" if col in ("method", "status") else "right")
-    for r in recs:
-        t.add_row(r["method"], _f(r.get("perplexity")), _f(r.get("ratio_to_in_length")), r["status"])
-    return t
+def _perplexity_title(results: dict[str, Any]) -> str:
+    ppl = [r for r in results["records"] if r.get("task") == "perplexity"]
+    ref = ppl[0].get("in_length_perplexity") if ppl else None
+    return (f"Perplexity past the trained length (in-length reference {ref:.2f})" if ref is not None
+            else "Perplexity past the trained length")
 
 
-def _f(x, spec: str = ".2f") -> str:
-    return "—" if x is None else format(x, spec)
+_METHOD = label("method", "method")
 
-
-def render_report(results: dict[str, Any]) -> str:
-    lines = ["# longattn tasks suite", ""]
-    summary = retrieval_summary(results["records"])
-    if summary:
-        lengths = sorted({k[2] for k in summary})
-        ret = [r for r in results["records"] if r["task"] != "perplexity"]
-        lines += [
-            "## Retrieval past the trained length",
-            "",
-            f"- the project's tiny retrieval model (`longattn.models.retrieval`, 2 layers, trained at ≤ "
-            f"{ret[0]['trained_length']} tokens), every attention replaced by the method",
-            "- accuracy = share of samples whose whole answer is right (teacher-forced argmax on every answer "
-            "token = greedy decoding); passkey averaged over the needle depths run, needle at depth 0.5, MQAR "
-            f"{results['config'].get('retrieval', {}).get('mqar_pairs', '')} pairs",
-            "",
-            "| task · method | " + " | ".join(str(n) for n in lengths) + " |",
-            "|---|" + "---:|" * len(lengths),
-        ]
-        for task, method in dict.fromkeys((k[0], k[1]) for k in summary):
-            cells = [("" if (task, method, n) not in summary else _f(summary[(task, method, n)][0])) for n in lengths]
-            lines.append(f"| {task} · {method} | " + " | ".join(cells) + " |")
-        lines += ["", "Passkey accuracy by depth:", "",
-                  "| method | length | " + " | ".join(f"depth {d}" for d in sorted({r['depth'] for r in ret if r['task'] == 'passkey'})) + " |"]
-        depths = sorted({r["depth"] for r in ret if r["task"] == "passkey"})
-        lines.append("|---|---:|" + "---:|" * len(depths))
-        for method in dict.fromkeys(r["method"] for r in ret if r["task"] == "passkey"):
-            for n in lengths:
-                row = {r["depth"]: r for r in ret if r["task"] == "passkey" and r["method"] == method and r["length"] == n}
-                if row:
-                    lines.append(f"| {method} | {n} | " + " | ".join(
-                        _f(row[d].get("accuracy")) if d in row else "" for d in depths) + " |")
-        bad = [r for r in ret if r["status"] != "ok"]
-        for r in bad:
-            lines.append(f"- {r['task']} · {r['method']} · {r['length']}: {r['status']}")
-        lines.append("")
-    ppl = [r for r in results["records"] if r["task"] == "perplexity"]
-    if ppl:
-        r0 = ppl[0]
-        lines += [
-            "## Perplexity past the trained length",
-            "",
-            f"- stories260K (trained on {r0['trained_length']}-token stories) over {r0['length']} tokens of its own "
-            f"sampled stories, concatenated (seed {results['config']['seed']})",
-            f"- in-length reference: the same text in {r0['trained_length']}-token chunks read separately: "
-            f"**{r0['in_length_perplexity']:.2f}**",
-            "",
-            "| method | perplexity | × in-length | status |",
-            "|---|---:|---:|---|",
-        ]
-        for r in ppl:
-            lines.append(f"| {r['method']} | {_f(r.get('perplexity'))} | {_f(r.get('ratio_to_in_length'))} | {r['status']} |")
-    return "\n".join(lines) + "\n"
+SUITE = Suite(
+    name="tasks",
+    title="longattn tasks suite",
+    about=_about,
+    parts=(Part("retrieval", _retrieval_part, methods=lambda o: list(retrieval_methods())),
+           Part("perplexity", _perplexity_part, methods=lambda o: list(perplexity_methods()))),
+    quick={"lengths": None, "retrieval": QUICK_RETRIEVAL, "perplexity_tokens": 4096},
+    full={"lengths": None, "retrieval": FULL_RETRIEVAL, "perplexity_tokens": 8192},
+    describe=lambda r: (f"{r['task']} / {r['method']}, length {r['length']}"
+                        + (f", depth {float(r['depth']):.0%}" if num(r.get("depth")) is not None else "")),
+    live=(Column("accuracy", "accuracy", ".2f"), Column("perplexity", "perplexity", ".2f"),
+          Column("", "ratio_to_in_length", lambda x: None if x is None else f"{x:.2f}× in-length")),
+    tables=(
+        Table("Retrieval past the trained length (accuracy, mean over depths)", source=lambda res:
+              retrieval_summary(res["records"]),
+              pivot=Pivot(label("task · method", lambda r: f"{r['task']} · {r['method']}"), "length",
+                          Column("", "accuracy", ".2f"))),
+        Table("Passkey accuracy by depth", part="retrieval", where=lambda r: r["task"] == "passkey", console=False,
+              html=False, pivot=Pivot(label("method · length", lambda r: f"{r['method']} · {r['length']}"), "depth",
+                                      Column("", "accuracy", ".2f"), col_header=lambda d: f"depth {d}")),
+        Table(_perplexity_title, part="perplexity",
+              columns=(_METHOD, Column("perplexity", "perplexity", ".2f"),
+                       Column("× in-length", "ratio_to_in_length", ".2f"), status_column())),
+    ),
+    panels=(Panel("passkey_heatmap", "passkey", "length", "depth", lambda r: r["method"],
+                  where=lambda r: r.get("task") == "passkey", value="accuracy"),),
+)
