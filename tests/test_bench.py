@@ -12,6 +12,7 @@ from rich.console import Console
 
 import longattn
 from longattn.bench import get_suite, harness, kernels
+from longattn.bench.suite import run_suite
 from longattn.methods.dense import DenseChunked
 from longattn.methods.local import SlidingWindow
 
@@ -161,11 +162,11 @@ def test_random_block_map_is_seeded_with_diagonal():
 
 def test_suite_writes_results_and_report(tmp_path):
     console = Console(file=open(tmp_path / "console.txt", "w"), width=200)
-    res = kernels.run_kernels_suite(tmp_path / "out", lengths=[256, 512],
-                                    methods=["dense", "window", "streaming", "pattern:prefix_lm"],
-                                    console=console, n_rows=16)
+    res = run_suite(kernels.SUITE, tmp_path / "out", lengths=[256, 512],
+                    methods=["dense", "window", "streaming", "pattern:prefix_lm"], console=console, n_rows=16)
     data = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert data["suite"] == "kernels" and data["config"]["lengths"] == [256, 512]
+    assert data["suite"] == "kernels" and data["kind"] == "suite" and data["config"]["lengths"] == [256, 512]
+    assert data["status"] == "ok" and data["parts"]["cases"]["status"] == "ok"
     for key in ("platform", "cpu_count", "torch", "longattn", "seed", "date_utc", "load_average_at_end"):
         assert key in data["machine"]
     recs = data["records"]
@@ -222,7 +223,8 @@ def test_suite_records_failures_and_keeps_going(tmp_path):
         kernels.KernelCase("window", lambda n, s: longattn.method("window", window=64)),
     ]
     console = Console(file=open(tmp_path / "console.txt", "w"), width=100)
-    kernels.run_kernels_suite(tmp_path, lengths=[256], cases=cases, console=console, n_rows=8)
+    res = run_suite(kernels.SUITE, tmp_path, lengths=[256], cases=cases, console=console, n_rows=8)
+    assert res["status"] == "failed"  # a failed gate and crashed cases fail the suite
     recs = {(r["label"], r["causal"]): r for r in json.loads((tmp_path / "results.json").read_text())["records"]}
     wrong = recs[("wrong", True)]
     assert wrong["status"] == "FAILED accuracy" and "median_s" not in wrong and wrong["ratio_to_sdpa"] is None
@@ -234,7 +236,7 @@ def test_suite_records_failures_and_keeps_going(tmp_path):
 
 
 def test_get_suite():
-    assert get_suite("kernels") is kernels.run_kernels_suite
+    assert get_suite("kernels") is kernels.SUITE
     with pytest.raises(ValueError, match="kernels"):
         get_suite("nope")
 
@@ -257,8 +259,7 @@ def test_failed_auto_case_gets_a_tiled_fallback_record(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "FLEX_MIN_TOKENS", 1)  # treat tiny lengths as the Flex range (nothing compiles)
     cases = [kernels.KernelCase("flaky", lambda n, s: FlexOnlyBroken(window=32), (True,))]
     console = Console(file=open(tmp_path / "console.txt", "w"), width=100)
-    res = kernels.run_kernels_suite(tmp_path, lengths=[256], cases=cases, console=console, n_rows=8,
-                                    shapes=["self"])
+    res = run_suite(kernels.SUITE, tmp_path, lengths=[256], cases=cases, console=console, n_rows=8, shapes=["self"])
     flaky = [r for r in res["records"] if r["label"] == "flaky"]
     assert [r["status"].split(":")[0] for r in flaky] == ["error", "ok"]
     assert flaky[1]["fallback_for"] == "auto" and flaky[1]["backend"] == "tiled" and flaky[1]["path"] == "tiled"

@@ -13,6 +13,7 @@ from rich.console import Console
 
 import longattn
 from longattn.bench import decode, get_suite, peers
+from longattn.bench.suite import run_suite
 from longattn.methods.block_topk import Landmark
 from longattn.methods.dense import DenseChunked
 from longattn.methods.local import SlidingWindow
@@ -80,10 +81,11 @@ def _small_cases():
 
 
 def test_decode_suite_records_gates_and_failures(tmp_path):
-    res = decode.run_decode_suite(tmp_path, lengths=[512, 1024], heads=4, kv_heads=(4, 2), head_dim=32,
-                                  timed_steps=2, cases=_small_cases(), console=Console(width=100, quiet=True))
+    res = run_suite(decode.SUITE, tmp_path, lengths=[512, 1024], heads=4, kv_heads=(4, 2), head_dim=32,
+                    timed_steps=2, cases=_small_cases(), console=Console(width=100, quiet=True))
     recs = res["records"]
     assert res["suite"] == "decode" and res["machine"]["seed"] == 0 and res["wall_s"] > 0
+    assert res["status"] == "failed"  # the wrong, crashing and non-finite cases
     # every case at every cache and layout, SDPA first, nothing lost to the failing ones
     assert len(recs) == 2 * 2 * (1 + len(_small_cases()))
     for r in recs:
@@ -122,14 +124,15 @@ def test_decode_suite_records_gates_and_failures(tmp_path):
 
 def test_decode_suite_names_and_memory_guard(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown method"):
-        decode.run_decode_suite(tmp_path, lengths=[256], methods=["nope"], console=Console(quiet=True))
-    assert get_suite("decode") is decode.run_decode_suite
+        run_suite(decode.SUITE, tmp_path, lengths=[256], methods=["nope"], console=Console(quiet=True))
+    assert not (tmp_path / "results.json").exists()  # refused before any work
+    assert get_suite("decode") is decode.SUITE
     assert [c.label for c in decode.select_cases(decode.default_cases(), None)] == [
         "dense", "dense_chunked", "streaming", "landmark", "quest", "tokenselect", "recycled"]
     # too little memory: every case is recorded as skipped, nothing runs or crashes
     monkeypatch.setattr(decode, "available_memory", lambda: 1)
-    res = decode.run_decode_suite(tmp_path, lengths=[256], methods=["quest"], kv_heads=(8,),
-                                  console=Console(quiet=True))
+    res = run_suite(decode.SUITE, tmp_path, lengths=[256], methods=["quest"], kv_heads=(8,),
+                    console=Console(quiet=True))
     assert [r["method"] for r in res["records"]] == ["sdpa", "quest"]
     assert all(r["status"].startswith("oom:") and r["step_s"] is None for r in res["records"])
 
@@ -181,10 +184,9 @@ def _make_with_failures(peer, case, tokens, ids):
 
 
 def test_peers_suite_records_gates_and_failures(tmp_path):
-    res = peers.run_peers_suite(tmp_path, lengths=[256, 512], methods=["dense", "dense_chunked", "window", "pattern",
-                                                                         "kvpress"],
-                                heads=2, head_dim=16, make_method=_make_with_failures,
-                                console=Console(width=100, quiet=True))
+    res = run_suite(peers.SUITE, tmp_path, lengths=[256, 512],
+                    methods=["dense", "dense_chunked", "window", "pattern", "kvpress"],
+                    heads=2, head_dim=16, make_method=_make_with_failures, console=Console(width=100, quiet=True))
     recs = res["records"]
     assert res["suite"] == "peers" and res["machine"]["torch"] == torch.__version__
     for r in recs:
@@ -192,7 +194,7 @@ def test_peers_suite_records_gates_and_failures(tmp_path):
             assert f in r, f
     kv = [r for r in recs if r["peer"] == "kvpress"]
     assert len(kv) == 1 and kv[0]["status"].startswith("unsupported: kvpress")
-    assert "issue 4" in kv[0]["status"]
+    assert "kvpress_side" in kv[0]["status"] and "issue" not in kv[0]["status"]
     by = {(r["peer"], r["case"], r["tokens"]): r for r in recs if r["peer"] != "kvpress"}
     # sdpa on every mask, dense_chunked and dense on causal only, window and pattern on theirs
     assert len(by) == 2 * (3 + 2 + 1 + 1)
@@ -218,13 +220,13 @@ def test_peers_suite_records_gates_and_failures(tmp_path):
 
 def test_peers_flex_unavailable_is_recorded(tmp_path, monkeypatch):
     monkeypatch.setattr(peers, "flex_unavailable", lambda: "no C++ compiler here")
-    res = peers.run_peers_suite(tmp_path, lengths=[128], methods=["flex"], cases=("causal",), heads=2, head_dim=16,
-                                console=Console(quiet=True))
+    res = run_suite(peers.SUITE, tmp_path, lengths=[128], methods=["flex"], cases=("causal",), heads=2, head_dim=16,
+                    console=Console(quiet=True))
     flex = [r for r in res["records"] if r["peer"] == "flex"]
     assert [r["status"] for r in flex] == ["unsupported: no C++ compiler here"]
     assert flex[0]["ratio_to_sdpa"] is None
     with pytest.raises(ValueError, match="unknown method"):
-        peers.run_peers_suite(tmp_path, lengths=[128], methods=["flash"], console=Console(quiet=True))
+        run_suite(peers.SUITE, tmp_path / "b", lengths=[128], methods=["flash"], console=Console(quiet=True))
 
 
 def test_kvpress_record_when_importable(monkeypatch):
@@ -240,8 +242,8 @@ def test_kvpress_record_when_importable(monkeypatch):
 
 @pytest.mark.skipif(peers.flex_unavailable() is not None, reason="compiled FlexAttention cannot run here")
 def test_peers_flex_compiles_outside_the_timed_samples(tmp_path):
-    res = peers.run_peers_suite(tmp_path, lengths=[128], methods=["flex"], cases=("causal",), heads=2, head_dim=16,
-                                console=Console(quiet=True))
+    res = run_suite(peers.SUITE, tmp_path, lengths=[128], methods=["flex"], cases=("causal",), heads=2, head_dim=16,
+                    console=Console(quiet=True))
     (flex,) = [r for r in res["records"] if r["peer"] == "flex"]
     assert flex["status"] == "ok", flex["status"]
     assert flex["gate"]["passed"] and flex["compile_s"] > 0 and flex["block_mask_s"] >= 0

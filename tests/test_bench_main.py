@@ -1,47 +1,130 @@
-"""The main job (``longattn bench``, suite ``all``): every suite runs, one failing suite does not
-lose the others, and the combined results, report, plots and HTML page are written."""
+"""The main job (``longattn bench``): every suite runs, a failing suite or part does not lose the
+others and is said plainly (one line, no absolute path, exit status 1), results are never
+clobbered, and the combined results, report, plots and HTML page are written."""
 
 import json
 
 import pytest
+from rich.console import Console
+from typer.testing import CliRunner
 
-from longattn.bench import main
+from longattn.bench import MAIN_SUITES, main, tasks
+from longattn.bench.suite import claim_folder
+from longattn.cli import app
 
 TINY = {
     "kernels": {"lengths": [256]},
-    "sparse": {"parts": ("frontier",), "frontier_tokens": 1024},
+    "sparse": {"parts": ("frontier",), "frontier_tokens": (1024,)},
     "decode": {"lengths": [512, 1024]},
     "tasks": {"parts": ("perplexity",), "perplexity_tokens": 600},
     "peers": {"lengths": [256]},
-    "memory": {"parts": ("long_decode",), "lengths": [4096], "decode": 2, "methods": ["blocks"]},
+    "memory": {"parts": ("long_decode",), "lengths": [4096], "decode": 2},
 }
 
 
-def test_main_job_writes_everything_and_survives_a_failing_suite(tmp_path, monkeypatch):
-    options = {**TINY, "peers": {"lengths": [256], "no_such_option": 1}}  # peers will raise TypeError
-    monkeypatch.setattr(main, "QUICK_OPTIONS", options)
-    res = main.run_all(tmp_path)
-    assert list(res["suites"]) == list(main.MAIN_SUITES)
-    assert res["suite_status"]["peers"].startswith("error: TypeError")
-    for name in ("kernels", "sparse", "decode", "tasks", "memory"):
-        assert res["suite_status"][name] == "ok", (name, res["suite_status"][name])
+def _quiet(tmp_path):
+    return Console(file=open(tmp_path / "console.txt", "w"), width=80)
+
+
+def test_main_job_writes_everything_and_survives_a_failing_suite_and_part(tmp_path, monkeypatch):
+    def missing_file(*a, **k):
+        raise FileNotFoundError("/very/private/place/stories260K.bin is missing")
+
+    monkeypatch.setattr(tasks, "run_perplexity", missing_file)
+    options = {**TINY, "peers": {"lengths": [256], "no_such_option": 1}}  # peers cannot start
+    out = tmp_path / "out"
+    res = main.run_all(out, options=options, console=_quiet(tmp_path))
+    assert list(res["suites"]) == list(MAIN_SUITES) and res["status"] == "failed"
+    assert res["suites"]["peers"]["status"] == "failed"
+    assert "unknown option(s) no_such_option" in res["suites"]["peers"]["error"]
+    t = res["suites"]["tasks"]
+    assert t["status"] == "failed" and t["parts"]["perplexity"]["status"] == "error"
+    assert t["parts"]["perplexity"]["reason"] == "FileNotFoundError: …/stories260K.bin is missing"
+    for name in ("kernels", "sparse", "decode", "memory"):
+        assert res["suites"][name]["status"] == "ok", (name, res["suites"][name].get("parts"))
         assert res["suites"][name]["records"], name
-        assert (tmp_path / name / "results.json").exists()
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["config"]["mode"] == "quick" and set(saved["suites"]) == set(main.MAIN_SUITES)
-    report = (tmp_path / "report.md").read_text()
-    assert "## longattn kernels benchmark" in report and "| peers | error: TypeError" in report
-    html = (tmp_path / "report.html").read_text()
+        assert (out / name / "results.json").exists()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["kind"] == "main" and saved["config"]["mode"] == "quick" and set(saved["suites"]) == set(MAIN_SUITES)
+    report = (out / "report.md").read_text()
+    head = report.split("## longattn kernels benchmark")[0]  # the status comes first
+    assert "- tasks: FAILED (0 records" in head and "part perplexity error: FileNotFoundError" in head
+    assert "- peers: FAILED" in head and "2 of 6 suites FAILED: tasks, peers" in head
+    assert "/very/private" not in report and "Traceback" not in report
+    log = (out / "errors.log").read_text()
+    assert "Traceback" in log and "/very/private/place/stories260K.bin" in log and "== tasks · perplexity ==" in log
+    html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
     assert 'id="suite-memory"' in html and "Long prompt through the tiered memory" in html
-    pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert html.index('id="status"') < html.index('id="plots"') and "2 of 6 suites FAILED" in html
+    assert "/very/private" not in html and "Traceback" not in html
+    pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert "speedup_vs_length.png" in pngs and "error_vs_density.png" in pngs and "memory_vs_length.png" in pngs
+    console = (tmp_path / "console.txt").read_text()
+    before, _, tail = console.rpartition("longattn bench")  # the rule above the last lines
+    assert "tracebacks in" in before[-400:]
+    assert "tasks: FAILED" in tail and "peers: FAILED" in tail and "FileNotFoundError" in tail
+    assert console.rstrip().splitlines()[-1].startswith("2 of 6 suites FAILED: tasks, peers (")
 
 
-def test_main_job_refuses_per_suite_options():
-    with pytest.raises(ValueError, match="--lengths applies to one suite"):
-        main.run_all("/tmp/never", lengths=[1024])
-    with pytest.raises(ValueError, match="--methods applies to one suite"):
-        main.run_all("/tmp/never", methods=["dense"])
+def test_the_command_exits_non_zero_when_a_suite_failed_unless_allowed(tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(tasks, "run_perplexity", broken)
+    runner = CliRunner()
+    out = tmp_path / "one"
+    argv = ["bench", "--suite", "tasks", "--methods", "dense", "--out", str(out)]
+    res = runner.invoke(app, argv + ["--lengths", "256"])
+    assert res.exit_code == 1, res.output
+    assert "tasks: FAILED" in res.output and "RuntimeError: kernel exploded" in res.output
+    assert (out / "errors.log").exists() and "kernel exploded" in (out / "report.md").read_text()
+    # the retrieval part did its work: one failed part does not drop the others
+    data = json.loads((out / "results.json").read_text())
+    assert data["parts"]["retrieval"]["status"] == "ok" and data["records"]
+    res = runner.invoke(app, argv + ["--lengths", "256", "--allow-partial"])
+    assert res.exit_code == 0, res.output
+
+
+def test_results_are_never_clobbered(tmp_path):
+    main_dir = tmp_path / "bench-out"
+    claim_folder(main_dir, "main", "all")
+    (main_dir / "results.json").write_text(json.dumps({"kind": "main", "suites": {}}))
+    (main_dir / "kernels").mkdir()
+    (main_dir / "kernels" / "results.json").write_text(json.dumps({"kind": "suite", "suite": "kernels",
+                                                                    "part_of_main": True}))
+    with pytest.raises(ValueError, match="holds the main job's results"):
+        claim_folder(main_dir, "suite", "kernels")
+    with pytest.raises(ValueError, match="holds the kernels suite's results of a main job"):
+        claim_folder(main_dir / "kernels", "suite", "kernels")
+    assert claim_folder(main_dir, "main", "all") == main_dir  # the main job may rerun into its folder
+    alone = tmp_path / "bench-out-kernels"
+    alone.mkdir()
+    (alone / "results.json").write_text(json.dumps({"kind": "suite", "suite": "kernels", "part_of_main": False}))
+    assert claim_folder(alone, "suite", "kernels") == alone  # the same suite may rerun
+    with pytest.raises(ValueError, match="holds the kernels suite's results"):
+        claim_folder(alone, "suite", "decode")
+    with pytest.raises(ValueError, match="holds the kernels suite's results"):
+        claim_folder(alone, "main", "all")
+    res = CliRunner().invoke(app, ["bench", "--suite", "kernels", "--out", str(main_dir), "--lengths", "128"])
+    assert res.exit_code == 2 and "main job" in " ".join(res.output.replace("│", " ").split())
+
+
+def test_the_main_job_refuses_per_suite_options_and_bad_values_before_any_work(tmp_path):
+    runner = CliRunner()
+    for argv, text in ((["bench", "--methods", "dense"], "--suite"), (["bench", "--lengths", "1024"], "--suite"),
+                       (["bench", "--lengths", "12x"], "12x"),
+                       (["bench", "--suite", "decode", "--methods", "warp_drive"], "warp_drive"),
+                       (["bench", "--suite", "tasks", "--methods", "nope"], "nope"),
+                       (["bench", "--suite", "memory", "--methods", "sdpa"], "sdpa"),
+                       (["bench", "--suite", "nope"], "kernels")):
+        res = runner.invoke(app, argv + ["--out", str(tmp_path / "x")])
+        assert res.exit_code == 2, (argv, res.output)
+        assert text in res.output, (argv, res.output)
+    assert not (tmp_path / "x").exists()
+    a_file = tmp_path / "f"
+    a_file.write_text("")
+    res = runner.invoke(app, ["bench", "--suite", "kernels", "--lengths", "128", "--out", str(a_file)])
+    assert res.exit_code == 2 and "is a file" in " ".join(res.output.replace("│", " ").split())
     with pytest.raises(ValueError, match="unknown suite"):
-        main.run_all("/tmp/never", suites=["nope"])
+        main.run_all(tmp_path / "never", suites=["nope"])

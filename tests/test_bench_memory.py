@@ -8,13 +8,15 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from longattn.bench import get_suite  # noqa: E402
-from longattn.bench.memory import policy_configs, run_memory_suite  # noqa: E402
+from longattn.bench import get_suite, memory  # noqa: E402
+from longattn.bench.memory import policy_configs  # noqa: E402
+from longattn.bench.suite import run_suite  # noqa: E402
 
 
 def test_memory_suite_records_policies_and_the_long_decode(tmp_path, stories):
-    res = run_memory_suite(tmp_path, methods=["full", "streaming", "blocks", "retrieval", "retrieval-exact"],
-                           policy_tokens=512, continuation=128, budget=128, lengths=[4096], decode=3)
+    res = run_suite(memory.SUITE, tmp_path, methods=["full", "streaming", "blocks", "retrieval", "retrieval-exact"],
+                    policy_tokens=512, continuation=128, budget=128, lengths=[4096], decode=3)
+    assert res["status"] == "ok"
     pol = {r["policy"]: r for r in res["records"] if r["test"] == "policies"}
     assert list(pol) == ["full", "streaming", "blocks", "retrieval", "retrieval-exact"]
     assert pol["streaming"]["tokens_kept"] == [[128] * 4] * 5  # 5 layers × 4 key heads, really dropped
@@ -32,15 +34,18 @@ def test_memory_suite_records_policies_and_the_long_decode(tmp_path, stories):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert len(saved["records"]) == len(res["records"])
     report = (tmp_path / "report.md").read_text()
-    assert "## Policies on stories260K" in report and "| retrieval-exact | exact |" in report
-    assert "## Long prompt, tiered memory, decode" in report and "| retrieval | 4,096 |" in report
+    assert "## KV policies on stories260K" in report and "| retrieval-exact | exact |" in report
+    assert "## Long prompt through the tiered memory" in report and "| retrieval | 4,096 |" in report
 
 
 def test_memory_suite_is_registered_and_checks_its_options(tmp_path):
-    assert get_suite("memory") is run_memory_suite
-    with pytest.raises(ValueError, match="unknown memory suite part"):
-        run_memory_suite(tmp_path, parts=("nope",))
+    assert get_suite("memory") is memory.SUITE
+    with pytest.raises(ValueError, match="unknown part"):
+        run_suite(memory.SUITE, tmp_path, parts=("nope",))
     with pytest.raises(ValueError, match="prompt lengths must be >= 4096"):
-        run_memory_suite(tmp_path, lengths=[100])
+        run_suite(memory.SUITE, tmp_path, lengths=[100])
+    with pytest.raises(ValueError, match="budget must be >= 128"):
+        run_suite(memory.SUITE, tmp_path, budget=64)
+    assert not (tmp_path / "results.json").exists()  # every refusal came before any work
     with pytest.raises(ValueError, match="budget must be >= 128"):
         policy_configs(64, 5, 4)

@@ -7,6 +7,7 @@ import torch
 
 import longattn
 from longattn.bench import sparse
+from longattn.bench.suite import run_suite
 
 
 def test_recall_is_exp_lse_gap_and_oracle_is_the_upper_bound():
@@ -32,31 +33,34 @@ def test_recall_is_exp_lse_gap_and_oracle_is_the_upper_bound():
 
 
 def test_suite_writes_results_and_report(tmp_path, monkeypatch):
-    res = sparse.run_sparse_suite(tmp_path, lengths=[512], methods=["block_oracle", "streaming"], seed=2,
-                                  parts=("accuracy",))
+    res = run_suite(sparse.SUITE, tmp_path, methods=["block_oracle", "streaming"], seed=2, parts=("accuracy",),
+                    accuracy_tokens=512)
     data = json.loads((tmp_path / "results.json").read_text())
     assert {r["method"] for r in data["records"]} == {"block_oracle", "streaming"}
     assert "| block_oracle |" in (tmp_path / "report.md").read_text()
     with pytest.raises(ValueError, match="unknown method"):
-        sparse.run_sparse_suite(tmp_path, lengths=[512], methods=["nope"], parts=("accuracy",))
-    assert res["tokens"] == 512
+        run_suite(sparse.SUITE, tmp_path, methods=["nope"], parts=("accuracy",))
+    assert {r["tokens"] for r in res["records"]} == {512} and res["status"] == "ok"
 
 
 def test_speed_parts_run_small_and_report(tmp_path):
-    res = sparse.run_sparse_suite(tmp_path, parts=("prefill", "decode"), prefill_tokens=2048, decode_cache=4096)
-    p, d = res["prefill"], res["decode"]
-    assert p["tokens"] == 2048 and p["sdpa"]["median_s"] > 0
-    for r in p["records"]:
+    res = run_suite(sparse.SUITE, tmp_path, parts=("prefill", "decode"), prefill_tokens=2048, decode_cache=4096)
+    p = [r for r in res["records"] if r["part"] == "prefill"]
+    d = [r for r in res["records"] if r["part"] == "decode"]
+    assert p[0]["method"] == "sdpa" and p[0]["tokens"] == 2048 and p[0]["median_s"] > 0
+    for r in p[1:]:
         assert r["finite"] and r["ratio_to_sdpa"] > 0 and 0 < r["density"] < 0.5, r
-    blocks = [r for r in p["records"] if r["registry_name"] in ("landmark", "quest", "infllm", "hip")]
+        assert r["sdpa_median_s"] == p[0]["median_s"]
+    blocks = [r for r in p if r.get("registry_name") in ("landmark", "quest", "infllm", "hip")]
     assert all(abs(r["density"] - blocks[0]["density"]) < 1e-9 for r in blocks)  # same budget, same density
-    assert [r["method"] for r in d["records"]] == ["landmark", "quest"]
-    for r in d["records"]:
+    assert [r["method"] for r in d] == ["sdpa", "landmark", "quest"]
+    for r in d[1:]:
         assert 0 < r["recall"] <= 1 and r["step_s"] > 0
     text = (tmp_path / "report.md").read_text()
-    assert "## Causal prefill, 2048 tokens" in text and "## Decode over a 4096-token cache" in text
-    with pytest.raises(ValueError, match="unknown sparse suite part"):
-        sparse.run_sparse_suite(tmp_path, parts=("speed",))
+    assert "## Causal prefill at 10% density, 2048 tokens" in text
+    assert "## Decode step over a long cache, 4096 tokens" in text
+    with pytest.raises(ValueError, match="unknown part"):
+        run_suite(sparse.SUITE, tmp_path, parts=("speed",))
 
 
 def test_budget_for_density_matches_the_measured_density():
@@ -86,10 +90,10 @@ def test_frontier_part_reports_every_family_and_withholds_speed_after_a_failed_g
         return (out[0] * 1.5, out[1]) if isinstance(out, tuple) else out * 1.5
 
     fams = {"landmark (pooled)": good, "broken": Wrong()}
-    res = sparse_speed.run_frontier(2048, (0.1, 0.3), methods=fams, repeats=1)
-    assert [(r["method"], r["target_density"]) for r in res["records"]] == [
-        ("landmark (pooled)", 0.1), ("landmark (pooled)", 0.3), ("broken", 0.1), ("broken", 0.3)]
-    lm = res["records"][:2]
+    recs = list(sparse_speed.run_frontier(2048, (0.1, 0.3), methods=fams, repeats=1))
+    assert [(r["method"], r["target_density"]) for r in recs] == [
+        ("sdpa", 1.0), ("landmark (pooled)", 0.1), ("landmark (pooled)", 0.3), ("broken", 0.1), ("broken", 0.3)]
+    lm = recs[1:3]
     assert all(r["status"] == "ok" and r["ratio_to_sdpa"] > 0 and r["gate"]["passed"] for r in lm)
     assert lm[0]["density"] < lm[1]["density"] and lm[0]["rel_err"] > lm[1]["rel_err"]
     # now make every non-dense call wrong: the gate fails and no speed is given
@@ -97,17 +101,16 @@ def test_frontier_part_reports_every_family_and_withholds_speed_after_a_failed_g
 
     real = longattn.attention
     monkeypatch.setattr(longattn, "attention", broken_attention)
-    res = sparse_speed.run_frontier(1024, (0.2,), methods={"broken": Wrong()}, repeats=1)
-    (r,) = res["records"]
+    _, r = sparse_speed.run_frontier(1024, (0.2,), methods={"broken": Wrong()}, repeats=1)
     assert r["status"].startswith("FAILED full-budget gate") and r["ratio_to_sdpa"] is None and r["median_s"] is None
     assert not r["gate"]["passed"]
 
 
 def test_sparse_suite_frontier_in_report(tmp_path):
-    res = sparse.run_sparse_suite(tmp_path, parts=("frontier",), frontier_tokens=1024)
+    res = run_suite(sparse.SUITE, tmp_path, parts=("frontier",), lengths=[1024])
     assert {r["part"] for r in res["records"]} == {"frontier"}
     text = (tmp_path / "report.md").read_text()
-    assert "## Density ↔ error ↔ speed-up, causal prefill of 1024 tokens" in text
+    assert "## Density ↔ error ↔ speed-up, causal prefill (1024 tokens: SDPA" in text
     for name in sparse_speed_families():
         assert f"| {name} |" in text
 

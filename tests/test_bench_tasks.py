@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import longattn
+from longattn.bench.suite import render_markdown
 from longattn.models import stories260k
 from longattn.models.llama2c import forward, load_checkpoint
 
@@ -31,7 +32,7 @@ def test_perplexity_part_records_and_in_length_reference(tmp_path):
     from longattn.bench import tasks
 
     methods = {"dense": longattn.method("dense"), "window": longattn.method("window", window=256)}
-    recs = tasks.run_perplexity(1024, methods=methods, seed=1)
+    recs = list(tasks.run_perplexity(1024, methods=methods, seed=1))
     assert [r["method"] for r in recs] == ["dense", "window"]
     for r in recs:
         assert r["task"] == "perplexity" and r["length"] == 1024 and r["status"] == "ok"
@@ -47,12 +48,15 @@ def test_retrieval_part_inside_the_shipped_model_records_every_cell(tmp_path):
     settings = {"lengths": (256, 1024), "depths": (0.2, 0.8), "n": 2, "needle_lengths": (256,),
                 "mqar_lengths": (256,), "mqar_pairs": 4}
     methods = {k: v for k, v in tasks.retrieval_methods().items() if k in ("dense", "longheads")}
-    recs = tasks.run_retrieval(settings, methods=methods, seed=3)
+    recs = list(tasks.run_retrieval(settings, methods=methods, seed=3))
     cells = [(r["task"], r["length"], r["depth"], r["method"]) for r in recs]
     assert len(cells) == len(set(cells)) == (2 * 2 + 1 + 1) * 2
     for r in recs:
         assert r["status"] == "ok" and 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 2 and r["trained_length"] == 512
     # within the trained length the model retrieves with dense attention
     assert all(r["accuracy"] == 1.0 for r in recs if r["length"] == 256 and r["method"] == "dense")
-    text = tasks.render_report({"records": recs, "config": {"seed": 3, "retrieval": settings}})
+    for r in recs:
+        r["part"] = "retrieval"
+    text = render_markdown(tasks.SUITE, {"records": recs, "config": {"seed": 3, "retrieval": settings,
+                                                                     "perplexity_tokens": 0}, "parts": {}})
     assert "| passkey · longheads |" in text and "depth 0.2" in text

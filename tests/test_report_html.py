@@ -37,8 +37,11 @@ NASTY = "window<script>&"
 
 
 def _suite(name, records, wall_s, **config):
-    return {"suite": name, "machine": MACHINE, "config": {"seed": 0, **config}, "records": records,
-            "wall_s": wall_s}
+    from longattn.bench import get_suite
+
+    defaults = dict(get_suite(name).quick)
+    return {"kind": "suite", "suite": name, "machine": MACHINE, "config": {"seed": 0, **defaults, **config},
+            "records": records, "wall_s": wall_s, "parts": {}, "status": "ok"}
 
 
 def fake_results() -> dict:
@@ -77,20 +80,22 @@ def fake_results() -> dict:
                 rel = 0.02 * quality * (0.1 / d) ** 0.8 * (n / 32768) ** 0.3
                 ratio = speed * (n / 32768) * 0.1 / d
                 frontier.append({"part": "frontier", "method": method, "tokens": n, "density": d, "rel_err": rel,
-                                 "recall": max(0.0, 1 - 0.5 * rel), "median_s": 0.5 * d * 10 / speed,
-                                 "ratio_to_sdpa": ratio if d <= 0.2 else None})
+                                 "target_density": d, "recall": max(0.0, 1 - 0.5 * rel),
+                                 "median_s": 0.5 * d * 10 / speed, "ratio_to_sdpa": ratio if d <= 0.2 else None,
+                                 "speed_panel": d == 0.1, "status": "ok"})
     decode = []
     for layout, kv_heads in (("MHA", 8), ("GQA 8:2", 2)):  # the suite runs both; plots draw the first
         for cache in (4096, 16384, 65536, 131072):
             for method, kept in (("sdpa", cache), ("landmark", 2048), ("quest", 2048), ("streaming", 1024)):
                 kv = 2 * kv_heads * 64 * 4 * kept
-                decode.append({"layout": layout, "method": method, "cache": cache,
+                decode.append({"layout": layout, "heads": 8, "kv_heads": kv_heads, "method": method, "cache": cache,
                                "budget": None if method == "sdpa" else kept, "step_s": 1e-7 * kept + 1e-4,
                                "ratio_to_sdpa": cache / kept if method != "sdpa" else 1.0,
                                "rel_err": 0.0 if method == "sdpa" else 0.03,
                                "recall": 1.0 if method == "sdpa" else 0.95, "kv_bytes": kv,
                                "peak_mem_bytes": kv + 2**20, "status": "ok"})
-    decode.append({"layout": "MHA", "method": "quest", "cache": 262144, "budget": 2048, "step_s": None,
+    decode.append({"layout": "MHA", "heads": 8, "kv_heads": 8, "method": "quest", "cache": 262144, "budget": 2048,
+                   "step_s": None,
                    "ratio_to_sdpa": None, "rel_err": None, "recall": None, "kv_bytes": None, "peak_mem_bytes": None,
                    "status": "skipped: out of the time budget"})
 
@@ -105,31 +110,33 @@ def fake_results() -> dict:
                 else:
                     acc = float(np.clip(1.0 - 0.08 * math.log2(n / 1024) * (1.5 if method == "quest" else 1.0)
                                         - 0.1 * d, 0, 1))
-                tasks.append({"task": "passkey", "method": method, "length": n, "depth": d,
+                tasks.append({"part": "retrieval", "task": "passkey", "method": method, "length": n, "depth": d,
                               "accuracy": round(acc * 20) / 20, "n": 20, "status": "ok"})
-            tasks.append({"task": "mqar", "method": method, "length": n, "depth": None,
+            tasks.append({"part": "retrieval", "task": "mqar", "method": method, "length": n, "depth": None,
                           "accuracy": 0.9 if method == "dense" else 0.6, "n": 64, "status": "ok"})
-            tasks.append({"task": "perplexity", "method": method, "length": n, "depth": None,
-                          "perplexity": 5.0 + (0.0 if method == "dense" else 0.3 * math.log2(n / 1024)),
-                          "n": 4, "status": "ok"})
-    tasks.append({"task": "passkey", "method": "quest", "length": 16384, "depth": 0.5, "accuracy": None, "n": 0,
-                  "status": "failed: out of memory"})
+        tasks.append({"part": "perplexity", "task": "perplexity", "method": method, "length": 8192, "depth": None,
+                      "perplexity": 5.0 + (0.0 if method == "dense" else 0.3), "in_length_perplexity": 4.0,
+                      "ratio_to_in_length": 1.25, "n": 1, "status": "ok"})
+    tasks.append({"part": "retrieval", "task": "passkey", "method": "quest", "length": 16384, "depth": 0.5,
+                  "accuracy": None, "n": 0, "status": "oom: out of memory"})
     peers = []
     for n in (4096, 16384):
         for peer, ratio in (("sdpa", 1.0), ("flex", 1.8), ("landmark", 2.5)):
-            peers.append({"peer": peer, "case": "causal prefill", "tokens": n, "causal": True,
+            peers.append({"part": "prefill", "peer": peer, "case": "causal prefill", "tokens": n, "causal": True,
                           "median_s": sdpa_s[n] / ratio, "ratio_to_sdpa": ratio, "status": "ok"})
-        peers.append({"peer": "kvpress", "case": "causal prefill", "tokens": n, "causal": True, "median_s": None,
-                      "ratio_to_sdpa": None, "status": "unsupported: kvpress is not installed"})
+    peers.append({"part": "kvpress", "peer": "kvpress", "case": "kv-cache compression", "tokens": None,
+                  "causal": True, "median_s": None, "ratio_to_sdpa": None,
+                  "status": "unsupported: kvpress is not installed"})
     suites = {
         "kernels": _suite("kernels", kernels, 210.0, lengths=list(LENGTHS)),
-        "sparse": _suite("sparse", frontier, 95.5, tokens=32768),
-        "decode": _suite("decode", decode, 60.0, caches=[4096, 16384, 65536, 131072]),
-        "tasks": _suite("tasks", tasks, 140.0, depths=list(DEPTHS)),
+        "sparse": _suite("sparse", frontier, 95.5),
+        "decode": _suite("decode", decode, 60.0, lengths=[4096, 16384, 65536, 131072]),
+        "tasks": _suite("tasks", tasks, 140.0),
         "peers": _suite("peers", peers, 30.0),
     }
-    return {"machine": MACHINE, "config": {"mode": "quick", "seed": 0, "suites": list(suites)}, "suites": suites,
-            "wall_s": 535.2}
+    suites["kernels"]["status"] = suites["decode"]["status"] = "failed"
+    return {"kind": "main", "machine": MACHINE, "config": {"mode": "quick", "seed": 0, "suites": list(suites)},
+            "suites": suites, "wall_s": 535.2, "status": "failed"}
 
 
 @pytest.fixture(scope="module")
@@ -177,13 +184,14 @@ def test_heatmap_uses_the_accuracy_colours(report):
 
 def test_plots_skip_suites_not_run(tmp_path, results):
     only_kernels = {**results, "suites": {"kernels": results["suites"]["kernels"]}}
-    assert plots.speedup_vs_length(only_kernels, tmp_path / "s.png") == tmp_path / "s.png"
-    assert plots.error_vs_density(only_kernels, tmp_path / "e.png") is None
-    assert plots.passkey_heatmap(only_kernels, tmp_path / "p.png") is None
+    written = plots.write_all(only_kernels, tmp_path / "k")
     # kernels' prefill peak memory still gives a memory plot without the decode suite
-    assert plots.memory_vs_length(only_kernels, tmp_path / "m.png") is not None
+    assert set(written) == {"speedup_vs_length", "memory_vs_length"}
+    data = plots.panel_data(only_kernels)
+    assert [p.title for p, _ in data["memory_vs_length"]] == ["prefill, causal: peak memory (RSS growth, kernels suite)"]
+    assert len(data["speedup_vs_length"]) == 2  # the fake run has causal and non-causal self attention
     assert plots.write_all({"machine": MACHINE, "config": {}, "suites": {}}, tmp_path / "none") == {}
-    assert not (tmp_path / "e.png").exists()
+    assert not (tmp_path / "none").exists() or not list((tmp_path / "none").iterdir())
 
 
 def test_colours_are_fixed_per_method(results):
@@ -213,8 +221,8 @@ def test_html_is_self_contained_and_escaped(report, results):
     assert "&lt;b&gt;no kernel&lt;/b&gt; &amp; no fallback" in html
     # the headline numbers and the failures are there
     for text in ("Speed-up", "AMD EPYC", "2.13.0+cpu", "FAILED accuracy", "kvpress is not installed",
-                 "failed: out of memory", "skipped: out of the time budget", "Seed</dt><dd>0<", "535 s",
-                 "64.00×", "passkey: accuracy"):
+                 "oom: out of memory", "skipped: out of the time budget", "Seed</dt><dd>0<", "535 s",
+                 "64.00×", "passkey · landmark", "Status:", "kernels: FAILED"):
         assert text in html, text
     # one plot description each, and one table per suite
     for name in plots.PLOT_NAMES:
@@ -229,13 +237,13 @@ def test_html_with_suites_missing(results):
     assert 'id="suite-tasks"' in html and 'id="suite-kernels"' not in html
     assert "not run" in html
     assert render_html({"suites": {}}, {})  # nothing at all still renders a page
-    # the main job keeps a crashed suite with its traceback: shown, escaped, and listed as a failure
-    crashed = {**part, "suites": {**part["suites"], "peers": {"suite": "peers", "records": [],
-                                                              "error": "Traceback ...\nRuntimeError: <boom>"}},
-               "suite_status": {"peers": "error: RuntimeError: <boom>"}}
+    # a suite that could not start: its one-line reason shown, escaped, and listed as a failure
+    crashed = {**part, "suites": {**part["suites"], "peers": {"suite": "peers", "records": [], "parts": {},
+                                                              "status": "failed", "error": "RuntimeError: <boom>"}},
+               "status": "failed"}
     html = render_html(crashed, {})
     assert 'id="suite-peers"' in html and "RuntimeError: &lt;boom&gt;" in html and "<boom>" not in html
-    assert "the whole suite" in html
+    assert "the whole suite" in html and "1 of 2 suites FAILED: peers" in html
 
 
 def _near(img: np.ndarray, rgb, tol: float = 0.06) -> int:

@@ -159,8 +159,8 @@ def bench_cmd(
             resolve_options(get_suite(suite), full=not quick, lengths=length_list, methods=method_list, overrides={})
         except ValueError as exc:
             msg = str(exc)
-            hint = "--lengths" if msg.startswith("--lengths") else "--methods"
-            raise typer.BadParameter(msg.removeprefix(hint + ": "), param_hint=hint) from None
+            hint = next((o for o in ("--lengths", "--methods") if msg.startswith(o)), None)
+            raise typer.BadParameter(msg.removeprefix(f"{hint}: ") if hint else msg, param_hint=hint) from None
     folder = out if out is not None else Path("bench-out" if suite == "all" else f"bench-out-{suite}")
     try:
         if suite == "all":

@@ -309,13 +309,8 @@ def run_steps(ctx: Context) -> Iterator[dict[str, Any]]:
     """Every cache length × KV layout: SDPA's step first, then each selected case."""
     o = ctx.options
     caches = sorted({int(n) for n in o["lengths"]})
-    if not caches or any(n < 2 for n in caches):
-        raise ValueError(f"lengths (cache tokens) must be at least 2, got {caches}")
     heads, head_dim = int(o["heads"]), int(o["head_dim"])
     layouts = [int(h) for h in o["kv_heads"]]
-    bad = [h for h in layouts if h < 1 or heads % h]
-    if bad:
-        raise ValueError(f"kv_heads must divide heads={heads}, got {bad}")
     chosen = select_cases(_options_cases(o), ctx.methods)
     n_timed = int(o["timed_steps"])
     max_case_s = float(o["case_max_seconds"])
@@ -585,6 +580,16 @@ def crossovers(records: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]]
     return rows
 
 
+def check(options: Mapping[str, Any]) -> None:
+    caches = sorted({int(n) for n in options["lengths"]})
+    if not caches or any(n < 2 for n in caches):
+        raise ValueError(f"--lengths (cache tokens) must be at least 2, got {caches}")
+    heads = int(options["heads"])
+    bad = [int(h) for h in options["kv_heads"] if int(h) < 1 or heads % int(h)]
+    if bad:
+        raise ValueError(f"kv_heads must divide heads={heads}, got {bad}")
+
+
 def finish(results: dict[str, Any]) -> None:
     """The efficiency lengths, folded into the records too."""
     rows = crossovers(results["records"])
@@ -711,4 +716,5 @@ SUITE = Suite(
               (num(r.get("peak_mem_bytes")) or 0) > 0, xlabel="tokens in the KV cache"),
     ),
     finish=finish,
+    check=check,
 )

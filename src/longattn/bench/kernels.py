@@ -244,11 +244,7 @@ def run_cases(ctx: Context) -> Iterator[dict[str, Any]]:
     rerun when its FlexAttention path failed)."""
     o = ctx.options
     lens = sorted({int(n) for n in o["lengths"]})
-    if not lens or any(n < 1 for n in lens):
-        raise ValueError(f"lengths must be positive, got {lens}")
     shapes = tuple(dict.fromkeys(o["shapes"]))
-    if not shapes or any(sh not in SHAPES for sh in shapes):
-        raise ValueError(f"shapes must be a non-empty subset of {SHAPES}, got {list(shapes)}")
     batch, heads, head_dim, n_rows, seed = o["batch"], o["heads"], o["head_dim"], o["n_rows"], ctx.seed
     chosen = select_cases(_options_cases(o), ctx.methods)
     plan = [(n, shape, causal, c) for n in lens for shape in shapes for causal in (True, False)
@@ -298,6 +294,15 @@ def run_cases(ctx: Context) -> Iterator[dict[str, Any]]:
             rec2.update(label=case.label, method=tiled.name, backend="tiled", params=case.params,
                         fallback_for="auto", note="FlexAttention path failed; eager tiled kernel", **common)
             yield finish(rec2)
+
+
+def check(options: Mapping[str, Any]) -> None:
+    lens = sorted({int(n) for n in options["lengths"]})
+    if not lens or any(n < 1 for n in lens):
+        raise ValueError(f"--lengths must be positive, got {lens}")
+    shapes = tuple(dict.fromkeys(options["shapes"]))
+    if not shapes or any(sh not in SHAPES for sh in shapes):
+        raise ValueError(f"shapes must be a non-empty subset of {SHAPES}, got {list(shapes)}")
 
 
 # -- derived figures ---------------------------------------------------------------------------
@@ -507,4 +512,5 @@ SUITE = Suite(
               "peak_mem_bytes", series, where=lambda r: bool(r.get("causal")) and r.get("shape", "self") == "self"),
     ),
     finish=finish,
+    check=check,
 )

@@ -122,12 +122,12 @@ def write_outputs(out: Path, combined: Results, console: Console) -> None:
             continue
         for rendered in render_tables(get_suite(name), res, target="console"):
             console.print(console_table(rendered, console.width))
-    console.print(Rule("[bold]longattn bench[/bold]"))
-    for line in summary_lines(combined):
-        console.print(line)
     log = out / "errors.log"
     console.print(f"wrote {out / 'report.html'}, {out / 'report.md'}, {out / 'results.json'} and {len(plots)} plots"
                   + (f"; tracebacks in {log}" if log.exists() else ""))
+    console.print(Rule("[bold]longattn bench[/bold]"))
+    for line in summary_lines(combined):  # the last lines: which suites failed and why
+        console.print(line)
 
 
 def summary_lines(combined: Results) -> list[str]:

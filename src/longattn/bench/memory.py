@@ -193,9 +193,6 @@ def _policies_part(ctx: Context) -> Iterator[dict[str, Any]]:
 def _long_decode_part(ctx: Context) -> Iterator[dict[str, Any]]:
     o = ctx.options
     prompts = sorted({int(n) for n in o["lengths"]})
-    if any(n < 4096 for n in prompts):
-        raise ValueError(f"long-decode prompt lengths must be >= 4096 tokens (the tiers need pages to move), "
-                         f"got {prompts}")
     for policy in LONG_POLICIES:
         if not ctx.wants(policy):
             continue
@@ -230,6 +227,14 @@ def _about(results: dict[str, Any]) -> str:
     ])
 
 
+def _check(options) -> None:
+    prompts = sorted(int(n) for n in options["lengths"])
+    if any(n < 4096 for n in prompts):
+        raise ValueError(f"--lengths: long-decode prompt lengths must be >= 4096 tokens (the tiers need pages to "
+                         f"move), got {prompts}")
+    policy_configs(int(options["budget"]), 1, 2)  # the budget's own check
+
+
 _POLICY = label("policy", "policy")
 
 SUITE = Suite(
@@ -242,6 +247,7 @@ SUITE = Suite(
     quick={"lengths": QUICK_PROMPTS, "policy_tokens": 2048, "continuation": 256, "budget": 256, "decode": 32},
     full={"lengths": FULL_PROMPTS, "policy_tokens": 2048, "continuation": 256, "budget": 256, "decode": 32},
     always=(),
+    check=_check,
     describe=lambda r: f"{r.get('test')}: {r.get('policy')}" + (f", prompt {r['prompt']}" if r.get("prompt") else ""),
     live=(Column("NLL", "nll", ".3f"), Column("recall", "recall", ".3f"),
           Column("KV", "kv_bytes", lambda x: None if x is None else f"{x / 1024:,.0f} KiB"),

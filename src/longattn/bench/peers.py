@@ -205,12 +205,7 @@ def run_prefill(ctx: Context) -> Iterator[dict[str, Any]]:
     """Every length × mask: SDPA first, then FlexAttention and longattn's method for the mask."""
     o = ctx.options
     lens = sorted({int(n) for n in o["lengths"]})
-    if not lens or any(n < 1 for n in lens):
-        raise ValueError(f"lengths must be positive, got {lens}")
     cases = list(o["cases"])
-    bad = [c for c in cases if c not in CASES]
-    if bad:
-        raise ValueError(f"unknown peers case(s) {', '.join(bad)}; known: {', '.join(CASES)}")
     peers = select_peers(ctx.methods)
     make_method = o.get("make_method") or default_method
     heads, head_dim, n_rows, seed = o["heads"], o["head_dim"], o["n_rows"], ctx.seed
@@ -240,6 +235,15 @@ def run_prefill(ctx: Context) -> Iterator[dict[str, Any]]:
         rec["ratio_to_sdpa"] = base / med if (base and med) else None
         rec["ratio_to_sdpa_causal"] = causal_base / med if (causal_base and med) else None
         yield rec
+
+
+def check(options) -> None:
+    lens = sorted({int(n) for n in options["lengths"]})
+    if not lens or any(n < 1 for n in lens):
+        raise ValueError(f"--lengths must be positive, got {lens}")
+    bad = [c for c in options["cases"] if c not in CASES]
+    if bad:
+        raise ValueError(f"unknown peers case(s) {', '.join(bad)}; known: {', '.join(CASES)}")
 
 
 def run_kvpress(ctx: Context) -> Iterator[dict[str, Any]]:
@@ -414,4 +418,5 @@ SUITE = Suite(
         Table("kvpress", part="kvpress", console=False, columns=(label("status", "status"),)),
     ),
     finish=finish,
+    check=check,
 )

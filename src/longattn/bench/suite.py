@@ -280,6 +280,8 @@ class Suite:
     always: tuple[str, ...] = ("sdpa",)
     #: derived figures over all records once the parts are done (e.g. efficiency lengths)
     finish: Callable[[Results], None] | None = None
+    #: raises ``ValueError`` for options the parts cannot run with (checked before any work)
+    check: Callable[[Mapping[str, Any]], None] | None = None
 
     def part(self, name: str) -> Part:
         return next(p for p in self.parts if p.name == name)
@@ -312,6 +314,8 @@ def resolve_options(suite: Suite, *, full: bool, lengths: Sequence[int] | None,
         if suite.lengths is None:
             raise ValueError(f"--lengths: the {suite.name} suite takes no lengths")
         options[suite.lengths] = tuple(sorted({int(n) for n in lengths}))
+    if suite.check is not None:
+        suite.check(options)
     parts = options.get("parts")
     if parts is not None:
         names = [p.name for p in suite.parts]
@@ -464,9 +468,9 @@ def run_suite(suite: Suite, out: str | Path, *, full: bool = False, lengths: Seq
     if not part_of_main:
         for t in console_tables(suite, results, console.width):
             console.print(t)
-        console.print(status_line(suite.name, results))
         console.print(f"wrote {out / 'results.json'} and {out / 'report.md'}"
                       + (f" (tracebacks in {log})" if log.exists() else ""))
+        console.print(status_line(suite.name, results))
     return results
 
 
