@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 OUT    ?= bench-out
 
-.PHONY: setup test bench clean chromium
+.PHONY: setup test bench docs results clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,12 +46,23 @@ $(VENV)/tf-low/.installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet --target $(VENV)/tf-low "$(TF_LOW)"
 	touch $@
 
+# the whole suite (the wheel test builds and installs the package into a fresh venv), the
+# Hugging Face tests again at the low end of the transformers range, then the docs with warnings
+# as errors (the API reference is built from the docstrings)
 test: setup chromium $(VENV)/tf-low/.installed
 	$(PY) -m pytest
 	PYTHONPATH=$(VENV)/tf-low $(PY) -m pytest -q -p no:cacheprovider tests/test_hf.py tests/test_hf_cache.py
+	$(MAKE) docs
+
+docs: setup
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site
 
 bench: setup
 	$(VENV)/bin/longattn bench --out $(OUT)
 
+# the main job, and its figures written into the docs' results page (docs/results.md, docs/plots/)
+results: setup
+	$(VENV)/bin/longattn bench --out $(OUT) --results-page docs/results.md
+
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(OUT) site build dist .pytest_cache .hypothesis

@@ -78,7 +78,7 @@ def test_a_small_budget_drops_tokens_per_layer_and_head(stories):
 
 
 def test_4k_tokens_through_the_512_token_model_stay_within_1_1x_of_in_length(stories):
-    """The issue's bar: streaming, block retrieval, LongHeads and RetrievalAttention with positions
+    """The bar: streaming, block retrieval, LongHeads and RetrievalAttention with positions
     inside the kept cache; dense (every key, original positions) is far off. (Retrieval runs its
     exact index here: this checks the policy and its positions; the graph indexes' effect on
     accuracy is measured by the memory benchmark.)"""

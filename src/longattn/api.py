@@ -49,12 +49,13 @@ def attention(
     position: PositionEncoding | None = None,
     return_stats: bool = False,
     summaries: Any = None,
-):
+) -> torch.Tensor | tuple[torch.Tensor, AttentionStats]:
     """Attention with any registered method.
 
     Args:
         q: ``[batch, heads_q, tokens_q, head_dim]``.
-        k, v: ``[batch, heads_kv, tokens_k, head_dim]`` with ``heads_q % heads_kv == 0``.
+        k: ``[batch, heads_kv, tokens_k, head_dim]`` with ``heads_q % heads_kv == 0``.
+        v: ``[batch, heads_kv, tokens_k, head_dim]``, like ``k``.
         causal: query ``i`` sees keys up to ``i + tokens_k - tokens_q`` (last query aligned with
             the last key).
         method: a registered name (``longattn.methods()``) or a method object
@@ -69,8 +70,7 @@ def attention(
             loop appends each new key), so block-retrieval methods need not rebuild it per step.
 
     Returns:
-        ``out`` ``[batch, heads_q, tokens_q, head_dim]`` in the dtype of ``q`` (computed in
-        float32), or ``(out, stats)``. Queries with no visible key get zeros.
+        ``out`` ``[batch, heads_q, tokens_q, head_dim]`` in the dtype of ``q`` (computed in float32), or ``(out, stats)``. Queries with no visible key get zeros.
     """
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")

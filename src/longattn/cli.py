@@ -135,6 +135,9 @@ def bench_cmd(
     seed: int = typer.Option(0, "--seed", help="seed of the inputs, masks and gate rows"),
     allow_partial: bool = typer.Option(False, "--allow-partial",
                                        help="exit 0 even when a suite or case failed (the reports still say so)"),
+    results_page: Optional[Path] = typer.Option(None, "--results-page",
+                                                help="(main job) rewrite the generated section of this markdown "
+                                                     "page, e.g. docs/results.md, and copy the plots beside it"),
 ) -> None:
     """Run the benchmark (all suites by default) and write its results and reports into --out.
 
@@ -150,11 +153,15 @@ def bench_cmd(
     length_list = _int_list(lengths, "--lengths")
     method_list = [m.strip() for m in methods.split(",")] if methods is not None else None
     if suite == "all":
+        if results_page is not None:
+            _out_file(results_page, "--results-page")
         for given, option in ((length_list, "--lengths"), (method_list, "--methods")):
             if given:
                 raise typer.BadParameter(f"{option} applies to one suite: pick it with --suite "
                                          f"({', '.join(SUITES)})", param_hint=option)
     else:
+        if results_page is not None:
+            raise typer.BadParameter("applies to the main job (--suite all)", param_hint="--results-page")
         try:  # every option is checked before any work starts
             resolve_options(get_suite(suite), full=not quick, lengths=length_list, methods=method_list, overrides={})
         except ValueError as exc:
@@ -164,7 +171,7 @@ def bench_cmd(
     folder = out if out is not None else Path("bench-out" if suite == "all" else f"bench-out-{suite}")
     try:
         if suite == "all":
-            res = run_all(folder, full=not quick, seed=seed)
+            res = run_all(folder, full=not quick, seed=seed, results_page=results_page)
         else:
             res = run_suite(get_suite(suite), folder, full=not quick, lengths=length_list, methods=method_list,
                             seed=seed)

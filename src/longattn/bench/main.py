@@ -35,13 +35,16 @@ _ORDER = {"ok": 0, "partial": 1, "failed": 2}
 
 
 def run_all(out_dir: str | Path, *, full: bool = False, seed: int = 0, suites: Sequence[str] | None = None,
-            console: Console | None = None, options: Mapping[str, Mapping[str, Any]] | None = None) -> Results:
+            console: Console | None = None, options: Mapping[str, Mapping[str, Any]] | None = None,
+            results_page: str | Path | None = None) -> Results:
     """Run the main job into ``out_dir`` (see the module docstring) and return the combined results.
 
     Args:
         full: every suite at its full sizes instead of its quick ones.
         suites: a subset of ``MAIN_SUITES`` (default all), in their order.
         options: per-suite overrides of their options (tests shrink sizes this way).
+        results_page: a markdown page (the docs' results page) whose generated section is
+            rewritten from this run (``update_results_page``).
     """
     chosen = list(suites) if suites else list(MAIN_SUITES)
     unknown = [s for s in chosen if s not in MAIN_SUITES]
@@ -82,7 +85,7 @@ def run_all(out_dir: str | Path, *, full: bool = False, seed: int = 0, suites: S
     combined["machine"]["load_average_at_end"] = harness.load_average()
     combined["status"] = max((r.get("status", "failed") for r in combined["suites"].values()),
                              key=lambda s: _ORDER.get(s, 2), default="ok")
-    write_outputs(out, combined, console)
+    write_outputs(out, combined, console, results_page)
     return combined
 
 
@@ -98,9 +101,10 @@ def _append(path: Path, text: str) -> None:
     atomic_write_text(path, previous + text)
 
 
-def write_outputs(out: Path, combined: Results, console: Console) -> None:
-    """``results.json``, ``report.md``, the plots and ``report.html`` from the combined results;
-    the console gets each suite's tables, then one status line per suite as its last lines."""
+def write_outputs(out: Path, combined: Results, console: Console, results_page: str | Path | None = None) -> None:
+    """``results.json``, ``report.md``, the plots and ``report.html`` from the combined results
+    (and the generated section of ``results_page``); the console gets each suite's tables, then
+    one status line per suite as its last lines."""
     atomic_write_json(out / "results.json", combined)
     markdown = render_report(combined)
     plots: dict[str, Path] = {}
@@ -117,6 +121,9 @@ def write_outputs(out: Path, combined: Results, console: Console) -> None:
     from longattn.bench import report_html
 
     report_html.write_html(out / "report.html", combined, plots)
+    if results_page is not None:
+        update_results_page(results_page, combined, plots)
+        console.print(f"updated the results page {results_page}")
     for name, res in combined["suites"].items():
         if res.get("error"):
             continue
@@ -160,3 +167,53 @@ def render_report(combined: Results) -> str:
         lines.append("\n".join(("#" + ln) if ln.startswith("#") else ln for ln in text.splitlines()))
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+# -- the docs' results page -------------------------------------------------------------------
+
+RESULTS_BEGIN = "<!-- begin: written by `longattn bench --results-page`; edit outside these markers -->"
+RESULTS_END = "<!-- end: written by `longattn bench --results-page` -->"
+
+
+def results_markdown(combined: Results, plot_dir: str | None = None) -> str:
+    """The latest main job as a results page section: status, machine, each suite's headline
+    tables (those its declaration shows in report.html) and, with ``plot_dir``, the plots."""
+    from longattn.bench.suite import machine_lines, markdown_lines
+
+    mode = (combined.get("config") or {}).get("mode", "quick")
+    lines = [f"## Latest main job (`longattn bench`{' --full' if mode == 'full' else ''})", ""]
+    lines += machine_lines(combined) + [""]
+    lines += [f"- {line}" for line in summary_lines(combined)] + [""]
+    for name, res in combined["suites"].items():
+        if res.get("error"):
+            lines += [f"### {name}", "", f"Did not run: {res['error']}", ""]
+            continue
+        suite = get_suite(name)
+        lines += [f"### {suite.title}", "", status_line(name, res), ""]
+        for rendered in render_tables(suite, res, target="html"):
+            lines += markdown_lines(rendered, level=4)
+    if plot_dir:
+        for name in ("speedup_vs_length", "passkey_heatmap", "error_vs_density", "memory_vs_length"):
+            lines += [f"![{name}]({plot_dir}/{name}.png)", ""]
+    return "\n".join(lines)
+
+
+def update_results_page(page: str | Path, combined: Results, plots: Mapping[str, Path]) -> Path:
+    """Replace the generated section of ``page`` (between ``RESULTS_BEGIN`` and ``RESULTS_END``,
+    appended when absent) with ``results_markdown``; the plots are copied next to the page into
+    ``plots/``. The rest of the page (hand-written analysis, earlier runs) is kept."""
+    import shutil
+
+    page = Path(page)
+    text = page.read_text() if page.exists() else "# Results\n\n"
+    folder = page.parent / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, path in plots.items():
+        shutil.copyfile(path, folder / f"{name}.png")
+    block = f"{RESULTS_BEGIN}\n\n{results_markdown(combined, 'plots' if plots else None)}\n{RESULTS_END}"
+    if RESULTS_BEGIN in text and RESULTS_END in text:
+        head, rest = text.split(RESULTS_BEGIN, 1)
+        text = head + block + rest.split(RESULTS_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    return atomic_write_text(page, text)

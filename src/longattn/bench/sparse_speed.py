@@ -29,7 +29,7 @@ import longattn
 from longattn.bench.harness import guarded, time_call
 from longattn.sparse.summaries import BlockSummaries
 
-#: the issue's configuration: fp32, batch 1, 8 heads, head_dim 64, causal
+#: the speed parts' configuration: fp32, batch 1, 8 heads, head_dim 64, causal
 HEADS, HEAD_DIM = 8, 64
 PREFILL_BLOCK, PREFILL_Q_BLOCK = 64, 256
 #: decode reads every block summary each step: 128-key blocks halve that traffic against 64

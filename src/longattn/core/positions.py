@@ -215,7 +215,8 @@ class YaRNScaling:
     Args:
         factor: context extension ratio ``>= 1`` (1 = plain RoPE: no ramp effect, temperature 1).
         original_max_position: the context length the model was trained with (positive int).
-        beta_fast, beta_slow: turn counts bounding the ramp, ``beta_fast > beta_slow > 0``.
+        beta_fast: turn count bounding the ramp from above, ``beta_fast > beta_slow``.
+        beta_slow: turn count bounding the ramp from below, ``beta_slow > 0``.
     """
 
     factor: float
@@ -280,7 +281,7 @@ class RoPE(PositionEncoding):
     Args:
         head_dim: ``D``, a positive even int.
         theta: frequency base (> 1), 10000 in the paper.
-        scaling: None, ``LinearScaling``, ``NTKScaling`` or ``YaRNScaling`` for context extension.
+        scaling (LinearScaling | NTKScaling | YaRNScaling | None): context extension, or None.
 
     Shapes: ``rotate(q [B, Hq, Tq, D], k [B, Hkv, Tk, D], q_pos [Tq] or [B, Tq], k_pos [Tk] or
     [B, Tk]) -> (q', k')`` of the same shapes and dtypes.

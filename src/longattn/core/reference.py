@@ -26,7 +26,8 @@ def reference_attention(
 
     Args:
         q: ``[batch, heads_q, tokens_q, head_dim]``.
-        k, v: ``[batch, heads_kv, tokens_k, head_dim]``; ``heads_q % heads_kv == 0`` (GQA/MQA).
+        k: ``[batch, heads_kv, tokens_k, head_dim]``; ``heads_q % heads_kv == 0`` (GQA/MQA).
+        v: ``[batch, heads_kv, tokens_k, head_dim]``, like ``k``.
         causal: query ``i`` sees keys ``j <= i + tokens_k - tokens_q`` (the last query is aligned
             with the last key, as in decoding).
         mask: boolean, broadcastable to ``[batch, heads_q, tokens_q, tokens_k]``; True = may attend.

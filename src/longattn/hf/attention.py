@@ -280,8 +280,8 @@ def apply(model: torch.nn.Module, method: str | Method = "dense", **config: Any)
         ``Applied``, already in effect: ``with apply(model, ...):`` switches back on exit.
 
     Raises:
-        TypeError / ValueError: ``config`` given with a method object, unknown parameters, a model
-        without dispatchable attention layers.
+        TypeError: ``config`` given together with a method object.
+        ValueError: unknown parameters, or a model without dispatchable attention layers.
     """
     if isinstance(method, Method):
         if config:

@@ -1,5 +1,5 @@
 """The KV memory: what a layer keeps of its keys and values, where it keeps them, and how a query
-finds them again (DESIGN.md, ``memory/``).
+finds them again (the ``memory`` layer).
 
 * ``policies`` — eviction policies (StreamingLLM, H2O, TOVA, SnapKV, full).
 * ``evicting`` — ``EvictingMemory``: bounded per-head-group storage under those policies

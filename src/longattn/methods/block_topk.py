@@ -240,7 +240,7 @@ class BlockOracle(BlockTopK):
     approximate method. Not a speed-up. Args as for ``BlockTopK``."""
 
     name = "block_oracle"
-    capabilities = _caps("upper bound for block selection (DESIGN.md)", "O(N²) scoring + O(N·budget)")
+    capabilities = _caps("upper bound for block selection: the true attention mass of each block", "O(N²) scoring + O(N·budget)")
 
     def block_scores(self, q, k, scale, causal, summaries=None):
         return oracle_mass_scores(q, k, self.block, scale, causal)
