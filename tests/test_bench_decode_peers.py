@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 
 import longattn
-from longattn.bench import decode, get_suite, peers
+from longattn.bench import decode, get_suite, harness, peers
 from longattn.bench.suite import run_suite
 from longattn.methods.block_topk import Landmark
 from longattn.methods.dense import DenseChunked
@@ -130,7 +130,7 @@ def test_decode_suite_names_and_memory_guard(tmp_path, monkeypatch):
     assert [c.label for c in decode.select_cases(decode.default_cases(), None)] == [
         "dense", "dense_chunked", "streaming", "landmark", "quest", "tokenselect", "recycled"]
     # too little memory: every case is recorded as skipped, nothing runs or crashes
-    monkeypatch.setattr(decode, "available_memory", lambda: 1)
+    monkeypatch.setattr(harness, "available_memory", lambda: 1)
     res = run_suite(decode.SUITE, tmp_path, lengths=[256], methods=["quest"], kv_heads=(8,),
                     console=Console(quiet=True))
     assert [r["method"] for r in res["records"]] == ["sdpa", "quest"]
@@ -144,7 +144,7 @@ def test_exact_reference_matches_the_oracle():
     keys = torch.rand(300, generator=g) < 0.3
     for kw, ref_kw in (({}, {}), ({"q_pos": torch.arange(295, 300)}, {"causal": True}),
                        ({"key_mask": keys}, {"mask": keys})):
-        out, lse = decode.exact_reference(q, k, v, chunk=64, **kw)
+        out, lse = harness.exact_reference(q, k, v, chunk=64, **kw)
         ref, ref_lse = longattn.reference_attention(q, k, v, **ref_kw)
         torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
         torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=0)
@@ -152,11 +152,11 @@ def test_exact_reference_matches_the_oracle():
 
 def test_crossover_helpers():
     pts = [(1024, 0.5), (4096, 0.8), (16384, 2.0), (65536, 4.0)]
-    est = decode.crossover_estimate(pts)
+    est = harness.crossover_estimate(pts)
     assert 4096 < est < 16384
-    assert decode.crossover_estimate([(1024, 2.0), (4096, 3.0)]) is None  # ahead from the smallest
-    assert decode.crossover_estimate([(1024, 0.5), (4096, None)]) is None
-    rows = decode.crossovers([
+    assert harness.crossover_estimate([(1024, 2.0), (4096, 3.0)]) is None  # ahead from the smallest
+    assert harness.crossover_estimate([(1024, 0.5), (4096, None)]) is None
+    rows = harness.crossovers([
         {"method": "sdpa", "cache": 1, "ratio_to_sdpa": 1.0},
         {"method": "x", "cache": 1024, "kv_heads": 8, "ratio_to_sdpa": 2.0},
         {"method": "x", "cache": 4096, "kv_heads": 8, "ratio_to_sdpa": 3.0},

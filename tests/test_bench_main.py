@@ -60,11 +60,37 @@ def test_main_job_writes_everything_and_survives_a_failing_suite_and_part(tmp_pa
     assert "/very/private" not in html and "Traceback" not in html
     pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert "speedup_vs_length.png" in pngs and "error_vs_density.png" in pngs and "memory_vs_length.png" in pngs
+    _assert_tables_fit_80_columns(res)
     console = (tmp_path / "console.txt").read_text()
     before, _, tail = console.rpartition("longattn bench")  # the rule above the last lines
     assert "tracebacks in" in before[-400:]
     assert "tasks: FAILED" in tail and "peers: FAILED" in tail and "FileNotFoundError" in tail
     assert console.rstrip().splitlines()[-1].startswith("2 of 6 suites FAILED: tasks, peers (")
+
+
+def _assert_tables_fit_80_columns(combined):
+    """Every suite's console tables at 80 columns: no line wider, nothing cut to an ellipsis, and
+    every row's name shown whole (a long name wraps onto a second line instead)."""
+    import io
+
+    from longattn.bench import get_suite
+    from longattn.bench.suite import console_table, render_tables
+
+    for name, res in combined["suites"].items():
+        if not res["records"]:  # the suite that could not start, the one whose only part failed
+            continue
+        rendered = render_tables(get_suite(name), res, target="console")
+        assert rendered, name
+        for r in rendered:
+            buf = io.StringIO()
+            Console(file=buf, width=80, force_terminal=False).print(console_table(r, 80))
+            text = buf.getvalue()
+            assert max(map(len, text.splitlines())) <= 80, (name, text)
+            assert "…" not in text, (name, text)
+            words = set(text.split())
+            for row in r.rows:
+                for part in row[0].split():
+                    assert part in words, (name, row[0], text)
 
 
 def test_the_command_exits_non_zero_when_a_suite_failed_unless_allowed(tmp_path, monkeypatch):

@@ -55,8 +55,8 @@ import torch.nn.functional as F
 
 import longattn
 from longattn.bench import harness
-from longattn.bench.suite import (Column, Context, Panel, Part, Pivot, Suite, Table, format_value, label, num,
-                                  short_status, status_column)
+from longattn.bench.suite import (Column, Context, Panel, Part, Pivot, Suite, Table, efficiency_columns, format_value,
+                                  label, num, short_status, status_column)
 from longattn.bench.sparse_speed import clustered_qkv
 from longattn.methods.base import Method
 from longattn.sparse.summaries import BlockSummaries
@@ -158,18 +158,6 @@ def memory_needed(cache: int, kv_heads: int, heads: int = HEADS, head_dim: int =
     return 3 * kv32 + scores64
 
 
-def available_memory() -> int | None:
-    """``MemAvailable`` of ``/proc/meminfo`` in bytes, or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 # -- K/V accounting ----------------------------------------------------------------------------
 
 
@@ -216,80 +204,6 @@ def kv_accounting(case: DecodeCase | None, method: Method | None, cache: int, he
 # -- the gate ----------------------------------------------------------------------------------
 
 
-def compare(out: torch.Tensor, lse: torch.Tensor | None, ref: torch.Tensor, ref_lse: torch.Tensor) -> dict[str, Any]:
-    """Errors of ``out [B, H, n, D]`` (and its LSE) against a float64 reference of the same rows."""
-    got = out.to(torch.float64)
-    finite = bool(torch.isfinite(got).all())
-    diff = got - ref
-    ref_norm = float(ref.norm())
-    rec: dict[str, Any] = {"finite": finite}
-    rec["max_abs_err"] = float(diff.abs().max()) if finite else math.inf
-    rec["rel_err"] = (float(diff.norm()) / ref_norm if ref_norm > 0 else 0.0) if finite else math.inf
-    if lse is not None and finite:
-        l64 = lse.to(torch.float64)
-        rec["recall"] = float(torch.exp(l64 - ref_lse).clamp(max=1.0).mean())
-        rec["lse_max_err"] = float((l64 - ref_lse).abs().max())
-    else:
-        rec["recall"] = None
-        rec["lse_max_err"] = None
-    return rec
-
-
-def gate_of(err: dict[str, Any], rows: int, exact: bool) -> harness.GateResult:
-    """The gate: exact methods must match within the harness tolerances, every method must give
-    finite output."""
-    reasons = []
-    if not err["finite"]:
-        reasons.append("non-finite output")
-    elif exact:
-        if err["max_abs_err"] > harness.ATOL:
-            reasons.append(f"max abs error {err['max_abs_err']:.3g} > {harness.ATOL:g}")
-        if err["rel_err"] > harness.RTOL:
-            reasons.append(f"relative error {err['rel_err']:.3g} > {harness.RTOL:g}")
-        if err["lse_max_err"] is not None and err["lse_max_err"] > harness.LSE_ATOL:
-            reasons.append(f"LSE error {err['lse_max_err']:.3g} > {harness.LSE_ATOL:g}")
-    return harness.GateResult(
-        passed=not reasons, max_abs_err=err["max_abs_err"], rel_err=err["rel_err"], lse_max_err=err["lse_max_err"],
-        rows=rows, atol=harness.ATOL if exact else math.inf, rtol=harness.RTOL if exact else math.inf,
-        reason="; ".join(reasons),
-    )
-
-
-def exact_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos: torch.Tensor | None = None,
-                    key_mask: torch.Tensor | None = None, chunk: int = 16384):
-    """Float64 attention of a few queries over a long cache: ``(out [B, Hq, n, D], lse [B, Hq, n])``.
-
-    ``q [B, Hq, n, D]``, ``k, v [B, Hkv, T, D]``; ``q_pos`` ``[n]``: each query sees keys at or
-    before its position (None: every key); ``key_mask`` bool ``[T]``: keys visible at all. Same
-    result as ``longattn.reference_attention``, but the query heads of a GQA group are folded
-    into the query axis and the cache is converted to float64 a chunk at a time, so no float64
-    copy of the whole cache (repeated per query head) is made."""
-    b, hq, n, d = q.shape
-    hk, tk = k.shape[1], k.shape[2]
-    g = hq // hk
-    scale = 1.0 / math.sqrt(d)
-    q64 = q.to(torch.float64).reshape(b, hk, g * n, d)
-    rows_pos = None if q_pos is None else q_pos.repeat(g)  # row j·n + i is query i of group member j
-    scores = []
-    for c0 in range(0, tk, chunk):
-        c1 = min(c0 + chunk, tk)
-        s = torch.matmul(q64, k[:, :, c0:c1].to(torch.float64).transpose(-1, -2)).mul_(scale)
-        allowed = None
-        if rows_pos is not None:
-            allowed = torch.arange(c0, c1)[None, :] <= rows_pos[:, None]
-        if key_mask is not None:
-            allowed = key_mask[c0:c1][None, :] if allowed is None else allowed & key_mask[c0:c1][None, :]
-        if allowed is not None:
-            s.masked_fill_(~allowed, -math.inf)
-        scores.append(s)
-    lse = torch.logsumexp(torch.cat(scores, -1), -1)  # [B, Hkv, g·n]
-    out = torch.zeros(b, hk, g * n, d, dtype=torch.float64)
-    for s, c0 in zip(scores, range(0, tk, chunk)):
-        w = torch.exp(s - lse[..., None]).nan_to_num_(0.0)
-        out += torch.matmul(w, v[:, :, c0:c0 + s.shape[-1]].to(torch.float64))
-    return out.view(b, hq, n, d), lse.view(b, hq, n)
-
-
 def _own_mask_reference(method: Method, q, k, v, ref, ref_lse):
     """Reference on the method's own visible mask for queries at the cache's last position (the
     full-cache reference when that mask shows every key)."""
@@ -299,7 +213,7 @@ def _own_mask_reference(method: Method, q, k, v, ref, ref_lse):
         return ref, ref_lse
     if allowed.shape[:3] != (1, 1, 1):  # a mask that depends on batch or head
         return longattn.reference_attention(q, k, v, mask=allowed)
-    return exact_reference(q, k, v, key_mask=allowed.reshape(tk))
+    return harness.exact_reference(q, k, v, key_mask=allowed.reshape(tk))
 
 
 # -- the part ---------------------------------------------------------------------------------
@@ -335,7 +249,7 @@ def _run_layout(ctx: Context, cache, hkv, heads, head_dim, chosen, n_timed, max_
             ctx.step(f"{lab} · cache {cache} · {common['layout']}")
             yield _finish_record({**common, "method": lab, "budget": None, "status": status, "step_s": None}, None)
 
-    need, avail = memory_needed(cache, hkv, heads, head_dim), available_memory()
+    need, avail = memory_needed(cache, hkv, heads, head_dim), harness.available_memory()
     if avail is not None and need > 0.8 * avail:
         yield from skip_all(f"oom: needs about {need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available (not run)")
         return
@@ -385,7 +299,7 @@ def _run_layout(ctx: Context, cache, hkv, heads, head_dim, chosen, n_timed, max_
 def _prepare(cache, hkv, heads, head_dim, seed):
     q, k, v = decode_inputs(cache, hkv, heads=heads, head_dim=head_dim, queries=max(STEP_QUERIES, STRIDE), seed=seed)
     # exact attention of every decode query over the whole cache (each sits at the cache's end)
-    ref, ref_lse = exact_reference(q, k, v)
+    ref, ref_lse = harness.exact_reference(q, k, v)
     return q, k, v, ref, ref_lse
 
 
@@ -425,7 +339,7 @@ def _run_case(case: DecodeCase, common, q, q_all, k, v, qs, ref, ref_lse, summar
                        step_s=None)
             return rec
         # a group's queries sit at the last ``stride`` positions; exact reference causal over them
-        g_ref, g_ref_lse = exact_reference(q_blk, k, v, q_pos=torch.arange(cache - stride, cache))
+        g_ref, g_ref_lse = harness.exact_reference(q_blk, k, v, q_pos=torch.arange(cache - stride, cache))
 
         def call_all():
             return longattn.attention(q_blk, k, v, causal=True, method=method, return_stats=True)
@@ -494,13 +408,13 @@ def _step_case(rec, step, first, kind, ref, ref_lse, exact_ref, exact, n_timed, 
             rec["path"] = f"{st.path} ({st.extra['path_detail']})"
     if dens and all(d is not None for d in dens):
         rec["density"] = sum(dens) / len(dens)
-    err = compare(out, lse, ref, ref_lse)
+    err = harness.compare(out, lse, ref, ref_lse)
     rec.update(rel_err=err["rel_err"], max_abs_err=err["max_abs_err"], recall=err["recall"], finite=err["finite"])
     if exact_ref is not None or (rec.get("exact") and kind is None):
-        own = compare(out, lse, *(exact_ref or (ref, ref_lse)))
-        gate = gate_of(own, out.shape[2], True)
+        own = harness.compare(out, lse, *(exact_ref or (ref, ref_lse)))
+        gate = harness.gate_of(own, out.shape[2], True)
     else:
-        gate = gate_of(err, out.shape[2], False)
+        gate = harness.gate_of(err, out.shape[2], False)
     rec["gate"] = gate.as_dict()
     if not gate.passed:
         rec.update(status="FAILED accuracy" if err["finite"] else "FAILED: non-finite output", step_s=None)
@@ -544,42 +458,6 @@ def _finish_record(rec: dict[str, Any], sdpa_step: float | None) -> dict[str, An
     return rec
 
 
-# -- efficiency length -------------------------------------------------------------------------
-
-
-def crossover_estimate(points: Iterable[tuple[int, float | None]]) -> float | None:
-    """Where the speed ratio crosses 1, by linear interpolation of ``log ratio`` against
-    ``log length`` between the last length run where the method is slower and the next one,
-    from which it stays faster. None when it never gets ahead or is ahead from the smallest run."""
-    pts = sorted((int(n), float(r)) for n, r in points if r is not None and r > 0)
-    for (n0, r0), (n1, r1) in zip(pts, pts[1:]):
-        if r0 < 1.0 <= r1 and all(r >= 1.0 for _, r in pts if _ >= n1):
-            a, b = math.log(r0), math.log(r1)
-            x = math.log(n0) + (0.0 - a) * (math.log(n1) - math.log(n0)) / (b - a)
-            return math.exp(x)
-    return None
-
-
-def crossovers(records: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]], Any] | None = None,
-               length: str = "cache") -> list[dict[str, Any]]:
-    """Per method (and ``key``: default the KV layout), its efficiency length over the lengths run."""
-    key = key or (lambda r: r.get("kv_heads"))
-    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
-    for r in records:
-        if r["method"] == BASELINE:
-            continue
-        groups.setdefault((r["method"], key(r)), []).append(r)
-    rows = []
-    for (method, k), rs in groups.items():
-        pts = [(r[length], r.get("ratio_to_sdpa")) for r in rs]
-        timed = sorted(n for n, ratio in pts if ratio is not None)
-        eff = harness.efficiency_length(pts)
-        rows.append({"method": method, "key": k, "efficiency_length": eff,
-                     "ahead_from_smallest": eff is not None and bool(timed) and eff == timed[0],
-                     "crossover_estimate": crossover_estimate(pts), "lengths_timed": timed})
-    return rows
-
-
 def check(options: Mapping[str, Any]) -> None:
     caches = sorted({int(n) for n in options["lengths"]})
     if not caches or any(n < 2 for n in caches):
@@ -592,27 +470,12 @@ def check(options: Mapping[str, Any]) -> None:
 
 def finish(results: dict[str, Any]) -> None:
     """The efficiency lengths, folded into the records too."""
-    rows = crossovers(results["records"])
+    rows = harness.crossovers(results["records"])
     results["efficiency_length"] = rows
     by = {(r["method"], r["key"]): r for r in rows}
     for r in results["records"]:
         row = by.get((r["method"], r.get("kv_heads")))
         r["efficiency_length"] = row["efficiency_length"] if row else None
-
-
-def efficiency_text(row: dict[str, Any]) -> str:
-    """The efficiency length of a ``crossovers`` row as written in the reports."""
-    eff = row["efficiency_length"]
-    if eff is None:
-        return "never (in the lengths run)"
-    return f"≤ {eff}" if row["ahead_from_smallest"] else str(eff)
-
-
-def efficiency_columns(key_header: str) -> tuple[Column, ...]:
-    """The efficiency-length table's columns (also the peers suite's)."""
-    return (label("method", "method"), label(key_header, "key"), label("efficiency length", efficiency_text),
-            Column("estimate", "crossover_estimate", ".0f"),
-            label("lengths timed", lambda r: ", ".join(map(str, r["lengths_timed"])) or "—"))
 
 
 # -- the declaration ---------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -390,20 +390,132 @@ def efficiency_length(points) -> int | None:
     return best
 
 
+# -- a few queries over a long cache: reference and comparison ------------------------------
+
+
+def compare(out: torch.Tensor, lse: torch.Tensor | None, ref: torch.Tensor, ref_lse: torch.Tensor) -> dict[str, Any]:
+    """Errors of ``out [B, H, n, D]`` (and its LSE) against a float64 reference of the same rows."""
+    got = out.to(torch.float64)
+    finite = bool(torch.isfinite(got).all())
+    diff = got - ref
+    ref_norm = float(ref.norm())
+    rec: dict[str, Any] = {"finite": finite}
+    rec["max_abs_err"] = float(diff.abs().max()) if finite else math.inf
+    rec["rel_err"] = (float(diff.norm()) / ref_norm if ref_norm > 0 else 0.0) if finite else math.inf
+    if lse is not None and finite:
+        l64 = lse.to(torch.float64)
+        rec["recall"] = float(torch.exp(l64 - ref_lse).clamp(max=1.0).mean())
+        rec["lse_max_err"] = float((l64 - ref_lse).abs().max())
+    else:
+        rec["recall"] = None
+        rec["lse_max_err"] = None
+    return rec
+
+
+def gate_of(err: dict[str, Any], rows: int, exact: bool) -> GateResult:
+    """The gate: exact methods must match within the harness tolerances, every method must give
+    finite output."""
+    reasons = []
+    if not err["finite"]:
+        reasons.append("non-finite output")
+    elif exact:
+        if err["max_abs_err"] > ATOL:
+            reasons.append(f"max abs error {err['max_abs_err']:.3g} > {ATOL:g}")
+        if err["rel_err"] > RTOL:
+            reasons.append(f"relative error {err['rel_err']:.3g} > {RTOL:g}")
+        if err["lse_max_err"] is not None and err["lse_max_err"] > LSE_ATOL:
+            reasons.append(f"LSE error {err['lse_max_err']:.3g} > {LSE_ATOL:g}")
+    return GateResult(
+        passed=not reasons, max_abs_err=err["max_abs_err"], rel_err=err["rel_err"], lse_max_err=err["lse_max_err"],
+        rows=rows, atol=ATOL if exact else math.inf, rtol=RTOL if exact else math.inf,
+        reason="; ".join(reasons),
+    )
+
+
+def exact_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos: torch.Tensor | None = None,
+                    key_mask: torch.Tensor | None = None, chunk: int = 16384):
+    """Float64 attention of a few queries over a long cache: ``(out [B, Hq, n, D], lse [B, Hq, n])``.
+
+    ``q [B, Hq, n, D]``, ``k, v [B, Hkv, T, D]``; ``q_pos`` ``[n]``: each query sees keys at or
+    before its position (None: every key); ``key_mask`` bool ``[T]``: keys visible at all. Same
+    result as ``longattn.reference_attention``, but the query heads of a GQA group are folded
+    into the query axis and the cache is converted to float64 a chunk at a time, so no float64
+    copy of the whole cache (repeated per query head) is made."""
+    b, hq, n, d = q.shape
+    hk, tk = k.shape[1], k.shape[2]
+    g = hq // hk
+    scale = 1.0 / math.sqrt(d)
+    q64 = q.to(torch.float64).reshape(b, hk, g * n, d)
+    rows_pos = None if q_pos is None else q_pos.repeat(g)  # row j·n + i is query i of group member j
+    scores = []
+    for c0 in range(0, tk, chunk):
+        c1 = min(c0 + chunk, tk)
+        s = torch.matmul(q64, k[:, :, c0:c1].to(torch.float64).transpose(-1, -2)).mul_(scale)
+        allowed = None
+        if rows_pos is not None:
+            allowed = torch.arange(c0, c1)[None, :] <= rows_pos[:, None]
+        if key_mask is not None:
+            allowed = key_mask[c0:c1][None, :] if allowed is None else allowed & key_mask[c0:c1][None, :]
+        if allowed is not None:
+            s.masked_fill_(~allowed, -math.inf)
+        scores.append(s)
+    lse = torch.logsumexp(torch.cat(scores, -1), -1)  # [B, Hkv, g·n]
+    out = torch.zeros(b, hk, g * n, d, dtype=torch.float64)
+    for s, c0 in zip(scores, range(0, tk, chunk)):
+        w = torch.exp(s - lse[..., None]).nan_to_num_(0.0)
+        out += torch.matmul(w, v[:, :, c0:c0 + s.shape[-1]].to(torch.float64))
+    return out.view(b, hq, n, d), lse.view(b, hq, n)
+
+
+# -- crossover with SDPA ---------------------------------------------------------------------
+
+
+def crossover_estimate(points: Iterable[tuple[int, float | None]]) -> float | None:
+    """Where the speed ratio crosses 1, by linear interpolation of ``log ratio`` against
+    ``log length`` between the last length run where the method is slower and the next one,
+    from which it stays faster. None when it never gets ahead or is ahead from the smallest run."""
+    pts = sorted((int(n), float(r)) for n, r in points if r is not None and r > 0)
+    for (n0, r0), (n1, r1) in zip(pts, pts[1:]):
+        if r0 < 1.0 <= r1 and all(r >= 1.0 for _, r in pts if _ >= n1):
+            a, b = math.log(r0), math.log(r1)
+            x = math.log(n0) + (0.0 - a) * (math.log(n1) - math.log(n0)) / (b - a)
+            return math.exp(x)
+    return None
+
+
+def crossovers(records: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]], Any] | None = None,
+               length: str = "cache") -> list[dict[str, Any]]:
+    """Per method (and ``key``: default the KV layout), its efficiency length over the lengths run."""
+    key = key or (lambda r: r.get("kv_heads"))
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for r in records:
+        if r["method"] == "sdpa":
+            continue
+        groups.setdefault((r["method"], key(r)), []).append(r)
+    rows = []
+    for (method, k), rs in groups.items():
+        pts = [(r[length], r.get("ratio_to_sdpa")) for r in rs]
+        timed = sorted(n for n, ratio in pts if ratio is not None)
+        eff = efficiency_length(pts)
+        rows.append({"method": method, "key": k, "efficiency_length": eff,
+                     "ahead_from_smallest": eff is not None and bool(timed) and eff == timed[0],
+                     "crossover_estimate": crossover_estimate(pts), "lengths_timed": timed})
+    return rows
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes, or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 # -- failures --------------------------------------------------------------------------------
-
-
-def failure_lines(records, describe: Callable[[dict[str, Any]], str]) -> list[str]:
-    """The markdown "Failures" section of a suite report: every record whose status is not
-    ``"ok"``, as ``- describe(record): status (gate reason)``."""
-    bad = [r for r in records if r.get("status") != "ok"]
-    lines = ["## Failures", ""]
-    if not bad:
-        lines.append("None: every case passed its gate and ran.")
-    for r in bad:
-        g = r.get("gate") or {}
-        lines.append(f"- {describe(r)}: {r['status']}" + (f" ({g.get('reason')})" if g.get("reason") else ""))
-    return lines
 
 
 class Unsupported(Exception):
@@ -499,7 +611,7 @@ def run_attention_case(
     )
     rec["gate"] = _gate(lambda: check_exact(m, q, k, v, causal, n_rows, seed, out=out, lse=stats.lse,
                                             atol=atol, rtol=rtol), rec)
-    del out, stats
+    out = stats = None  # free the output before timing (the gate closure is done with it)
     if rec["status"] != "ok":
         return rec
 
@@ -544,7 +656,7 @@ def run_callable_case(
     out, rec["first_call_s"] = res
     rows = sample_rows(tq, n_rows, seed)
     rec["gate"] = _gate(lambda: check_rows(out, q, k, v, mask=mask, rows=rows, atol=atol, rtol=rtol), rec)
-    del out
+    out = None  # free the output before timing
     if rec["status"] != "ok":
         return rec
     return _time_into(rec, fn, repeats, max_seconds, q, tk, causal, 1.0)

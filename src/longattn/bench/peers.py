@@ -45,8 +45,9 @@ import torch.nn.functional as F
 import longattn
 from longattn import masks
 from longattn.bench import harness
-from longattn.bench.decode import available_memory, crossovers, efficiency_columns
-from longattn.bench.suite import Column, Context, Part, Pivot, Suite, Table, format_value, label, short_status, status_column
+from longattn.bench.harness import available_memory, crossovers
+from longattn.bench.suite import (Column, Context, Part, Pivot, Suite, Table, efficiency_columns, format_value, label,
+                                  short_status, status_column)
 
 QUICK_LENGTHS: tuple[int, ...] = (2048, 8192)
 FULL_LENGTHS: tuple[int, ...] = (2048, 8192, 32768)

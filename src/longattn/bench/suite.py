@@ -748,6 +748,21 @@ def console_tables(suite: Suite, results: Results, width: int = 80) -> list[Rich
     return [console_table(r, width) for r in render_tables(suite, results, target="console")]
 
 
+def efficiency_text(row: dict[str, Any]) -> str:
+    """The efficiency length of a ``crossovers`` row as written in the reports."""
+    eff = row["efficiency_length"]
+    if eff is None:
+        return "never (in the lengths run)"
+    return f"≤ {eff}" if row["ahead_from_smallest"] else str(eff)
+
+
+def efficiency_columns(key_header: str) -> tuple[Column, ...]:
+    """The efficiency-length table's columns (also the peers suite's)."""
+    return (label("method", "method"), label(key_header, "key"), label("efficiency length", efficiency_text),
+            Column("estimate", "crossover_estimate", ".0f"),
+            label("lengths timed", lambda r: ", ".join(map(str, r["lengths_timed"])) or "—"))
+
+
 # -- records helpers a suite's part uses --------------------------------------------------------
 
 
