@@ -53,6 +53,8 @@ from typing import Any
 
 import torch
 
+from longattn.files import atomic_write_text
+
 #: stories260K's trained context: prompt_len + cont_len must stay within it
 TRAINED_LENGTH = 512
 #: kvpress presses run by default (class names in ``kvpress``); ObservedAttentionPress is the
@@ -436,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         md = markdown_table(load_records(args.files))
         print(md)
         if args.out:
-            Path(args.out).write_text(md + "\n")
+            atomic_write_text(args.out, md + "\n")
         return 0
 
     if args.threads:
@@ -451,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = {k: v for k, v in kw.items() if k != "progress"}
     payload = {"side": args.side, "config": config, "versions": _versions(), "records": records}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(payload, indent=1, default=str))
+    atomic_write_text(args.out, json.dumps(payload, indent=1, default=str))
     say(f"wrote {len(records)} records to {args.out}")
     return 0
 
