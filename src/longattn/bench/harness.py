@@ -703,15 +703,29 @@ def _jsonable(x: Any) -> bool:
 # -- machine ---------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of ``/proc/cpuinfo`` (empty where there is none)."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip().lower()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return info
+
+
+def _cpu_model() -> str:
+    """``"AMD EPYC (family 25, model 17)"``: the model name, with the family and model numbers
+    that tell processor generations apart when the name does not."""
+    info = _cpuinfo()
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if info.get("cpu family") and info.get("model"):
+        name += f" (family {info['cpu family']}, model {info['model']})"
+    return name
 
 
 def cpu_capability() -> str:
@@ -723,15 +737,7 @@ def cpu_capability() -> str:
     except Exception:  # noqa: BLE001 - older torch, unusual builds
         cap = "unknown"
     wanted = ("avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
+    flags = set(_cpuinfo().get("flags", "").split())
     have = [w for w in wanted if w in flags]
     return " + ".join([cap] + have)
 
