@@ -127,8 +127,8 @@ def bench_cmd(
                                        help="folder for results.json and report.md (and, for all, plots/ and "
                                             "report.html); default bench-out for all, bench-out-SUITE for one suite"),
     quick: bool = typer.Option(True, "--quick/--full",
-                               help="quick: the main job's sizes (about 10 min on 2 cores for all suites); "
-                                    "full: up to 64k-128k tokens"),
+                               help="quick: the main job's sizes (about 6 min on 2 cores for all suites); "
+                                    "full: up to 64k-128k tokens (about 90 min)"),
     lengths: Optional[str] = typer.Option(None, "--lengths", help="comma-separated lengths, e.g. 1024,2048"),
     methods: Optional[str] = typer.Option(None, "--methods",
                                           help="comma-separated methods/cases, e.g. dense,window,pattern:lsg"),

@@ -27,12 +27,11 @@ or ``"skipped: …"``. A suite's own status is ``"ok"``, ``"partial"`` (some par
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import re
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -773,16 +772,3 @@ def guarded_record(base: Record, fn: Callable[[], Record]) -> Record:
 
     res, status = harness.guarded(fn)
     return {**base, **res} if status is None else {**base, "status": status}
-
-
-def iter_plan(ctx: Context, plan: Sequence[Any], describe: Callable[[Any], str]) -> Iterator[Any]:
-    """Yield the items of ``plan`` while the progress bar counts them."""
-    ctx.plan(len(plan))
-    for i, item in enumerate(plan):
-        ctx.step(describe(item), advance=0 if i == 0 else 1)
-        yield item
-
-
-def replace_options(suite: Suite, **changes: Any) -> Suite:
-    """A copy of ``suite`` with other quick/full options (tests and scripts shrink sizes so)."""
-    return dataclasses.replace(suite, quick={**suite.quick, **changes}, full={**suite.full, **changes})
