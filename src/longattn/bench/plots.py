@@ -229,10 +229,6 @@ def _bytes_axis(ax, axis: str = "y") -> None:
     target.set_major_formatter(FuncFormatter(lambda b, _: fmt_bytes(b)))
 
 
-def _no_data(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=10, color="#666666")
-    ax.set_xticks([])
-    ax.set_yticks([])
 
 
 def _line(ax, styles, name: str, xs, ys, **kw) -> None:

@@ -102,16 +102,8 @@ def _e(x: Any) -> str:
 
 
 
-def _fmt(x: Any, spec: str = ".3g") -> str:
-    v = num(x)
-    return "—" if v is None else format(v, spec)
 
 
-def _seconds(x: Any) -> str:
-    v = num(x)
-    if v is None:
-        return "—"
-    return f"{v * 1e3:.3g} ms" if v < 1 else f"{v:.3g} s"
 
 
 class _Td(str):
