@@ -229,8 +229,6 @@ def _bytes_axis(ax, axis: str = "y") -> None:
     target.set_major_formatter(FuncFormatter(lambda b, _: fmt_bytes(b)))
 
 
-
-
 def _line(ax, styles, name: str, xs, ys, **kw) -> None:
     pts = sorted(zip(xs, ys))
     st = _style(styles, name)

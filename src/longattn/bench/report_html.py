@@ -101,11 +101,6 @@ def _e(x: Any) -> str:
     return "—" if x is None else html.escape(str(x), quote=True)
 
 
-
-
-
-
-
 class _Td(str):
     """An already-rendered ``<td>``: ``_table`` inserts it as is (any other cell is escaped text)."""
 
