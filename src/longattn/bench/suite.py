@@ -198,8 +198,9 @@ class Table:
 class Panel:
     """One panel of a plot: ``y`` against ``x`` of the records that pass ``where``, a line per
     ``series``. ``plot`` names the figure (``plots.FIGURES``: "speedup_vs_length",
-    "memory_vs_length", "error_vs_density", "recall_vs_density", "passkey_heatmap"); for a heat map
-    ``series`` gives one panel per value and ``value`` the cell."""
+    "memory_vs_length", "error_vs_density" (an error panel, or a recall panel when ``y`` is
+    "recall"), "passkey_heatmap"); ``annotate`` writes that field next to each point; for a heat
+    map ``series`` gives one panel per value and ``value`` the cell."""
 
     plot: str
     title: str | Callable[[list[Record]], str]
@@ -281,9 +282,6 @@ class Suite:
     finish: Callable[[Results], None] | None = None
     #: raises ``ValueError`` for options the parts cannot run with (checked before any work)
     check: Callable[[Mapping[str, Any]], None] | None = None
-
-    def part(self, name: str) -> Part:
-        return next(p for p in self.parts if p.name == name)
 
     def known_methods(self, options: Mapping[str, Any] | None = None) -> list[str]:
         """Every name ``--methods`` accepts with these options (default: the quick ones)."""
