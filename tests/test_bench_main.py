@@ -132,6 +132,11 @@ def test_results_are_never_clobbered(tmp_path):
         claim_folder(alone, "suite", "decode")
     with pytest.raises(ValueError, match="holds the kernels suite's results"):
         claim_folder(alone, "main", "all")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "results.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a longattn run's"):
+        claim_folder(foreign, "main", "all")
     res = CliRunner().invoke(app, ["bench", "--suite", "kernels", "--out", str(main_dir), "--lengths", "128"])
     assert res.exit_code == 2 and "main job" in " ".join(res.output.replace("│", " ").split())
 

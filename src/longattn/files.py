@@ -78,19 +78,25 @@ def _probe(folder: Path) -> str | None:
     return None
 
 
+def _writable_folder(folder: Path, named: str, option: str) -> None:
+    """Create ``folder`` (parents included) and check a file can be made in it; a problem is a
+    ``ValueError`` starting ``option named:``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{option} {named}: cannot create the folder {str(folder)!r} ({exc.strerror or exc})") from None
+    problem = _probe(folder)
+    if problem:
+        raise ValueError(f"{option} {named}: {problem}")
+
+
 def output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
     """Create ``path`` as a folder (parents included) and check it can be written, or raise a
     one-line ``ValueError`` naming ``option``."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{option} {str(path)!r} is a file; expected a folder to write into")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"{option} {str(path)!r}: cannot create the folder ({exc.strerror or exc})") from None
-    problem = _probe(path)
-    if problem:
-        raise ValueError(f"{option} {str(path)!r}: {problem}")
+    _writable_folder(path, repr(str(path)), option)
     return path
 
 
@@ -100,14 +106,7 @@ def output_file(path: str | os.PathLike, option: str = "--out") -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{option} {str(path)!r} is a folder; expected a file name")
-    parent = path.parent
-    if parent.exists() and not parent.is_dir():
-        raise ValueError(f"{option} {str(path)!r}: {str(parent)!r} is a file, not a folder")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"{option} {str(path)!r}: cannot create {str(parent)!r} ({exc.strerror or exc})") from None
-    problem = _probe(parent)
-    if problem:
-        raise ValueError(f"{option} {str(path)!r}: {problem}")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"{option} {str(path)!r}: {str(path.parent)!r} is a file, not a folder")
+    _writable_folder(path.parent, repr(str(path)), option)
     return path

@@ -116,9 +116,9 @@ def panel_data(results: dict[str, Any]) -> dict[str, list[tuple[Panel, list[dict
     return figures
 
 
-def _plotted_names(results: dict[str, Any]) -> list[str]:
+def _plotted_names(data: dict[str, list[tuple[Panel, list[dict[str, Any]]]]]) -> list[str]:
     names: list[str] = []
-    for entries in panel_data(results).values():
+    for entries in data.values():
         batch = sorted({str(p.series(r)) for p, recs in entries for r in recs})
         names += [n for n in batch if n not in names]
     return names
@@ -130,18 +130,19 @@ def base_name(name: str) -> str:
     return re.split(r"\s*[\(\[,]", name, maxsplit=1)[0].strip() or name
 
 
-def series_styles(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{series name: {"color", "marker", "linestyle"}}`` for every method any plot draws.
+def series_styles(results: dict[str, Any], data=None) -> dict[str, dict[str, Any]]:
+    """``{series name: {"color", "marker", "linestyle"}}`` for every method any plot draws
+    (``data``: ``panel_data(results)`` when the caller has it already).
 
     One colour per method (by ``base_name``), taken from a 20-colour palette in order of first
-    appearance (kernels, sparse, decode, tasks suites; sorted within each), SDPA black; past 20
+    appearance (figure by figure in ``FIGURES`` order; sorted within each), SDPA black; past 20
     methods the colours repeat with another marker. Variants of a method keep its colour and marker
     and get a dashed or dotted line. The same results always give the same styles, so every plot of
     one report agrees."""
     styles: dict[str, dict[str, Any]] = {}
     bases: dict[str, int] = {}
     variants: dict[str, int] = {}
-    for name in _plotted_names(results):
+    for name in _plotted_names(panel_data(results) if data is None else data):
         base = base_name(name)
         if base not in bases:
             bases[base] = len([b for b in bases if b not in _BASELINES])
@@ -286,11 +287,11 @@ def _grid(plt, n: int):
     return fig, [ax for row in axes for ax in row]
 
 
-def line_figure(name: str, entries, results: dict[str, Any], path: str | Path) -> Path | None:
+def line_figure(name: str, entries, results: dict[str, Any], styles: dict[str, dict[str, Any]],
+                path: str | Path) -> Path | None:
     """Panels of lines (x: tokens, log 2; y: a ratio to SDPA or bytes, log), one legend."""
     kind, title = FIGURES[name]
     plt = _mpl()
-    styles = series_styles(results)
     fig, flat = _grid(plt, len(entries))
     for ax, (panel, recs) in zip(flat, entries):
         pts = [(str(panel.series(r)), float(r[panel.x]), float(r[panel.y])) for r in recs]
@@ -314,12 +315,12 @@ def line_figure(name: str, entries, results: dict[str, Any], path: str | Path) -
     return _save(fig, path)
 
 
-def density_figure(name: str, entries, results: dict[str, Any], path: str | Path) -> Path | None:
+def density_figure(name: str, entries, results: dict[str, Any], styles: dict[str, dict[str, Any]],
+                   path: str | Path) -> Path | None:
     """Panels against density (share of the causal triangle attended): an error panel (log y,
     exact zeros clipped to a floor, ``annotate`` values written next to points) or a recall panel
     (linear, zoomed on the range measured). With several lengths each gets its own line."""
     plt = _mpl()
-    styles = series_styles(results)
     fig, axes = plt.subplots(1, len(entries), figsize=(5.4 * len(entries), 3.9), squeeze=False)
     flat = list(axes[0])
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
@@ -382,7 +383,8 @@ def density_figure(name: str, entries, results: dict[str, Any], path: str | Path
     return _save(fig, path)
 
 
-def heatmap_figure(name: str, entries, results: dict[str, Any], path: str | Path) -> Path | None:
+def heatmap_figure(name: str, entries, results: dict[str, Any], styles: dict[str, dict[str, Any]],
+                   path: str | Path) -> Path | None:
     """One heat map per series: ``y`` (rows) × ``x`` (columns), the ``value`` (0..1) written in each
     cell, one shared colour bar; cells not run are grey, cells that failed are marked ×."""
     panel, recs = entries[0]
@@ -390,7 +392,6 @@ def heatmap_figure(name: str, entries, results: dict[str, Any], path: str | Path
     plt = _mpl()
     import numpy as np
 
-    styles = series_styles(results)
     methods = list(dict.fromkeys(str(panel.series(r)) for r in recs))
     xs = sorted({int(r[panel.x]) for r in recs})
     ys = sorted({round(float(r[panel.y]), 6) for r in recs if num(r.get(panel.y)) is not None})
@@ -457,11 +458,13 @@ def write_all(results: dict[str, Any], plot_dir: str | Path) -> dict[str, Path]:
     _mpl()  # fail early, with the install hint, rather than once per plot
     out = Path(plot_dir)
     written: dict[str, Path] = {}
-    for name, entries in panel_data(results).items():
+    data = panel_data(results)
+    styles = series_styles(results, data)  # one colour per method across every figure
+    for name, entries in data.items():
         if not entries:
             continue
         try:
-            path = _DRAW[FIGURES[name][0]](name, entries, results, out / f"{name}.png")
+            path = _DRAW[FIGURES[name][0]](name, entries, results, styles, out / f"{name}.png")
         except ImportError:
             raise
         except Exception as e:  # noqa: BLE001 - reported, the other plots still get drawn

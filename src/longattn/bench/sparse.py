@@ -200,10 +200,6 @@ def _decode_title(results: dict[str, Any]) -> str:
                                               f"{sd['step_s'] * 1e3:.2f} ms per step)" if sd else "")
 
 
-def _method_names(fn):
-    return lambda o: list(fn())
-
-
 def _prefill_names(o):
     from longattn.bench import sparse_speed
 
@@ -220,7 +216,7 @@ SUITE = Suite(
     name="sparse",
     title="longattn sparse suite",
     about=_about,
-    parts=(Part("accuracy", _accuracy_part, methods=_method_names(accuracy_methods)),
+    parts=(Part("accuracy", _accuracy_part, methods=lambda o: list(accuracy_methods())),
            Part("frontier", _frontier_part, methods=_frontier_names),
            Part("prefill", _prefill_part, methods=_prefill_names),
            Part("decode", _decode_part, methods=lambda o: ["landmark", "quest"])),

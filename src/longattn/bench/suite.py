@@ -38,6 +38,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table as RichTable
 
@@ -356,10 +357,12 @@ def claim_folder(out: Path, kind: str, name: str, *, inside_main: bool = False) 
         prev = json.loads(existing.read_text())
     except (OSError, ValueError):
         prev = {}
-    prev_kind = prev.get("kind") if isinstance(prev, dict) else None
-    if prev_kind is None and isinstance(prev, dict):  # written before runs said their kind
-        prev_kind = KIND_MAIN if "suites" in prev else KIND_SUITE
-    prev_name = prev.get("suite") if isinstance(prev, dict) else None
+    if not isinstance(prev, dict) or not prev:
+        raise ValueError(f"--out {str(out)!r} holds a results.json that is not a longattn run's; choose another "
+                         "folder or delete that one")
+    # files written before runs said their kind: the main job's had "suites"
+    prev_kind = prev.get("kind") or (KIND_MAIN if "suites" in prev else KIND_SUITE)
+    prev_name = prev.get("suite")
     if kind == KIND_MAIN and prev_kind == KIND_MAIN:
         return out
     if kind == KIND_SUITE and prev_kind == KIND_SUITE and prev_name == name and \
@@ -516,8 +519,6 @@ def live_line(suite: Suite, rec: Record) -> str:
     """``✓ dense, 4096 tokens, causal — median 0.056 s · 1.02×`` (never cut: the console wraps it)."""
     status = str(rec.get("status", "ok"))
     mark = next((m for k, m in _MARK.items() if status.startswith(k)), "[dim]·[/dim]")
-    from rich.markup import escape
-
     parts = []
     for c in suite.live:
         v = c.value(rec)
