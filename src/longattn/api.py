@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from longattn.core import validate
+from longattn.core import nonfinite, validate
 from longattn.core.positions import PositionEncoding
 from longattn.methods.base import Call, Method, resolve
 
@@ -57,7 +58,8 @@ def attention(
         k: ``[batch, heads_kv, tokens_k, head_dim]`` with ``heads_q % heads_kv == 0``.
         v: ``[batch, heads_kv, tokens_k, head_dim]``, like ``k``.
         causal: query ``i`` sees keys up to ``i + tokens_k - tokens_q`` (last query aligned with
-            the last key).
+            the last key, flash-attn's bottom-right convention); with ``tokens_q > tokens_k`` the
+            first ``tokens_q - tokens_k`` queries see no key and get zeros.
         method: a registered name (``longattn.methods()``) or a method object
             (``longattn.method("window", window=512)``).
         scale: score scale, default ``1/sqrt(head_dim)``.
@@ -70,7 +72,11 @@ def attention(
             loop appends each new key), so block-retrieval methods need not rebuild it per step.
 
     Returns:
-        ``out`` ``[batch, heads_q, tokens_q, head_dim]`` in the dtype of ``q`` (computed in float32), or ``(out, stats)``. Queries with no visible key get zeros.
+        ``out`` ``[batch, heads_q, tokens_q, head_dim]`` in the dtype of ``q`` (computed in float32), or
+        ``(out, stats)``. Queries with no visible key get zeros. Non-finite values follow IEEE as
+        the float64 reference does: a query whose own vector, or a key/value it may see (by
+        causality, padding and the method's mask), holds NaN/Inf gets NaN; NaN/Inf in keys a query
+        may not see never reach it (``longattn.core.nonfinite``).
     """
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
@@ -81,9 +87,28 @@ def attention(
     _check_capabilities(m, q, k, causal, position)
     if position is not None:
         position.check(q, k)  # head counts / head_dim: score biases cannot check under FlexAttention
+    tq, tk = q.shape[2], k.shape[2]
+    if q.numel() == 0 or tk == 0:
+        # nothing to compute (and torch's fused CPU kernel divides by zero on empty inputs)
+        return _empty(q, v, m, return_stats)
+    if causal and tq > tk:
+        # bottom-right alignment, as flash-attn: the first tq - tk queries sit before every key and
+        # see nothing; the last tk form the causal square, which every method handles
+        head = tq - tk
+        res = attention(q[:, :, head:], k, v, causal=True, method=m, scale=scale, key_padding_mask=key_padding_mask,
+                        position=position, return_stats=return_stats, summaries=summaries)
+        out = torch.cat([q.new_zeros(q.shape[0], q.shape[1], head, v.shape[-1]), res[0] if return_stats else res], 2)
+        if not return_stats:
+            return out
+        stats = res[1]
+        if stats.lse is not None:
+            stats.lse = torch.cat([stats.lse.new_full((q.shape[0], q.shape[1], head), -math.inf), stats.lse], 2)
+        return out, stats
     in_dtype = q.dtype
     q32, k32, v32 = (t.to(torch.float32) for t in (q, k, v))
-    tq, tk = q.shape[2], k.shape[2]
+    poison = nonfinite.find(q32, k32, v32)
+    if poison is not None:
+        q32, k32, v32 = poison.cleaned(q32, k32, v32)
     bias = None
     row_bias = None
     own = position if (position is not None and m.capabilities.own_positions) else None
@@ -101,7 +126,10 @@ def attention(
     t0 = time.perf_counter()
     res = m.run(q32, k32, v32, call)
     elapsed = time.perf_counter() - t0
-    out = res.out.to(in_dtype)
+    res_out, res_lse = res.out, res.lse
+    if poison is not None:
+        res_out, res_lse = poison.apply(res_out, res_lse, m.visible_mask(tq, tk, causal), key_padding_mask)
+    out = res_out.to(in_dtype)
     if not return_stats:
         return out
     extra = dict(res.stats)
@@ -110,11 +138,22 @@ def attention(
         path=res.path,
         density=extra.pop("density", None),
         computed_fraction=extra.pop("computed_fraction", None),
-        lse=res.lse,
+        lse=res_lse,
         time_s=elapsed,
         extra=extra,
     )
     return out, stats
+
+
+def _empty(q: torch.Tensor, v: torch.Tensor, m: Method, return_stats: bool):
+    """The answer for empty inputs: an empty output, or (no keys) zeros with LSE -inf."""
+    b, h, t = q.shape[:3]
+    out = torch.zeros(b, h, t, v.shape[-1], dtype=q.dtype, device=q.device)
+    if not return_stats:
+        return out
+    lse = torch.full((b, h, t), -math.inf, dtype=torch.float32, device=q.device)
+    return out, AttentionStats(method=m.name, path="empty", density=0.0, computed_fraction=0.0, lse=lse,
+                               time_s=0.0)
 
 
 def _content_rows(position: PositionEncoding, q, k, k_pos, scale):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import math
+
 import torch
 
 
@@ -24,7 +26,8 @@ def merge_partials(
 
     Returns:
         ``(out, lse)`` in the dtype of ``outs[0]`` (statistics are accumulated in at least
-        float32). Rows that no piece could see give ``out = 0`` and ``lse = -inf``.
+        float32). Rows that no piece could see give ``out = 0`` and ``lse = -inf``; a piece with
+        LSE NaN or +inf makes its rows NaN (never zeros).
     """
     if len(outs) == 0 or len(outs) != len(lses):
         raise ValueError(
@@ -42,12 +45,13 @@ def merge_partials(
     acc = torch.promote_types(outs[0].dtype, torch.float32)
     lse_stack = torch.stack([l.to(acc) for l in lses])
     lse = torch.logsumexp(lse_stack, dim=0)
-    finite = torch.isfinite(lse)
-    safe = lse.masked_fill(~finite, 0.0)
+    dead = lse == -math.inf
+    safe = lse.masked_fill(dead, 0.0)
     out = None
     for o, l in zip(outs, lse_stack):
-        # exp(-inf) = 0 drops pieces that saw nothing; rows nobody saw stay 0.
-        w = torch.exp(l - safe).masked_fill_(~finite, 0.0)[..., None]
+        # exp(-inf) = 0 drops pieces that saw nothing; rows nobody saw stay 0. An LSE of NaN or
+        # +inf (a piece that met NaN/Inf) is not "saw nothing": it propagates NaN, as IEEE does.
+        w = torch.exp(l - safe).masked_fill_(dead, 0.0)[..., None]
         if out is None:
             out = o.to(acc) * w
         else:

@@ -39,6 +39,8 @@ def reference_attention(
         ``(out, lse)``: ``out`` ``[batch, heads_q, tokens_q, head_dim]`` float64 and
         ``lse`` ``[batch, heads_q, tokens_q]`` float64, the natural-log sum of exp of the scaled
         scores over the visible keys. Fully masked rows give ``out = 0`` and ``lse = -inf``.
+        NaN/Inf follow IEEE over the visible keys only: a NaN visible score or value makes the row
+        NaN; hidden keys and values never reach a row, whatever they hold.
     """
     validate.check_qkv(q, k, v, causal=causal)
     b, hq, tq, d = q.shape
@@ -61,8 +63,23 @@ def reference_attention(
     allowed = allowed.expand(b, hq, tq, tk)
     scores = scores.masked_fill(~allowed, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
-    # exp(-inf - -inf) would be NaN: rows with no visible key get zero weights instead.
-    finite = torch.isfinite(lse)
-    weights = torch.where(finite[..., None], torch.exp(scores - lse.masked_fill(~finite, 0)[..., None]), 0.0)
-    out = weights @ v64
+    # Rows with no visible key (lse = -inf) get zero weights: exp(-inf - -inf) would be NaN there.
+    # Every other non-finite case follows IEEE: a NaN score or a +inf score (lse = +inf or NaN)
+    # makes the row NaN — the oracle must show exactly what a kernel may not hide.
+    dead = lse == -math.inf
+    weights = torch.exp(scores - lse.masked_fill(dead, 0)[..., None]).masked_fill(dead[..., None], 0.0)
+    bad_v = ~torch.isfinite(v64)
+    if not bool(bad_v.any()):
+        return weights @ v64, lse
+    # A hidden key's weight is 0, and 0 · NaN = NaN in a matmul: non-finite values count only
+    # where the key is visible. Rows are processed in slices to bound memory.
+    out = weights @ v64.masked_fill(bad_v, 0.0)
+    bad_key = bad_v.any(-1)  # [B, Hq, Tk]
+    cols = bad_key.any(1).any(0).nonzero().flatten()
+    vis = allowed[..., cols] & bad_key[:, :, None, cols]  # [B, Hq, Tq, n]
+    rows = vis.any(-1)
+    if bool(rows.any()):
+        extra = (weights[..., cols].masked_fill(~vis, 0.0)[..., None] * v64[:, :, None, cols]).masked_fill(
+            ~vis[..., None], 0.0).sum(-2)
+        out = torch.where(rows[..., None], out + extra, out)
     return out, lse

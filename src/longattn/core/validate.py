@@ -36,16 +36,15 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"q has head_dim {q.shape[3]} but k has head_dim {k.shape[3]}: they must match")
     hq, hk = q.shape[1], k.shape[1]
-    if hk == 0 or hq % hk != 0:
+    if (hk == 0 and hq != 0) or (hk != 0 and hq % hk != 0):
         raise ValueError(
             f"k has {hk} heads but q has {hq}: heads_q must be a multiple of heads_kv (GQA/MQA)"
         )
-    tq, tk = q.shape[2], k.shape[2]
-    if causal and tq > tk:
-        raise ValueError(
-            f"causal cross attention needs tokens_q <= tokens_k (the last query is aligned with the "
-            f"last key), got tokens_q={tq} and tokens_k={tk}"
-        )
+    if q.shape[3] == 0:
+        raise ValueError(f"head_dim must be at least 1, got q of shape {tuple(q.shape)}")
+    # causal with tokens_q > tokens_k is bottom-right aligned (flash-attn): the first
+    # tokens_q - tokens_k queries see no key; `causal` stays in the signature for callers
+    del causal
 
 
 def check_scale(scale: float | None, head_dim: int) -> float:
@@ -54,6 +53,9 @@ def check_scale(scale: float | None, head_dim: int) -> float:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
+    if scale <= 0:
+        # a softmax temperature; torch's fused causal kernel also returns NaN for scale <= 0
+        raise ValueError(f"scale must be > 0 (it multiplies q·k before the softmax), got {scale!r}")
     return float(scale)
 
 

@@ -28,6 +28,7 @@ import torch
 import longattn
 from longattn.core.masks import Causal
 from longattn.hf.cache import pending_layer
+from longattn.kernels.softcap import softcap_attention
 from longattn.methods.base import Method
 
 #: the name under which longattn registers in transformers' interfaces
@@ -86,6 +87,13 @@ def longattn_mask(batch_size: int, q_length: int | None = None, kv_length: int |
     aligned = q_offset + q_length == kv_offset + kv_length  # last query ↔ last key: longattn's causal alignment
     plain = mask_function is None or mask_function is causal_mask_function or mask_function is bidirectional_mask_function
     if plain and aligned:
+        if mask_function is bidirectional_mask_function:
+            # [B, 1, kv_length], every key real or not: tells the attention this layer is bidirectional
+            # (None or [B, kv_length] would read as causal, which is what the model's module flag says)
+            if pad is None:
+                device = kwargs.get("device", attention_mask.device if attention_mask is not None else "cpu")
+                pad = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+            return pad[:, None, :]
         return pad
     device = kwargs.get("device", attention_mask.device if attention_mask is not None else "cpu")
     if cache_position is not None:  # transformers 5.2's signature
@@ -107,9 +115,21 @@ def longattn_mask(batch_size: int, q_length: int | None = None, kv_length: int |
 # --------------------------------------------------------------------------------------------
 # the attention function
 
+#: keyword arguments transformers passes that cannot change the output: position ids and packing
+#: descriptors (the mask function already built the mask from them, as eager and SDPA use it),
+#: output / logging switches, flash-only knobs
+_NO_EFFECT = frozenset({
+    "position_ids", "cache_position", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+    "seq_idx", "use_cache", "output_attentions", "output_hidden_states", "output_router_logits",
+    "num_items_in_batch", "deterministic", "layer_idx",
+})
+
 
 def longattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                               is_causal: bool | None = None, softcap: float | None = None,
+                               s_aux: torch.Tensor | None = None, sliding_window: int | None = None,
+                               position_bias: torch.Tensor | None = None,
                                **kwargs: Any) -> tuple[torch.Tensor, None]:
     """The function transformers calls for every attention layer of a switched model.
 
@@ -117,15 +137,42 @@ def longattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         module: the attention module (its ``is_causal`` and the method ``apply`` gave it).
         query: ``[B, Hq, Lq, D]``; key, value: ``[B, Hkv, Lk, D]`` (GQA heads not repeated, cache
             already updated, RoPE already applied).
-        attention_mask: what ``longattn_mask`` returned (None, ``[B, Lk]`` or ``[B, 1|H, Lq, Lk]``),
-            or a 4-D mask the caller passed directly (bool, or additive float).
+        attention_mask: what ``longattn_mask`` returned (None or ``[B, Lk]``: causal layer;
+            ``[B, 1, Lk]``: bidirectional layer; ``[B, 1|H, Lq, Lk]``: a general mask), or a 4-D
+            mask the caller passed directly (bool, or additive float).
+        dropout: attention dropout; refused above 0 in training mode.
+        scaling: the score scale (None: ``1/sqrt(D)``).
+        is_causal: transformers' override of the module's flag (``model(..., is_causal=False)``);
+            with a 4-D mask the mask decides, as in eager and SDPA.
+        softcap: scores become ``softcap·tanh(scores/softcap)`` (Gemma 2); method ``dense`` only.
+        s_aux: a sink logit per query head ``[Hq]`` (GPT-OSS), folded in through the LSE.
+        sliding_window: carried by the mask transformers builds for the layer; checked against it.
+        position_bias: refused (a learned additive bias, T5-style).
+
+    Any other keyword that is not None is refused unless it is known to leave the output alone
+    (``_NO_EFFECT``).
 
     Returns:
         ``(out [B, Lq, Hq, D], None)``: longattn never materialises attention weights.
     """
+    unknown = sorted(name for name, val in kwargs.items() if val is not None and name not in _NO_EFFECT)
+    if unknown:
+        raise TypeError(
+            f"longattn attention got keyword argument(s) {', '.join(unknown)} from "
+            f"{type(module).__name__}, which it does not implement and cannot tell are harmless; "
+            "run this model with attn_implementation='eager' or 'sdpa'")
+    if position_bias is not None:
+        raise ValueError(f"{type(module).__name__} passes a position_bias (a learned additive score bias), "
+                         "which longattn's Hugging Face path does not implement; use attn_implementation='eager'")
     method = _ACTIVE.get(module)
     layer = pending_layer(key)
+    bidirectional = attention_mask is not None and attention_mask.ndim == 3
     if layer is not None:  # a LongattnCache layer: its memory decides what the queries see
+        if softcap is not None or s_aux is not None or bidirectional or is_causal is False:
+            what = ("softcap" if softcap is not None else "attention sinks (s_aux)" if s_aux is not None
+                    else "non-causal attention")
+            raise NotImplementedError(f"LongattnCache memories attend causally with a plain softmax and cannot apply "
+                                      f"{what}, which this model asks for; use DynamicCache with apply(model, ...)")
         if attention_mask is not None and attention_mask.ndim != 2:
             raise NotImplementedError(
                 "LongattnCache attends over its own kept keys and cannot follow a general 4-D attention mask "
@@ -144,21 +191,97 @@ def longattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     if dropout and module.training:
         raise ValueError(f"longattn attention has no dropout: got dropout={dropout} in training mode "
                          "(set the model's attention_dropout to 0 or call model.eval())")
-    causal = bool(getattr(module, "is_causal", True))
+    if softcap is not None and method.name != "dense":
+        raise ValueError(
+            f"method {method.name!r} cannot apply logit soft-capping (softcap={softcap}, which "
+            f"{type(module).__name__} asks for): only 'dense' implements softcap·tanh(scores/softcap) so far")
+    sinks = _sink_logits(s_aux, query)
     if attention_mask is not None and attention_mask.ndim == 4:
-        return _dense_4d(query, key, value, attention_mask, scaling, method), None
-    if attention_mask is not None and attention_mask.ndim != 2:
-        raise ValueError(f"attention_mask must be None, [batch, kv_length] or 4-D, got shape {tuple(attention_mask.shape)}")
-    out = longattn.attention(query, key, value, causal=causal, method=method, scale=scaling,
-                             key_padding_mask=attention_mask)
-    return out.transpose(1, 2), None
+        if is_causal is False:
+            _refuse_causal_4d(attention_mask, query.shape[2], key.shape[2])
+        out = _dense_4d(query, key, value, attention_mask, scaling, method, softcap, sinks)
+        return out.transpose(1, 2), None
+    if attention_mask is not None and attention_mask.ndim not in (2, 3):
+        raise ValueError(f"attention_mask must be None, [batch, kv_length], [batch, 1, kv_length] or 4-D, "
+                         f"got shape {tuple(attention_mask.shape)}")
+    pad = attention_mask
+    if bidirectional:
+        pad = None if bool(attention_mask.all()) else attention_mask[:, 0]
+    if is_causal is not None:
+        causal = bool(is_causal)
+    else:
+        causal = not bidirectional and bool(getattr(module, "is_causal", True))
+    tk = key.shape[2]
+    if sliding_window is not None and tk > sliding_window:
+        raise RuntimeError(
+            f"{type(module).__name__} has a sliding window of {sliding_window} tokens but its attention mask does "
+            f"not carry it ({tk} keys under a plain mask): the window would be lost. Was the mask built by "
+            "transformers for this layer?")
+    if not causal and not method.capabilities.non_causal:
+        raise ValueError(
+            f"method {method.name!r} supports only causal attention, but {type(module).__name__} attends "
+            "bidirectionally here (an encoder, is_causal=False, or a bidirectional config); use a method with "
+            "non-causal support (longattn methods lists them)")
+    if softcap is not None:
+        out, lse = softcap_attention(query, key, value, softcap=softcap, scale=scaling, causal=causal,
+                                     key_padding_mask=pad)
+    elif sinks is None:
+        out = longattn.attention(query, key, value, causal=causal, method=method, scale=scaling, key_padding_mask=pad)
+        return out.transpose(1, 2), None
+    else:
+        q32, k32, v32 = (t.to(torch.float32) for t in (query, key, value))  # fold the sinks before rounding
+        out, stats = longattn.attention(q32, k32, v32, causal=causal, method=method, scale=scaling,
+                                        key_padding_mask=pad, return_stats=True)
+        lse = stats.lse
+        if lse is None:
+            raise ValueError(
+                f"method {method.name!r} ran on path {stats.path!r}, which gives no log-sum-exp, so the attention "
+                f"sinks (s_aux) of {type(module).__name__} cannot be folded in; use a method or backend that "
+                "returns its LSE (dense, dense_chunked, the tiled backend)")
+    return _fold_sinks(out, lse, sinks).to(query.dtype).transpose(1, 2), None
 
 
-def _dense_4d(query, key, value, mask, scaling, method: Method) -> torch.Tensor:
-    """Exact attention under a general 4-D mask (bool, or additive float); rows that see no key give 0.
+def _sink_logits(s_aux: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor | None:
+    """``s_aux`` as float32 ``[Hq]`` (one sink logit per query head), or None."""
+    if s_aux is None:
+        return None
+    s = torch.as_tensor(s_aux, device=query.device)
+    hq = query.shape[1]
+    if s.numel() != hq:
+        raise ValueError(f"s_aux must hold one sink logit per query head ({hq}), got shape {tuple(s.shape)}")
+    return s.reshape(hq).to(torch.float32)
+
+
+def _fold_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """A sink logit ``s`` with no value joins the softmax's denominator: ``out · e^lse / (e^lse + e^s)``,
+    that is ``out · sigmoid(lse − s)`` (0 where the row sees no key, lse = −inf)."""
+    out = out.to(torch.float32)
+    if sinks is None:
+        return out
+    return out * torch.sigmoid(lse.to(torch.float32) - sinks[None, :, None])[..., None]
+
+
+def _refuse_causal_4d(mask: torch.Tensor, tq: int, tk: int) -> None:
+    """``is_causal=False`` came with a 4-D mask that hides every key after the bottom-right diagonal:
+    the mask was built causal and following it would drop the request."""
+    if tq <= 1:
+        return  # one query aligned with the last key sees every key either way
+    visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    future = torch.ones(tq, tk, dtype=torch.bool, device=mask.device).triu(tk - tq + 1)
+    if not bool((visible & future).any()):
+        raise ValueError(
+            "is_causal=False was passed, but the 4-D attention mask transformers built for this layer is causal "
+            "(a sliding window, packed sequences or a static cache make it 4-D); set config.is_causal=False on "
+            "the model so that transformers builds a bidirectional mask")
+
+
+def _dense_4d(query, key, value, mask, scaling, method: Method, softcap=None, sinks=None) -> torch.Tensor:
+    """Exact attention under a general 4-D mask (bool, or additive float) → ``[B, Hq, Lq, D]``;
+    rows that see no key give 0.
 
     Only for methods that attend to every visible key (``dense``, ``dense_chunked``): any other
-    method has its own pattern (a window, sinks, a selection), which this path would drop."""
+    method has its own pattern (a window, sinks, a selection), which this path would drop. With a
+    softcap or attention sinks it runs ``softcap_attention`` (exact, query tiles, with its LSE)."""
     tq, tk = query.shape[2], key.shape[2]
     if not (method.capabilities.exact and isinstance(method.visible_mask(tq, tk, True), (Causal, type(None)))):
         raise NotImplementedError(
@@ -166,14 +289,21 @@ def _dense_4d(query, key, value, mask, scaling, method: Method) -> torch.Tensor:
             "mask; this layer needs one (a sliding window shorter than the context, packed sequences, a static "
             "cache, or a 4-D mask passed by the caller): use 'dense' or 'dense_chunked' here"
         )
-    if mask.dtype != torch.bool:
-        mask = mask > torch.finfo(mask.dtype).min / 2
+    if softcap is not None or sinks is not None:
+        out, lse = softcap_attention(query, key, value, softcap=softcap, scale=scaling, mask=mask)
+        return _fold_sinks(out, lse, sinks).to(query.dtype)
+    if mask.dtype == torch.bool:
+        seen = mask.any(-1, keepdim=True)  # [B, 1|H, Lq, 1]
+        attn = mask
+    else:  # additive: finite values are a bias the eager path adds too; finfo.min or below hides the key
+        hidden = mask <= torch.finfo(mask.dtype).min / 2
+        seen = (~hidden).any(-1, keepdim=True)
+        attn = mask.to(torch.float32).masked_fill(hidden, float("-inf"))
     hq, hk = query.shape[1], key.shape[1]
     out = torch.nn.functional.scaled_dot_product_attention(
-        query.float(), key.float(), value.float(), attn_mask=mask, scale=scaling, enable_gqa=hq != hk)
-    seen = mask.any(-1, keepdim=True)  # [B, 1|H, Lq, 1]
+        query.float(), key.float(), value.float(), attn_mask=attn, scale=scaling, enable_gqa=hq != hk)
     out = torch.where(seen, out, torch.zeros((), dtype=out.dtype))
-    return out.to(query.dtype).transpose(1, 2)
+    return out.to(query.dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 FLAGS: tuple[str, ...] = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 #: a compile that takes longer than this is abandoned (the torch path is used)
 BUILD_TIMEOUT_S = 120
-#: largest head_dim / block the kernel keeps on its stack
+#: largest head_dim / block the kernel takes (its per-thread scratch, on the heap, is head_dim + block floats)
 MAX_HEAD_DIM = 1024
 MAX_BLOCK = 16384
 
@@ -129,7 +129,7 @@ def _load() -> None:
             fn = lib.decode_blocks_f32
             p, i = ctypes.c_void_p, ctypes.c_int64
             fn.argtypes = [p] * 6 + [i] * 15 + [ctypes.c_float, ctypes.c_int]
-            fn.restype = None
+            fn.restype = ctypes.c_int  # 0, or 1 when a thread's scratch could not be allocated
             _lib = lib
         except (OSError, RuntimeError) as exc:
             _reason = str(exc)
@@ -169,8 +169,8 @@ def decode_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: tor
         scale: score scale.
 
     Returns:
-        ``out [B, Hq, 1, D]`` and ``lse [B, Hq, 1]`` (float32); a row with no valid block gives
-        0 and −inf.
+        ``out [B, Hq, 1, D]`` and ``lse [B, Hq, 1]`` (float32); a row with no valid block, or whose
+        every score is −inf, gives 0 and −inf; a NaN score makes the row NaN (out and lse).
     """
     reason = unavailable_reason()
     if reason is not None:
@@ -194,8 +194,10 @@ def decode_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: tor
     out = torch.empty(b, hq, 1, d, dtype=torch.float32)
     lse = torch.empty(b, hq, 1, dtype=torch.float32)
     assert _lib is not None
-    _lib.decode_blocks_f32(
+    failed = _lib.decode_blocks_f32(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), sel.data_ptr(), out.data_ptr(), lse.data_ptr(),
         b, hq, hk, d, t, block, sel.shape[-1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), float(scale), max(1, torch.get_num_threads()))
+    if failed:
+        raise MemoryError(f"the native decode kernel could not allocate {(d + block) * 4} bytes of scratch per thread")
     return out, lse

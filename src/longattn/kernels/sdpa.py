@@ -2,7 +2,8 @@
 
 On CPU, ``aten._scaled_dot_product_flash_attention_for_cpu`` is the kernel behind
 ``F.scaled_dot_product_attention`` and also returns the LSE, which lets dense results merge with
-other pieces at no extra cost. Where that op is missing (other builds/devices) the public SDPA
+other pieces at no extra cost. Being private, it checks nothing: ``fused_flash`` is the one door
+to it and keeps its preconditions (unit-stride heads, non-empty inputs). Where that op is missing (other builds/devices) the public SDPA
 gives the output and the LSE is computed in query tiles.
 """
 
@@ -19,6 +20,44 @@ from longattn.core.merge import merge_partials
 def fused_cpu_available(q: torch.Tensor) -> bool:
     """True where torch's fused CPU flash kernel (with LSE output) can run on ``q``."""
     return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def fused_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's fused CPU flash kernel, ``aten._scaled_dot_product_flash_attention_for_cpu``, with the
+    preconditions that private op does not check kept here — every call in longattn goes through it.
+
+    * The last dimension of q, k, v and the mask must have stride 1: the op reads a head as
+      contiguous memory, so a stride-0 (expanded) or strided (``[..., ::2]``) last dimension gives
+      silently wrong output, or reads past the tensor (a segfault before a guard page). Such
+      inputs are copied contiguous first; every other stride (views of a larger cache, expanded
+      batch/head/token axes) is fine and is passed as it is.
+    * Empty inputs: ``tokens_q = 0`` or ``tokens_k = 0`` divide by zero inside (SIGFPE kills the
+      interpreter). Any empty input is answered here: an empty output, or zeros with LSE ``-inf``
+      for rows that see no key.
+
+    Args:
+        q: ``[B, H, M, D]``; k, v: ``[B, H, N, D]`` (same heads; callers fold GQA into M);
+        attn_mask: additive float mask broadcastable to ``[B, H, M, N]`` (``-inf`` = hidden).
+        causal: top-left causal square (``M == N`` in every caller).
+
+    Returns:
+        ``(out [B, H, M, D], lse [B, H, M] float32)``.
+    """
+    b, h, m, d = q.shape
+    if q.numel() == 0 or k.shape[2] == 0:
+        out = torch.zeros(b, h, m, v.shape[-1], dtype=q.dtype, device=q.device)
+        return out, torch.full((b, h, m), -math.inf, dtype=torch.float32, device=q.device)
+    q, k, v = _unit_stride_last(q), _unit_stride_last(k), _unit_stride_last(v)
+    if attn_mask is not None:
+        attn_mask = _unit_stride_last(attn_mask)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, attn_mask=attn_mask, scale=scale)
+    return out, lse.to(torch.float32)
 
 
 def sdpa_attention(
@@ -77,12 +116,9 @@ def _sdpa_piece(q, k, v, scale, causal, key_padding_mask):
         if attn_mask is not None:
             # the fused kernel takes an additive float mask
             attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, -math.inf)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qq, k, v, 0.0, causal, attn_mask=attn_mask, scale=scale
-        )
+        out, lse = fused_flash(qq, k, v, scale=scale, causal=causal, attn_mask=attn_mask)
         if fold:
             out, lse = out.reshape(b, hq, tq, d), lse.reshape(b, hq, tq)
-        lse = lse.to(torch.float32)
     else:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale, enable_gqa=g > 1

@@ -24,7 +24,7 @@ import torch
 from longattn.core.masks import Mask
 from longattn.core.merge import merge_partials
 from longattn.kernels.layout import BlockLayout
-from longattn.kernels.sdpa import fused_cpu_available
+from longattn.kernels.sdpa import fused_cpu_available, fused_flash
 
 #: ``bias(h, q_pos, k_pos) -> [1|B, H, bq, nk]`` float added to scaled scores (ALiBi, T5 ...).
 ScoreBias = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -42,10 +42,7 @@ def chunk_attention(q, k, v, scale: float, add_mask: torch.Tensor | None, fused:
     mask ``[B|1, H|1, M, n]`` (``-inf`` = hidden) → ``(out [B, H, M, D], lse [B, H, M])``.
     Rows whose keys are all hidden are *not* fixed here: the caller knows them."""
     if fused:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=add_mask, scale=scale
-        )
-        return out, lse
+        return fused_flash(q, k, v, scale=scale, attn_mask=add_mask)
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     if add_mask is not None:
         s = s.add_(add_mask)

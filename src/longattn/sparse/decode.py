@@ -27,6 +27,7 @@ import torch
 
 from longattn.kernels import native
 from longattn.kernels.eager import gather_tokens
+from longattn.kernels.sdpa import fused_cpu_available, fused_flash
 from longattn.sparse.select import BlockEstimator, Selection
 from longattn.sparse.summaries import BlockSummaries
 
@@ -75,7 +76,7 @@ def forced_ranges(tokens_k: int, block: int, sinks: int, window: int) -> tuple[i
 
 def applies(q: torch.Tensor, k: torch.Tensor, *, causal: bool, key_padding_mask, estimator) -> bool:
     return (q.shape[2] == 1 and causal and key_padding_mask is None and estimator is not None
-            and q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
+            and fused_cpu_available(q))
 
 
 def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summaries: BlockSummaries,
@@ -119,8 +120,7 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summaries: Bl
         reuse = not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad))
         buffers = _BUFFERS.get(positions.numel() * k.shape[-1], k) if reuse else None
         keys, values = gather_tokens(k, v, positions, out=buffers)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, False,
-                                                                              scale=scale)
+        out, lse = fused_flash(q, keys, values, scale=scale)
     selection = Selection(blocks.sort(-1).values[:, :, None], 1, bs) if want_selection else None
     return DecodeStep(out, lse.float(), selection, n_keys, kernel)
 

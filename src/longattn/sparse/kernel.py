@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longattn.kernels.sdpa import fused_cpu_available
+from longattn.kernels.sdpa import fused_cpu_available, fused_flash
 from longattn.core.merge import merge_partials
 from longattn.kernels.eager import attend_visible, gather_tokens
 from longattn.kernels.tiled import chunk_attention
@@ -196,7 +196,6 @@ def _batched_sparse_attention(q, k, v, selection: Selection, *, scale: float, ca
     n_blocks = math.ceil(tk / bs)
     n_qb = selection.indices.shape[2]
     off = tk - tq
-    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     info = SparseInfo()
     idx = selection.indices  # [B, Hq, n_qb, n_sel]
     rows_per_qb = torch.clamp(tq - torch.arange(n_qb, device=q.device) * qbs, max=qbs).double()
@@ -233,7 +232,7 @@ def _batched_sparse_attention(q, k, v, selection: Selection, *, scale: float, ca
             # each query block against its own square of keys, causal (GQA native)
             k_sq = _group_blocks(k[:, :, off:], a, z, qbs, n_qb)
             v_sq = _group_blocks(v[:, :, off:], a, z, qbs, n_qb)
-            o_run, l_run = op(q_g, k_sq, v_sq, 0.0, True, scale=scale)
+            o_run, l_run = fused_flash(q_g, k_sq, v_sq, scale=scale, causal=True)
         n = int(n_valid[:, :, a:z].max()) if n_max else 0
         if n:
             sel = past[:, :, a:z, :n]  # [B, Hq, m, n]
@@ -253,7 +252,7 @@ def _batched_sparse_attention(q, k, v, selection: Selection, *, scale: float, ca
             if bool(hidden.any()):
                 mask = torch.zeros(hidden.shape, device=q.device).masked_fill_(hidden, -math.inf)
                 mask = mask.permute(0, 2, 1, 3, 4).reshape(b * m, hq, 1, n * bs)
-            o_p, l_p = op(q_g, k_sel, v_sel, 0.0, False, attn_mask=mask, scale=scale)
+            o_p, l_p = fused_flash(q_g, k_sel, v_sel, scale=scale, attn_mask=mask)
             if mask is not None:
                 dead = ~ok.any(-1).permute(0, 2, 1).reshape(b * m, hq)
                 if bool(dead.any()):
@@ -321,9 +320,8 @@ def _single_block_attention(q, k, v, selection: Selection, *, scale: float, coun
             vis_past = ~hidden if hidden is not None else torch.ones(1, 1, 1, n * bs, dtype=torch.bool, device=q.device)
             vis_now = torch.cat([vis_past.expand(bm, hm, tq, n * bs), vis_now], dim=-1)
         mask = torch.zeros(vis_now.shape, device=q.device).masked_fill_(~vis_now, -math.inf)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, False,
-                                                                          attn_mask=mask, scale=scale)
-    return out, lse.float(), info
+    out, lse = fused_flash(q, keys, values, scale=scale, attn_mask=mask)
+    return out, lse, info
 
 
 def selection_layout(selection: Selection, tokens_q: int, tokens_k: int, causal: bool):

@@ -10,7 +10,13 @@
  * given in elements for the batch, head and token axes); blocks [B, Hq, n_sel] int64 block
  * indices, -1 for an unused slot; block j holds tokens [j*bs, min((j+1)*bs, T)).
  * Query head h reads key-value head h / (Hq / Hkv) (GQA). out [B, Hq, D] and lse [B, Hq] are
- * contiguous. A row that selects no keys gets out = 0 and lse = -inf.
+ * contiguous. A row that selects no keys (or whose every score is -inf) gets out = 0 and
+ * lse = -inf; a NaN score makes the row NaN (IEEE, as the float64 reference), never "no keys".
+ *
+ * Scratch (the value accumulator and one block's scores) lives on the heap, one buffer per
+ * thread: OpenMP worker stacks can be small (OMP_STACKSIZE), and a 16k-token block of scores on
+ * the stack overflowed them. The function returns 0, or 1 when that buffer cannot be allocated
+ * (the caller then takes its torch path).
  *
  * Threads: rows are split over `n_threads` OpenMP threads (torch's own libgomp when torch is
  * loaded first: the shared object names libgomp.so.1, which the loader resolves to the copy
@@ -19,62 +25,84 @@
 #include <math.h>
 #include <stdint.h>
 
-int decode_blocks_abi_version(void) { return 1; }
+#include <stdlib.h>
 
-void decode_blocks_f32(const float *q, const float *k, const float *v, const int64_t *blocks, float *out,
-                       float *lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t T, int64_t bs,
-                       int64_t n_sel, int64_t q_sb, int64_t q_sh, int64_t k_sb, int64_t k_sh, int64_t k_st,
-                       int64_t v_sb, int64_t v_sh, int64_t v_st, float scale, int n_threads) {
+int decode_blocks_abi_version(void) { return 2; }
+
+int decode_blocks_f32(const float *q, const float *k, const float *v, const int64_t *blocks, float *out,
+                      float *lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t T, int64_t bs,
+                      int64_t n_sel, int64_t q_sb, int64_t q_sh, int64_t k_sb, int64_t k_sh, int64_t k_st,
+                      int64_t v_sb, int64_t v_sh, int64_t v_st, float scale, int n_threads) {
     const int64_t group = Hq / Hkv;
     const int64_t rows = B * Hq;
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t row = 0; row < rows; row++) {
-        const int64_t b = row / Hq, h = row % Hq, hk = h / group;
-        const float *qp = q + b * q_sb + h * q_sh;
-        const float *kh = k + b * k_sb + hk * k_sh;
-        const float *vh = v + b * v_sb + hk * v_sh;
-        const int64_t *sel = blocks + row * n_sel;
-        float acc[D];
-        float score[bs];
-        for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
-        float m = -INFINITY, l = 0.0f;
-        for (int64_t i = 0; i < n_sel; i++) {
-            const int64_t j = sel[i];
-            if (j < 0) continue;
-            const int64_t t0 = j * bs;
-            const int64_t n = (t0 + bs < T ? t0 + bs : T) - t0;
-            if (n <= 0) continue;
-            float block_max = -INFINITY;
-            for (int64_t t = 0; t < n; t++) {
-                const float *kp = kh + (t0 + t) * k_st;
-                float dot = 0.0f;
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads)
+    {
+        float *scratch = (float *)malloc((size_t)(D + bs) * sizeof(float));
+        if (scratch == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        float *acc = scratch, *score = scratch + D;
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < rows; row++) {
+            if (scratch == NULL) continue;
+            const int64_t b = row / Hq, h = row % Hq, hk = h / group;
+            const float *qp = q + b * q_sb + h * q_sh;
+            const float *kh = k + b * k_sb + hk * k_sh;
+            const float *vh = v + b * v_sb + hk * v_sh;
+            const int64_t *sel = blocks + row * n_sel;
+            for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
+            float m = -INFINITY, l = 0.0f;
+            int nan_seen = 0;
+            for (int64_t i = 0; i < n_sel; i++) {
+                const int64_t j = sel[i];
+                if (j < 0) continue;
+                const int64_t t0 = j * bs;
+                const int64_t n = (t0 + bs < T ? t0 + bs : T) - t0;
+                if (n <= 0) continue;
+                float block_max = -INFINITY;
+                for (int64_t t = 0; t < n; t++) {
+                    const float *kp = kh + (t0 + t) * k_st;
+                    float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-                for (int64_t d = 0; d < D; d++) dot += qp[d] * kp[d];
-                dot *= scale;
-                score[t] = dot;
-                if (dot > block_max) block_max = dot;
-            }
-            const float m_new = block_max > m ? block_max : m;
-            const float keep = expf(m - m_new); /* 0 on the first block (m = -inf) */
-            l *= keep;
-            for (int64_t d = 0; d < D; d++) acc[d] *= keep;
-            for (int64_t t = 0; t < n; t++) {
-                const float p = expf(score[t] - m_new);
-                const float *vp = vh + (t0 + t) * v_st;
-                l += p;
+                    for (int64_t d = 0; d < D; d++) dot += qp[d] * kp[d];
+                    dot *= scale;
+                    score[t] = dot;
+                    if (isnan(dot)) nan_seen = 1; /* `>` below would skip it silently */
+                    if (dot > block_max) block_max = dot;
+                }
+                if (nan_seen) break;               /* the row is NaN whatever follows */
+                if (block_max == -INFINITY) continue; /* every key of the block scores -inf: adds nothing */
+                const float m_new = block_max > m ? block_max : m;
+                /* m = -inf before the first contributing block: exp(-inf - m_new) is 0, but written
+                 * out so that m_new = -inf can never make it exp(NaN) */
+                const float keep = m == -INFINITY ? 0.0f : expf(m - m_new);
+                l *= keep;
+                for (int64_t d = 0; d < D; d++) acc[d] *= keep;
+                for (int64_t t = 0; t < n; t++) {
+                    const float p = expf(score[t] - m_new);
+                    const float *vp = vh + (t0 + t) * v_st;
+                    l += p;
 #pragma omp simd
-                for (int64_t d = 0; d < D; d++) acc[d] += p * vp[d];
+                    for (int64_t d = 0; d < D; d++) acc[d] += p * vp[d];
+                }
+                m = m_new;
             }
-            m = m_new;
+            float *op = out + row * D;
+            if (nan_seen) {
+                for (int64_t d = 0; d < D; d++) op[d] = NAN;
+                lse[row] = NAN;
+            } else if (m == -INFINITY) {
+                for (int64_t d = 0; d < D; d++) op[d] = 0.0f;
+                lse[row] = -INFINITY;
+            } else { /* +inf scores or non-finite values propagate through acc / l as IEEE says */
+                const float inv = 1.0f / l;
+                for (int64_t d = 0; d < D; d++) op[d] = acc[d] * inv;
+                lse[row] = m + logf(l);
+            }
         }
-        float *op = out + row * D;
-        if (l > 0.0f) {
-            const float inv = 1.0f / l;
-            for (int64_t d = 0; d < D; d++) op[d] = acc[d] * inv;
-            lse[row] = m + logf(l);
-        } else {
-            for (int64_t d = 0; d < D; d++) op[d] = 0.0f;
-            lse[row] = -INFINITY;
-        }
+        free(scratch);
     }
+    return failed;
 }

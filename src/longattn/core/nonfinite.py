@@ -1,0 +1,113 @@
+"""NaN and Inf in attention inputs: never let them reach a query that may not see them.
+
+Kernels hide keys by *adding* ``-inf`` to their scores, and ``NaN + (-inf)`` is NaN, ``0 · NaN``
+is NaN: a NaN key that is padding, or an Inf key in the causal future, poisons rows that should
+never see it (15 of 20 methods did, dense included). torch's fused CPU kernel also maps a NaN
+query to a finite row. ``longattn.attention`` therefore screens its inputs once (a sum per
+tensor, ``O(tokens × head_dim)``, against the kernel's ``O(tokens_q × tokens_k × head_dim)``) and,
+only when something is not finite:
+
+1. replaces every non-finite query row and key/value row by zeros, so no kernel or selector
+   meets a NaN (selection is not steered by a garbage key either);
+2. runs the method;
+3. sets NaN (output and LSE) on exactly the rows IEEE arithmetic makes NaN in the float64
+   reference: a row whose query is non-finite and that sees at least one key, and a row that may
+   see a non-finite key or value by the method's pattern (causality, window, ...) and padding.
+
+"May see" is the method's pattern, not its content-based selection: an approximate method that
+happened to skip the bad key still answers NaN there, as its exact counterpart would.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from longattn.core.masks import Mask
+
+#: (query rows × bad keys) evaluated at once when locating the rows a bad key reaches
+_PAIRS_PER_STEP = 1 << 24
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when every element of ``t`` is finite. One reduction: a NaN or ±Inf anywhere makes
+    the sum non-finite; a finite sum that overflows only sends the caller to the exact check."""
+    return t.numel() == 0 or bool(torch.isfinite(t.sum()))
+
+
+@dataclass
+class NonFinite:
+    """Where the non-finite values of one call are.
+
+    Attributes:
+        bad_q: bool ``[B, Hq, Tq]``, query rows with a NaN/Inf element.
+        bad_kv: bool ``[B, Hkv, Tk]``, key positions whose key or value has a NaN/Inf element.
+    """
+
+    bad_q: torch.Tensor
+    bad_kv: torch.Tensor
+
+    def cleaned(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """``q, k, v`` with the non-finite rows replaced by zeros (new tensors where changed)."""
+        if bool(self.bad_q.any()):
+            q = q.masked_fill(self.bad_q[..., None], 0.0)
+        if bool(self.bad_kv.any()):
+            k = k.masked_fill(self.bad_kv[..., None], 0.0)
+            v = v.masked_fill(self.bad_kv[..., None], 0.0)
+        return q, k, v
+
+    def poisoned_rows(self, tokens_q: int, mask: Mask | None, key_padding_mask: torch.Tensor | None,
+                      lse: torch.Tensor | None) -> torch.Tensor:
+        """bool ``[B, Hq, Tq]``: the rows the float64 reference makes NaN.
+
+        Args:
+            mask: the method's pattern (``Method.visible_mask``), causality included; None = all keys.
+            key_padding_mask: bool ``[B, Tk]`` (True = real key) or None.
+            lse: the run's ``[B, Hq, Tq]`` LSE (``-inf`` = the row saw no key), or None.
+        """
+        b, hq, tq = self.bad_q.shape
+        hk, tk = self.bad_kv.shape[1:]
+        # a non-finite query poisons its row unless the row sees nothing at all
+        rows = self.bad_q & (lse != -math.inf) if lse is not None else self.bad_q.clone()
+        cols = self.bad_kv.any(1).any(0).nonzero().flatten()  # key positions bad in some row / head
+        if cols.numel() == 0:
+            return rows
+        dev = self.bad_kv.device
+        b_idx = torch.arange(b, device=dev).view(b, 1, 1, 1)
+        h_idx = torch.arange(hq, device=dev).view(1, hq, 1, 1)
+        q_pos = (torch.arange(tq, device=dev) + (tk - tq)).view(tq, 1)
+        step = max(1, _PAIRS_PER_STEP // max(1, b * hq * tq))
+        for c in range(0, cols.numel(), step):
+            j = cols[c : c + step]
+            # bad at (row b, query head h) reads key-value head h // group
+            hit = self.bad_kv[:, :, j].repeat_interleave(hq // hk, dim=1)[:, :, None, :]  # [B, Hq, 1, n]
+            if key_padding_mask is not None:
+                hit = hit & key_padding_mask[:, j][:, None, None, :]
+            if mask is not None:
+                hit = hit & mask.mask_mod(b_idx, h_idx, q_pos, j.view(1, -1))
+            rows |= hit.any(-1).expand(b, hq, tq)
+        return rows
+
+    def apply(self, out: torch.Tensor, lse: torch.Tensor | None, mask: Mask | None,
+              key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``out [B, Hq, Tq, D]`` and ``lse`` with NaN on the poisoned rows (``poisoned_rows``)."""
+        rows = self.poisoned_rows(out.shape[2], mask, key_padding_mask, lse)
+        if not bool(rows.any()):
+            return out, lse
+        out = out.masked_fill(rows[..., None], math.nan)
+        if lse is not None:
+            lse = lse.masked_fill(rows, math.nan)
+        return out, lse
+
+
+def find(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> NonFinite | None:
+    """None when ``q, k, v`` (``[B, H, T, D]``) are all finite, else where they are not."""
+    if all_finite(q) and all_finite(k) and all_finite(v):
+        return None
+    bad_q = ~torch.isfinite(q).all(-1)
+    bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+    if not (bool(bad_q.any()) or bool(bad_kv.any())):
+        return None  # the sums overflowed, every element is finite
+    return NonFinite(bad_q, bad_kv)
