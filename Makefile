@@ -51,7 +51,7 @@ $(VENV)/tf-low/.installed: $(VENV)/.installed
 # as errors (the API reference is built from the docstrings)
 test: setup chromium $(VENV)/tf-low/.installed
 	$(PY) -m pytest
-	PYTHONPATH=$(VENV)/tf-low $(PY) -m pytest -q -p no:cacheprovider tests/test_hf.py tests/test_hf_cache.py
+	PYTHONPATH=$(VENV)/tf-low $(PY) -m pytest -q -p no:cacheprovider tests/test_hf.py tests/test_hf_cache.py tests/test_hf_families.py
 	$(MAKE) docs
 
 docs: setup

@@ -269,12 +269,43 @@ def test_is_causal_false_keyword_is_honoured():
     assert float((got[real] - ref[real]).abs().max()) < 1e-5
 
 
-def test_is_causal_false_against_a_causal_4d_mask_is_refused():
-    model = build("mistral")  # the sliding window cuts: a causal 4-D mask
+def test_is_causal_false_with_a_4d_mask_follows_eager_or_is_refused():
+    """A sliding window that cuts gives a 4-D mask. Newer transformers build it bidirectional for
+    ``is_causal=False`` (then longattn must equal eager); older ones build it causal, and following
+    it would silently drop the request, so longattn refuses."""
+    model = build("mistral")
     ids, mask = left_padded()
+    with torch.no_grad():
+        causal = model(ids, attention_mask=mask).logits
+        eager = model(ids, attention_mask=mask, is_causal=False).logits
+    real = mask.bool()
+    if float((eager - causal)[real].abs().max()) > 1e-4:  # transformers honoured is_causal=False
+        assert max_error(model, "dense", ids, mask, is_causal=False) < 1e-5
+        return
     with torch.no_grad(), hf.apply(model, "dense"):
         with pytest.raises(ValueError, match="is_causal=False was passed, but the 4-D attention mask"):
             model(ids, attention_mask=mask, is_causal=False)
+
+
+def test_is_causal_false_against_a_causal_4d_mask_is_refused():
+    """Called directly with a causal 4-D mask and ``is_causal=False``: refused, whatever the
+    transformers version (the mask contradicts the request)."""
+    model = build("llama")
+    attn = model.model.layers[0].self_attn
+    q = torch.randn(2, 4, 6, 16)
+    k = v = torch.randn(2, 2, 6, 16)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    causal = causal.expand(2, 1, 6, 6).clone()
+    causal[1, 0, :2] = False  # left padding: the padding queries see nothing
+    causal[1, 0, :2, 2] = True  # (transformers may open the first real key to them)
+    causal[1, 0, :, :2] = False
+    with hf.apply(model, "dense"):
+        fwd = hf.attention.longattn_attention_forward
+        with pytest.raises(ValueError, match="is_causal=False was passed, but the 4-D attention mask"):
+            fwd(attn, q, k, v, causal, is_causal=False)
+        bidirectional = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+        out, _ = fwd(attn, q, k, v, bidirectional, is_causal=False)
+        assert out.shape == (2, 6, 4, 16)
 
 
 def test_kwargs_that_would_change_the_math_are_refused():

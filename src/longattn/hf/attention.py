@@ -268,7 +268,11 @@ def _refuse_causal_4d(mask: torch.Tensor, tq: int, tk: int) -> None:
         return  # one query aligned with the last key sees every key either way
     visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     future = torch.ones(tq, tk, dtype=torch.bool, device=mask.device).triu(tk - tq + 1)
-    if not bool((visible & future).any()):
+    # a bidirectional mask lets some real query see keys on both sides of its diagonal; a causal
+    # one never does (transformers may open a later key to a left-padding query that sees nothing
+    # else, so "sees a future key" alone is not evidence)
+    both_sides = (visible & future).any(-1) & (visible & ~future).any(-1)
+    if not bool(both_sides.any()):
         raise ValueError(
             "is_causal=False was passed, but the 4-D attention mask transformers built for this layer is causal "
             "(a sliding window, packed sequences or a static cache make it 4-D); set config.is_causal=False on "
