@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import longattn
+from longattn import masks
 
 torch.set_num_threads(2)
 
@@ -50,3 +51,44 @@ def stories():
     import longattn.hf as hf
 
     return hf.load_llama2c()
+
+
+# -- every registered method at a configuration that is exact on small inputs ------------------
+
+SMALL_BLOCKS = dict(block=16, q_block=16, sinks=16, window=16)
+
+#: every registered method, configured so that on inputs of <= 64 tokens it is exact (full budget)
+FULL: dict[str, dict] = {
+    "block_oracle": dict(budget=4096, **SMALL_BLOCKS),
+    "cca": dict(group=1, window=4, chunk=32),
+    "dense": {},
+    "dense_chunked": dict(chunk=16, block=8),
+    "flexprefill": dict(budget=4096, **SMALL_BLOCKS),
+    "hip": dict(budget=4096, **SMALL_BLOCKS),
+    "hyper": dict(block=128, samples=8, min_seq=128),
+    "infllm": dict(budget=4096, **SMALL_BLOCKS),
+    "landmark": dict(budget=4096, **SMALL_BLOCKS),
+    "linformer": dict(proj=500),
+    "loki": dict(budget=4096, rank_dims=16),
+    "longheads": dict(window=512, chunk=16, local=16),
+    "minference": dict(budget=4096, block=16, sinks=16, window=16, last_q=16),
+    "pattern": dict(mask=masks.a_shape(4, 12), block=8),
+    "quest": dict(budget=4096, **SMALL_BLOCKS),
+    "recycled": dict(stride=4, budget=4096),
+    "routing": dict(clusters=1, chunk=32),
+    "streaming": dict(sinks=4, window=12, block=8),
+    "tokenselect": dict(budget=4096),
+    "window": dict(window=9, block=8),
+}
+
+
+def full(name: str):
+    return longattn.method(name, **FULL[name])
+
+
+def causal_modes(name: str) -> list[bool]:
+    caps = longattn.method(name, **FULL[name]).capabilities
+    return [c for c, ok in ((True, caps.causal), (False, caps.non_causal)) if ok]
+
+
+CASES = [(n, c) for n in sorted(FULL) for c in causal_modes(n)]

@@ -84,7 +84,7 @@ def attention(
     validate.check_key_padding_mask(key_padding_mask, q, k)
     scale = validate.check_scale(scale, q.shape[-1])
     m = resolve(method)
-    _check_capabilities(m, q, k, causal, position)
+    _check_capabilities(m, q, k, v, causal, position)
     if position is not None:
         position.check(q, k)  # head counts / head_dim: score biases cannot check under FlexAttention
     tq, tk = q.shape[2], k.shape[2]
@@ -166,12 +166,16 @@ def _content_rows(position: PositionEncoding, q, k, k_pos, scale):
     return rows
 
 
-def _check_capabilities(m: Method, q, k, causal: bool, position) -> None:
+def _check_capabilities(m: Method, q, k, v, causal: bool, position) -> None:
     caps = m.capabilities
     if causal and not caps.causal:
         raise ValueError(f"method {m.name!r} does not support causal=True")
     if not causal and not caps.non_causal:
         raise ValueError(f"method {m.name!r} supports only causal=True, got causal=False")
+    if not caps.differentiable and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError(
+            f"method {m.name!r} is not differentiable (its capability sheet says so), but q, k or v requires grad; "
+            "call it under torch.no_grad() or detach the inputs")
     if q.shape[2] != k.shape[2] and not caps.cross:
         raise ValueError(
             f"method {m.name!r} does not support cross attention (tokens_q={q.shape[2]} != tokens_k={k.shape[2]})"

@@ -51,7 +51,7 @@ def merge_partials(
     for o, l in zip(outs, lse_stack):
         # exp(-inf) = 0 drops pieces that saw nothing; rows nobody saw stay 0. An LSE of NaN or
         # +inf (a piece that met NaN/Inf) is not "saw nothing": it propagates NaN, as IEEE does.
-        w = torch.exp(l - safe).masked_fill_(dead, 0.0)[..., None]
+        w = torch.exp(l - safe).masked_fill(dead, 0.0)[..., None]  # not in place: exp saves its output for autograd
         if out is None:
             out = o.to(acc) * w
         else:

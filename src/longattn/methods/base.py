@@ -33,6 +33,9 @@ class Capabilities:
     #: applies the position encoding itself (``Call.position``, q/k not rotated by ``attention``),
     #: e.g. LongHeads, which assigns positions inside the keys it selected
     own_positions: bool = False
+    #: gradients flow to q, k, v (through the keys a query attends; a content-based selection is
+    #: piecewise constant and contributes none). False: the method refuses inputs that require grad
+    differentiable: bool = True
     paper: str = ""
     cost: str = ""
 

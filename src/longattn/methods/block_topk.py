@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from longattn.core import validate
 from longattn.core.masks import Causal
 from longattn.kernels import flex
+from longattn.kernels.sdpa import needs_grad
 from longattn.kernels.layout import count_allowed_pairs, dense_pairs
 from longattn.methods.base import Call, Capabilities, Method, Result, register
 from longattn.sparse import decode
@@ -169,6 +170,9 @@ class BlockTopK(Method):
         reason = flex.flex_unavailable_reason()
         if reason is not None:
             raise RuntimeError(f"{self.name}: backend='flex' was requested but cannot run: {reason}")
+        if q.device.type == "cpu" and needs_grad(q, k, v):
+            raise ValueError(f"{self.name}: backend='flex' has no backward on the CPU, but q, k or v requires grad; "
+                             "use backend='gather' to train")
         tq, tk = q.shape[2], k.shape[2]
         t0 = time.perf_counter()
         selection = self.select(q, k, call)

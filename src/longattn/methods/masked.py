@@ -12,6 +12,7 @@ import torch
 
 from longattn.core.masks import Causal, Full, KeyPadding, Mask
 from longattn.kernels import flex
+from longattn.kernels.sdpa import needs_grad
 from longattn.kernels.layout import build_layout, count_allowed_pairs, dense_pairs
 from longattn.kernels.tiled import tiled_attention
 from longattn.methods.base import Call, Method, Result
@@ -45,17 +46,22 @@ class MaskedMethod(Method):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
-    def choose_backend(self, q: torch.Tensor, k: torch.Tensor, call: Call) -> str:
+    def choose_backend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Call) -> str:
+        # FlexAttention has no backward on the CPU: under autograd there only the tiled kernel runs
+        no_flex_grad = q.device.type == "cpu" and needs_grad(q, k, v)
         if self.backend == "flex":
             if call.row_bias is not None:
                 raise ValueError(f"{self.name}: backend='flex' cannot take a content-dependent bias (CoPE); use backend='tiled'")
+            if no_flex_grad:
+                raise ValueError(f"{self.name}: backend='flex' has no backward on the CPU, but q, k or v requires grad; "
+                                 "use backend='tiled' (or 'auto') to train")
             reason = flex.flex_unavailable_reason()
             if reason:
                 raise RuntimeError(f"{self.name}: backend='flex' was requested but cannot run: {reason}")
             return "flex"
         if self.backend == "tiled" or call.row_bias is not None:
             return "tiled"
-        if flex.flex_unavailable_reason() is None and k.shape[2] >= FLEX_MIN_TOKENS:
+        if not no_flex_grad and flex.flex_unavailable_reason() is None and k.shape[2] >= FLEX_MIN_TOKENS:
             return "flex"
         return "tiled"
 
@@ -71,7 +77,7 @@ class MaskedMethod(Method):
         t0 = time.perf_counter()
         layout = build_layout(mask if mask is not None else Full(), tq, tk, block, q.device)
         t1 = time.perf_counter()
-        path = self.choose_backend(q, k, call)
+        path = self.choose_backend(q, k, v, call)
         stats: dict = {}
         if path == "flex":
             try:

@@ -27,7 +27,7 @@ import torch
 
 from longattn.kernels import native
 from longattn.kernels.eager import gather_tokens
-from longattn.kernels.sdpa import fused_cpu_available, fused_flash
+from longattn.kernels.sdpa import fused_cpu_available, fused_flash, needs_grad
 from longattn.sparse.select import BlockEstimator, Selection
 from longattn.sparse.summaries import BlockSummaries
 
@@ -116,8 +116,9 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summaries: Bl
         positions = ((blocks * bs)[..., None] + torch.arange(bs, device=q.device)).flatten(-2)
         positions = positions[..., :n_keys]  # only the cache's last block can be short, and it comes last
         # the gathered keys live only until the fused call returns, so one buffer serves every step
-        # (not under autograd: a buffer written with out= records no history)
-        reuse = not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad))
+        # — not under autograd: a buffer written with out= records no history, and when q needs a
+        # gradient the gathered keys are saved for backward, so the next step must not overwrite them
+        reuse = not needs_grad(q, k, v)
         buffers = _BUFFERS.get(positions.numel() * k.shape[-1], k) if reuse else None
         keys, values = gather_tokens(k, v, positions, out=buffers)
         out, lse = fused_flash(q, keys, values, scale=scale)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longattn.kernels.sdpa import fused_cpu_available, fused_flash
+from longattn.kernels.sdpa import fused_cpu_available, fused_flash, needs_grad
 from longattn.core.merge import merge_partials
 from longattn.kernels.eager import attend_visible, gather_tokens
 from longattn.kernels.tiled import chunk_attention
@@ -69,7 +69,9 @@ def sparse_attention(
     n_blocks = math.ceil(tk / bs)
     off = tk - tq
     fused = fused_cpu_available(q)
-    if batched_path_applies(selection, tq, tk, causal, key_padding_mask, fused):
+    # the batched path gathers into reused buffers and merges in place: forward only. Under
+    # autograd the per-query-block loop below runs (every op in it out of place or differentiable)
+    if not needs_grad(q, k, v) and batched_path_applies(selection, tq, tk, causal, key_padding_mask, fused):
         return _batched_sparse_attention(q, k, v, selection, scale=scale, causal=causal, count_pairs=count_pairs)
     if fused and causal and key_padding_mask is None and selection.indices.shape[2] == 1 and tq <= tk:
         return _single_block_attention(q, k, v, selection, scale=scale, count_pairs=count_pairs)
