@@ -141,20 +141,30 @@ def test_window_method_at_full_size_equals_eager(family):
     assert max_error(model, TOKENSELECT) < 1e-5
 
 
-def test_gemma2_softcap_is_refused_by_methods_other_than_dense():
+@pytest.mark.parametrize("make", [lambda: WINDOW, lambda: longattn.method("dense_chunked", chunk=4),
+                                  lambda: longattn.method("pattern", mask=longattn.masks.a_shape(64, 64))],
+                         ids=["window", "dense_chunked", "pattern"])
+def test_gemma2_softcap_is_followed_by_every_exact_method(make):
+    assert max_error(build("gemma2", **BIG), make()) < 1e-5
+
+
+def test_gemma2_softcap_is_refused_by_approximate_methods():
     model = build("gemma2", **BIG)
     ids, mask = left_padded()
-    for method in (WINDOW, longattn.method("dense_chunked"), longattn.method("streaming", sinks=4, window=64)):
+    for method in (TOKENSELECT, longattn.method("landmark", budget=64, block=4, q_block=4, sinks=4, window=4)):
         with torch.no_grad(), hf.apply(model, method):
             with pytest.raises(ValueError, match=f"method '{method.name}' cannot apply logit soft-capping"):
                 model(ids, attention_mask=mask)
 
 
-def test_gemma2_softcap_refused_on_the_4d_path_too():
-    model = build("gemma2")  # sliding window cuts: layer 0 gets a 4-D mask
+def test_gemma2_softcap_on_the_4d_path():
+    """The sliding window cuts, so layer 0 gets a 4-D mask: dense and dense_chunked follow it with
+    the softcap; a method with its own pattern is refused there as for any 4-D mask."""
+    model = build("gemma2")
+    assert max_error(model, "dense_chunked") < 1e-5
     ids, mask = left_padded()
-    with torch.no_grad(), hf.apply(model, "dense_chunked"):
-        with pytest.raises(ValueError, match="'dense_chunked' cannot apply logit soft-capping"):
+    with torch.no_grad(), hf.apply(model, "window"):
+        with pytest.raises(NotImplementedError, match="cannot also follow a general 4-D attention mask"):
             model(ids, attention_mask=mask)
 
 

@@ -12,6 +12,7 @@ from longattn.core import masks, positions
 from longattn.core.merge import merge_partials
 from longattn.core.reference import reference_attention
 from longattn.methods.base import MethodSpec, build as method, specs as methods
+from longattn.varlen import varlen_attention
 
 __version__ = "0.2.0"
 
@@ -25,4 +26,5 @@ __all__ = [
     "methods",
     "positions",
     "reference_attention",
+    "varlen_attention",
 ]

@@ -9,9 +9,11 @@ from typing import Any
 
 import torch
 
+from longattn import varlen
 from longattn.core import nonfinite, validate
 from longattn.core.positions import PositionEncoding
-from longattn.methods.base import Call, Method, resolve
+from longattn.kernels.softcap import check_softcap, softcap_attention
+from longattn.methods.base import Call, Method, Result, resolve, specs
 
 
 @dataclass
@@ -20,7 +22,8 @@ class AttentionStats:
 
     Attributes:
         method: registry name of the method that ran.
-        path: the kernel that ran: "sdpa", "tiled" or "flex".
+        path: the kernel that ran: "sdpa", "tiled", "flex", "sparse", ... ("softcap" with ``softcap``,
+            "empty" for empty inputs).
         density: share of the dense pattern's (query, key) pairs that were visible (the causal
             triangle for causal attention), averaged over batch × heads.
         computed_fraction: share of the dense pattern's pairs inside the blocks the kernel visited.
@@ -50,6 +53,9 @@ def attention(
     position: PositionEncoding | None = None,
     return_stats: bool = False,
     summaries: Any = None,
+    softcap: float | None = None,
+    seqlens_k: torch.Tensor | None = None,
+    align: str = "bottom_right",
 ) -> torch.Tensor | tuple[torch.Tensor, AttentionStats]:
     """Attention with any registered method.
 
@@ -70,6 +76,18 @@ def attention(
         return_stats: also return an ``AttentionStats``.
         summaries: a ``longattn.sparse.BlockSummaries`` of ``k`` kept current by the caller (a decode
             loop appends each new key), so block-retrieval methods need not rebuild it per step.
+        softcap: logit soft-capping (Gemma 2; flash-attn's ``softcap``): scaled scores ``s`` become
+            ``softcap·tanh(s/softcap)`` before the mask and the softmax. Exact methods only (the
+            method's mask is followed exactly, in query tiles: ``kernels.softcap``); approximate
+            methods, whose selection and kernels assume plain scores, refuse it, as does a score
+            bias (ALiBi, T5). None: no capping.
+        seqlens_k: int ``[batch]``: row ``b`` holds ``seqlens_k[b]`` real keys, right-padded after
+            (flash-attn's ``seqused_k`` / ``cache_seqlens``); each row's last query is aligned with
+            its last real key (``longattn.varlen``).
+        align: ``"bottom_right"`` (default: query ``i`` at position ``i + tokens_k - tokens_q``, as
+            in decoding and flash-attn) or ``"top_left"`` (query ``i`` at position ``i``:
+            FlexAttention's convention for cross attention; see ``longattn.varlen.top_left`` for
+            what every method supports).
 
     Returns:
         ``out`` ``[batch, heads_q, tokens_q, head_dim]`` in the dtype of ``q`` (computed in float32), or
@@ -85,9 +103,27 @@ def attention(
     scale = validate.check_scale(scale, q.shape[-1])
     m = resolve(method)
     _check_capabilities(m, q, k, v, causal, position)
+    softcap = check_softcap(softcap)
+    if softcap is not None:
+        _check_softcap(m, position)
     if position is not None:
         position.check(q, k)  # head counts / head_dim: score biases cannot check under FlexAttention
+    if align not in ("bottom_right", "top_left"):
+        raise ValueError(f"align must be 'bottom_right' or 'top_left', got {align!r}")
     tq, tk = q.shape[2], k.shape[2]
+    if seqlens_k is not None or (align == "top_left" and tq != tk):
+        if summaries is not None:
+            raise ValueError("summaries describe all tokens_k keys of k; they cannot be used with seqlens_k or "
+                             "align='top_left' (the call runs on fewer keys)")
+        same = dict(method=m, scale=scale, position=position, return_stats=return_stats, softcap=softcap)
+        if seqlens_k is not None:
+            lengths = varlen.check_lengths("seqlens_k", seqlens_k, q.shape[0], tk, q.device)
+            return varlen.per_row_lengths(
+                lambda q_, k_, v_, pad: attention(q_, k_, v_, causal=causal, key_padding_mask=pad, align=align, **same),
+                q, k, v, key_padding_mask, lengths, return_stats)
+        return varlen.top_left(
+            lambda q_, k_, v_, pad, c: attention(q_, k_, v_, causal=c, key_padding_mask=pad, **same),
+            m, q, k, v, key_padding_mask, causal, return_stats, position is not None)
     if q.numel() == 0 or tk == 0:
         # nothing to compute (and torch's fused CPU kernel divides by zero on empty inputs)
         return _empty(q, v, m, return_stats)
@@ -96,7 +132,7 @@ def attention(
         # see nothing; the last tk form the causal square, which every method handles
         head = tq - tk
         res = attention(q[:, :, head:], k, v, causal=True, method=m, scale=scale, key_padding_mask=key_padding_mask,
-                        position=position, return_stats=return_stats, summaries=summaries)
+                        position=position, return_stats=return_stats, summaries=summaries, softcap=softcap)
         out = torch.cat([q.new_zeros(q.shape[0], q.shape[1], head, v.shape[-1]), res[0] if return_stats else res], 2)
         if not return_stats:
             return out
@@ -124,7 +160,12 @@ def attention(
     call = Call(causal=causal, scale=scale, key_padding_mask=key_padding_mask, bias=bias,
                 row_bias=row_bias, want_stats=return_stats, summaries=summaries, position=own)
     t0 = time.perf_counter()
-    res = m.run(q32, k32, v32, call)
+    if softcap is None:
+        res = m.run(q32, k32, v32, call)
+    else:
+        out, lse = softcap_attention(q32, k32, v32, softcap=softcap, scale=scale, key_padding_mask=key_padding_mask,
+                                     mask=m.visible_mask(tq, tk, causal))
+        res = Result(out, lse, "softcap")
     elapsed = time.perf_counter() - t0
     res_out, res_lse = res.out, res.lse
     if poison is not None:
@@ -164,6 +205,17 @@ def _content_rows(position: PositionEncoding, q, k, k_pos, scale):
         return position.row_bias(q[:, :, q0:q1], k, q_pos, k_pos, scale)
 
     return rows
+
+
+def _check_softcap(m: Method, position) -> None:
+    if not m.capabilities.exact or m.capabilities.own_positions:
+        exact = ", ".join(s.name for s in specs() if s.capabilities.exact and not s.capabilities.own_positions)
+        raise ValueError(
+            f"method {m.name!r} cannot apply logit soft-capping (softcap): its selection and kernels score keys "
+            f"with plain q·k; the exact methods can ({exact})")
+    if position is not None and position.kind in ("bias", "content"):
+        raise ValueError(f"softcap with a score bias ({type(position).__name__}) is not supported: which of the two "
+                         "applies first differs between implementations; use a rotary encoding or no softcap")
 
 
 def _check_capabilities(m: Method, q, k, v, causal: bool, position) -> None:

@@ -21,6 +21,7 @@ def reference_attention(
     mask: torch.Tensor | None = None,
     scale: float | None = None,
     bias: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention in float64.
 
@@ -34,6 +35,8 @@ def reference_attention(
         scale: score scale, default ``1/sqrt(head_dim)``.
         bias: float, broadcastable to ``[batch, heads_q, tokens_q, tokens_k]``, added to the scaled
             scores (ALiBi, T5 bias, CoPE ...).
+        softcap: logit soft-capping (Gemma 2): scaled scores ``s`` become ``softcap·tanh(s/softcap)``
+            before the bias and the mask.
 
     Returns:
         ``(out, lse)``: ``out`` ``[batch, heads_q, tokens_q, head_dim]`` float64 and
@@ -51,6 +54,10 @@ def reference_attention(
     k64 = k.to(torch.float64).repeat_interleave(group, dim=1)
     v64 = v.to(torch.float64).repeat_interleave(group, dim=1)
     scores = (q64 @ k64.transpose(-1, -2)) * scale
+    if softcap is not None:
+        if not (isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and softcap > 0):
+            raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+        scores = torch.tanh(scores / softcap) * softcap
     if bias is not None:
         scores = scores + bias.to(torch.float64)
     allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device)

@@ -144,7 +144,8 @@ def longattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         scaling: the score scale (None: ``1/sqrt(D)``).
         is_causal: transformers' override of the module's flag (``model(..., is_causal=False)``);
             with a 4-D mask the mask decides, as in eager and SDPA.
-        softcap: scores become ``softcap·tanh(scores/softcap)`` (Gemma 2); method ``dense`` only.
+        softcap: scores become ``softcap·tanh(scores/softcap)`` (Gemma 2); exact methods only (the
+            others refuse it, see ``longattn.attention``).
         s_aux: a sink logit per query head ``[Hq]`` (GPT-OSS), folded in through the LSE.
         sliding_window: carried by the mask transformers builds for the layer; checked against it.
         position_bias: refused (a learned additive bias, T5-style).
@@ -191,10 +192,6 @@ def longattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     if dropout and module.training:
         raise ValueError(f"longattn attention has no dropout: got dropout={dropout} in training mode "
                          "(set the model's attention_dropout to 0 or call model.eval())")
-    if softcap is not None and method.name != "dense":
-        raise ValueError(
-            f"method {method.name!r} cannot apply logit soft-capping (softcap={softcap}, which "
-            f"{type(module).__name__} asks for): only 'dense' implements softcap·tanh(scores/softcap) so far")
     sinks = _sink_logits(s_aux, query)
     if attention_mask is not None and attention_mask.ndim == 4:
         if is_causal is False:
@@ -222,23 +219,19 @@ def longattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
             f"method {method.name!r} supports only causal attention, but {type(module).__name__} attends "
             "bidirectionally here (an encoder, is_causal=False, or a bidirectional config); use a method with "
             "non-causal support (longattn methods lists them)")
-    if softcap is not None:
-        out, lse = softcap_attention(query, key, value, softcap=softcap, scale=scaling, causal=causal,
-                                     key_padding_mask=pad)
-    elif sinks is None:
-        out = longattn.attention(query, key, value, causal=causal, method=method, scale=scaling, key_padding_mask=pad)
+    if sinks is None:
+        out = longattn.attention(query, key, value, causal=causal, method=method, scale=scaling, key_padding_mask=pad,
+                                 softcap=softcap)
         return out.transpose(1, 2), None
-    else:
-        q32, k32, v32 = (t.to(torch.float32) for t in (query, key, value))  # fold the sinks before rounding
-        out, stats = longattn.attention(q32, k32, v32, causal=causal, method=method, scale=scaling,
-                                        key_padding_mask=pad, return_stats=True)
-        lse = stats.lse
-        if lse is None:
-            raise ValueError(
-                f"method {method.name!r} ran on path {stats.path!r}, which gives no log-sum-exp, so the attention "
-                f"sinks (s_aux) of {type(module).__name__} cannot be folded in; use a method or backend that "
-                "returns its LSE (dense, dense_chunked, the tiled backend)")
-    return _fold_sinks(out, lse, sinks).to(query.dtype).transpose(1, 2), None
+    q32, k32, v32 = (t.to(torch.float32) for t in (query, key, value))  # fold the sinks before rounding
+    out, stats = longattn.attention(q32, k32, v32, causal=causal, method=method, scale=scaling,
+                                    key_padding_mask=pad, return_stats=True, softcap=softcap)
+    if stats.lse is None:
+        raise ValueError(
+            f"method {method.name!r} ran on path {stats.path!r}, which gives no log-sum-exp, so the attention "
+            f"sinks (s_aux) of {type(module).__name__} cannot be folded in; use a method or backend that "
+            "returns its LSE (dense, dense_chunked, the tiled backend)")
+    return _fold_sinks(out, stats.lse, sinks).to(query.dtype).transpose(1, 2), None
 
 
 def _sink_logits(s_aux: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor | None:

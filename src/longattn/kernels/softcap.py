@@ -19,6 +19,7 @@ import numbers
 import torch
 
 from longattn.core import validate
+from longattn.core.masks import Mask
 
 #: scores held at once (batch × heads_q × tile × tokens_k), 16 MiB of float32
 TILE_ELEMENTS = 1 << 22
@@ -33,7 +34,7 @@ def softcap_attention(
     scale: float | None = None,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
+    mask: torch.Tensor | Mask | None = None,
     tile: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``softmax(c·tanh(scale·q·kᵀ / c) + mask) @ v`` with its log-sum-exp, one query tile at a time.
@@ -45,7 +46,9 @@ def softcap_attention(
         scale: score scale, default ``1/sqrt(D)``.
         causal: hide keys ``j > i + Tk - Tq`` from query ``i``.
         key_padding_mask: bool ``[B, Tk]``, True = real key.
-        mask: broadcastable to ``[B, Hq, Tq, Tk]`` (4-D): bool (True = visible) or float, added to
+        mask: a ``longattn.masks.Mask`` (evaluated one tile at a time, positions bottom-right
+            aligned as everywhere in longattn: query ``i`` at ``i + Tk - Tq``), or a tensor
+            broadcastable to ``[B, Hq, Tq, Tk]`` (4-D): bool (True = visible) or float, added to
             the capped scores; float values at or below half the dtype's minimum count as hidden
             (transformers' additive masks use ``finfo.min``).
         tile: queries per tile; default as many as keep ``B·Hq·tile·Tk`` within ``TILE_ELEMENTS``.
@@ -59,10 +62,14 @@ def softcap_attention(
     validate.check_qkv(q, k, v, causal=causal)
     validate.check_key_padding_mask(key_padding_mask, q, k)
     scale = validate.check_scale(scale, q.shape[-1])
-    cap = _check_softcap(softcap)
+    cap = check_softcap(softcap)
     b, hq, tq, d = q.shape
     hk, tk = k.shape[1], k.shape[2]
-    if mask is not None:
+    rule = mask if isinstance(mask, Mask) else None
+    if rule is not None:
+        rule.check(b, tq, tk)
+        mask = None
+    elif mask is not None:
         _check_mask(mask, b, hq, tq, tk)
     if tile is None:
         tile = max(1, TILE_ELEMENTS // max(1, b * hq * tk))
@@ -77,6 +84,8 @@ def softcap_attention(
     kt = k32.transpose(-1, -2)  # [B, Hkv, D, Tk]
     offset = tk - tq
     key_pos = torch.arange(tk, device=q.device)
+    b_idx = torch.arange(b, device=q.device).view(b, 1, 1, 1)
+    h_idx = torch.arange(hq, device=q.device).view(1, hq, 1, 1)
     for q0 in range(0, tq, tile):
         q1 = min(tq, q0 + tile)
         t = q1 - q0
@@ -95,6 +104,10 @@ def softcap_attention(
                 s = s.masked_fill(~m, -math.inf)
             else:
                 s = (s + m.to(torch.float32)).masked_fill(m <= torch.finfo(m.dtype).min / 2, -math.inf)
+        if rule is not None:
+            q_pos = (torch.arange(q0, q1, device=q.device) + offset).view(t, 1)
+            seen_by_rule = rule.mask_mod(b_idx, h_idx, q_pos, key_pos[None, :n])
+            s = s.masked_fill(~seen_by_rule, -math.inf)
         if key_padding_mask is not None:
             s = s.masked_fill(~key_padding_mask[:, None, None, :n], -math.inf)
         if causal:
@@ -108,7 +121,7 @@ def softcap_attention(
     return out, lse
 
 
-def _check_softcap(softcap: object) -> float | None:
+def check_softcap(softcap: object) -> float | None:
     if softcap is None:
         return None
     if isinstance(softcap, torch.Tensor) and softcap.numel() == 1:
