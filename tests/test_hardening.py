@@ -110,7 +110,7 @@ def test_fused_flash_answers_empty_inputs_without_calling_the_op():
 EMPTY_SCRIPT = """
 import sys, torch, longattn
 sys.path.insert(0, {tests!r})
-from test_hardening import FULL, causal_modes
+from conftest import FULL, causal_modes
 fails = []
 for name in sorted(FULL):
     m = longattn.method(name, **FULL[name])

@@ -1,6 +1,8 @@
 """Property test: any exact method, shape, head ratio, cross length, padding and mask equals the
 float64 oracle."""
 
+import math
+
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -58,3 +60,80 @@ def test_exact_methods_equal_oracle(problem):
         assert torch.equal(torch.isneginf(stats.lse), torch.isneginf(ref_lse))
         fin = torch.isfinite(ref_lse)
         torch.testing.assert_close(stats.lse.double()[fin], ref_lse[fin], atol=2e-5, rtol=1e-5)
+
+
+# -- every method, any memory layout, empty dimensions, NaN/Inf in keys a query may not see --------
+
+LAYOUTS = ["contiguous", "expanded_last", "strided_last", "token_major"]
+
+
+def _lay_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as ``t [B, H, T, D]`` in another memory layout (what a user's views look like)."""
+    if layout == "expanded_last":  # stride 0 in the head dim: every element of a head is equal
+        return t[..., :1].expand(t.shape)
+    if layout == "strided_last":  # every other element of a wider tensor
+        wide = torch.stack([t, torch.full_like(t, 1e4)], -1).flatten(-2)
+        return wide[..., ::2]
+    if layout == "token_major":  # [B, T, H, D] storage, as a projection's output before transpose
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t
+
+
+@st.composite
+def any_method_problems(draw):
+    from conftest import FULL, full
+
+    name = draw(st.sampled_from(sorted(FULL)))
+    m = full(name)
+    caps = m.capabilities
+    causal = draw(st.sampled_from([c for c, ok in ((True, caps.causal), (False, caps.non_causal)) if ok]))
+    hk = draw(st.sampled_from([1, 2]))
+    hq = hk * draw(st.sampled_from([1, 2]))
+    b = draw(st.sampled_from([0, 1, 2]))
+    tk = draw(st.integers(0, 48))
+    tq = draw(st.integers(0, tk)) if caps.cross and draw(st.booleans()) else tk
+    d = 16
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    q, k, v = (torch.randn(b, h, t, d, generator=g) for h, t in ((hq, tq), (hk, tk), (hk, tk)))
+    if draw(st.booleans()):  # layouts change values for the expanded one: draw them before poisoning
+        q, k, v = (_lay_out(t, draw(st.sampled_from(LAYOUTS))) for t in (q, k, v))
+    pad = None
+    if b and tk and draw(st.booleans()) and name not in ("linformer", "cca", "routing", "hyper", "recycled",
+                                                         "loki", "tokenselect", "minference"):
+        pad = torch.rand(b, tk, generator=g) > 0.3
+    poison = draw(st.sampled_from([None, math.nan, math.inf, -math.inf]))
+    if poison is not None and b and tk:
+        # a key/value nobody may see when it is padding or the last key under causality (the
+        # earlier queries' future); one that some rows see otherwise: those rows must be NaN
+        k, v = k.clone(), v.clone()
+        j = int(torch.randint(0, tk, (1,), generator=g)) if pad is None else int((~pad[0]).nonzero()[0, 0]) \
+            if bool((~pad[0]).any()) else tk - 1
+        k[0, 0, j, 0] = poison
+        if draw(st.booleans()):
+            v[0, -1, j, 1] = poison
+    return name, m, q, k, v, causal, pad
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(any_method_problems())
+def test_every_method_follows_the_oracle_on_any_layout_empty_or_non_finite_input(problem):
+    name, m, q, k, v, causal, pad = problem
+    out, stats = longattn.attention(q, k, v, causal=causal, method=m, key_padding_mask=pad, return_stats=True)
+    assert out.shape == (*q.shape[:3], v.shape[-1])
+    ref, ref_lse = oracle_for(m, q, k, v, causal=causal, key_padding_mask=pad)
+    # longattn's rule (longattn.core.nonfinite): a row that may see a key or value holding NaN/Inf
+    # is NaN; every other row is the oracle's, whatever the keys it may not see hold
+    b, hq, tq = q.shape[:3]
+    tk = k.shape[2]
+    vm = m.visible_mask(tq, tk, causal)
+    vis = torch.ones(b, hq, tq, tk, dtype=torch.bool) if vm is None else vm.dense(b, hq, tq, tk).clone()
+    if pad is not None:
+        vis &= pad[:, None, None, :]
+    bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+    bad_kv = bad_kv.repeat_interleave(hq // k.shape[1], dim=1)
+    poisoned = (vis & bad_kv[:, :, None, :]).any(-1) if tk else torch.zeros(b, hq, tq, dtype=torch.bool)
+    assert torch.equal(torch.isnan(out).all(-1), poisoned), f"{name}: NaN rows are not the rows that see NaN/Inf"
+    assert not torch.isnan(out[~poisoned]).any()
+    torch.testing.assert_close(out.double()[~poisoned], ref[~poisoned], atol=2e-5, rtol=1e-4)
+    if stats.lse is not None:
+        assert torch.equal(torch.isneginf(stats.lse[~poisoned]), torch.isneginf(ref_lse[~poisoned]))

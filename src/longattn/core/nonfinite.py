@@ -15,7 +15,9 @@ only when something is not finite:
    see a non-finite key or value by the method's pattern (causality, window, ...) and padding.
 
 "May see" is the method's pattern, not its content-based selection: an approximate method that
-happened to skip the bad key still answers NaN there, as its exact counterpart would.
+happened to skip the bad key still answers NaN there, as its exact counterpart would. The rule is
+IEEE's in every case but one: an infinite key whose score is exactly ``-inf`` next to finite keys
+gets weight 0 in exact arithmetic; longattn answers NaN there too (the key is garbage either way).
 """
 
 from __future__ import annotations

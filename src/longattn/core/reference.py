@@ -70,16 +70,17 @@ def reference_attention(
     allowed = allowed.expand(b, hq, tq, tk)
     scores = scores.masked_fill(~allowed, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
-    # Rows with no visible key (lse = -inf) get zero weights: exp(-inf - -inf) would be NaN there.
-    # Every other non-finite case follows IEEE: a NaN score or a +inf score (lse = +inf or NaN)
-    # makes the row NaN — the oracle must show exactly what a kernel may not hide.
-    dead = lse == -math.inf
+    # Rows with no visible key get zero weights (exp(-inf - -inf) would be NaN there). Every other
+    # case follows IEEE, the oracle must show exactly what a kernel may not hide: a NaN score, a
+    # +inf score (lse = +inf or NaN), or visible keys whose scores are all -inf (possible only
+    # with infinite inputs) make the row NaN.
+    dead = ~allowed.any(-1)
     weights = torch.exp(scores - lse.masked_fill(dead, 0)[..., None]).masked_fill(dead[..., None], 0.0)
     bad_v = ~torch.isfinite(v64)
     if not bool(bad_v.any()):
         return weights @ v64, lse
     # A hidden key's weight is 0, and 0 · NaN = NaN in a matmul: non-finite values count only
-    # where the key is visible. Rows are processed in slices to bound memory.
+    # where the key is visible, added back for the rows that see them.
     out = weights @ v64.masked_fill(bad_v, 0.0)
     bad_key = bad_v.any(-1)  # [B, Hq, Tk]
     cols = bad_key.any(1).any(0).nonzero().flatten()
