@@ -241,6 +241,7 @@ def rewrite(path, out, edit):
         tensors = {n: f.get_tensor(n) for n in f.keys()}
     info = json.loads(header["longattn"])
     edit(tensors, info)
+    tensors = {n: t.contiguous() for n, t in tensors.items()}  # safetensors refuses a sliced edit's view
     description = json.dumps(info, sort_keys=True)
     st.save_file(tensors, str(out), metadata={"longattn": description, "sha256": store._digest(tensors, description)})
     return out
@@ -453,3 +454,21 @@ def test_closing_or_dropping_a_memory_removes_its_disk_segments(tmp_path):
     assert list(tmp_path.glob("segment-*.safetensors"))
     mine.close()
     assert tmp_path.exists() and not list(tmp_path.iterdir())  # its own segments gone, the folder kept
+
+
+@pytest.mark.parametrize("kind", ["paged", "evicting"])
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_every_memory_refuses_a_non_finite_chunk_before_storing_it(kind, where):
+    """A memory holds finite tokens only, so that everything it saves loads back."""
+    q, k, v = qkv(80, seed=8)
+    if kind == "paged":
+        mem = PagedMemory(2, KeyRotation(INV), page=16, sinks=16, window=16, topk=1)
+    else:
+        mem = EvictingMemory([([0, 1], H2O(budget=32))], 2, KeyRotation(INV))
+    feed(mem, q[:, :, :40], k[:, :, :40], v[:, :, :40], 10)
+    seen = mem.seen
+    kb, vb = k[:, :, 40:50].clone(), v[:, :, 40:50].clone()
+    (kb if where == "k" else vb)[0, 1, 3, 0] = math.nan
+    with pytest.raises(ValueError, match=f"{where}_new holds 1 non-finite values .*position {seen + 3}"):
+        mem.attend(q[:, :, 40:50], kb, vb, None, 0.25)
+    assert mem.seen == seen

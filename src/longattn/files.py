@@ -7,6 +7,8 @@ output location before any long work starts.
   the old file (the temporary one is removed).
 * ``atomic_write_text`` / ``atomic_write_json`` — the same for text and JSON (non-finite floats
   become the strings "inf", "-inf", "nan", so the file stays standard JSON).
+* ``save_safetensors(path, tensors, metadata, what=...)`` — ``safetensors.torch.save_file``
+  through ``atomic_write``; a failed write is an ``OSError`` (errno kept) naming ``path``.
 * ``output_dir(path, option)`` / ``output_file(path, option)`` — a one-line ``ValueError`` naming
   the option when the place cannot be written (a file where a folder is wanted, a folder where a
   file is wanted, no permission), checked by actually creating a file there.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +47,34 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None, *,
+                     what: str = "the file") -> Path:
+    """Write ``tensors`` (``{name: tensor}``) and ``metadata`` to ``path`` as one safetensors file,
+    atomically (``atomic_write``: on any failure the previous file stays whole and no temporary
+    file is left); returns ``path``.
+
+    Raises:
+        OSError: the write failed (full disk, file-size limit, vanished folder, ...): the errno of
+            the cause, a message ``"cannot write {what}: {cause}"`` and ``path`` as the filename.
+            safetensors reports its I/O failures as ``SafetensorError("... (os error N)")``, not
+            as ``OSError``; those become ``OSError`` with errno ``N`` too.
+    """
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    path = Path(path)
+    try:
+        return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, os.fspath(tmp), metadata=metadata))
+    except OSError as exc:
+        # the cause may name the temporary file; the caller knows only ``path``
+        raise OSError(exc.errno, f"cannot write {what}: {exc.strerror or exc}", os.fspath(path)) from exc
+    except SafetensorError as exc:
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        if code is None:  # not an I/O failure (a tensor safetensors cannot store): a caller's bug
+            raise
+        raise OSError(int(code.group(1)), f"cannot write {what}: {exc}", os.fspath(path)) from exc
 
 
 def json_safe(x: Any) -> Any:

@@ -288,13 +288,26 @@ class LongattnCache(Cache):
         return store.save(path, [m.state() for m in self.memories], self._fingerprint())
 
     def load(self, path: str | os.PathLike) -> "LongattnCache":
-        """Replace this cache's contents with a file from ``save`` (same model, same policy);
-        refuses a tampered or mismatched file with ValueError."""
+        """Replace this cache's contents with a file from ``save`` (same model, same policy), all
+        or nothing: every layer is checked (``stage_state``) before any changes, so a refused file
+        leaves the whole cache as it was.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: a corrupt or mismatched file (checksum, model, policy, layer count), or a
+                layer field that is not what this cache would have saved, named with its layer.
+        """
         layers = store.load(path, self._fingerprint())
         if len(layers) != len(self.layers):
             raise ValueError(f"saved memory has {len(layers)} layers, this cache {len(self.layers)}")
         model = self._model()
         device = next(model.parameters()).device if model is not None else "cpu"
-        for mem, (tensors, meta) in zip(self.memories, layers):
-            mem.load_state(tensors, meta, device)
+        installs = []
+        for i, (mem, (tensors, meta)) in enumerate(zip(self.memories, layers)):
+            try:
+                installs.append(mem.stage_state(tensors, meta, device))
+            except ValueError as exc:
+                raise ValueError(f"{os.fspath(path)!r}, layer {i}: {exc}") from None
+        for install in installs:
+            install()
         return self

@@ -9,18 +9,24 @@ different numbers of tokens.
 One step (``attend``) for a chunk of ``L`` tokens: lay out ``[kept …, chunk]``, move the kept
 keys to the positions of that layout when ``positions='cache'`` (see ``rotation``), attend
 exactly, update the scores, then evict down to the budget. Between steps a group never holds
-more than its budget; during a step it briefly holds budget + L.
+more than its budget; during a step it briefly holds budget + L. So after ``seen`` tokens a group
+holds exactly ``min(seen, budget)`` slots, their positions increasing: what ``load_state`` checks
+a saved state against (with every other field) before it changes anything.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from longattn.memory.kernel import attend_layout
-from longattn.memory.policies import EvictionPolicy
+from longattn.memory.policies import EvictionPolicy, check_finite_chunk
 from longattn.memory.rotation import KeyRotation
+from longattn.memory.store import SavedLayer
+
+_FIELDS = ("k", "v", "idx", "ok", "score")
 
 
 @dataclass
@@ -65,7 +71,9 @@ class EvictingMemory:
                scale: float) -> torch.Tensor:
         """Attention of the chunk ``q [B, Hq, L, D]`` over what is kept plus the chunk's own keys
         ``k_new, v_new [B, H, L, D]`` (``new_ok [B, L]``: real tokens); stores the chunk, evicts.
-        Returns ``[B, Hq, L, D]``."""
+        Returns ``[B, Hq, L, D]``. A chunk with a non-finite key or value is refused before anything
+        changes (ValueError)."""
+        check_finite_chunk(k_new, v_new, self.seen)
         b, hq, lq, d = q.shape
         h = k_new.shape[1]
         g = hq // h
@@ -143,12 +151,57 @@ class EvictingMemory:
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict, device) -> None:
+        """Replace the contents with a saved ``state()`` (on ``device``); a ValueError naming the
+        first bad field leaves the memory as it was (``stage_state``)."""
+        self.stage_state(tensors, meta, device)()
+
+    def stage_state(self, tensors: dict[str, torch.Tensor], meta: dict, device) -> Callable[[], None]:
+        """Check a saved ``state()`` against this memory and prepare it on ``device`` without
+        changing anything; returns the step that installs it.
+
+        Per group ``g{i}``: ``k, v [B, Hg, n, D]`` finite, ``idx [B, Hg, n]`` int64 strictly
+        increasing in ``[0, seen)``, ``ok [B, Hg, n]`` bool and, for a scoring policy, ``score
+        [B, Hg, n]`` float32 finite, where ``n = min(seen, budget)`` (module docstring).
+
+        Raises:
+            ValueError: another configuration, or a field that is not what this memory would have
+                saved, naming it.
+        """
         mine = [{"heads": grp.heads, **grp.policy.describe()} for grp in self.groups]
         if meta.get("kind") != self.kind or meta.get("groups") != mine or meta.get("positions") != self.positions:
             raise ValueError(f"saved memory was made with {meta.get('groups')} (positions {meta.get('positions')}), "
                              f"this cache uses {mine} (positions {self.positions})")
-        self.seen = int(meta["seen"])
-        for i, grp in enumerate(self.groups):
-            for name in ("k", "v", "idx", "ok", "score"):
-                t = tensors.get(f"g{i}.{name}")
-                setattr(grp, name, None if t is None else t.to(device))
+        saved = SavedLayer(tensors, meta)
+        seen = saved.count("seen")
+        if self.rotation is not None:
+            saved.dims["D"] = self.rotation.head_dim
+        staged = [self._read_group(saved, i, grp, seen, device) for i, grp in enumerate(self.groups)]
+        saved.finish()
+
+        def install() -> None:
+            self.seen = seen
+            for grp, parts in zip(self.groups, staged):
+                for name, t in parts.items():
+                    setattr(grp, name, t)
+        return install
+
+    def _read_group(self, saved: SavedLayer, i: int, grp: HeadGroup, seen: int, device) -> dict:
+        """Group ``i``'s checked fields (``stage_state``) on ``device``, None where it holds nothing."""
+        parts = dict.fromkeys(_FIELDS)
+        if seen == 0:
+            return parts
+        budget = grp.policy.budget
+        n, hg = seen if budget is None else min(seen, budget), len(grp.heads)
+        saved.context = f" (seen={seen}, budget {budget}, {hg} key heads)"
+        parts["k"] = saved.tensor(f"g{i}.k", ("B", hg, n, "D"), "kv", finite=True)
+        parts["v"] = saved.tensor(f"g{i}.v", ("B", hg, n, "D"), "kv", finite=True)
+        idx = parts["idx"] = saved.tensor(f"g{i}.idx", ("B", hg, n), torch.int64)
+        increasing = bool((idx.diff(dim=-1) > 0).all())
+        if not increasing or int(idx.min()) < 0 or int(idx.max()) >= seen:
+            raise ValueError(f"g{i}.idx holds positions {int(idx.min())}..{int(idx.max())}"
+                             f"{'' if increasing else ', not strictly increasing'}; expected strictly increasing "
+                             f"positions in [0, {seen}) (seen={seen})")
+        parts["ok"] = saved.tensor(f"g{i}.ok", ("B", hg, n), torch.bool)
+        if grp.policy.needs_probs:
+            parts["score"] = saved.tensor(f"g{i}.score", ("B", hg, n), torch.float32, finite=True)
+        return {name: None if t is None else t.to(device) for name, t in parts.items()}

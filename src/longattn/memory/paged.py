@@ -20,18 +20,27 @@ the whole context in order and the step is exact.
 Tiers: the fast tier holds the sink pages, the pages under the window and the tail — at most
 ``fast_budget = sink pages·page + window + page`` tokens, checked after every step. Other pages
 go to the host; beyond ``host_tokens`` the oldest host pages are written to disk
-(``DiskTier``).
+(``DiskTier``). A disk write that fails (full disk, folder gone) loses nothing: it is a
+``RuntimeWarning``, the pages stay on the host (over its budget) and a later step spills them.
+``close()`` (or dropping the memory, or interpreter exit) removes the disk segments.
+
+Save / load: ``state()`` gives every page, the tail, the padding flags and the summaries;
+``load_state`` checks every one of them against this memory (``store.SavedLayer``) before it
+changes anything, so a bad file leaves the memory as it was.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 
 import torch
 
 from longattn.memory.kernel import attend_layout
-from longattn.memory.policies import _positive_int
+from longattn.memory.policies import _positive_int, check_finite_chunk
 from longattn.memory.rotation import KeyRotation
+from longattn.memory.store import SavedLayer
 from longattn.memory.tiers import DiskTier
 from longattn.sparse.select import mean_key_estimate, quest_bound_estimate
 from longattn.sparse.summaries import BlockSummaries
@@ -49,7 +58,8 @@ class PagedMemory:
         topk: pages retrieved per (row, key head) for each chunk.
         score: ``"quest"`` (min/max bound) or ``"mean"`` (LongHeads' mean key).
         host_tokens: tokens the host tier may hold before spilling to disk (None: no disk tier).
-        disk_dir: where disk segments go (default: a temporary folder removed with the memory).
+        disk_dir: where disk segments go (default: a temporary folder removed with the memory);
+            memories may share one folder (their segment names differ).
         positions: ``"cache"`` (layout positions) or ``"original"``.
         device: the fast tier's device (default: where the first keys arrive).
     """
@@ -98,6 +108,11 @@ class PagedMemory:
         c_end = self.page * (max(seen - self.window, 0) // self.page)
         return s_end, max(s_end, c_end)
 
+    def _stays_fast(self, p: int, seen: int) -> bool:
+        """Whether page ``p`` belongs on the fast tier after ``seen`` tokens: a sink page, or one
+        the window reaches (the next step attends it by position)."""
+        return p < self.sink_pages or p >= self._regions(seen)[1] // self.page
+
     def _page(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
         if p in self.fast:
             return self.fast[p]
@@ -135,7 +150,9 @@ class PagedMemory:
     # ------------------------------------------------------------------ one step
     def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, new_ok: torch.Tensor | None,
                scale: float) -> torch.Tensor:
-        """Attention of ``q [B, Hq, L, D]`` over the layout, then stores ``k_new, v_new [B, H, L, D]``."""
+        """Attention of ``q [B, Hq, L, D]`` over the layout, then stores ``k_new, v_new [B, H, L, D]``;
+        a chunk with a non-finite key or value is refused before anything changes (ValueError)."""
+        check_finite_chunk(k_new, v_new, self.seen)
         b, _, lq, _ = q.shape
         h = k_new.shape[1]
         dev = q.device
@@ -243,23 +260,38 @@ class PagedMemory:
         self._rebalance()
 
     def _rebalance(self) -> None:
-        """Pages the next step attends by position stay fast; the rest go to the host, then disk."""
-        _, c_end = self._regions(self.seen)
-        keep = lambda p: p < self.sink_pages or p >= c_end // self.page  # noqa: E731
-        for p in [p for p in self.fast if not keep(p)]:
+        """Pages the next step attends by position stay fast; the rest go to the host, then disk.
+        A failed disk write warns and keeps its pages on the host (module docstring)."""
+        for p in [p for p in self.fast if not self._stays_fast(p, self.seen)]:
             k, v = self.fast.pop(p)
             self.host[p] = (k.to("cpu"), v.to("cpu"))
         if self.host_tokens is not None and len(self.host) * self.page > self.host_tokens:
             # spill down to half the host budget in one segment, so segments are not one page each
             target = (self.host_tokens // 2) // self.page
             oldest = sorted(self.host)[:len(self.host) - target]
-            if self.disk is None:
-                self.disk = DiskTier(self.disk_dir)
-            self.disk.write({p: self.host.pop(p) for p in oldest})
+            try:
+                if self.disk is None:
+                    self.disk = DiskTier(self.disk_dir)
+                self.disk.write({p: self.host[p] for p in oldest})  # all or nothing
+            except OSError as exc:
+                warnings.warn(f"the disk tier could not take {len(oldest)} pages ({exc}); they stay on the host, "
+                              f"over its budget of {self.host_tokens} tokens, until a later step spills them",
+                              RuntimeWarning, stacklevel=2)
+            else:
+                for p in oldest:
+                    del self.host[p]
         fast = self.fast_tokens()
         self.peak_fast_tokens = max(self.peak_fast_tokens, fast)
         if fast > self.fast_budget:  # an invariant of the geometry above; never expected
             raise RuntimeError(f"fast tier holds {fast} tokens, over its budget {self.fast_budget}")
+
+    def close(self) -> None:
+        """Forget every token and remove the disk segments now (with the temporary folder, when
+        ``disk_dir`` was None). The memory is empty afterwards and can be used again. Dropping the
+        memory removes them too, once it is collected, and interpreter exit at the latest."""
+        if self.disk is not None:
+            self.disk.close()
+        self._reset()
 
     # ------------------------------------------------------------------ reporting
     def fast_tokens(self) -> int:
@@ -304,20 +336,80 @@ class PagedMemory:
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict, device) -> None:
+        """Replace the contents with a saved ``state()`` (on ``device``); a ValueError naming the
+        first bad field leaves the memory as it was (``stage_state``)."""
+        self.stage_state(tensors, meta, device)()
+
+    def stage_state(self, tensors: dict[str, torch.Tensor], meta: dict, device) -> Callable[[], None]:
+        """Check a saved ``state()`` against this memory and prepare it on ``device`` without
+        changing anything; returns the step that installs it (it checks nothing more, so that a
+        cache can check every layer before it changes any).
+
+        Raises:
+            ValueError: another configuration, or a field that is not what this memory would have
+                saved (shape, dtype, count, non-finite values, missing or unexpected tensors).
+        """
+        saved = self._saved(tensors, meta)
+        parts = self._read_pages(saved, device)
+        saved.finish()
+        return lambda: self._install(parts, device)
+
+    def _saved(self, tensors: dict[str, torch.Tensor], meta: dict) -> SavedLayer:
+        """``SavedLayer`` over a saved state made with this memory's configuration (else ValueError)."""
         mine = {"kind": self.kind, "positions": self.positions, **self.describe()}
         theirs = {k: meta.get(k) for k in mine}
         if theirs != mine:
             raise ValueError(f"saved memory was made with {theirs}, this cache uses {mine}")
-        self._reset()
+        return SavedLayer(tensors, meta)
+
+    def _read_pages(self, saved: SavedLayer, device) -> dict:
+        """The checked fields of ``state()``: ``seen``, ``ok`` ``[B, seen]``, the tail
+        ``[B, H, seen % page, D]``, the summaries ``[B, H, ⌈seen/page⌉, D]`` (on ``device``), and the
+        full pages ``pages_k, pages_v [seen // page, B, H, page, D]`` (CPU), those that belong on
+        the fast tier also in ``fast`` (on ``device``)."""
+        seen = saved.count("seen")
+        parts = {"seen": seen}
+        if seen == 0:
+            return parts
+        h, page = self.n_kv_heads, self.page
+        n_pages, n_blocks = seen // page, -(-seen // page)
+        if self.rotation is not None:
+            saved.dims["D"] = self.rotation.head_dim
+        saved.context = f" (seen={seen}, page={page}, {h} key heads)"
+        parts["ok"] = saved.tensor("ok", ("B", seen), torch.bool)
+        for name in ("tail_k", "tail_v"):
+            parts[name] = saved.tensor(name, ("B", h, seen % page, "D"), "kv", finite=True)
+        for name in ("sum.sums", "sum.kmin", "sum.kmax"):
+            parts[name] = saved.tensor(name, ("B", h, n_blocks, "D"), torch.float32, finite=True)
+        count = saved.tensor("sum.count", (n_blocks,), torch.int64)
+        want = torch.full((n_blocks,), page, dtype=torch.int64)
+        want[-1] = seen - (n_blocks - 1) * page
+        if not torch.equal(count.cpu(), want):
+            j = int((count.cpu() != want).nonzero()[0])
+            raise ValueError(f"sum.count[{j}] is {int(count[j])}, expected {int(want[j])} (tokens in page {j}; "
+                             f"seen={seen}, page={page})")
+        if bool((parts["sum.kmin"] > parts["sum.kmax"]).any()):
+            raise ValueError("sum.kmin exceeds sum.kmax somewhere, expected kmin <= kmax (element-wise extremes)")
+        parts["sum.count"] = count
+        parts = {name: t.to(device) if torch.is_tensor(t) else t for name, t in parts.items()}
+        parts["fast"] = {}
+        if n_pages:
+            for name in ("pages_k", "pages_v"):
+                parts[name] = saved.tensor(name, (n_pages, "B", h, page, "D"), "kv", finite=True).to("cpu")
+            parts["fast"] = {p: (parts["pages_k"][p].to(device), parts["pages_v"][p].to(device))
+                             for p in range(n_pages) if self._stays_fast(p, seen)}
+        return parts
+
+    def _install(self, parts: dict, device) -> None:
+        """Replace the contents with ``parts`` from ``_read_pages`` (the old disk segments go)."""
+        self.close()
         self.device = torch.device(device)
-        self.seen = int(meta["seen"])
+        self.seen = parts["seen"]
         if self.seen == 0:
             return
-        self.ok = tensors["ok"].to(device)
-        self.tail_k, self.tail_v = tensors["tail_k"].to(device), tensors["tail_v"].to(device)
-        self.summaries = BlockSummaries(block=self.page, sums=tensors["sum.sums"].to(device),
-                                        kmin=tensors["sum.kmin"].to(device), kmax=tensors["sum.kmax"].to(device),
-                                        count=tensors["sum.count"].to(device), tokens=self.seen)
-        for p in range(self.n_pages):
-            self.fast[p] = (tensors["pages_k"][p].to(device), tensors["pages_v"][p].to(device))
+        self.ok, self.tail_k, self.tail_v = parts["ok"], parts["tail_k"], parts["tail_v"]
+        self.summaries = BlockSummaries(block=self.page, sums=parts["sum.sums"], kmin=parts["sum.kmin"],
+                                        kmax=parts["sum.kmax"], count=parts["sum.count"], tokens=self.seen)
+        self.fast = dict(parts["fast"])
+        self.host = {p: (parts["pages_k"][p], parts["pages_v"][p]) for p in range(self.n_pages) if p not in self.fast}
         self._rebalance()

@@ -32,6 +32,25 @@ def _positive_int(name: str, value, allow_zero: bool = False) -> int:
     return value
 
 
+def check_finite_chunk(k_new: torch.Tensor, v_new: torch.Tensor, seen: int) -> None:
+    """Refuse a chunk ``k_new, v_new [B, H, L, D]`` holding NaN/Inf before a memory stores it.
+
+    A memory keeps its tokens for every later step and writes them to disk and to saved files:
+    one garbage key would make every later step NaN, cannot enter an ANN index, and a saved file
+    holding it is refused on load as corrupt. So every memory holds finite keys and values only.
+    """
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if bool(torch.isfinite(t.sum())):  # one reduction; a NaN/Inf anywhere makes it non-finite
+            continue
+        bad = ~torch.isfinite(t)
+        if not bool(bad.any()):
+            continue  # the sum overflowed: every element is finite
+        row, head, token, _ = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} holds {int(bad.sum())} non-finite values (NaN or inf), the first at row {row}, "
+                         f"key head {head}, chunk token {token} (position {seen + token}); a KV memory keeps "
+                         "finite keys and values only (they stay for every later step, on disk and in saved files)")
+
+
 @dataclass
 class EvictionPolicy:
     """Base class. ``budget`` None keeps everything."""

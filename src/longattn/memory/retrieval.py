@@ -43,10 +43,17 @@ show the opposite (``memory.ann``), which is why ``KeyIndex`` itself keeps ``"ip
 Save and load keep the pages; the index is saved too for faiss (``faiss.serialize_index``) so a
 reloaded memory searches the same graph, and rebuilt from the stored keys for ``exact`` (the
 same answer by construction) and ``hnswlib`` (whose graph can then differ from the original; its
-answers are approximate either way).
+answers are approximate either way). A load builds the indexes before it changes anything, so a
+file the index refuses leaves the memory as it was.
+
+The index cannot hold a non-finite key, and a key enters it only once it leaves the window, steps
+after it was stored: ``attend`` refuses a chunk with a NaN or infinite key up front (ValueError)
+rather than store it and fail at every later step (as every memory does: ``check_finite_chunk``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -54,6 +61,7 @@ from longattn.memory.ann import KeyIndex
 from longattn.memory.paged import PagedMemory
 from longattn.memory.policies import _positive_int
 from longattn.memory.rotation import KeyRotation
+from longattn.memory.store import SavedLayer
 
 
 class RetrievalMemory(PagedMemory):
@@ -217,15 +225,62 @@ class RetrievalMemory(PagedMemory):
                     tensors[f"index.{r}.{head}"] = torch.from_numpy(saved)
         return tensors, meta
 
-    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict, device) -> None:
-        super().load_state(tensors, meta, device)  # pages, summaries and tiers (and _reset)
-        if self.seen == 0:
-            return
-        self._new_indexes()
-        end = max(int(meta["indexed"]), self.indexed)
-        keys = self._index_keys(end)
-        for r, row in enumerate(self.indexes):
+    def stage_state(self, tensors: dict[str, torch.Tensor], meta: dict, device) -> Callable[[], None]:
+        """``PagedMemory.stage_state``, with ``indexed`` checked and the indexes built (faiss: from
+        the saved graphs) before anything changes."""
+        saved = self._saved(tensors, meta)
+        parts = self._read_pages(saved, device)
+        graphs = self._read_graphs(saved, parts)
+        saved.finish()
+        indexes, indexed = self._build_indexes(parts, graphs)
+
+        def install() -> None:
+            self._install(parts, device)
+            self.indexes, self.indexed = indexes, indexed
+        return install
+
+    def _read_graphs(self, saved: SavedLayer, parts: dict) -> dict[tuple[int, int], torch.Tensor]:
+        """Check ``indexed`` (the tokens that have left the window, a function of ``seen``) and read
+        the saved faiss graphs: ``{(row, key head): uint8 [bytes]}``."""
+        seen = parts["seen"]
+        want = 0 if seen == 0 else max(self.sink_pages * self.page, self._regions(seen)[1])
+        got = saved.count("indexed")
+        if got != want:
+            raise ValueError(f"indexed is {got}, expected {want} (sink pages and the tokens that have left the "
+                             f"window, for seen={seen}, page={self.page}, sinks={self.sinks}, window={self.window})")
+        if seen == 0 or self.index_options["backend"] != "faiss":  # only faiss graphs are saved
+            return {}
+        graphs = {}
+        for r in range(parts["ok"].shape[0]):
+            for head in range(self.n_kv_heads):
+                blob = saved.tensor(f"index.{r}.{head}", (None,), torch.uint8, optional=True)
+                if blob is not None:
+                    graphs[r, head] = blob
+        return graphs
+
+    def _build_indexes(self, parts: dict, graphs: dict) -> tuple[list[list[KeyIndex]] | None, int]:
+        """``(indexes [row][key head], indexed)`` over the keys of tokens ``[sink pages·page,
+        indexed)`` — whole pages of ``parts`` — as ``_index_upto`` would have built them."""
+        seen = parts["seen"]
+        if seen == 0:
+            return None, 0
+        b, h, d = parts["ok"].shape[0], self.n_kv_heads, parts["tail_k"].shape[-1]
+        start = self.sink_pages * self.page
+        end = max(start, self._regions(seen)[1])
+        if end > start:  # [n, B, H, page, D] -> [B, H, n·page, D]
+            keys = parts["pages_k"][start // self.page:end // self.page].permute(1, 2, 0, 3, 4)
+            keys = keys.reshape(b, h, end - start, d).to(torch.float32)
+        else:
+            keys = torch.zeros(b, h, 0, d)
+        indexes = [[KeyIndex(d, **self.index_options) for _ in range(h)] for _ in range(b)]
+        for r, row in enumerate(indexes):
             for head, ix in enumerate(row):
-                blob = tensors.get(f"index.{r}.{head}")
-                ix.restore(keys[r, head], None if blob is None else blob.numpy())
-        self.indexed = end
+                blob = graphs.get((r, head))
+                try:
+                    ix.restore(keys[r, head], None if blob is None else blob.numpy())
+                except (RuntimeError, ValueError) as exc:  # faiss cannot read the blob, or it holds other keys
+                    if blob is None:
+                        raise
+                    raise ValueError(f"index.{r}.{head} is not a faiss graph of the saved keys ({exc}); expected "
+                                     f"the graph over the {end - start} indexed keys of row {r}, key head {head}") from None
+        return indexes, end

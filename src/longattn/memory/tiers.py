@@ -7,17 +7,29 @@ offsets the header gives, a layout made for zero-copy mapping. Fetching pages re
 bytes, so a 128k-token context costs disk, not RAM, and a step that needs hundreds of scattered
 pages (token retrieval) gathers them with one fancy index per segment — ``safe_open``'s
 ``get_slice`` takes ranges only, and one call per page cost ~75 µs, more than the bytes.
+
+A segment is written atomically (a temporary file in the same folder, fsync, rename: a failed
+write leaves no segment and changes nothing) under a name unique to its tier
+(``segment-{tier id}-{n}.safetensors``), so tiers sharing a folder — every layer of a cache
+given one ``disk_dir`` — never overwrite each other. A tier's segments go when it is closed or
+garbage-collected, and at interpreter exit at the latest (``weakref.finalize``); a temporary
+folder it made goes with them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from longattn.files import save_safetensors
 
 #: safetensors dtype -> (numpy dtype of the same width to map it with, torch dtype to view it as)
 _DTYPES = {"F32": ("<f4", torch.float32), "F16": ("<f2", torch.float16),
@@ -46,21 +58,46 @@ def _rows(mapped: tuple[np.memmap, torch.dtype], rows) -> torch.Tensor:
     return torch.from_numpy(np.array(arr[rows])).view(dtype)  # a copy: the map is read-only
 
 
+def _remove_segments(folder: Path | None, segments: list[Path]) -> None:
+    """A ``DiskTier``'s finalizer: its temporary ``folder`` if it made one, else its own ``segments``
+    (holding no reference to the tier, so that it can run when the tier is collected)."""
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+    for path in segments:
+        path.unlink(missing_ok=True)
+
+
 class DiskTier:
-    """Append-only page store on disk (memory-mapped safetensors segments)."""
+    """Append-only page store on disk (memory-mapped safetensors segments, module docstring).
+
+    Args:
+        directory: the folder for the segments (created if missing; other tiers may share it), or
+            None for a temporary folder of its own (``longattn-kv-*`` under ``tempfile.gettempdir()``).
+    """
 
     def __init__(self, directory: str | os.PathLike | None = None):
-        self._own = directory is None
-        self.directory = Path(tempfile.mkdtemp(prefix="longattn-kv-")) if directory is None else Path(directory)
+        own = directory is None
+        self.directory = Path(tempfile.mkdtemp(prefix="longattn-kv-")) if own else Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._prefix = f"segment-{uuid.uuid4().hex}-"
+        self._paths: list[Path] = []  # per segment: its file
         self._segments: list[dict] = []  # per segment: {"k": mapped, "v": mapped}
         self.where: dict[int, tuple[int, int]] = {}  # page id -> (segment, row)
         self.nbytes = 0
+        # runs once: at close(), when the tier is collected, or at interpreter exit
+        self._finalizer = weakref.finalize(self, _remove_segments, self.directory if own else None, self._paths)
 
     def write(self, pages: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Write ``{page id: (k, v)}`` as one new segment."""
-        from safetensors.torch import save_file
+        """Write ``{page id: (k, v)}`` (each ``[B, H, P, D]``) as one new segment, all or nothing:
+        when it raises, no file was added and the tier holds what it held.
 
+        Raises:
+            OSError: the segment could not be written (errno of the cause, the segment's path).
+            TypeError: pages of a dtype the tier does not store.
+            RuntimeError: the tier is closed.
+        """
+        if not self._finalizer.alive:
+            raise RuntimeError(f"this disk tier ({self.directory}) is closed")
         if not pages:
             return
         ids = sorted(pages)
@@ -69,9 +106,15 @@ class DiskTier:
         if k.dtype not in [t for _, t in _DTYPES.values()]:
             raise TypeError(f"the disk tier stores float16/bfloat16/float32/float64 pages, got {k.dtype}")
         seg = len(self._segments)
-        path = self.directory / f"segment-{seg:06d}.safetensors"
-        save_file({"k": k.contiguous(), "v": v.contiguous()}, str(path))
-        self._segments.append(_map_tensors(path))
+        path = self.directory / f"{self._prefix}{seg:06d}.safetensors"
+        save_safetensors(path, {"k": k.contiguous(), "v": v.contiguous()}, what="a disk-tier segment")
+        try:
+            mapped = _map_tensors(path)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        self._paths.append(path)
+        self._segments.append(mapped)
         for row, i in enumerate(ids):
             self.where[i] = (seg, row)
         self.nbytes += k.numel() * k.element_size() + v.numel() * v.element_size()
@@ -102,14 +145,9 @@ class DiskTier:
         return len(self.where)
 
     def close(self) -> None:
+        """Forget every page and remove this tier's segments (and its temporary folder, if it made
+        one; a folder given to it stays). The tier cannot be written again."""
         self._segments.clear()
-        if self._own:
-            import shutil
-
-            shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __del__(self):  # temporary segments go with the memory
-        try:
-            self.close()
-        except Exception:
-            pass
+        self.where.clear()
+        self.nbytes = 0
+        self._finalizer()
