@@ -280,3 +280,50 @@ def test_native_decode_propagates_nan_and_skips_blocks_scoring_minus_inf():
         torch.testing.assert_close(lse[0, h].double(), ref_lse[0, h], atol=1e-5, rtol=1e-5)
     assert torch.isnan(out[0, 2:]).all() and torch.isnan(lse[0, 2:]).all()  # not "saw no keys"
     assert torch.isnan(ref_out[0, 2:]).all()
+
+
+# --- decode steps check their result, not the whole cache --------------------------------------
+
+
+def test_a_decode_step_does_not_read_the_whole_cache_to_screen_it(monkeypatch):
+    from longattn.core import nonfinite
+    from longattn.sparse.summaries import BlockSummaries
+
+    q, k, v = make_qkv(b=1, hq=4, hk=2, tq=1, tk=4096, d=16, seed=12)
+    read = []
+    real = nonfinite.all_finite
+    monkeypatch.setattr(nonfinite, "all_finite", lambda t: read.append(t.numel()) or real(t))
+    m = longattn.method("landmark", budget=256, block=32, q_block=32, sinks=32, window=64)
+    longattn.attention(q, k, v, causal=True, method=m, summaries=BlockSummaries.build(k, 32))
+    longattn.attention(q, k, v, causal=True, method="dense")
+    assert read and max(read) < k.numel(), read  # q, the summaries and the output: never k or v
+    read.clear()
+    longattn.attention(q, k, v, causal=True, method=m)  # no summaries: the keys are screened first
+    assert k.numel() in read
+
+
+@pytest.mark.parametrize("method", ["dense", "window"])
+def test_a_decode_step_with_nan_padding_keys_is_answered_as_if_screened(method):
+    q, k, v = make_qkv(b=2, hq=4, hk=2, tq=1, tk=64, d=16, seed=13)
+    pad = torch.ones(2, 64, dtype=torch.bool)
+    pad[1, :10] = False
+    kb = k.clone()
+    kb[1, :, :10] = math.nan  # garbage in the padding: the fused kernel alone turns the row NaN
+    m = longattn.method(method) if method == "dense" else longattn.method("window", window=80)
+    out = longattn.attention(q, kb, v, causal=True, method=m, key_padding_mask=pad)
+    assert_close_to_oracle(out, oracle_for(m, q, k, v, causal=True, key_padding_mask=pad)[0])
+
+
+def test_a_decode_step_over_summaries_sees_a_nan_key_or_value_it_reads():
+    from longattn.sparse.summaries import BlockSummaries
+
+    q, k, v = make_qkv(b=1, hq=4, hk=2, tq=1, tk=512, d=16, seed=14)
+    m = longattn.method("quest", budget=192, block=32, q_block=32, sinks=32, window=32)
+    kb = k.clone()
+    kb[0, 0, 200, 3] = math.nan  # a key anywhere: the summaries show it, the keys are screened
+    out = longattn.attention(q, kb, v, causal=True, method=m, summaries=BlockSummaries.build(kb, 32))
+    assert torch.isnan(out[0, :2]).all() and torch.isfinite(out[0, 2:]).all()
+    vb = v.clone()
+    vb[0, 1, 510, 0] = math.inf  # a value in the window, which every step reads
+    out = longattn.attention(q, k, vb, causal=True, method=m, summaries=BlockSummaries.build(k, 32))
+    assert torch.isnan(out[0, 2:]).all() and torch.isfinite(out[0, :2]).all()

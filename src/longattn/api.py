@@ -142,30 +142,40 @@ def attention(
         return out, stats
     in_dtype = q.dtype
     q32, k32, v32 = (t.to(torch.float32) for t in (q, k, v))
-    poison = nonfinite.find(q32, k32, v32)
+    # keys and values are screened before the kernel only when that costs little next to it; a
+    # few-query call (a decode step over a long cache) checks its result instead (nonfinite)
+    eager_screen = nonfinite.screen_before(tq, m.capabilities.exact, summaries)
+    poison = nonfinite.find(q32, k32, v32, keys=eager_screen)
     if poison is not None:
         q32, k32, v32 = poison.cleaned(q32, k32, v32)
-    bias = None
-    row_bias = None
     own = position if (position is not None and m.capabilities.own_positions) else None
-    if position is not None and own is None:
-        q_pos = torch.arange(tq, device=q.device) + (tk - tq)
-        k_pos = torch.arange(tk, device=q.device)
-        if position.kind == "rotary":
-            q32, k32 = position.rotate(q32, k32, q_pos, k_pos)
-        elif position.kind == "bias":
-            bias = position.score_bias
-        elif position.kind == "content":
-            row_bias = _content_rows(position, q32, k32, k_pos, scale)
-    call = Call(causal=causal, scale=scale, key_padding_mask=key_padding_mask, bias=bias,
-                row_bias=row_bias, want_stats=return_stats, summaries=summaries, position=own)
+
+    def run(q32, k32, v32) -> Result:
+        bias = row_bias = None
+        if position is not None and own is None:
+            q_pos = torch.arange(tq, device=q.device) + (tk - tq)
+            k_pos = torch.arange(tk, device=q.device)
+            if position.kind == "rotary":
+                q32, k32 = position.rotate(q32, k32, q_pos, k_pos)
+            elif position.kind == "bias":
+                bias = position.score_bias
+            elif position.kind == "content":
+                row_bias = _content_rows(position, q32, k32, k_pos, scale)
+        if softcap is not None:
+            out, lse = softcap_attention(q32, k32, v32, softcap=softcap, scale=scale,
+                                         key_padding_mask=key_padding_mask, mask=m.visible_mask(tq, tk, causal))
+            return Result(out, lse, "softcap")
+        call = Call(causal=causal, scale=scale, key_padding_mask=key_padding_mask, bias=bias,
+                    row_bias=row_bias, want_stats=return_stats, summaries=summaries, position=own)
+        return m.run(q32, k32, v32, call)
+
     t0 = time.perf_counter()
-    if softcap is None:
-        res = m.run(q32, k32, v32, call)
-    else:
-        out, lse = softcap_attention(q32, k32, v32, softcap=softcap, scale=scale, key_padding_mask=key_padding_mask,
-                                     mask=m.visible_mask(tq, tk, causal))
-        res = Result(out, lse, "softcap")
+    res = run(q32, k32, v32)
+    if poison is None and not eager_screen and not nonfinite.result_finite(res.out, res.lse):
+        # the kernel met NaN/Inf: find it, and answer as a screened call would
+        poison = nonfinite.find(q32, k32, v32)
+        if poison is not None:
+            res = run(*poison.cleaned(q32, k32, v32))
     elapsed = time.perf_counter() - t0
     res_out, res_lse = res.out, res.lse
     if poison is not None:
