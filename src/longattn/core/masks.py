@@ -10,16 +10,22 @@ A mask says which keys each query may see. Every mask here gives that rule in tw
   mask on blocks where every pair is allowed and apply it only on the rest. ``block_any`` may
   over-report and ``block_all`` may under-report (both only cost speed); neither may err the other
   way. They are derived from interval arithmetic, never by evaluating the mask on every pair, so
-  building a block layout at 128k tokens costs microseconds.
+  building a block layout at 128k tokens costs microseconds. (The one exception is
+  ``from_mask_mod``: an arbitrary user rule has no interval form, so it is evaluated once per pair
+  up to a size limit, see there.)
 
 Positions: key ``j`` sits at position ``j``; query ``i`` at ``i + q_offset`` with
-``q_offset = tokens_k - tokens_q`` (the last query aligned with the last key, as in decoding).
-Masks combine with ``&`` and ``|``.
+``q_offset = tokens_k - tokens_q`` (the last query aligned with the last key, as in decoding and
+flash-attn). A mask that counts queries otherwise (FlexAttention's top-left ``q_idx``) learns the
+sizes through ``Mask.for_sizes``. Masks combine with ``&`` and ``|``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +57,16 @@ class Mask:
     def check(self, batch: int, tokens_q: int, tokens_k: int) -> None:
         """Raise a clear error when the mask cannot describe inputs of these sizes."""
 
+    def for_sizes(self, tokens_q: int, tokens_k: int) -> "Mask":
+        """This mask for inputs of ``tokens_q`` queries and ``tokens_k`` keys.
+
+        Masks written on longattn's positions need nothing (the default returns ``self``); a mask
+        that counts queries another way (``from_mask_mod(..., align="top_left")``, FlexAttention's
+        convention) returns a copy that knows the offset between the two. Masked methods and
+        ``dense`` call it before evaluating a mask; ``&`` and ``|`` pass it to both sides.
+        """
+        return self
+
     def block_any(self, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -73,7 +89,8 @@ class Mask:
         h = torch.arange(heads, device=device).view(1, heads, 1, 1)
         q_pos = torch.arange(tokens_q, device=device).view(tokens_q, 1) + (tokens_k - tokens_q)
         k_pos = torch.arange(tokens_k, device=device).view(1, tokens_k)
-        return self.mask_mod(b, h, q_pos, k_pos).broadcast_to(batch, heads, tokens_q, tokens_k)
+        mask = self.for_sizes(tokens_q, tokens_k)
+        return mask.mask_mod(b, h, q_pos, k_pos).broadcast_to(batch, heads, tokens_q, tokens_k)
 
 
 def _const(value: bool, like: Tensor) -> Tensor:
@@ -146,6 +163,70 @@ class Window(Mask):
                 (qlo - klo).abs() <= self.reach
             )
         return (qhi - klo <= self.reach) & (qlo - khi >= -self.reach)
+
+
+def _reach(name: str, value: object) -> int | None:
+    """One side of a ``Band``: an int >= 0, or None / -1 (flash-attn's spelling) for unbounded."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{name} must be an int >= -1 or None (-1 and None: unbounded), got {type(value).__name__} {value!r}")
+    if value < -1:
+        raise ValueError(f"{name} must be an int >= -1 or None (-1 and None: unbounded), got {value}")
+    return None if value == -1 else int(value)
+
+
+@dataclass(frozen=True)
+class Band(Mask):
+    """Asymmetric local window, flash-attn's ``window_size=(left, right)``: a query at position
+    ``p`` sees keys ``p - left … p + right`` (both ends included).
+
+    ``None`` (or flash-attn's ``-1``, stored as None) leaves that side unbounded, so
+    ``Band(None, None)`` is ``Full`` and ``Band(None, 0)`` is ``Causal``. ``Band(w - 1, w - 1)`` is
+    ``Window(w)``. Positions are longattn's (bottom-right: query ``i`` at
+    ``i + tokens_k - tokens_q``), the alignment flash-attn uses for ``window_size``; with
+    ``causal=True`` flash-attn also cuts the right side at the query, which is this mask ``&
+    Causal()``.
+
+    Args:
+        left: keys before the query that stay visible (int >= 0, or None / -1: all of them).
+        right: keys after the query that stay visible (int >= 0, or None / -1: all of them).
+    """
+
+    left: int | None = None
+    right: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "left", _reach("left", self.left))
+        object.__setattr__(self, "right", _reach("right", self.right))
+
+    def mask_mod(self, b, h, q_pos, k_pos):
+        d = q_pos - k_pos
+        ok = torch.ones_like(d, dtype=torch.bool)
+        if self.left is not None:
+            ok = ok & (d <= self.left)
+        if self.right is not None:
+            ok = ok & (d >= -self.right)
+        return ok
+
+    # A block's query - key distances fill [qlo - khi, qhi - klo]; the block has a visible pair
+    # iff that interval meets [-right, left], and is full iff it lies inside it.
+    def block_any(self, qlo, qhi, klo, khi):
+        ok = _const(True, qlo)
+        if self.left is not None:
+            ok = ok & (qlo - khi <= self.left)
+        if self.right is not None:
+            ok = ok & (qhi - klo >= -self.right)
+        return ok
+
+    def block_all(self, qlo, qhi, klo, khi):
+        ok = _const(True, qlo)
+        if self.left is not None:
+            ok = ok & (qhi - klo <= self.left)
+        if self.right is not None:
+            ok = ok & (qlo - khi >= -self.right)
+        return ok
 
 
 @dataclass(frozen=True)
@@ -462,6 +543,10 @@ class _Pair(Mask):
         self.a.check(batch, tokens_q, tokens_k)
         self.b.check(batch, tokens_q, tokens_k)
 
+    def for_sizes(self, tokens_q, tokens_k):
+        a, b = self.a.for_sizes(tokens_q, tokens_k), self.b.for_sizes(tokens_q, tokens_k)
+        return self if (a is self.a and b is self.b) else type(self)(a, b)
+
     @property
     def block_size(self) -> int | None:  # type: ignore[override]
         return _merge_block_size(self.a, self.b)
@@ -520,6 +605,12 @@ def triangle(sinks: int, window: int, last_queries: int, tokens_k: int) -> Mask:
     return a_shape(sinks, window) | QueryRows(tokens_k - last_queries)
 
 
+def band(left: int | None = None, right: int | None = None) -> Mask:
+    """flash-attn's ``window_size=(left, right)``: query at position ``p`` sees keys
+    ``p - left … p + right``; ``-1`` or None leaves a side unbounded (see ``Band``)."""
+    return Band(left, right)
+
+
 def power(block_size: int = 64, sinks: int | None = None) -> Mask:
     """PowerAttention's exponentially dilated block pattern, optionally with sinks."""
     m: Mask = PowerDilated(block_size)
@@ -574,3 +665,172 @@ class KeyPadding(Mask):
     def block_all(self, qlo, qhi, klo, khi):
         count, size = self._block_counts(klo, khi)
         return count == size
+
+
+# -- FlexAttention / attention-gym mask_mods ---------------------------------------------------
+
+#: ``from_mask_mod`` finds exact block bounds by evaluating the mod on every (batch, head, query,
+#: key) pair of the blocks while they hold at most this many pairs; beyond, every block is reported
+#: partial (``block_any`` True, ``block_all`` False) and the kernel applies the mod on every pair.
+MOD_EXACT_PAIRS = 2**26
+#: pairs evaluated per step while doing so, which bounds the memory of that pass
+MOD_CHUNK_PAIRS = 2**20
+
+ALIGNS = ("top_left", "bottom_right")
+
+
+@dataclass(frozen=True, eq=False)
+class ModMask(Mask):
+    """A FlexAttention / attention-gym ``mask_mod(b, h, q_idx, kv_idx) -> bool`` as a longattn
+    mask. Built by ``from_mask_mod``, which documents the conventions.
+
+    ``sizes`` is ``(tokens_q, tokens_k)`` once bound by ``for_sizes``: ``align="top_left"`` needs it
+    to turn longattn's query positions back into FlexAttention's query indices.
+    """
+
+    fn: Callable[..., Tensor]
+    batch: int = 1
+    heads: int = 1
+    align: str = "top_left"
+    sizes: tuple[int, int] | None = None
+    # visible-pair counts of the last block grid asked for: build_layout asks block_any and then
+    # block_all for the same grid, and each answer costs a pass over every pair
+    _counts: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise TypeError(
+                f"mask_mod must be a callable (b, h, q_idx, kv_idx) -> bool tensor, got {type(self.fn).__name__}")
+        validate.check_positive_int("batch", self.batch)
+        validate.check_positive_int("heads", self.heads)
+        if self.align not in ALIGNS:
+            raise ValueError(
+                "align must be 'top_left' (FlexAttention) or 'bottom_right' (longattn, flash-attn), "
+                f"got {self.align!r}")
+        if self.sizes is not None:
+            tokens_q, tokens_k = self.sizes
+            validate.check_positive_int("tokens_q", tokens_q, allow_zero=True)
+            validate.check_positive_int("tokens_k", tokens_k, allow_zero=True)
+
+    def for_sizes(self, tokens_q, tokens_k):
+        if self.align == "bottom_right" or self.sizes == (tokens_q, tokens_k):
+            return self
+        return dataclasses.replace(self, sizes=(tokens_q, tokens_k))
+
+    def check(self, batch, tokens_q, tokens_k):
+        if self.batch not in (1, batch):
+            raise ValueError(
+                f"from_mask_mod(batch={self.batch}) cannot serve inputs of batch {batch}: pass batch=1 when the "
+                f"mask_mod ignores b, else the input batch")
+        if self.sizes is not None and self.sizes != (tokens_q, tokens_k):
+            raise ValueError(
+                f"this from_mask_mod mask was bound to (tokens_q, tokens_k) = {self.sizes} by for_sizes, but the "
+                f"inputs have ({tokens_q}, {tokens_k})")
+
+    def _q_offset(self) -> int:
+        """longattn query position minus the query index the mod expects."""
+        if self.align == "bottom_right":
+            return 0
+        if self.sizes is None:
+            raise ValueError(
+                "from_mask_mod(align='top_left') needs the input sizes to count queries from 0: masked methods "
+                "and Mask.dense bind them; when evaluating the mask yourself call mask.for_sizes(tokens_q, tokens_k)")
+        tokens_q, tokens_k = self.sizes
+        return tokens_k - tokens_q
+
+    def mask_mod(self, b, h, q_pos, k_pos):
+        # batch=1 / heads=1: the mod does not tell rows / heads apart (FlexAttention's B=None /
+        # H=None); it is evaluated at 0 so that it may index tensors holding a single row.
+        if self.batch == 1:
+            b = torch.zeros_like(b)
+        if self.heads == 1:
+            h = torch.zeros_like(h)
+        elif h.dim() and h.numel() != self.heads:  # eager callers pass every head at once
+            raise ValueError(f"from_mask_mod(heads={self.heads}) is evaluated on {h.numel()} query heads: pass "
+                             "heads=1 when the mask_mod ignores h, else the number of query heads")
+        allowed = self.fn(b, h, q_pos - self._q_offset(), k_pos)
+        if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool:
+            got = f"dtype {allowed.dtype}" if isinstance(allowed, torch.Tensor) else type(allowed).__name__
+            raise TypeError(f"mask_mod must return a bool tensor (True = may attend), got {got}")
+        return allowed
+
+    def block_counts(self, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> Tensor | None:
+        """Visible pairs of each block, int64 ``[batch, heads, n_q_blocks, n_k_blocks]``, by
+        evaluating the mod on every pair ``MOD_CHUNK_PAIRS`` at a time; None when the blocks hold
+        more than ``MOD_EXACT_PAIRS`` pairs. Bounds as in ``Mask.block_any``."""
+        qlo, qhi, klo, khi = (t.reshape(-1) for t in (qlo, qhi, klo, khi))
+        key = (str(qlo.device), *(tuple(t.tolist()) for t in (qlo, qhi, klo, khi)))
+        if key in self._counts:
+            return self._counts[key]
+        empty = not (qlo.numel() and klo.numel())
+        k_first, k_last = (0, -1) if empty else (int(klo.min()), int(khi.max()))
+        pairs = self.batch * self.heads * int((qhi - qlo + 1).sum()) * (k_last - k_first + 1)
+        counts = None
+        if pairs <= MOD_EXACT_PAIRS:
+            counts = torch.zeros(self.batch, self.heads, qlo.numel(), klo.numel(), dtype=torch.int64, device=qlo.device)
+            if not empty:
+                self._count_pairs(counts, qlo, qhi, klo, khi, k_first, k_last)
+        self._counts.clear()
+        self._counts[key] = counts
+        return counts
+
+    def _count_pairs(self, counts, qlo, qhi, klo, khi, k_first, k_last):
+        dev = qlo.device
+        b = torch.arange(self.batch, device=dev).view(-1, 1, 1, 1)
+        h = torch.arange(self.heads, device=dev).view(1, -1, 1, 1)
+        grid = self.batch * self.heads
+        cols = min(k_last - k_first + 1, max(1, MOD_CHUNK_PAIRS // grid))
+        rows = max(1, MOD_CHUNK_PAIRS // (grid * cols))
+        for i, (q0, q1) in enumerate(zip(qlo.tolist(), qhi.tolist())):
+            for r0 in range(q0, q1 + 1, rows):
+                q_pos = torch.arange(r0, min(r0 + rows, q1 + 1), device=dev).view(-1, 1)
+                for c0 in range(k_first, k_last + 1, cols):
+                    n = min(cols, k_last + 1 - c0)
+                    k_pos = torch.arange(c0, c0 + n, device=dev).view(1, -1)
+                    allowed = self.mask_mod(b, h, q_pos, k_pos).broadcast_to(self.batch, self.heads, q_pos.shape[0], n)
+                    # visible pairs per key column, summed per key block through prefix sums
+                    per_key = torch.zeros(self.batch, self.heads, n + 1, dtype=torch.int64, device=dev)
+                    per_key[..., 1:] = allowed.sum(-2).cumsum(-1)
+                    lo, hi = (klo - c0).clamp(0, n), (khi + 1 - c0).clamp(0, n)
+                    counts[:, :, i] += per_key[..., hi] - per_key[..., lo]
+
+    def block_any(self, qlo, qhi, klo, khi):
+        counts = self.block_counts(qlo, qhi, klo, khi)
+        return _const(True, qlo) if counts is None else counts > 0
+
+    def block_all(self, qlo, qhi, klo, khi):
+        counts = self.block_counts(qlo, qhi, klo, khi)
+        if counts is None:
+            return _const(False, qlo)
+        return counts == (qhi - qlo + 1) * (khi - klo + 1)
+
+
+def from_mask_mod(mask_mod: Callable[..., Tensor], *, batch: int = 1, heads: int = 1,
+                  align: str = "top_left") -> Mask:
+    """A FlexAttention ``mask_mod`` (as written for ``create_block_mask`` and in attention-gym) as
+    a longattn mask: ``longattn.method("pattern", mask=masks.from_mask_mod(mod))``.
+
+    Args:
+        mask_mod: ``(b, h, q_idx, kv_idx) -> bool`` tensor, True = may attend. Eager kernels call
+            it with broadcasting int64 tensors (``b [B, 1, 1, 1]``, ``h [1, H, 1, 1]``,
+            ``q_idx [m, 1]``, ``kv_idx [1, n]``; the result must broadcast to ``[B, H, m, n]``),
+            FlexAttention with 0-d tensors under vmap: write it with tensor ops (``&``, ``|``,
+            ``~``, ``torch.where``, indexing captured tensors), as attention-gym's mods are, not
+            with Python ``and`` / ``if``.
+        batch, heads: how many batch rows / query heads the mod tells apart. 1 (FlexAttention's
+            ``B=None`` / ``H=None``) means it ignores ``b`` / ``h`` and is evaluated at 0 for every
+            row / head; otherwise the input batch / number of query heads.
+        align: how queries are counted. ``"top_left"`` (FlexAttention): query ``i`` has
+            ``q_idx = i``, from 0 even when ``tokens_q != tokens_k``. ``"bottom_right"`` (longattn's
+            own masks, flash-attn): ``q_idx = i + tokens_k - tokens_q``, the last query aligned with
+            the last key.
+
+    Block bounds are exact while ``batch × heads × tokens_q × tokens_k`` is at most
+    ``MOD_EXACT_PAIRS`` (the mod is evaluated on every pair once, ``MOD_CHUNK_PAIRS`` at a time);
+    beyond, every block is treated as partial: still exact attention, but no block is skipped.
+
+    A mod that carries its own causality (``q_idx >= kv_idx``, top-left) is used with
+    ``causal=False``: ``causal=True`` adds longattn's bottom-right causal mask, which is the same
+    only when ``tokens_q == tokens_k``.
+    """
+    return ModMask(mask_mod, batch, heads, align)

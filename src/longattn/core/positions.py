@@ -58,7 +58,11 @@ class PositionEncoding:
     def score_bias(self, h: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """``h``: query-head index, ``q_pos``, ``k_pos``: positions; all int64 and broadcastable
         (e.g. ``[1, H, 1, 1]``, ``[Tq, 1]``, ``[1, Tk]``). Returns float32 broadcastable to
-        ``[*, H, Tq, Tk]``, added to the *scaled* scores."""
+        ``[*, H, Tq, Tk]``, added to the *scaled* scores.
+
+        A bias that differs between batch rows (``ALiBi`` with ``[B, H]`` slopes) declares a
+        keyword parameter ``b``: the kernels then pass the batch index in it (``[B, 1, 1, 1]``
+        eagerly, 0-d under FlexAttention) and the result may be ``[B, H, Tq, Tk]``."""
         raise NotImplementedError
 
     def row_bias(self, q_rows: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float) -> Tensor:
@@ -430,9 +434,10 @@ class ALiBi(PositionEncoding):
     Head ``h`` adds ``-slope[h] · |q_pos - k_pos|`` to the scaled scores. For keys at or before
     the query (causal attention) this is the paper's ``-slope · (q_pos - k_pos)``; keys after the
     query (non-causal attention) are penalised by their distance in the same way (a symmetric
-    bias), so no key gains from being in the future.
+    bias), so no key gains from being in the future. With query positions ``i + tokens_k -
+    tokens_q`` this is flash-attn's ``alibi_slopes`` bias ``-slope · |i + tokens_k - tokens_q - j|``.
 
-    Slopes: for a power-of-two head count ``H`` they are the geometric sequence
+    Default slopes: for a power-of-two head count ``H`` they are the geometric sequence
     ``2^(-8/H), 2^(-16/H), …, 2^(-8)`` (``2^-1 … 2^-8`` for 8 heads). Otherwise, with ``P`` the
     largest power of two below ``H``, the first ``P`` heads take the ``P``-head sequence and the
     remaining ``H - P`` heads take the sequence for ``2P`` heads at its 1st, 3rd, 5th … entries,
@@ -441,21 +446,53 @@ class ALiBi(PositionEncoding):
 
     Args:
         heads: number of *query* heads ``Hq``.
+        slopes: None (the default slopes above), or a real tensor of finite slopes as flash-attn's
+            ``alibi_slopes``: ``[Hq]`` (one per head) or ``[B, Hq]`` (one per batch row and head;
+            ``[1, Hq]`` is taken as ``[Hq]``). Stored as float32. ``[B, Hq]`` slopes serve only
+            inputs of batch ``B``, so they cannot be used where rows run in groups (``seqlens_k``,
+            ``varlen_attention``).
 
-    Shapes: ``score_bias(h, q_pos, k_pos)`` on broadcastable integer tensors (e.g. ``[1, Hq, 1, 1]``,
-    ``[Tq, 1]``, ``[1, Tk]``) → float32 of their broadcast shape; 0-d inputs give a 0-d result.
+    Shapes: ``score_bias(h, q_pos, k_pos, b=None)`` on broadcastable integer tensors (e.g.
+    ``[1, Hq, 1, 1]``, ``[Tq, 1]``, ``[1, Tk]``, and ``b`` ``[B, 1, 1, 1]``) → float32 of their
+    broadcast shape; 0-d inputs give a 0-d result. ``b`` is needed (and used) only with ``[B, Hq]``
+    slopes.
     """
 
     kind = "bias"
 
-    def __init__(self, heads: int):
+    def __init__(self, heads: int, slopes: Tensor | None = None):
         self.heads = validate.check_positive_int("heads", heads)
         self._pow2 = 1 << (self.heads.bit_length() - 1)  # largest power of two <= heads
-        #: ``[heads]`` float32 slopes, the geometric sequence above
-        self.slopes: Tensor = self._slope_table()
+        self._custom = slopes is not None
+        #: float32 slopes: ``[heads]`` (the default sequence above, or given), or given ``[B, heads]``
+        self.slopes: Tensor = self._slope_table() if slopes is None else self._check_slopes(slopes)
 
     def __repr__(self) -> str:
-        return f"ALiBi(heads={self.heads})"
+        if not self._custom:
+            return f"ALiBi(heads={self.heads})"
+        return f"ALiBi(heads={self.heads}, slopes=<tensor {list(self.slopes.shape)}>)"
+
+    @property
+    def per_batch(self) -> bool:
+        """True when the slopes are ``[B, heads]``: the bias differs between batch rows."""
+        return self.slopes.dim() == 2
+
+    def _check_slopes(self, slopes: object) -> Tensor:
+        _check_tensor("slopes", slopes, (1, 2))
+        if slopes.dtype == torch.bool or slopes.is_complex():
+            raise TypeError(f"slopes must be a real tensor, got dtype {slopes.dtype}")
+        if slopes.dim() == 2 and slopes.shape[0] == 1:
+            slopes = slopes[0]
+        if slopes.shape[-1] != self.heads or (slopes.dim() == 2 and slopes.shape[0] == 0):
+            raise ValueError(
+                f"slopes has shape {tuple(slopes.shape)}, expected [heads] = [{self.heads}] or "
+                f"[batch, heads] = [B, {self.heads}]")
+        slopes = slopes.detach().to(torch.float32)
+        bad = int((~torch.isfinite(slopes)).sum())
+        if bad:
+            raise ValueError(
+                f"slopes must be finite, got {bad} NaN/Inf value(s) in slopes of shape {tuple(slopes.shape)}")
+        return slopes
 
     def _slope_table(self) -> Tensor:
         p = self._pow2
@@ -466,22 +503,36 @@ class ALiBi(PositionEncoding):
             slopes += [start2 ** (i + 1) for i in range(0, 2 * p, 2)][: self.heads - p]
         return torch.tensor(slopes, dtype=torch.float32)
 
-    def slope(self, h: Tensor) -> Tensor:
-        """Slope of head ``h`` (any shape, int), by the closed form ``2^(-8(h+1)/P)`` for ``h < P`` and
-        ``2^(-4(2(h-P)+1)/P)`` after — tensor ops only, no table lookup."""
+    def slope(self, h: Tensor, b: Tensor | None = None) -> Tensor:
+        """Slope of head ``h`` (and batch row ``b`` with ``[B, H]`` slopes), any broadcastable int
+        shapes. Default slopes use the closed form ``2^(-8(h+1)/P)`` for ``h < P`` and
+        ``2^(-4(2(h-P)+1)/P)`` after — tensor ops only, no table lookup; given slopes are looked up."""
+        if self._custom:
+            table = _on(self.slopes, h.device)
+            if not self.per_batch:
+                return table[h.to(torch.int64)]
+            if b is None:
+                raise ValueError(
+                    f"this ALiBi has per-batch slopes {list(self.slopes.shape)}: score_bias needs the batch index b")
+            return table[b.to(torch.int64), h.to(torch.int64)]
         p = self._pow2
         hf = h.to(torch.float32)
         first = -8.0 * (hf + 1.0) / p
         rest = -4.0 * (2.0 * (hf - p) + 1.0) / p
         return torch.exp2(torch.where(h < p, first, rest))
 
-    def score_bias(self, h, q_pos, k_pos):
+    def score_bias(self, h, q_pos, k_pos, b=None):
         dist = (q_pos - k_pos).abs().to(torch.float32)
-        return -self.slope(h) * dist
+        return -self.slope(h, b) * dist
 
     def check(self, q, k):
         if q.shape[1] != self.heads:
             raise ValueError(f"q has {q.shape[1]} heads but this ALiBi was built for heads={self.heads}")
+        if self.per_batch and q.shape[0] != self.slopes.shape[0]:
+            raise ValueError(
+                f"q has batch {q.shape[0]} but this ALiBi's slopes have shape {list(self.slopes.shape)}, one row per "
+                f"batch row: expected batch {self.slopes.shape[0]} (calls that run rows in groups, seqlens_k or "
+                "varlen_attention, cannot take per-batch slopes)")
 
 
 class T5RelativeBias(PositionEncoding):

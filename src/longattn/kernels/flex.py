@@ -19,7 +19,7 @@ import torch
 
 from longattn.core.masks import Mask
 from longattn.kernels.layout import BlockLayout
-from longattn.kernels.tiled import ScoreBias
+from longattn.kernels.tiled import ScoreBias, takes_batch
 
 
 @functools.cache
@@ -113,7 +113,8 @@ def flex_attention_path(
     Raises ``FlexCompileError`` when inductor cannot compile this mask structure (torch 2.13's CPU
     template fails on some combinations, e.g. a window mask and ``key_padding_mask`` together).
     """
-    key = structure_key(mask, bias is not None)
+    per_row = bias is not None and takes_batch(bias)
+    key = structure_key(mask, bias is not None) + ("(per batch row)" if per_row else "")
     if key in _FAILED:
         raise FlexCompileError(_FAILED[key])
     block_mask = to_block_mask(layout, mask)
@@ -121,8 +122,12 @@ def flex_attention_path(
     if bias is not None:
         off = layout.q_offset
 
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return score + bias(h, q_idx + off, kv_idx)
+        if per_row:
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + bias(h, q_idx + off, kv_idx, b=b)
+        else:
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + bias(h, q_idx + off, kv_idx)
 
     fn = _compiled_flex()
     gqa = q.shape[1] != k.shape[1]

@@ -15,6 +15,7 @@ query heads of a group are stacked along the token axis, ``[B, Hkv, G·bq, D]``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,8 +27,18 @@ from longattn.core.merge import merge_partials
 from longattn.kernels.layout import BlockLayout
 from longattn.kernels.sdpa import fused_cpu_available, fused_flash
 
-#: ``bias(h, q_pos, k_pos) -> [1|B, H, bq, nk]`` float added to scaled scores (ALiBi, T5 ...).
-ScoreBias = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``bias(h, q_pos, k_pos) -> [1|B, H, bq, nk]`` float added to scaled scores (ALiBi, T5 ...). A
+#: bias that differs between batch rows declares a keyword parameter ``b`` (see ``takes_batch``).
+ScoreBias = Callable[..., torch.Tensor]
+
+
+def takes_batch(bias: ScoreBias) -> bool:
+    """Whether ``bias`` wants the batch index: it has a parameter named ``b`` (``ALiBi.score_bias``
+    for per-batch slopes); kernels then call ``bias(h, q_pos, k_pos, b=b)``."""
+    try:
+        return "b" in inspect.signature(bias).parameters
+    except (TypeError, ValueError):  # a callable without a readable signature (C builtins): the plain form
+        return False
 
 
 @dataclass
@@ -95,6 +106,7 @@ def tiled_attention(
     visit = layout.any.flatten(0, 1).any(0).cpu()  # [nqb, nkb]
     full = layout.all.flatten(0, 1).all(0).cpu()
     per_step_blocks = max(1, key_chunk // bs)
+    bias_kw = {"b": b_idx} if bias is not None and takes_batch(bias) else {}
 
     for qi in range(layout.n_q_blocks):
         row = visit[qi]
@@ -117,7 +129,7 @@ def tiled_attention(
             add = None  # additive mask/bias [B|1, Hq|1, m, n] before regrouping
             alive = None  # [B|1, Hq|1, m]: rows with at least one visible key in this chunk
             if bias is not None:
-                add = bias(h_idx, q_pos, k_pos.view(1, -1)).to(torch.float32)
+                add = bias(h_idx, q_pos, k_pos.view(1, -1), **bias_kw).to(torch.float32)
             if rows is not None:
                 r = rows.index_select(-1, k_pos)
                 add = r if add is None else add + r
