@@ -70,6 +70,20 @@ def check_positive_int(name: str, value: object, *, allow_zero: bool = False) ->
     return int(value)
 
 
+#: ``torch.Generator.manual_seed`` takes seeds below this (and folds negative ones into range)
+SEED_LIMIT = 2**64
+
+
+def check_seed(name: str, value: object) -> int:
+    """Check a random seed: an int in ``[0, 2**64)``, the range ``torch.Generator.manual_seed``
+    accepts, so a bad seed is refused when the method is built rather than on its first call."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{name} must be an int in [0, 2**64) (torch.Generator.manual_seed's range), got {value}")
+    return int(value)
+
+
 def check_key_padding_mask(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> None:
     """``key_padding_mask`` is bool ``[batch, tokens_k]``: True marks a real key, False padding."""
     if mask is None:

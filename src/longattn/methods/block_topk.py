@@ -12,9 +12,11 @@ The methods differ only in how a key block is scored, so they share selection an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 from longattn.core import validate
 from longattn.core.masks import Causal
@@ -33,7 +35,7 @@ from longattn.sparse.select import (
     Selection,
     select_blocks,
 )
-from longattn.sparse.summaries import BlockSummaries
+from longattn.sparse.summaries import BlockSummaries, check_summaries
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,8 @@ class BlockTopK(Method):
 
     Args:
         budget: keys attended per query, sinks and window included.
-        block: keys per key block; q_block: queries sharing one selection.
+        block: keys per key block; q_block: queries sharing one selection. A block (or query
+            block) longer than the input holds all of it (see ``sizes``).
         sinks, window: keys always kept (StreamingLLM's sinks, the local window).
         pooled: score each query block once with its mean query (``pooled_query_scores``), about
             ``q_block`` times cheaper than summing per-query estimates and a little less accurate;
@@ -83,10 +86,22 @@ class BlockTopK(Method):
         need = self.forced_blocks_max() + 1
         if self.budget // self.block < need:
             raise ValueError(
-                f"budget={self.budget} keys gives {self.budget // self.block} blocks of {self.block}, but sinks="
-                f"{self.sinks} and window={self.window} (for query blocks of {self.q_block}) already take up to "
-                f"{need - 1} blocks: use budget >= {need * self.block}"
+                f"budget={self.budget} keys gives {self.budget // self.block} blocks of {self.block} "
+                f"(budget // block), but sinks={self.sinks} and window={self.window} (for q_block={self.q_block}) "
+                f"already take up to {need - 1} blocks: use budget >= {need * self.block}"
             )
+
+    def sizes(self, tokens_q: int, tokens_k: int) -> tuple[int, int]:
+        """``(q_block, block)`` used on ``tokens_q`` queries and ``tokens_k`` keys.
+
+        A (query) block longer than the input holds all of it, so both are capped at the input's
+        length ``max(tokens_q, tokens_k)``: the selection is the one the configured sizes give, and
+        no tensor is sized by them. One cap for both keeps ``q_block == block`` (``backend="flex"``).
+        The blocks kept, ``budget // block`` with the configured block, are capped by the selectors
+        at the blocks there are.
+        """
+        cap = max(tokens_q, tokens_k)
+        return min(self.q_block, cap), min(self.block, cap)
 
     def forced_blocks_max(self) -> int:
         sink_blocks = math.ceil(self.sinks / self.block)
@@ -94,29 +109,33 @@ class BlockTopK(Method):
         local_blocks = math.ceil((self.window + self.q_block - 1) / self.block) + 1
         return sink_blocks + local_blocks
 
-    def block_scores(self, q, k, scale: float, causal: bool, summaries: BlockSummaries | None = None):
+    def block_scores(self, q, k, scale: float, causal: bool, summaries: BlockSummaries):
         """Per-query score function ``(q0, q1) -> [B, Hq, q1-q0, n_blocks]`` (see ``select_blocks``);
-        ``summaries`` are this cache's block summaries. Default: the softmax of the method's
-        ``estimator`` over the blocks each query fully sees."""
+        ``summaries`` are this cache's block summaries, in the blocks the selection uses
+        (``_summaries``). Default: the softmax of the method's ``estimator`` over the blocks each
+        query fully sees."""
         if self.estimator is None:
             raise NotImplementedError(f"method {self.name!r} defines neither block_scores nor an estimator")
         return estimated_mass_scores(q, summaries, self.estimator, scale, causal)
 
     def select(self, q, k, call: Call) -> Selection:
         """Which key blocks each query block attends; subclasses with another selector override."""
-        summaries = self._summaries(k, call)
+        q_block, block = self.sizes(q.shape[2], k.shape[2])
+        summaries = self._summaries(k, call, block)
         if self.pooled:
-            scores = self.pooled_scores(q, k, call.scale, call.causal, summaries)
+            scores = self.pooled_scores(q, k, call.scale, call.causal, summaries, q_block)
         else:
             scores = self.block_scores(q, k, call.scale, call.causal, summaries)
         return select_blocks(
-            q, k.shape[2], scores, q_block=self.q_block, block=self.block, n_sel=self.budget // self.block,
+            q, k.shape[2], scores, q_block=q_block, block=block, n_sel=self.budget // self.block,
             sinks=self.sinks, window=self.window, causal=call.causal, per_block=self.pooled,
         )
 
     #: ``(q, summaries, scale) -> estimated log-mass per block``, behind the default
     #: ``block_scores``, pooled scoring and the one-query decode path (None: none of those)
     estimator = None
+    #: the summaries a caller may pass with ``attention(..., summaries=...)``
+    summary_types: ClassVar[tuple[type, ...]] = (BlockSummaries,)
 
     def lean_decode(self) -> bool:
         """One-query steps may take ``longattn.sparse.decode``: only methods whose selection is
@@ -125,21 +144,23 @@ class BlockTopK(Method):
         return (self.estimator is not None and cls.block_scores is BlockTopK.block_scores
                 and cls.select is BlockTopK.select)
 
-    def pooled_scores(self, q, k, scale, causal, summaries):
+    def pooled_scores(self, q, k, scale, causal, summaries, q_block: int):
         if self.estimator is None:
             raise ValueError(f"method {self.name!r} has no block estimator to pool queries with; use pooled=False")
-        return pooled_query_scores(q, summaries, self.estimator, scale, causal, self.q_block)
+        return pooled_query_scores(q, summaries, self.estimator, scale, causal, q_block)
 
-    def _summaries(self, k, call: Call) -> BlockSummaries:
+    def _summaries(self, k, call: Call, block: int):
+        """The caller's summaries of ``k [B, Hkv, Tk, D]`` after checking that they describe it in
+        this method's blocks (``check_summaries``), else ones built here; either way in blocks of
+        ``block``, the size the selection uses (``sizes``)."""
         s = call.summaries
         if s is None:
-            return BlockSummaries.build(k, self.block)
-        if s.block != self.block or s.tokens != k.shape[2]:
-            raise ValueError(
-                f"summaries cover {s.tokens} keys in blocks of {s.block}, but the call has {k.shape[2]} keys and "
-                f"method {self.name!r} uses blocks of {self.block}"
-            )
-        return s
+            return BlockSummaries.build(k, block)
+        check_summaries(s, k, self.block, kinds=self.summary_types,
+                        uses=f"method {self.name!r} uses blocks of {self.block}")
+        # a cache's block may be longer than the keys (one block holding all of them): relabel it
+        # with the capped size, which the selection and the decode step gather by
+        return s if s.block == block else dataclasses.replace(s, block=block)
 
     def run(self, q, k, v, call: Call) -> Result:
         if call.bias is not None or call.row_bias is not None:
@@ -192,7 +213,7 @@ class BlockTopK(Method):
         """One query over a cache: the lean path of ``longattn.sparse.decode`` (same selection and
         result as the general one, a fraction of its per-step overhead)."""
         t0 = time.perf_counter()
-        summaries = self._summaries(k, call)
+        summaries = self._summaries(k, call, self.sizes(q.shape[2], k.shape[2])[1])
         step = decode.decode_step(
             q, k, v, summaries, self.estimator, scale=call.scale, n_sel=min(self.budget // self.block, summaries.n_blocks),
             sinks=self.sinks, window=self.window, want_selection=call.want_stats)
@@ -246,6 +267,7 @@ class BlockOracle(BlockTopK):
     name = "block_oracle"
     capabilities = _caps("upper bound for block selection: the true attention mass of each block", "O(N²) scoring + O(N·budget)")
 
-    def block_scores(self, q, k, scale, causal, summaries=None):
-        return oracle_mass_scores(q, k, self.block, scale, causal)
+    def block_scores(self, q, k, scale, causal, summaries):
+        # the summaries are unused but for their block: the size the selection uses (``sizes``)
+        return oracle_mass_scores(q, k, summaries.block, scale, causal)
 

@@ -143,14 +143,16 @@ class CCA(Method):
         hk, tk = k.shape[1], k.shape[2]
         g = hq // hk
         off = tk - tq
-        n_groups = math.ceil(tk / self.group)
-        fill = n_groups * self.group - tk
+        # a group longer than the keys is one group of them all: pad to the keys' length, not the group's
+        group = min(self.group, tk)
+        n_groups = math.ceil(tk / group)
+        fill = n_groups * group - tk
         real = torch.ones(b, tk, dtype=torch.bool, device=q.device) if pad is None else pad
-        real = torch.cat([real, real.new_zeros(b, fill)], 1).view(b, n_groups, self.group)
-        kg = torch.cat([k, k.new_zeros(b, hk, fill, d)], 2).view(b, hk, n_groups, self.group, d)
-        vg = torch.cat([v, v.new_zeros(b, hk, fill, d)], 2).view(b, hk, n_groups, self.group, d)
+        real = torch.cat([real, real.new_zeros(b, fill)], 1).view(b, n_groups, group)
+        kg = torch.cat([k, k.new_zeros(b, hk, fill, d)], 2).view(b, hk, n_groups, group, d)
+        vg = torch.cat([v, v.new_zeros(b, hk, fill, d)], 2).view(b, hk, n_groups, group, d)
         # the query at each group's last position, or that position's key where the call has no query
-        last = ((torch.arange(n_groups, device=q.device) + 1) * self.group - 1).clamp(max=tk - 1)
+        last = ((torch.arange(n_groups, device=q.device) + 1) * group - 1).clamp(max=tk - 1)
         has_q = last >= off
         lq = q[:, :, (last - off).clamp(min=0)]  # [B, Hq, G, D]
         lk = k[:, :, last].repeat_interleave(g, 1)

@@ -134,27 +134,27 @@ class FlexPrefill(BlockTopK):
         """The selection, and per (batch, head) whether it is query-aware and its JS distance."""
         b, hq, tq, _ = q.shape
         tk = k.shape[2]
-        n = math.ceil(tk / self.block)
-        lq = min(self.last_q or self.q_block, tq)
+        q_block, block = self.sizes(tq, tk)
+        n = math.ceil(tk / block)
+        lq = min(self.last_q or q_block, tq)
         p = attention_rows(q, k, tq - lq, tq, call.scale, call.causal, call.key_padding_mask)  # [B, Hq, lq, Tk]
-        true_blocks = torch.nn.functional.pad(p.sum(2), (0, n * self.block - tk)).view(b, hq, n, self.block).sum(-1)
+        true_blocks = torch.nn.functional.pad(p.sum(2), (0, n * block - tk)).view(b, hq, n, block).sum(-1)
         # the pooled estimate of those same queries: one query block holding exactly them
-        est = pooled_block_mass(q[:, :, tq - lq:], k, q_block=lq, block=self.block, scale=call.scale,
+        est = pooled_block_mass(q[:, :, tq - lq:], k, q_block=lq, block=block, scale=call.scale,
                                 causal=call.causal)[:, :, 0]
         dist = js_distance(est, true_blocks)
         query_aware = dist < self.tau
         mass = None
         if bool(query_aware.any()):
-            mass = pooled_block_mass(q, k, q_block=self.q_block, block=self.block, scale=call.scale,
-                                     causal=call.causal)
+            mass = pooled_block_mass(q, k, q_block=q_block, block=block, scale=call.scale, causal=call.causal)
         if not bool(query_aware.all()):
             q_pos = torch.arange(tq - lq, tq, device=q.device) + (tk - tq)
             vertical, slash = vertical_slash_scores(p, q_pos, tq, tk)
-            vs = vertical_slash_block_mass(vertical, slash, tokens_q=tq, q_block=self.q_block, block=self.block,
+            vs = vertical_slash_block_mass(vertical, slash, tokens_q=tq, q_block=q_block, block=block,
                                            causal=call.causal)
             mass = vs if mass is None else torch.where(query_aware[..., None, None], mass, vs)
         sel = cumulative_mass_selection(
-            mass, tokens_q=tq, tokens_k=tk, q_block=self.q_block, block=self.block, gamma=self.gamma,
+            mass, tokens_q=tq, tokens_k=tk, q_block=q_block, block=block, gamma=self.gamma,
             min_blocks=self.min_blocks, max_blocks=self.budget // self.block, sinks=self.sinks,
             window=self.window, causal=call.causal,
         )

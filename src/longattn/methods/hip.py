@@ -32,8 +32,9 @@ class HiP(BlockTopK):
     )
 
     def select(self, q, k, call: Call) -> Selection:
-        estimate = mean_key_gathered(self._summaries(k, call), q.shape[1], call.scale)
+        q_block, block = self.sizes(q.shape[2], k.shape[2])
+        estimate = mean_key_gathered(self._summaries(k, call, block), q.shape[1], call.scale)
         return hierarchical_select(
-            q, k.shape[2], estimate, q_block=self.q_block, block=self.block, n_sel=self.budget // self.block,
+            q, k.shape[2], estimate, q_block=q_block, block=block, n_sel=self.budget // self.block,
             sinks=self.sinks, window=self.window, causal=call.causal,
         )

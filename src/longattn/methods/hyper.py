@@ -52,7 +52,7 @@ class Hyper(Method):
             sorted keys. ``block >= tokens_k`` makes every piece exact.
         samples: uniformly sampled key columns per (batch, key head) added to every query (0: none).
         min_seq: under causality, pieces with at most this many keys are attended exactly (as the
-            whole call when ``tokens_k <= min_seq``).
+            whole call when ``tokens_k <= min_seq``, or ``tokens_k <= block``).
         seed: seeds the hyperplanes and the column samples, so a call is deterministic.
 
     Defaults follow the paper's long-context setting (7 bits, blocks and samples of 256, exact
@@ -88,7 +88,7 @@ class Hyper(Method):
         validate.check_positive_int("block", self.block)
         validate.check_positive_int("samples", self.samples, allow_zero=True)
         validate.check_positive_int("min_seq", self.min_seq)
-        validate.check_positive_int("seed", self.seed, allow_zero=True)
+        validate.check_seed("seed", self.seed)
 
     def run(self, q, k, v, call: Call) -> Result:
         if call.bias is not None or call.row_bias is not None:
@@ -113,7 +113,9 @@ class Hyper(Method):
     def _causal(self, q, k, v, pad, scale, planes, gen):
         """Causal (bottom-right aligned) attention → ``(out, lse, pairs per head)``."""
         tq, tk = q.shape[2], k.shape[2]
-        if tk <= self.min_seq:
+        # with tk <= block every piece of the recursion would be one exact sortLSH block (and
+        # sample nothing): the result is exact causal attention, attended here in one call
+        if tk <= max(self.min_seq, self.block):
             out, lse = sdpa_attention(q, k, v, scale=scale, causal=True, key_padding_mask=pad)
             return out, lse, float(dense_pairs(tq, tk, True))
         off = tk - tq

@@ -4,12 +4,14 @@ Efficient Context Memory"): key blocks are looked up by a few representative tok
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from longattn.core import validate
 from longattn.methods.base import Capabilities, register
 from longattn.methods.block_topk import BlockTopK
 from longattn.sparse.representatives import RepresentativeSummaries, representative_estimate
 from longattn.sparse.select import estimated_mass_scores, pooled_query_scores
+from longattn.sparse.summaries import BlockSummaries
 
 
 @register
@@ -28,8 +30,9 @@ class InfLLM(BlockTopK):
     plus ``log(block size)`` to read as a log-mass (``representative_estimate``); with
     ``reps == block`` it is ``landmark``'s mean-key score. Representatives are built from
     the call's ``q`` and ``k``; a decode loop can keep a ``RepresentativeSummaries`` current with
-    ``append`` and pass it as ``summaries=``. Key padding is masked by the kernel but not in the
-    representatives (as for ``landmark``): a padding key may represent its block.
+    ``append`` and pass it as ``summaries=`` (``BlockSummaries`` are checked against ``k`` but not
+    used). Key padding is masked by the kernel but not in the representatives (as for
+    ``landmark``): a padding key may represent its block.
     """
 
     reps: int = 4
@@ -47,14 +50,15 @@ class InfLLM(BlockTopK):
 
     #: linear in the query (the mean representative's logit), so ``pooled=True`` is sound
     estimator = staticmethod(representative_estimate)
+    summary_types: ClassVar[tuple[type, ...]] = (BlockSummaries, RepresentativeSummaries)
 
-    def block_scores(self, q, k, scale, causal, summaries=None):
+    def block_scores(self, q, k, scale, causal, summaries):
         return estimated_mass_scores(q, self._representatives(q, k, scale, summaries), representative_estimate,
                                      scale, causal)
 
-    def pooled_scores(self, q, k, scale, causal, summaries):
+    def pooled_scores(self, q, k, scale, causal, summaries, q_block):
         return pooled_query_scores(q, self._representatives(q, k, scale, summaries), representative_estimate,
-                                   scale, causal, self.q_block)
+                                   scale, causal, q_block)
 
     def _representatives(self, q, k, scale, summaries) -> RepresentativeSummaries:
         if isinstance(summaries, RepresentativeSummaries):
@@ -62,5 +66,6 @@ class InfLLM(BlockTopK):
                 raise ValueError(f"summaries keep {summaries.reps} representatives per block but method "
                                  f"{self.name!r} uses reps={self.reps}")
             return summaries
-        # block summaries (or none) given: build the representatives from this call
+        # block summaries given (the caller's, checked, or built by ``select``): build the
+        # representatives from this call (in the configured blocks; ``build`` pads no further than k)
         return RepresentativeSummaries.build(k, self.block, self.reps, q=q, scale=scale)

@@ -40,7 +40,9 @@ class Linformer(Method):
     Args:
         proj: rows of the projection (pooled / mixed keys each query attends to).
         kind: "pool" (mean over contiguous segments, log-size corrected; exact when
-            ``proj >= tokens_k``) or "random" (seeded Gaussian projection).
+            ``proj >= tokens_k``, where a segment is one key and ``proj`` is capped at ``tokens_k``)
+            or "random" (seeded Gaussian projection; ``proj > tokens_k`` is refused: more mixtures
+            than keys add no information and cost ``proj × tokens_k``).
         seed: seeds the "random" projection.
 
     Shapes: ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]`` → ``out [B, Hq, Tq, D]``, ``lse
@@ -62,7 +64,7 @@ class Linformer(Method):
         validate.check_positive_int("proj", self.proj)
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {self.kind!r}")
-        validate.check_positive_int("seed", self.seed, allow_zero=True)
+        validate.check_seed("seed", self.seed)
 
     def run(self, q, k, v, call: Call) -> Result:
         if call.causal:
@@ -105,6 +107,10 @@ class Linformer(Method):
     def _random(self, k, v, real):
         """Seeded Gaussian ``E [P, Tk]`` (padded columns zeroed) applied to keys and values."""
         b, hk, tk, d = k.shape
+        if self.proj > tk:
+            raise ValueError(f"proj={self.proj} exceeds tokens_k={tk}: a random projection mixes the keys into at "
+                             f"most as many independent rows as there are keys; use proj <= {tk} (or kind='pool', "
+                             "which caps proj at tokens_k)")
         gen = torch.Generator().manual_seed(self.seed)
         e = (torch.randn(self.proj, tk, generator=gen) / math.sqrt(max(tk, 1))).to(k.device)
         e = e[None] * real[:, None, :]  # [B, P, Tk]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 from longattn.core import validate
-from longattn.core.masks import Sinks, Window
+from longattn.core.masks import Band, Sinks, Window
 from longattn.methods.base import Capabilities, register
 from longattn.methods.masked import MaskedMethod
 
@@ -17,14 +18,24 @@ class SlidingWindow(MaskedMethod):
     dilation as in Hassani et al. 2024, "Faster Neighborhood Attention").
 
     Args:
-        window: keys per side, the query itself included: with ``causal=True`` each query sees its
-            last ``window`` keys; without, ``window - 1`` on each side of it.
-        dilation: step between attended keys (1 = contiguous).
-        backend: "auto" (FlexAttention from 8k keys when it compiles here), "tiled" or "flex".
+        window: an int ``w``: a symmetric reach of ``w - 1`` keys on each side, the query itself
+            included: with ``causal=True`` each query sees its last ``w`` keys; without,
+            ``w - 1`` on each side of it. Or a tuple ``(left, right)``: flash-attn's
+            ``window_size``, a query at position ``p`` sees keys ``p - left … p + right``, ``-1``
+            leaving a side unbounded (``masks.Band``); with ``causal=True`` the right side stops at
+            the query, as in flash-attn. Positions are bottom-right aligned either way (query
+            ``i`` at ``i + tokens_k - tokens_q``, as flash-attn).
+        dilation: step between attended keys (1 = contiguous; an int ``window`` only).
+        backend: "auto" (FlexAttention from 16k keys when it compiles here), "tiled" or "flex".
         block: kernel block size (default 128).
+
+    attention-gym's ``generate_sliding_window(W)`` (``causal & (q_idx - kv_idx <= W)``: the query and
+    the ``W`` keys before it) is ``window=W + 1`` with ``causal=True`` (or ``window=(W, 0)``) for
+    ``tokens_q == tokens_k``; with fewer queries than keys FlexAttention counts ``q_idx`` from the
+    first query (top-left), so use ``masks.from_mask_mod`` there.
     """
 
-    window: int = 1024
+    window: int | tuple[int, int] = 1024
     dilation: int = 1
     backend: str = "auto"
     block: int | None = None
@@ -35,12 +46,33 @@ class SlidingWindow(MaskedMethod):
     )
 
     def __post_init__(self):
-        validate.check_positive_int("window", self.window)
+        object.__setattr__(self, "window", _check_window(self.window))
         validate.check_positive_int("dilation", self.dilation)
+        if isinstance(self.window, tuple) and self.dilation != 1:
+            raise ValueError(f"dilation must be 1 with a (left, right) window, got dilation={self.dilation} "
+                             f"and window={self.window}")
         self._check_backend()
+        self._check_block()
 
     def method_mask(self, tokens_q, tokens_k, causal):
-        return Window(self.window, self.dilation)
+        # no query-key distance reaches max(tokens_q, tokens_k), so a longer window or dilation
+        # keeps the same keys as that length; capped, the reach (window - 1) · dilation cannot overflow
+        span = max(tokens_q, tokens_k, 1)
+        if isinstance(self.window, tuple):
+            return Band(*(min(side, span) for side in self.window))  # -1 (unbounded) stays -1
+        return Window(min(self.window, span), min(self.dilation, span))
+
+
+def _check_window(window: object) -> int | tuple[int, int]:
+    """``window`` is an int >= 1 or flash-attn's ``window_size``: a pair of ints >= -1."""
+    expected = "an int >= 1 or a (left, right) tuple of ints >= -1 (flash-attn's window_size, -1 = unbounded)"
+    if isinstance(window, (tuple, list)):
+        if len(window) != 2 or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) for w in window):
+            raise TypeError(f"window must be {expected}, got {window!r}")
+        if min(window) < -1:
+            raise ValueError(f"window must be {expected}, got {tuple(window)!r}")
+        return int(window[0]), int(window[1])
+    return validate.check_positive_int("window", window)
 
 
 @register
@@ -70,6 +102,7 @@ class Streaming(MaskedMethod):
         validate.check_positive_int("sinks", self.sinks)
         validate.check_positive_int("window", self.window)
         self._check_backend()
+        self._check_block()
 
     def method_mask(self, tokens_q, tokens_k, causal):
         return Sinks(self.sinks) | Window(self.window)

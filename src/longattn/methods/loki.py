@@ -22,7 +22,9 @@ class Loki(TokenTopK):
 
     Args:
         budget, sinks, window, chunk: as for ``TokenTopK``.
-        rank_dims: principal directions used for ranking (per key head, from the keys of the call).
+        rank_dims: principal directions used for ranking (per key head, from the keys of the call);
+            at or above ``head_dim`` every direction is used, so keys are ranked by their full
+            ``q·k`` (in a rotated basis).
     """
 
     rank_dims: int = 16
@@ -37,7 +39,7 @@ class Loki(TokenTopK):
         validate.check_positive_int("rank_dims", self.rank_dims)
 
     def prepare(self, q, k):
-        basis = KeyPCA.fit(k).basis(self.rank_dims)  # [B, Hkv, D, r]
+        basis = KeyPCA.fit(k).basis(min(self.rank_dims, k.shape[-1]))  # [B, Hkv, D, r]: no more than D directions
         return basis, torch.matmul(k, basis)  # keys projected once per call: [B, Hkv, Tk, r]
 
     def rank(self, state, q_rows, k, scores, allowed, scale):

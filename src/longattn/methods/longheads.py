@@ -33,7 +33,7 @@ from longattn.kernels.sdpa import fused_cpu_available
 from longattn.methods.base import Call, Capabilities, Method, Result, register
 from longattn.sparse.kernel import sparse_attention
 from longattn.sparse.select import Selection, estimated_mass_scores, quest_bound_estimate, select_blocks
-from longattn.sparse.summaries import BlockSummaries
+from longattn.sparse.summaries import BlockSummaries, check_summaries
 
 
 def chunk_dot_estimate(q: torch.Tensor, s: BlockSummaries, scale: float) -> torch.Tensor:
@@ -145,7 +145,8 @@ class LongHeads(Method):
     Args:
         window: keys per query, all chunks included; the in-distribution length (e.g. the model's
             trained context). Must hold the forced chunks: ``window >= chunk × forced_chunks_max()``.
-        chunk: tokens per key chunk, and queries sharing one selection.
+        chunk: tokens per key chunk, and queries sharing one selection. A chunk longer than the
+            input holds all of it.
         local: tokens before the query block always kept (the chunks holding them are forced).
         score: how a chunk is scored against a query. ``"mean"``: ``q · mean key`` (LongHeads' chunk
             representation). ``"bound"``: Quest's upper bound ``Σ_d max(q_d·min_d, q_d·max_d)``,
@@ -191,21 +192,22 @@ class LongHeads(Method):
 
     def select(self, q: torch.Tensor, k: torch.Tensor, call: Call) -> Selection:
         """Each (batch, query head, query block)'s chunks."""
+        tk = k.shape[2]
+        # a chunk longer than the input holds all of it: capped at the input's length the selection
+        # is the same, and no tensor is sized by the configured chunk
+        chunk = min(self.chunk, max(q.shape[2], tk))
         s = call.summaries
         if s is None:
-            s = BlockSummaries.build(k, self.chunk)
-        elif s.block != self.chunk or s.tokens != k.shape[2]:
-            raise ValueError(
-                f"summaries cover {s.tokens} keys in blocks of {s.block}, but the call has {k.shape[2]} keys and "
-                f"method 'longheads' uses chunks of {self.chunk}"
-            )
+            s = BlockSummaries.build(k, chunk)
+        else:
+            check_summaries(s, k, self.chunk, kinds=(BlockSummaries,),
+                            uses=f"method 'longheads' uses chunks of {self.chunk}")
         estimate = chunk_dot_estimate if self.score == "mean" else quest_bound_estimate
         scores = estimated_mass_scores(q, s, estimate, call.scale, call.causal)
         # select_blocks' window forces the chunks holding the block's queries (window >= 1) and
         # those reaching `local` tokens back; sinks=chunk forces the first chunk
-        return select_blocks(q, k.shape[2], scores, q_block=self.chunk, block=self.chunk,
-                             n_sel=self.window // self.chunk, sinks=self.chunk, window=max(self.local, 1),
-                             causal=call.causal)
+        return select_blocks(q, tk, scores, q_block=chunk, block=chunk, n_sel=self.window // self.chunk,
+                             sinks=chunk, window=max(self.local, 1), causal=call.causal)
 
     def run(self, q, k, v, call: Call) -> Result:
         if call.bias is not None or call.row_bias is not None:

@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import torch
 
+from longattn.core import validate
 from longattn.core.masks import Causal, Full, KeyPadding, Mask
 from longattn.kernels import flex
 from longattn.kernels.sdpa import needs_grad
@@ -38,6 +39,8 @@ class MaskedMethod(Method):
 
     def visible_mask(self, tokens_q: int, tokens_k: int, causal: bool) -> Mask | None:
         m = self.method_mask(tokens_q, tokens_k, causal)
+        if m is not None:
+            m = m.for_sizes(tokens_q, tokens_k)  # masks counting queries top-left need the sizes
         if causal:
             m = Causal() if m is None else (Causal() & m)
         return m
@@ -45,6 +48,11 @@ class MaskedMethod(Method):
     def _check_backend(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+
+    def _check_block(self) -> None:
+        # None: the mask's own block grid, else DEFAULT_BLOCK
+        if self.block is not None:
+            validate.check_positive_int("block", self.block)
 
     def choose_backend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Call) -> str:
         # FlexAttention has no backward on the CPU: under autograd there only the tiled kernel runs

@@ -42,6 +42,7 @@ class Pattern(MaskedMethod):
         if not (isinstance(self.mask, Mask) or callable(self.mask)):
             raise TypeError(f"mask must be a longattn.masks.Mask or a callable, got {type(self.mask).__name__}")
         self._check_backend()
+        self._check_block()
 
     def method_mask(self, tokens_q, tokens_k, causal):
         m = self.mask if isinstance(self.mask, Mask) else self.mask(tokens_q, tokens_k)

@@ -34,7 +34,8 @@ class Recycled(Method):
     that arrived since.
 
     Args:
-        stride: S, queries per group (1 = every query full = exact attention).
+        stride: S, queries per group (1 = every query full = exact attention). A stride longer
+            than the queries is one group of them all (one full step, at the first query).
         budget: keys remembered from a full step, sinks included. A recycled query attends to at
             most ``budget + stride - 1`` keys (the remembered ones and those after the full step).
         sinks: first keys always remembered (StreamingLLM's attention sinks); ``sinks <= budget``.
@@ -70,7 +71,7 @@ class Recycled(Method):
         b, hq, tq, d = q.shape
         hk, tk = k.shape[1], k.shape[2]
         g = hq // hk
-        S = self.stride
+        S = min(self.stride, tq)  # a longer group holds the same queries: capped, nothing is sized by it
         off = tk - tq
         dev = q.device
         causal = call.causal

@@ -45,8 +45,10 @@ class Routing(Method):
     the keys of a query's own cluster, plus optional sinks and a local window.
 
     Args:
-        clusters: k-means clusters per head (1: every key shares the query's cluster → exact).
-        iters: Lloyd iterations per fit (per chunk under causality, warm-started).
+        clusters: k-means clusters per head (1: every key shares the query's cluster → exact); at
+            most ``tokens_k`` (more would leave clusters that no key can fall in).
+        iters: most Lloyd iterations per fit (per chunk under causality, warm-started); a fit stops
+            early once the assignments repeat, since further iterations would change nothing.
         window: keys always kept: the last ``window`` keys up to the query (0: none). The paper
             pairs routing heads with local-attention heads; here each query keeps both, and with
             ``window >= 1`` under causality it always sees at least itself.
@@ -79,13 +81,16 @@ class Routing(Method):
         validate.check_positive_int("window", self.window, allow_zero=True)
         validate.check_positive_int("sinks", self.sinks, allow_zero=True)
         validate.check_positive_int("chunk", self.chunk)
-        validate.check_positive_int("seed", self.seed, allow_zero=True)
+        validate.check_seed("seed", self.seed)
 
     def run(self, q, k, v, call: Call) -> Result:
         if call.bias is not None or call.row_bias is not None:
             raise ValueError(f"method {self.name!r} does not take a score bias (its routing ignores it)")
         b, hq, tq, d = q.shape
         hk, tk = k.shape[1], k.shape[2]
+        if self.clusters > tk:
+            raise ValueError(f"clusters={self.clusters} exceeds the number of keys, tokens_k={tk}: the extra clusters "
+                             f"could hold no key; use clusters <= {tk}")
         g = hq // hk
         off = tk - tq
         dev = q.device
@@ -176,15 +181,21 @@ def _assign(x: torch.Tensor, cent: torch.Tensor) -> torch.Tensor:
 
 
 def _lloyd(points: torch.Tensor, weights: torch.Tensor, cent: torch.Tensor, iters: int) -> torch.Tensor:
-    """Spherical k-means: ``iters`` Lloyd steps from ``cent [B, H, C, D]`` on unit ``points
-    [B, H, N, D]`` weighted by ``weights [B, H, N]``; an empty cluster keeps its centroid."""
+    """Spherical k-means: up to ``iters`` Lloyd steps from ``cent [B, H, C, D]`` on unit ``points
+    [B, H, N, D]`` weighted by ``weights [B, H, N]``; an empty cluster keeps its centroid. Stops
+    when the assignments repeat: the step would recompute the centroids from the same assignments,
+    and so would every later one."""
     if points.shape[2] == 0:
         return cent
     b, h, n, d = points.shape
     c = cent.shape[2]
     wp = points * weights[..., None]
+    previous = None
     for _ in range(iters):
         a = _assign(points, cent)
+        if previous is not None and torch.equal(a, previous):
+            break
+        previous = a
         sums = torch.zeros(b, h, c, d, device=points.device).scatter_add_(2, a[..., None].expand(-1, -1, -1, d), wp)
         counts = torch.zeros(b, h, c, device=points.device).scatter_add_(2, a, weights)
         cent = torch.where((counts > 0)[..., None], torch.nn.functional.normalize(sums, dim=-1), cent)

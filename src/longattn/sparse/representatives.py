@@ -12,7 +12,8 @@ position (InfLLM's receivers are a sliding window of the same size for every tok
 has no such tilt). On stories260K attention (1024 tokens, budget 4 blocks of 64) the mean
 picks better representatives: recall 0.954 vs 0.950 with 4 per block, 0.951 vs 0.942 with one.
 
-For keys ``k [B, Hkv, T, D]`` in blocks of ``block`` tokens (the last may be partial):
+For keys ``k [B, Hkv, T, D]`` in blocks of ``block`` tokens (the last may be partial; a block
+longer than the keys holds all of them):
 
 * ``keys``  ``[B, Hkv, n, reps, D]`` — the representative keys, most attended first;
 * ``index`` ``[B, Hkv, n, reps]`` — their position inside the block, ``-1`` for unused slots
@@ -66,6 +67,12 @@ class RepresentativeSummaries:
         return self.count.numel()
 
     @property
+    def dims(self) -> tuple[int, int, int]:
+        """``(batch, heads, head_dim)`` of the keys summarised."""
+        b, h, _, _, d = self.keys.shape
+        return b, h, d
+
+    @property
     def valid(self) -> torch.Tensor:
         """``[n, reps]`` bool: the slot holds a key (a block has ``min(count, reps)`` of them)."""
         slots = torch.arange(self.reps, device=self.count.device)
@@ -86,34 +93,37 @@ class RepresentativeSummaries:
         b, hk, t, d = k.shape
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
         n = math.ceil(t / block)
-        pad = n * block - t
-        k32 = torch.nn.functional.pad(k.to(torch.float32), (0, 0, 0, pad)).view(b, hk, n, block, d)
-        pos = torch.arange(n * block, device=k.device).view(n, block)
-        real_key = pos < t  # [n, block]
-        has_q = torch.zeros(n * block, dtype=torch.bool, device=k.device)
-        received = torch.zeros(b, hk, n, block, dtype=torch.float32, device=k.device)
+        # blocks are laid out ``width`` wide: keys shorter than a block form one block of them all,
+        # padded to no more than the keys' length whatever ``block`` is
+        width = min(block, t) if t else block
+        pad = n * width - t
+        k32 = torch.nn.functional.pad(k.to(torch.float32), (0, 0, 0, pad)).view(b, hk, n, width, d)
+        pos = torch.arange(n * width, device=k.device).view(n, width)
+        real_key = pos < t  # [n, width]
+        has_q = torch.zeros(n * width, dtype=torch.bool, device=k.device)
+        received = torch.zeros(b, hk, n, width, dtype=torch.float32, device=k.device)
         if q is not None:
             hq, tq = q.shape[1], q.shape[2]
             if tq > t:
                 q, tq = q[:, :, tq - t:], t
             g = hq // hk
             has_q[t - tq:t] = True
-            q_full = torch.zeros(b, hq, n * block, d, dtype=torch.float32, device=k.device)
+            q_full = torch.zeros(b, hq, n * width, d, dtype=torch.float32, device=k.device)
             q_full[:, :, t - tq:t] = q.to(torch.float32)
-            # [B, Hkv, G, n, block(queries), D]: the query heads of a key head side by side
-            q_blocks = q_full.view(b, hk, g, n, block, d)
-            causal = torch.ones(block, block, dtype=torch.bool, device=k.device).tril()  # [query, key]
-            step = max(1, _BUILD_CHUNK_TOKENS // block)
+            # [B, Hkv, G, n, width (queries), D]: the query heads of a key head side by side
+            q_blocks = q_full.view(b, hk, g, n, width, d)
+            causal = torch.ones(width, width, dtype=torch.bool, device=k.device).tril()  # [query, key]
+            step = max(1, _BUILD_CHUNK_TOKENS // width)
             for j0 in range(0, n, step):
                 j1 = min(j0 + step, n)
                 s = torch.matmul(q_blocks[:, :, :, j0:j1], k32[:, :, None, j0:j1].transpose(-1, -2)) * scale
-                see = causal[None] & real_key[j0:j1, None, :] & has_q.view(n, block)[j0:j1, :, None]
+                see = causal[None] & real_key[j0:j1, None, :] & has_q.view(n, width)[j0:j1, :, None]
                 s = s.masked_fill(~see[None, None, None], -math.inf)
                 p = torch.softmax(s, -1).nan_to_num(0.0)  # rows without a query give nothing
                 received[:, :, j0:j1] = p.sum(dim=(2, 4))  # over query heads and queries
         # receivers of key t: the given queries of its block at or after t
-        q_in_block = has_q.view(n, block).to(torch.int64)
-        receivers = q_in_block.flip(-1).cumsum(-1).flip(-1)  # [n, block]
+        q_in_block = has_q.view(n, width).to(torch.int64)
+        receivers = q_in_block.flip(-1).cumsum(-1).flip(-1)  # [n, width]
         count = real_key.sum(-1)
         score = _score(k32, received, receivers, real_key)
         keys, index = _pick(k32, score, reps, count)

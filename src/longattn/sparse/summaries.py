@@ -1,6 +1,7 @@
 """Compact summaries of blocks of keys, kept up to date as keys are appended.
 
-For keys ``k [B, H, T, D]`` cut into blocks of ``block`` tokens (the last may be partial):
+For keys ``k [B, H, T, D]`` cut into blocks of ``block`` tokens (the last may be partial; a block
+longer than the keys holds all of them):
 
 * ``mean``  ``[B, H, n, D]`` — the block's mean key: a training-free "landmark" (Landmark
   Attention, Mohtashami & Jaggi 2023; LongHeads' chunk representation).
@@ -35,6 +36,12 @@ class BlockSummaries:
         return self.count.numel()
 
     @property
+    def dims(self) -> tuple[int, int, int]:
+        """``(batch, heads, head_dim)`` of the keys summarised."""
+        b, h, _, d = self.sums.shape
+        return b, h, d
+
+    @property
     def mean(self) -> torch.Tensor:
         if self._mean is None:
             self._mean = self.sums / self.count.clamp_min(1).view(1, 1, -1, 1).to(self.sums.dtype)
@@ -45,7 +52,10 @@ class BlockSummaries:
         """Summaries of ``k [B, H, T, D]`` in blocks of ``block`` tokens."""
         b, h, t, d = k.shape
         n = math.ceil(t / block)
-        pad = n * block - t
+        # blocks are laid out ``width`` wide: keys shorter than a block form one block of them all,
+        # padded to no more than the keys' length whatever ``block`` is
+        width = min(block, t) if t else block
+        pad = n * width - t
         k32 = k.to(torch.float32)
         if pad:
             # padding must not win a min or a max, and adds nothing to a sum
@@ -54,10 +64,10 @@ class BlockSummaries:
             k_sum = torch.nn.functional.pad(k32, (0, 0, 0, pad), value=0.0)
         else:
             k_lo = k_hi = k_sum = k32
-        view = (b, h, n, block, d)
-        count = torch.full((n,), block, dtype=torch.int64, device=k.device)
+        view = (b, h, n, width, d)
+        count = torch.full((n,), width, dtype=torch.int64, device=k.device)
         if pad:
-            count[-1] = block - pad
+            count[-1] = width - pad
         return cls(
             block=block,
             sums=k_sum.reshape(view).sum(3),
@@ -117,3 +127,36 @@ class BlockSummaries:
                 self.kmax[:, :, j] = torch.maximum(self.kmax[:, :, j], row)
                 self.count[j] += 1
             self.tokens += 1
+
+
+def check_summaries(s: object, k: torch.Tensor, block: int, *, kinds: tuple[type, ...], uses: str) -> None:
+    """Refuse summaries that do not describe the call's keys ``k [B, Hkv, Tk, D]`` in blocks of
+    ``block`` tokens, before they are scored against (a mismatch would otherwise surface as a
+    broadcasting error deep in a kernel, or as a silently wrong selection).
+
+    Args:
+        s: what the caller passed; it must be an instance of one of ``kinds`` (TypeError), and
+            have ``dims`` (batch, heads, head_dim), ``tokens``, ``block`` and ``count``.
+        block: the caller's block size. Summaries in blocks of another size describe the same
+            blocks only when both are at least ``Tk`` (one block holding every key).
+        uses: ends the message about blocks, e.g. ``"method 'landmark' uses blocks of 16"``.
+    """
+    if not isinstance(s, kinds):
+        names = " or ".join(t.__name__ for t in kinds)
+        raise TypeError(f"summaries must be a {names} of k (or None), got {type(s).__name__}")
+    want = dict(zip(("batch", "heads", "head_dim"), (k.shape[0], k.shape[1], k.shape[3])))
+    have = dict(zip(want, s.dims))
+    wrong = [name for name in want if have[name] != want[name]]
+    if wrong:
+        raise ValueError(
+            f"summaries have {', '.join(f'{n} {have[n]}' for n in wrong)} but k has "
+            f"{', '.join(f'{n} {want[n]}' for n in wrong)} (k [batch, heads_kv, tokens_k, head_dim] = "
+            f"{list(k.shape)}): they must summarise the call's keys"
+        )
+    if s.count.device != k.device:
+        raise ValueError(f"summaries are on {s.count.device} but k is on {k.device}: they must match")
+    tk = k.shape[2]
+    if s.tokens != tk or min(s.block, tk) != min(block, tk):
+        raise ValueError(
+            f"summaries cover {s.tokens} keys in blocks of {s.block}, but the call has {tk} keys and {uses}"
+        )
