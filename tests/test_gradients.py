@@ -153,3 +153,28 @@ def test_training_through_the_hf_bridge_equals_dense_at_full_budget(stories, nam
     for n in want:
         torch.testing.assert_close(got[n], want[n], atol=2e-5, rtol=1e-3, msg=n)
     model.zero_grad()
+
+
+@pytest.fixture
+def without_the_fused_kernel(monkeypatch):
+    """The paths taken where torch's fused CPU kernel is missing (GPUs, other builds): eager
+    matmul + softmax everywhere the fused op would run."""
+    import importlib
+
+    for name in ("longattn.kernels.sdpa", "longattn.kernels.tiled", "longattn.sparse.kernel", "longattn.sparse.decode",
+                 "longattn.methods.longheads", "longattn.methods.recycled"):
+        monkeypatch.setattr(importlib.import_module(name), "fused_cpu_available", lambda q: False)
+
+
+@pytest.mark.parametrize("name,causal", CASES)
+def test_gradients_without_the_fused_kernel(name, causal, without_the_fused_kernel):
+    """Found on an H200: the eager path subtracted and exponentiated in place, which autograd
+    refused for every block-sparse method and recycled."""
+    m = full(name)
+    q, k, v = (t.requires_grad_() for t in make_qkv(b=2, hq=4, hk=2, tq=40, tk=40, d=16, seed=12))
+    out = longattn.attention(q, k, v, causal=causal, method=m)
+    (gq, gk, gv), g = _grads(out, (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    rq, rk, rv = torch.autograd.grad(oracle_for(m, q64, k64, v64, causal=causal)[0], (q64, k64, v64), g)
+    for got, want in ((gq, rq), (gk, rk), (gv, rv)):
+        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4, msg=name)

@@ -38,14 +38,14 @@ class BlockLayout:
 
     def computed_pairs(self) -> float:
         """(query, key) pairs inside visited blocks, averaged over batch and heads."""
-        qs = _block_sizes(self.tokens_q, self.block).to(torch.float64)
-        ks = _block_sizes(self.tokens_k, self.block).to(torch.float64)
+        qs = _block_sizes(self.tokens_q, self.block, self.any.device).to(torch.float64)
+        ks = _block_sizes(self.tokens_k, self.block, self.any.device).to(torch.float64)
         area = qs[:, None] * ks[None, :]
         return float((self.any.to(torch.float64) * area).sum(dim=(-1, -2)).mean())
 
 
-def _block_sizes(tokens: int, block: int) -> torch.Tensor:
-    starts = torch.arange(0, tokens, block)
+def _block_sizes(tokens: int, block: int, device=None) -> torch.Tensor:
+    starts = torch.arange(0, tokens, block, device=device)
     return torch.clamp(tokens - starts, max=block)
 
 
@@ -89,8 +89,8 @@ def dense_pairs(tokens_q: int, tokens_k: int, causal: bool) -> int:
 def count_allowed_pairs(mask: Mask | None, layout: BlockLayout, batch: int, heads: int) -> float:
     """Visible (query, key) pairs, averaged over batch × heads: full blocks counted by area,
     the mask evaluated only on partial blocks (one query-block row at a time)."""
-    qs = _block_sizes(layout.tokens_q, layout.block)
-    ks = _block_sizes(layout.tokens_k, layout.block)
+    qs = _block_sizes(layout.tokens_q, layout.block, layout.any.device)
+    ks = _block_sizes(layout.tokens_k, layout.block, layout.any.device)
     full = layout.all.expand(batch, heads, -1, -1)
     partial = (layout.any & ~layout.all).expand(batch, heads, -1, -1)
     total = float((full.to(torch.float64) * (qs[:, None] * ks[None, :]).to(torch.float64)).sum())

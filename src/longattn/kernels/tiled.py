@@ -54,11 +54,12 @@ def chunk_attention(q, k, v, scale: float, add_mask: torch.Tensor | None, fused:
     Rows whose keys are all hidden are *not* fixed here: the caller knows them."""
     if fused:
         return fused_flash(q, k, v, scale=scale, attn_mask=add_mask)
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if add_mask is not None:
-        s = s.add_(add_mask)
+        s = s + add_mask
     lse = torch.logsumexp(s, dim=-1)
-    p = s.sub_(lse.masked_fill(torch.isinf(lse), 0.0)[..., None]).exp_()
+    # out of place: logsumexp and exp keep their inputs / outputs for autograd
+    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
     return torch.matmul(p, v), lse
 
 
