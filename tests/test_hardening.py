@@ -327,3 +327,23 @@ def test_a_decode_step_over_summaries_sees_a_nan_key_or_value_it_reads():
     vb[0, 1, 510, 0] = math.inf  # a value in the window, which every step reads
     out = longattn.attention(q, k, vb, causal=True, method=m, summaries=BlockSummaries.build(k, 32))
     assert torch.isnan(out[0, 2:]).all() and torch.isfinite(out[0, :2]).all()
+
+
+def test_summaries_know_whether_their_keys_are_finite_through_appends():
+    from longattn.sparse.summaries import BlockSummaries
+
+    k = torch.randn(1, 2, 100, 8)
+    s = BlockSummaries.build(k, 16)
+    assert s.keys_finite
+    s.append(torch.randn(1, 2, 3, 8))
+    s.extend(torch.randn(1, 2, 40, 8))
+    assert s.keys_finite
+    bad = torch.randn(1, 2, 1, 8)
+    bad[0, 1, 0, 2] = math.inf
+    s.append(bad)
+    assert not s.keys_finite
+    s.extend(torch.randn(1, 2, 5, 8))
+    assert not s.keys_finite  # once a bad key is in, it stays in
+    k2 = k.clone()
+    k2[0, 0, 50, 0] = math.nan
+    assert not BlockSummaries.build(k2, 16).keys_finite

@@ -132,15 +132,17 @@ def screen_before(tokens_q: int, exact: bool, summaries) -> bool:
         return False
     from longattn.sparse.summaries import BlockSummaries
 
-    return not (isinstance(summaries, BlockSummaries) and all_finite(summaries.sums))
+    return not (isinstance(summaries, BlockSummaries) and summaries.keys_finite)
 
 
 def result_finite(out: torch.Tensor, lse: torch.Tensor | None) -> bool:
     """True when a kernel's result shows no NaN/Inf reached it: ``out`` finite and the LSE finite
     or ``-inf`` (a row that saw no key) — O(output), whatever the number of keys."""
-    if not all_finite(out):
-        return False
-    return lse is None or lse.numel() == 0 or not bool((torch.isnan(lse) | (lse == math.inf)).any())
+    if lse is None or lse.numel() == 0:
+        return all_finite(out)
+    # one reduction for both: clamping maps the LSE's -inf (a row that saw nothing) to 0 and
+    # keeps NaN and +inf, which a kernel gives only after meeting NaN/Inf
+    return bool(torch.isfinite(out.sum() + lse.clamp_min(0).sum()))
 
 
 def find(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keys: bool = True) -> NonFinite | None:

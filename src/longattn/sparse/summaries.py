@@ -30,6 +30,8 @@ class BlockSummaries:
     tokens: int
     #: the mean, cached: a decode step scores against it every token; ``append`` clears it
     _mean: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    #: whether every key summarised is finite, once known; kept current from the new keys alone
+    _finite: bool | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_blocks(self) -> int:
@@ -40,6 +42,20 @@ class BlockSummaries:
         """``(batch, heads, head_dim)`` of the keys summarised."""
         b, h, _, d = self.sums.shape
         return b, h, d
+
+    @property
+    def keys_finite(self) -> bool:
+        """True when every key summarised is finite: a NaN/Inf key makes its block's sum
+        non-finite (a finite sum that overflows reads as False, which only costs a caller a full
+        check). Computed once from the sums, then kept current by ``append``/``extend`` from the
+        new keys alone, so a decode loop asks it for O(1) per step (``core.nonfinite``)."""
+        if self._finite is None:
+            self._finite = bool(torch.isfinite(self.sums.sum()))
+        return self._finite
+
+    def _note_new_keys(self, k_new: torch.Tensor) -> None:
+        if self._finite:
+            self._finite = bool(torch.isfinite(k_new.sum()))
 
     @property
     def mean(self) -> torch.Tensor:
@@ -90,6 +106,7 @@ class BlockSummaries:
         if t == 0:
             return
         self._mean = None
+        self._note_new_keys(k_new)
         off = self.tokens % self.block
         start = 0
         if off and self.n_blocks:
@@ -113,6 +130,7 @@ class BlockSummaries:
         """Fold new keys ``[B, H, t, D]`` (positions ``tokens …``) into the summaries."""
         k_new = k_new.to(torch.float32)
         self._mean = None
+        self._note_new_keys(k_new)
         for i in range(k_new.shape[2]):
             j, off = divmod(self.tokens, self.block)
             row = k_new[:, :, i]

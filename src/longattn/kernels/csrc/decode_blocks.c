@@ -69,11 +69,16 @@ int decode_blocks_f32(const float *q, const float *k, const float *v, const int6
                     for (int64_t d = 0; d < D; d++) dot += qp[d] * kp[d];
                     dot *= scale;
                     score[t] = dot;
-                    if (isnan(dot)) nan_seen = 1; /* `>` below would skip it silently */
-                    if (dot > block_max) block_max = dot;
+                    if (dot > block_max) block_max = dot; /* false for NaN: NaN never becomes the max */
                 }
-                if (nan_seen) break;               /* the row is NaN whatever follows */
-                if (block_max == -INFINITY) continue; /* every key of the block scores -inf: adds nothing */
+                if (block_max == -INFINITY) {
+                    /* every score is -inf or NaN. A NaN among finite scores needs no test here: its
+                     * p = expf(NaN - m_new) turns l and acc NaN below; only a block of nothing but
+                     * NaN / -inf would be skipped silently, so look for NaN on this rare path */
+                    for (int64_t t = 0; t < n; t++) nan_seen |= isnan(score[t]);
+                    if (nan_seen) break; /* the row is NaN whatever follows */
+                    continue;            /* -inf everywhere: the block adds nothing */
+                }
                 const float m_new = block_max > m ? block_max : m;
                 /* m = -inf before the first contributing block: exp(-inf - m_new) is 0, but written
                  * out so that m_new = -inf can never make it exp(NaN) */
