@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from longattn import varlen
-from longattn.core import nonfinite, validate
+from longattn.core import masks, nonfinite, validate
 from longattn.core.positions import PositionEncoding
 from longattn.kernels.softcap import check_softcap, softcap_attention
 from longattn.methods.base import Call, Method, Result, resolve, specs
@@ -108,7 +108,7 @@ def attention(
         _check_softcap(m, position)
     if position is not None:
         position.check(q, k)  # head counts / head_dim: score biases cannot check under FlexAttention
-    if align not in ("bottom_right", "top_left"):
+    if align not in masks.ALIGNS:
         raise ValueError(f"align must be 'bottom_right' or 'top_left', got {align!r}")
     tq, tk = q.shape[2], k.shape[2]
     if seqlens_k is not None or (align == "top_left" and tq != tk):
@@ -130,16 +130,11 @@ def attention(
     if causal and tq > tk:
         # bottom-right alignment, as flash-attn: the first tq - tk queries sit before every key and
         # see nothing; the last tk form the causal square, which every method handles
+        # (the square's density is the whole call's: the first rows add no pair to either count)
         head = tq - tk
         res = attention(q[:, :, head:], k, v, causal=True, method=m, scale=scale, key_padding_mask=key_padding_mask,
                         position=position, return_stats=return_stats, summaries=summaries, softcap=softcap)
-        out = torch.cat([q.new_zeros(q.shape[0], q.shape[1], head, v.shape[-1]), res[0] if return_stats else res], 2)
-        if not return_stats:
-            return out
-        stats = res[1]
-        if stats.lse is not None:
-            stats.lse = torch.cat([stats.lse.new_full((q.shape[0], q.shape[1], head), -math.inf), stats.lse], 2)
-        return out, stats
+        return varlen.stack_rows([_empty(q[:, :, :head], v, m, return_stats), res], return_stats)
     in_dtype = q.dtype
     q32, k32, v32 = (t.to(torch.float32) for t in (q, k, v))
     # keys and values are screened before the kernel only when that costs little next to it; a

@@ -75,6 +75,18 @@ def _joint_stats(stats, lse):
                           time_s=stats.time_s, extra={"per_row_lengths": True})
 
 
+def stack_rows(parts: list, return_stats: bool):
+    """Results of calls over consecutive query rows (each ``out [B, H, m_i, D]``, or
+    ``(out, stats)`` with ``return_stats``) as one result: outputs and LSEs concatenated along the
+    query axis (the LSE is None when a part has none); the other statistics are the last part's."""
+    if not return_stats:
+        return torch.cat(parts, 2)
+    stats = parts[-1][1]
+    lses = [s.lse for _, s in parts]
+    stats.lse = None if any(lse is None for lse in lses) else torch.cat(lses, 2)
+    return torch.cat([o for o, _ in parts], 2), stats
+
+
 def top_left(run, method, q, k, v, key_padding_mask, causal: bool, return_stats: bool, has_position: bool):
     """``run`` with FlexAttention's top-left alignment (query ``i`` at position ``i``), by slicing:
 
@@ -98,17 +110,11 @@ def top_left(run, method, q, k, v, key_padding_mask, causal: bool, return_stats:
     if not causal and pattern is None:
         return run(q, k, v, key_padding_mask, False)
     if causal and isinstance(pattern, Causal) and method.capabilities.non_causal and not has_position:
-        square = run(q[:, :, :tk], k, v, key_padding_mask, True)
-        rest = run(q[:, :, tk:], k, v, key_padding_mask, False)
-        if not return_stats:
-            return torch.cat([square, rest], 2)
-        stats = square[1]
-        if stats.lse is not None and rest[1].lse is not None:
-            stats.lse = torch.cat([stats.lse, rest[1].lse], 2)
-        else:
-            stats.lse = None
-        stats.density = stats.computed_fraction = None
-        return torch.cat([square[0], rest[0]], 2), stats
+        res = stack_rows([run(q[:, :, :tk], k, v, key_padding_mask, True),
+                          run(q[:, :, tk:], k, v, key_padding_mask, False)], return_stats)
+        if return_stats:  # the two parts' densities are against different dense patterns
+            res[1].density = res[1].computed_fraction = None
+        return res
     raise ValueError(
         f"align='top_left' with method {method.name!r}, causal={causal}, tokens_q={tq} and tokens_k={tk} is not "
         "supported: the method's own pattern would have to move with the queries. Express the pattern with "

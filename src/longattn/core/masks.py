@@ -201,32 +201,27 @@ class Band(Mask):
         object.__setattr__(self, "left", _reach("left", self.left))
         object.__setattr__(self, "right", _reach("right", self.right))
 
+    def _within(self, d_right: Tensor, d_left: Tensor) -> Tensor:
+        """True where ``d_left <= left`` and ``d_right >= -right`` (query − key distances tested
+        against each side; a side that is None is unbounded)."""
+        ok = _const(True, d_left)
+        if self.left is not None:
+            ok = ok & (d_left <= self.left)
+        if self.right is not None:
+            ok = ok & (d_right >= -self.right)
+        return ok
+
     def mask_mod(self, b, h, q_pos, k_pos):
         d = q_pos - k_pos
-        ok = torch.ones_like(d, dtype=torch.bool)
-        if self.left is not None:
-            ok = ok & (d <= self.left)
-        if self.right is not None:
-            ok = ok & (d >= -self.right)
-        return ok
+        return self._within(d, d)
 
     # A block's query - key distances fill [qlo - khi, qhi - klo]; the block has a visible pair
     # iff that interval meets [-right, left], and is full iff it lies inside it.
     def block_any(self, qlo, qhi, klo, khi):
-        ok = _const(True, qlo)
-        if self.left is not None:
-            ok = ok & (qlo - khi <= self.left)
-        if self.right is not None:
-            ok = ok & (qhi - klo >= -self.right)
-        return ok
+        return self._within(qhi - klo, qlo - khi)
 
     def block_all(self, qlo, qhi, klo, khi):
-        ok = _const(True, qlo)
-        if self.left is not None:
-            ok = ok & (qhi - klo <= self.left)
-        if self.right is not None:
-            ok = ok & (qlo - khi >= -self.right)
-        return ok
+        return self._within(qlo - khi, qhi - klo)
 
 
 @dataclass(frozen=True)

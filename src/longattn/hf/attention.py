@@ -28,7 +28,7 @@ import torch
 import longattn
 from longattn.core.masks import Causal
 from longattn.hf.cache import pending_layer
-from longattn.kernels.softcap import softcap_attention
+from longattn.kernels.softcap import hidden_by, softcap_attention
 from longattn.methods.base import Method
 
 #: the name under which longattn registers in transformers' interfaces
@@ -259,7 +259,7 @@ def _refuse_causal_4d(mask: torch.Tensor, tq: int, tk: int) -> None:
     the mask was built causal and following it would drop the request."""
     if tq <= 1:
         return  # one query aligned with the last key sees every key either way
-    visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    visible = ~hidden_by(mask)
     future = torch.ones(tq, tk, dtype=torch.bool, device=mask.device).triu(tk - tq + 1)
     # a bidirectional mask lets some real query see keys on both sides of its diagonal; a causal
     # one never does (transformers may open a later key to a left-padding query that sees nothing
@@ -289,13 +289,10 @@ def _dense_4d(query, key, value, mask, scaling, method: Method, softcap=None, si
     if softcap is not None or sinks is not None:
         out, lse = softcap_attention(query, key, value, softcap=softcap, scale=scaling, mask=mask)
         return _fold_sinks(out, lse, sinks).to(query.dtype)
-    if mask.dtype == torch.bool:
-        seen = mask.any(-1, keepdim=True)  # [B, 1|H, Lq, 1]
-        attn = mask
-    else:  # additive: finite values are a bias the eager path adds too; finfo.min or below hides the key
-        hidden = mask <= torch.finfo(mask.dtype).min / 2
-        seen = (~hidden).any(-1, keepdim=True)
-        attn = mask.to(torch.float32).masked_fill(hidden, float("-inf"))
+    hidden = hidden_by(mask)
+    seen = (~hidden).any(-1, keepdim=True)  # [B, 1|H, Lq, 1]
+    # additive: finite values are a bias the eager path adds too
+    attn = mask if mask.dtype == torch.bool else mask.to(torch.float32).masked_fill(hidden, float("-inf"))
     hq, hk = query.shape[1], key.shape[1]
     out = torch.nn.functional.scaled_dot_product_attention(
         query.float(), key.float(), value.float(), attn_mask=attn, scale=scaling, enable_gqa=hq != hk)

@@ -103,7 +103,7 @@ def softcap_attention(
             if m.dtype == torch.bool:
                 s = s.masked_fill(~m, -math.inf)
             else:
-                s = (s + m.to(torch.float32)).masked_fill(m <= torch.finfo(m.dtype).min / 2, -math.inf)
+                s = (s + m.to(torch.float32)).masked_fill(hidden_by(m), -math.inf)
         if rule is not None:
             q_pos = (torch.arange(q0, q1, device=q.device) + offset).view(t, 1)
             seen_by_rule = rule.mask_mod(b_idx, h_idx, q_pos, key_pos[None, :n])
@@ -119,6 +119,15 @@ def softcap_attention(
         out[:, :, q0:q1] = o.view(b, hq, t, d)
         lse[:, :, q0:q1] = row
     return out, lse
+
+
+def hidden_by(mask: torch.Tensor) -> torch.Tensor:
+    """Which keys a 4-D mask hides, bool of its shape: False for a bool mask's True entries; for an
+    additive float mask, the values at or below half the dtype's minimum (transformers writes
+    ``finfo.min`` there; a finite value above it is a bias, not a mask)."""
+    if mask.dtype == torch.bool:
+        return ~mask
+    return mask <= torch.finfo(mask.dtype).min / 2
 
 
 def check_softcap(softcap: object) -> float | None:
