@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from longattn import varlen
-from longattn.core import masks, nonfinite, validate
+from longattn.core import dtypes, masks, nonfinite, validate
 from longattn.core.positions import PositionEncoding
 from longattn.kernels.softcap import check_softcap, softcap_attention
 from longattn.methods.base import Call, Method, Result, resolve, specs
@@ -30,6 +30,8 @@ class AttentionStats:
         lse: ``[B, Hq, Tq]`` float32 log-sum-exp, or None where the kernel does not give it
             (compiled FlexAttention on CPU).
         time_s: wall time of the method call; ``extra`` holds its parts (layout_s, kernel_s, ...).
+        compute_dtype: the dtype the kernels read q, k, v in ("float32", "bfloat16", "float16"; see
+            ``longattn.core.dtypes``); softmax statistics, LSEs and merges are float32 in every case.
     """
 
     method: str
@@ -39,6 +41,7 @@ class AttentionStats:
     lse: torch.Tensor | None
     time_s: float
     extra: dict[str, Any] = field(default_factory=dict)
+    compute_dtype: str = "float32"
 
 
 def attention(
@@ -56,6 +59,7 @@ def attention(
     softcap: float | None = None,
     seqlens_k: torch.Tensor | None = None,
     align: str = "bottom_right",
+    compute_dtype: str | torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, AttentionStats]:
     """Attention with any registered method.
 
@@ -88,9 +92,15 @@ def attention(
             in decoding and flash-attn) or ``"top_left"`` (query ``i`` at position ``i``:
             FlexAttention's convention for cross attention; see ``longattn.varlen.top_left`` for
             what every method supports).
+        compute_dtype: the dtype the kernels read bfloat16/float16 inputs in: None
+            (``$LONGATTN_COMPUTE_DTYPE``, default ``"auto"``: their own dtype where the hardware
+            multiplies it fast — GPUs, CPUs with AVX512-BF16/AMX — else float32), ``"float32"``,
+            ``"input"``, or a torch dtype (``longattn.core.dtypes``). float32/float64 inputs compute in
+            float32. Softmax statistics, LSEs and merges are float32 in every case. Methods that read
+            a fraction of a long cache (block retrieval decoding) convert only what they read.
 
     Returns:
-        ``out`` ``[batch, heads_q, tokens_q, head_dim]`` in the dtype of ``q`` (computed in float32), or
+        ``out`` ``[batch, heads_q, tokens_q, head_dim]`` in the dtype of ``q``, or
         ``(out, stats)``. Queries with no visible key get zeros. Non-finite values follow IEEE as
         the float64 reference does: a query whose own vector, or a key/value it may see (by
         causality, padding and the method's mask), holds NaN/Inf gets NaN; NaN/Inf in keys a query
@@ -101,6 +111,7 @@ def attention(
     validate.check_qkv(q, k, v, causal=causal)
     validate.check_key_padding_mask(key_padding_mask, q, k)
     scale = validate.check_scale(scale, q.shape[-1])
+    dtypes.check_choice(compute_dtype)
     m = resolve(method)
     _check_capabilities(m, q, k, v, causal, position)
     softcap = check_softcap(softcap)
@@ -115,7 +126,8 @@ def attention(
         if summaries is not None:
             raise ValueError("summaries describe all tokens_k keys of k; they cannot be used with seqlens_k or "
                              "align='top_left' (the call runs on fewer keys)")
-        same = dict(method=m, scale=scale, position=position, return_stats=return_stats, softcap=softcap)
+        same = dict(method=m, scale=scale, position=position, return_stats=return_stats, softcap=softcap,
+                    compute_dtype=compute_dtype)
         if seqlens_k is not None:
             lengths = varlen.check_lengths("seqlens_k", seqlens_k, q.shape[0], tk, q.device)
             return varlen.per_row_lengths(
@@ -127,50 +139,64 @@ def attention(
     if q.numel() == 0 or tk == 0:
         # nothing to compute (and torch's fused CPU kernel divides by zero on empty inputs)
         return _empty(q, v, m, return_stats)
+    # methods whose kernels keep scores in float32 may compute half inputs in their own dtype
+    cdt = dtypes.compute_dtype(q.dtype, q.device, compute_dtype) if m.capabilities.half_compute else torch.float32
     if causal and tq > tk:
         # bottom-right alignment, as flash-attn: the first tq - tk queries sit before every key and
         # see nothing; the last tk form the causal square, which every method handles
         # (the square's density is the whole call's: the first rows add no pair to either count)
         head = tq - tk
         res = attention(q[:, :, head:], k, v, causal=True, method=m, scale=scale, key_padding_mask=key_padding_mask,
-                        position=position, return_stats=return_stats, summaries=summaries, softcap=softcap)
+                        position=position, return_stats=return_stats, summaries=summaries, softcap=softcap,
+                        compute_dtype=compute_dtype)
         return varlen.stack_rows([_empty(q[:, :, :head], v, m, return_stats), res], return_stats)
     in_dtype = q.dtype
-    q32, k32, v32 = (t.to(torch.float32) for t in (q, k, v))
+    # q is read whole by every method; k and v too, except by methods that read a fraction of a
+    # long cache (block retrieval decoding): those get them as stored and convert what they read,
+    # so a decode step never converts the whole cache. A rotary encoding rewrites all of k anyway:
+    # it rotates in float32 (no rounding of the rotated keys before the kernel's own)
+    in_place = (m.capabilities.reads_kv_in_place and k.dtype in dtypes.KERNEL_DTYPES
+                and not (position is not None and position.kind == "rotary"))
+    rotary = position is not None and position.kind == "rotary" and not m.capabilities.own_positions
+    if rotary:
+        qc, kc, vc = q.to(torch.float32), k.to(torch.float32), v.to(cdt)  # rotated to cdt in run()
+    else:
+        qc = q.to(cdt)
+        kc, vc = (k, v) if in_place else (k.to(cdt), v.to(cdt))
     # keys and values are screened before the kernel only when that costs little next to it; a
     # few-query call (a decode step over a long cache) checks its result instead (nonfinite)
     eager_screen = nonfinite.screen_before(tq, m.capabilities.exact, summaries)
-    poison = nonfinite.find(q32, k32, v32, keys=eager_screen)
+    poison = nonfinite.find(qc, kc, vc, keys=eager_screen)
     if poison is not None:
-        q32, k32, v32 = poison.cleaned(q32, k32, v32)
+        qc, kc, vc = poison.cleaned(qc, kc, vc)
     own = position if (position is not None and m.capabilities.own_positions) else None
 
-    def run(q32, k32, v32) -> Result:
+    def run(qc, kc, vc) -> Result:
         bias = row_bias = None
         if position is not None and own is None:
             q_pos = torch.arange(tq, device=q.device) + (tk - tq)
             k_pos = torch.arange(tk, device=q.device)
             if position.kind == "rotary":
-                q32, k32 = position.rotate(q32, k32, q_pos, k_pos)
+                qc, kc = (t.to(cdt) for t in position.rotate(qc, kc, q_pos, k_pos))
             elif position.kind == "bias":
                 bias = position.score_bias
             elif position.kind == "content":
-                row_bias = _content_rows(position, q32, k32, k_pos, scale)
+                row_bias = _content_rows(position, qc, kc, k_pos, scale)
         if softcap is not None:
-            out, lse = softcap_attention(q32, k32, v32, softcap=softcap, scale=scale,
+            out, lse = softcap_attention(qc, kc, vc, softcap=softcap, scale=scale,
                                          key_padding_mask=key_padding_mask, mask=m.visible_mask(tq, tk, causal))
             return Result(out, lse, "softcap")
         call = Call(causal=causal, scale=scale, key_padding_mask=key_padding_mask, bias=bias,
                     row_bias=row_bias, want_stats=return_stats, summaries=summaries, position=own)
-        return m.run(q32, k32, v32, call)
+        return m.run(qc, kc, vc, call)
 
     t0 = time.perf_counter()
-    res = run(q32, k32, v32)
+    res = run(qc, kc, vc)
     if poison is None and not eager_screen and not nonfinite.result_finite(res.out, res.lse):
         # the kernel met NaN/Inf: find it, and answer as a screened call would
-        poison = nonfinite.find(q32, k32, v32)
+        poison = nonfinite.find(qc, kc, vc)
         if poison is not None:
-            res = run(*poison.cleaned(q32, k32, v32))
+            res = run(*poison.cleaned(qc, kc, vc))
     elapsed = time.perf_counter() - t0
     res_out, res_lse = res.out, res.lse
     if poison is not None:
@@ -187,6 +213,7 @@ def attention(
         lse=res_lse,
         time_s=elapsed,
         extra=extra,
+        compute_dtype=str(cdt).removeprefix("torch."),
     )
     return out, stats
 

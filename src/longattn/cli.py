@@ -138,6 +138,12 @@ def bench_cmd(
     results_page: Optional[Path] = typer.Option(None, "--results-page",
                                                 help="(main job) rewrite the generated section of this markdown "
                                                      "page, e.g. docs/results.md, and copy the plots beside it"),
+    dtypes: Optional[str] = typer.Option(None, "--dtypes",
+                                         help="comma-separated input dtypes of the suites that take them (kernels, "
+                                              "sparse): float32, bfloat16, float16; each against SDPA in that dtype. "
+                                              "Default: float32 and bfloat16 (quick: bfloat16 at the headline length; "
+                                              "with --lengths, at every length given)"),
+    device: str = typer.Option("cpu", "--device", help="where inputs live and kernels run: cpu or cuda[:N]"),
 ) -> None:
     """Run the benchmark (all suites by default) and write its results and reports into --out.
 
@@ -152,6 +158,18 @@ def bench_cmd(
                                  param_hint="--suite")
     length_list = _int_list(lengths, "--lengths")
     method_list = [m.strip() for m in methods.split(",")] if methods is not None else None
+    from longattn.bench import harness
+
+    try:
+        harness.use_device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from None
+    overrides: dict = {}
+    if dtypes is not None:
+        try:
+            overrides["dtypes"] = harness.check_dtypes([d.strip() for d in dtypes.split(",") if d.strip()])
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--dtypes") from None
     if suite == "all":
         if results_page is not None:
             _out_file(results_page, "--results-page")
@@ -162,8 +180,15 @@ def bench_cmd(
     else:
         if results_page is not None:
             raise typer.BadParameter("applies to the main job (--suite all)", param_hint="--results-page")
+        the_suite = get_suite(suite)
+        known = set(the_suite.quick) | set(the_suite.full)
+        if "dtypes" in overrides and "dtypes" not in known:
+            raise typer.BadParameter(f"the {suite} suite runs float32 only", param_hint="--dtypes")
+        overrides = {k: v for k, v in overrides.items() if k in known}
+        if length_list and "half_lengths" in known:
+            overrides["half_lengths"] = None  # the lengths asked for, in every dtype
         try:  # every option is checked before any work starts
-            resolve_options(get_suite(suite), full=not quick, lengths=length_list, methods=method_list, overrides={})
+            resolve_options(the_suite, full=not quick, lengths=length_list, methods=method_list, overrides=overrides)
         except ValueError as exc:
             msg = str(exc)
             hint = next((o for o in ("--lengths", "--methods") if msg.startswith(o)), None)
@@ -171,10 +196,15 @@ def bench_cmd(
     folder = out if out is not None else Path("bench-out" if suite == "all" else f"bench-out-{suite}")
     try:
         if suite == "all":
-            res = run_all(folder, full=not quick, seed=seed, results_page=results_page)
+            from longattn.bench import get_suite as _suite
+            from longattn.bench.main import MAIN_SUITES
+
+            per_suite = {n: {k: v for k, v in overrides.items() if k in set(_suite(n).quick) | set(_suite(n).full)}
+                         for n in MAIN_SUITES}
+            res = run_all(folder, full=not quick, seed=seed, results_page=results_page, options=per_suite)
         else:
             res = run_suite(get_suite(suite), folder, full=not quick, lengths=length_list, methods=method_list,
-                            seed=seed)
+                            seed=seed, **overrides)
     except ValueError as exc:
         if str(exc).startswith("--out"):
             raise typer.BadParameter(str(exc).removeprefix("--out "), param_hint="--out") from None

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 import longattn
+from longattn.core import dtypes
 from longattn.core.masks import Causal, Mask
 from longattn.kernels.layout import dense_pairs
 from longattn.methods.base import Method, resolve
@@ -43,6 +44,51 @@ from longattn.methods.base import Method, resolve
 ATOL = 1e-4
 RTOL = 1e-3
 LSE_ATOL = 1e-3
+
+#: the device the benchmark's inputs live on (``longattn bench --device``; ``use_device``)
+DEVICE = torch.device("cpu")
+
+
+def use_device(device: str | torch.device) -> torch.device:
+    """Make ``device`` the benchmark's: inputs are drawn on the CPU (seeded generators) and moved
+    there, timings synchronise it, peak memory is the device allocator's on CUDA (RSS growth on the
+    CPU). A device torch cannot use is refused here, before any work."""
+    global DEVICE
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available to this torch ({torch.__version__})")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda (optionally cuda:N), got {device!r}")
+    DEVICE = dev
+    return dev
+
+
+def on_device(*tensors: torch.Tensor):
+    """``tensors`` moved to the benchmark's device (a tuple; one tensor for one argument)."""
+    moved = tuple(t.to(DEVICE) for t in tensors)
+    return moved[0] if len(moved) == 1 else moved
+
+
+#: dtypes the suites run (``--dtypes``); the names records carry
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_dtypes(names) -> tuple[str, ...]:
+    """Validate a suite's ``dtypes`` option (names of ``DTYPES``)."""
+    names = tuple(dict.fromkeys(names))
+    bad = [n for n in names if n not in DTYPES]
+    if not names or bad:
+        raise ValueError(f"dtypes must be a non-empty list of {', '.join(DTYPES)}, got {list(names)}")
+    return names
+
+
+def half_gate_tolerance(baseline_gate: dict[str, Any] | None) -> tuple[float, float]:
+    """``(atol, rtol)`` of the gate for a half-precision case: flash attention's own rule, at most
+    twice torch SDPA's error in the same dtype (its gate record in the same run) plus 1e-5."""
+    g = baseline_gate or {}
+    if g.get("max_abs_err") is None or g.get("rel_err") is None:
+        return 5e-2, 5e-2  # no baseline figure: bf16's own resolution is ~4e-3
+    return 2 * g["max_abs_err"] + 1e-5, 2 * g["rel_err"] + 1e-5
 
 
 # -- timing ----------------------------------------------------------------------------------
@@ -98,6 +144,13 @@ def time_call(
     """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    user_fn = fn
+    if DEVICE.type == "cuda":
+        def fn():  # kernels run asynchronously on a GPU: a sample ends when they are done
+            torch.cuda.synchronize(DEVICE)
+            out = user_fn()
+            torch.cuda.synchronize(DEVICE)
+            return out
     spent = 0.0
     warm = []
     for _ in range(warmup):
@@ -112,7 +165,14 @@ def time_call(
     for i in range(repeats):
         if samples and max_seconds is not None and spent >= max_seconds:
             break
-        if track_memory and i == 0:
+        if track_memory and i == 0 and DEVICE.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(DEVICE)
+            base = torch.cuda.memory_allocated(DEVICE)
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            peak = torch.cuda.max_memory_allocated(DEVICE) - base
+        elif track_memory and i == 0:
             with PeakRSS(trim=True) as mem:
                 t0 = time.perf_counter()
                 fn()
@@ -607,7 +667,7 @@ def run_attention_case(
     out, stats, first_s = res
     rec.update(
         path=stats.path, density=stats.density, computed_fraction=stats.computed_fraction,
-        first_call_s=first_s, extra={k_: v_ for k_, v_ in stats.extra.items() if _jsonable(v_)},
+        first_call_s=first_s, compute_dtype=stats.compute_dtype, extra={k_: v_ for k_, v_ in stats.extra.items() if _jsonable(v_)},
     )
     rec["gate"] = _gate(lambda: check_exact(m, q, k, v, causal, n_rows, seed, out=out, lse=stats.lse,
                                             atol=atol, rtol=rtol), rec)
@@ -763,6 +823,11 @@ def machine_info(seed: int | None = None) -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu_model": _cpu_model(),
         "cpu_capability": cpu_capability(),
+        "isa": dtypes.cpu_isa(),
+        "compute_dtype_rule": {name: str(dtypes.compute_dtype(dt, "cpu")).removeprefix("torch.")
+                               for name, dt in (("bfloat16", torch.bfloat16), ("float16", torch.float16))},
+        "device": str(DEVICE),
+        "device_name": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None,
         "cpu_count": os.cpu_count(),
         "cpu_affinity": affinity,
         "torch_threads": torch.get_num_threads(),

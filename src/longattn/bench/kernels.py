@@ -150,10 +150,13 @@ def select_cases(cases: Sequence[KernelCase], names: Iterable[str] | None) -> li
     return keep
 
 
-def make_inputs(tokens: int, seed: int, *, batch: int = 1, heads: int = 8, head_dim: int = 64):
-    """Seeded float32 ``q, k, v`` of shape ``[batch, heads, tokens, head_dim]``."""
+def make_inputs(tokens: int, seed: int, *, batch: int = 1, heads: int = 8, head_dim: int = 64,
+                dtype: torch.dtype = torch.float32):
+    """Seeded ``q, k, v`` of shape ``[batch, heads, tokens, head_dim]``, drawn in float32 on the CPU
+    (the same values on every device), then rounded to ``dtype`` on the benchmark's device."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + tokens)
-    return tuple(torch.randn(batch, heads, tokens, head_dim, generator=g) for _ in range(3))
+    return tuple(harness.on_device(torch.randn(batch, heads, tokens, head_dim, generator=g).to(dtype))
+                 for _ in range(3))
 
 
 def cross_queries(q: torch.Tensor, tokens_q: int) -> torch.Tensor:
@@ -205,26 +208,26 @@ def sdpa_baseline(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
-def _run_baseline(q, k, v, causal, n, seed, n_rows) -> dict[str, Any]:
+def _run_baseline(q, k, v, causal, n, seed, n_rows, **tol) -> dict[str, Any]:
     t0 = time.perf_counter()
 
     def sdpa():
         return sdpa_baseline(q, k, v, causal)
 
     rec = harness.run_callable_case(sdpa, q, k, v, causal=causal, path="sdpa", repeats=repeats_for(n),
-                                    max_seconds=CASE_MAX_SECONDS, n_rows=n_rows, seed=seed)
+                                    max_seconds=CASE_MAX_SECONDS, n_rows=n_rows, seed=seed, **tol)
     rec["wall_s"] = time.perf_counter() - t0
     return rec
 
 
-def _timed_case(method, q, k, v, causal, n, seed, n_rows) -> dict[str, Any]:
+def _timed_case(method, q, k, v, causal, n, seed, n_rows, **tol) -> dict[str, Any]:
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         # the library warns when it runs the tiled kernel instead of a FlexAttention kernel that
         # does not compile; the record keeps that as a note instead of a warning per call.
         warnings.simplefilter("ignore", RuntimeWarning)
         rec = harness.run_attention_case(method, q, k, v, causal=causal, repeats=repeats_for(n),
-                                         max_seconds=CASE_MAX_SECONDS, n_rows=n_rows, seed=seed)
+                                         max_seconds=CASE_MAX_SECONDS, n_rows=n_rows, seed=seed, **tol)
     rec["wall_s"] = time.perf_counter() - t0
     flex_error = (rec.get("extra") or {}).get("flex_error")
     if flex_error:
@@ -247,42 +250,51 @@ def run_cases(ctx: Context) -> Iterator[dict[str, Any]]:
     shapes = tuple(dict.fromkeys(o["shapes"]))
     batch, heads, head_dim, n_rows, seed = o["batch"], o["heads"], o["head_dim"], o["n_rows"], ctx.seed
     chosen = select_cases(_options_cases(o), ctx.methods)
-    plan = [(n, shape, causal, c) for n in lens for shape in shapes for causal in (True, False)
+    half_lens = o.get("half_lengths")
+    plan = [(dt, n, shape, causal, c) for dt in dict.fromkeys(o.get("dtypes") or ("float32",))
+            for n in lens if dt == "float32" or half_lens is None or n in half_lens
+            for shape in shapes for causal in (True, False)
             for c in [None, *chosen] if c is None or (causal in c.modes and shape in c.shapes)]
     ctx.plan(len(plan))
     inputs_for: tuple[int, str] | None = None
     q = k = v = None
     sdpa_time: dict[tuple[int, bool, str], float | None] = {}
-    for i, (n, shape, causal, case) in enumerate(plan):
-        if inputs_for != (n, shape):
+    sdpa_gate: dict[tuple[int, bool, str, str], dict[str, Any] | None] = {}
+    for i, (dtype, n, shape, causal, case) in enumerate(plan):
+        if inputs_for != (dtype, n, shape):
             q = k = v = None
-            q, k, v = make_inputs(n, seed, batch=batch, heads=heads, head_dim=head_dim)
+            q, k, v = make_inputs(n, seed, batch=batch, heads=heads, head_dim=head_dim, dtype=harness.DTYPES[dtype])
             if shape == "cross":
                 q = cross_queries(q, query_tokens(n, shape))
-            inputs_for = (n, shape)
+            inputs_for = (dtype, n, shape)
+        # half dtypes: flash attention's rule, at most twice SDPA's error in the same dtype + 1e-5
+        tol = {} if dtype == "float32" else dict(zip(("atol", "rtol"), harness.half_gate_tolerance(
+            sdpa_gate.get((n, causal, shape, dtype)) if case is not None else {"max_abs_err": 2.5e-2,
+                                                                                "rel_err": 2.5e-2})))
         lab = BASELINE if case is None else case.label
         ctx.step(f"{lab} · {n} · {_mode(causal, shape)}", advance=0 if i == 0 else 1)
         common = dict(tokens=n, tokens_q=q.shape[2], tokens_k=n, shape=shape, causal=causal, batch=batch,
-                      heads=heads, head_dim=head_dim, dtype="float32", repeats=repeats_for(n))
+                      heads=heads, head_dim=head_dim, dtype=dtype, repeats=repeats_for(n))
 
         def finish(rec):
-            base = sdpa_time.get((n, causal, shape))
+            base = sdpa_time.get((n, causal, shape, dtype))
             med = rec.get("median_s")
             rec["sdpa_median_s"] = base
             rec["ratio_to_sdpa"] = base / med if (base and med) else None
             return rec
 
         if case is None:
-            rec = _run_baseline(q, k, v, causal, n, seed, n_rows)
+            rec = _run_baseline(q, k, v, causal, n, seed, n_rows, **tol)
             params = "attn_mask=causal_lower_right" if causal and shape == "cross" else "is_causal" if causal else ""
-            rec.update(label=BASELINE, method=BASELINE, backend="sdpa", params=params, **common)
-            sdpa_time[(n, causal, shape)] = rec.get("median_s")
+            rec.update(label=BASELINE, method=BASELINE, backend="sdpa", params=params, compute_dtype=dtype, **common)
+            sdpa_time[(n, causal, shape, dtype)] = rec.get("median_s")
+            sdpa_gate[(n, causal, shape, dtype)] = rec.get("gate")
             yield finish(rec)
             continue
         method, status = harness.guarded(lambda: case.make(n, seed))
         auto_flex = method is not None and _uses_auto_flex(method, n)
         rec = {"status": status, "wall_s": 0.0} if status is not None else _timed_case(method, q, k, v, causal, n,
-                                                                                        seed, n_rows)
+                                                                                        seed, n_rows, **tol)
         rec.update(label=case.label, method=getattr(method, "name", case.label.split(":")[0]),
                    backend=getattr(method, "backend", None), params=case.params, **common)
         yield finish(rec)
@@ -290,7 +302,7 @@ def run_cases(ctx: Context) -> Iterator[dict[str, Any]]:
         tiled = _with_backend(method, "tiled") if failed_flex and o["fallback_tiled"] else None
         if tiled is not None:
             ctx.step(f"{case.label} [tiled fallback] · {n} · {_mode(causal, shape)}", advance=0)
-            rec2 = _timed_case(tiled, q, k, v, causal, n, seed, n_rows)
+            rec2 = _timed_case(tiled, q, k, v, causal, n, seed, n_rows, **tol)
             rec2.update(label=case.label, method=tiled.name, backend="tiled", params=case.params,
                         fallback_for="auto", note="FlexAttention path failed; eager tiled kernel", **common)
             yield finish(rec2)
@@ -303,6 +315,7 @@ def check(options: Mapping[str, Any]) -> None:
     shapes = tuple(dict.fromkeys(options["shapes"]))
     if not shapes or any(sh not in SHAPES for sh in shapes):
         raise ValueError(f"shapes must be a non-empty subset of {SHAPES}, got {list(shapes)}")
+    harness.check_dtypes(options.get("dtypes") or ("float32",))
 
 
 # -- derived figures ---------------------------------------------------------------------------
@@ -366,8 +379,10 @@ def finish(results: dict[str, Any]) -> None:
 
 
 def series(rec: dict[str, Any]) -> str:
-    """A case's name in tables and plots: its label, ``[tiled]`` for a fallback rerun."""
-    return str(rec.get("label") or rec.get("method")) + (" [tiled]" if rec.get("fallback_for") else "")
+    """A case's name in tables and plots: its label, ``[tiled]`` for a fallback rerun, and the
+    input dtype when it is not float32 (`` · bf16``)."""
+    short = {"bfloat16": " · bf16", "float16": " · fp16"}.get(str(rec.get("dtype", "float32")), "")
+    return str(rec.get("label") or rec.get("method")) + (" [tiled]" if rec.get("fallback_for") else "") + short
 
 
 def pattern_title(rec: dict[str, Any], *, brief: bool = False) -> str:
@@ -431,10 +446,17 @@ def _time_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         [{"what": f"{k} tokens", "s": v} for k, v in (spent.get("by_tokens") or {}).items()]
 
 
+def _dtypes_text(cfg: Mapping[str, Any]) -> str:
+    dts = list(cfg.get("dtypes") or ("float32",))
+    half = cfg.get("half_lengths")
+    return " and ".join(d if d == "float32" or not half else f"{d} (at {', '.join(map(str, half))} tokens)"
+                        for d in dts) + " (each against SDPA in the same dtype)"
+
+
 def _about(results: dict[str, Any]) -> str:
     cfg = results["config"]
     return "\n".join([
-        f"- inputs: float32, batch {cfg['batch']}, {cfg['heads']} heads, head_dim {cfg['head_dim']}, seeded random "
+        f"- inputs: {_dtypes_text(cfg)}, batch {cfg['batch']}, {cfg['heads']} heads, head_dim {cfg['head_dim']}, seeded random "
         f"q/k/v; lengths {', '.join(map(str, cfg['lengths']))}; CAB's four patterns (self and cross = tokens / "
         f"{CROSS_QUERY_DIVISOR} queries, causal and not)",
         f"- baseline: torch SDPA in the same run (causal cross: `attn_mask=causal_lower_right`); timing: median of "
@@ -461,9 +483,9 @@ SUITE = Suite(
     about=_about,
     parts=(Part("cases", run_cases, methods=lambda o: case_names(_options_cases(o))),),
     quick={"lengths": QUICK_LENGTHS, "shapes": SHAPES, "batch": 1, "heads": 8, "head_dim": 64, "n_rows": 64,
-           "fallback_tiled": True, "cases": None},
+           "fallback_tiled": True, "cases": None, "dtypes": ("float32", "bfloat16"), "half_lengths": (8192,)},
     full={"lengths": FULL_LENGTHS, "shapes": SHAPES, "batch": 1, "heads": 8, "head_dim": 64, "n_rows": 64,
-          "fallback_tiled": True, "cases": None},
+          "fallback_tiled": True, "cases": None, "dtypes": ("float32", "bfloat16"), "half_lengths": None},
     describe=lambda r: f"{series(r)}, {r.get('tokens')} tokens, {rec_mode(r)}",
     live=(Column("median", "median_s", lambda x: None if x is None else f"{x:.4f} s"),
           Column("", "ratio_to_sdpa", lambda x: None if x is None else f"{x:.2f}× SDPA"),
@@ -471,7 +493,7 @@ SUITE = Suite(
           Column("gate err", lambda r: (r.get("gate") or {}).get("max_abs_err"), ".1e")),
     tables=(
         Table("{group}: ratio to SDPA", source=_sorted_by_pattern, group=pattern_title, console=False,
-              pivot=Pivot(label("method", lambda r: "sdpa (median s)" if r["label"] == BASELINE else series(r)),
+              pivot=Pivot(label("method", lambda r: f"{series(r)} (median s)" if r["label"] == BASELINE else series(r)),
                           "tokens", Column("", lambda r: r, _cell))),
         Table(lambda res: f"speed-ups at {res.get('summary_tokens')} tokens", where=lambda r: r.get("in_summary"),
               columns=(_METHOD, _MODE, Column("vs SDPA", "ratio_to_sdpa", "ratio"),

@@ -123,13 +123,17 @@ def _prefill_part(ctx: Context) -> Iterator[dict[str, Any]]:
     tokens = int(ctx.options["prefill_tokens"])
     budget = sparse_speed.budget_for_density(tokens, 0.10)
     methods = {k: v for k, v in sparse_speed.prefill_methods(budget).items() if ctx.wants(k)}
-    yield from sparse_speed.run_prefill(tokens, 0.10, methods=methods, seed=ctx.seed, progress=ctx.say)
+    for dtype in ctx.options.get("dtypes") or ("float32",):
+        yield from sparse_speed.run_prefill(tokens, 0.10, methods=methods, seed=ctx.seed, progress=ctx.say,
+                                            dtype=dtype)
 
 
 def _decode_part(ctx: Context) -> Iterator[dict[str, Any]]:
     from longattn.bench import sparse_speed
 
-    yield from sparse_speed.run_decode(int(ctx.options["decode_cache"]), 2048, seed=ctx.seed, progress=ctx.say)
+    for dtype in ctx.options.get("dtypes") or ("float32",):
+        yield from sparse_speed.run_decode(int(ctx.options["decode_cache"]), 2048, seed=ctx.seed, progress=ctx.say,
+                                           dtype=dtype)
 
 
 def summarise(records) -> dict[str, dict[str, float]]:
@@ -172,7 +176,8 @@ def _about(results: dict[str, Any]) -> str:
         f"{BLOCK}; token-level methods get {BLOCK * BLOCKS_PER_QUERY_BLOCK} keys per query; the others are set "
         "to a similar density, shown beside them; recall = share of the true softmax mass inside the attended "
         "keys, `exp(lse − lse_exact)`, mean over queries",
-        "- frontier, prefill, decode: synthetic retrieval-shaped q/k/v (`clustered_qkv`), fp32, batch 1, 8 heads, "
+        "- frontier, prefill, decode: synthetic retrieval-shaped q/k/v (`clustered_qkv`), frontier fp32, prefill "
+        f"and decode in {', '.join(cfg.get('dtypes') or ('float32',))} (each against SDPA in the same dtype), batch 1, 8 heads, "
         "head_dim 64, causal, torch SDPA timed in the same run; each frontier family must first equal the float64 "
         "reference at full budget (the gate), one that fails gets no speed",
     ])
@@ -189,15 +194,20 @@ def _frontier_title(results: dict[str, Any]) -> str:
 
 
 def _prefill_title(results: dict[str, Any]) -> str:
-    sd = next((r for r in results["records"] if r.get("part") == "prefill" and r.get("method") == "sdpa"), None)
-    return "Causal prefill at 10% density" + (f", {sd['tokens']} tokens, budget {sd['budget']} (SDPA "
-                                              f"{sd['median_s']:.3f} s)" if sd else "")
+    sd = [r for r in results["records"] if r.get("part") == "prefill" and r.get("method") == "sdpa"]
+    base = "; ".join(f"SDPA {r.get('dtype', 'float32')} {r['median_s']:.3f} s" for r in sd)
+    return "Causal prefill at 10% density" + (f", {sd[0]['tokens']} tokens, budget {sd[0]['budget']} ({base})"
+                                              if sd else "")
 
 
 def _decode_title(results: dict[str, Any]) -> str:
-    sd = next((r for r in results["records"] if r.get("part") == "decode" and r.get("method") == "sdpa"), None)
-    return "Decode step over a long cache" + (f", {sd['cache']} tokens, budget 2048 (SDPA "
-                                              f"{sd['step_s'] * 1e3:.2f} ms per step)" if sd else "")
+    sd = [r for r in results["records"] if r.get("part") == "decode" and r.get("method") == "sdpa"]
+    base = "; ".join(f"SDPA {r.get('dtype', 'float32')} {r['step_s'] * 1e3:.2f} ms per step" for r in sd)
+    return "Decode step over a long cache" + (f", {sd[0]['cache']} tokens, budget 2048 ({base})" if sd else "")
+
+
+_DTYPE = Column("dtype", lambda r: r.get("dtype", "float32"))
+_COMPUTE = Column("computed in", lambda r: r.get("compute_dtype"), keep=5)
 
 
 def _prefill_names(o):
@@ -221,9 +231,9 @@ SUITE = Suite(
            Part("prefill", _prefill_part, methods=_prefill_names),
            Part("decode", _decode_part, methods=lambda o: ["landmark", "quest"])),
     quick={"accuracy_tokens": 4096, "frontier_tokens": (8192,), "prefill_tokens": 32768, "decode_cache": 131072,
-           "parts": ("accuracy", "frontier")},
+           "parts": ("accuracy", "frontier"), "dtypes": ("float32", "bfloat16")},
     full={"accuracy_tokens": 4096, "frontier_tokens": (32768,), "prefill_tokens": 32768, "decode_cache": 131072,
-          "parts": ("accuracy", "frontier", "prefill", "decode")},
+          "parts": ("accuracy", "frontier", "prefill", "decode"), "dtypes": ("float32", "bfloat16")},
     lengths="frontier_tokens",
     describe=lambda r: (f"{r['method']}, layer {r['layer']}" if r.get("part") == "accuracy" else
                         f"{r['method']}, {r.get('tokens') or r.get('cache')} tokens"
@@ -243,13 +253,14 @@ SUITE = Suite(
                        Column("rel. error", "rel_err", ".3f"), Column("vs SDPA", "ratio_to_sdpa", "ratio"),
                        status_column(keep=4))),
         Table(_prefill_title, part="prefill", where=_NOT_SDPA,
-              columns=(_METHOD, Column("density", "density", ".3f"), Column("recall", "recall", ".3f", keep=1),
+              columns=(_METHOD, _DTYPE, _COMPUTE, Column("density", "density", ".3f"),
+                       Column("recall", "recall", ".3f", keep=1),
                        Column("rel. error", "rel_err", ".3f", keep=2), Column("selection s", "selection_s", ".3f", 3),
                        Column("kernel s", "kernel_s", ".3f", keep=4), Column("total s", "median_s", ".3f"),
                        Column("vs SDPA", "ratio_to_sdpa", "ratio"))),
         Table(_decode_title, part="decode", where=_NOT_SDPA,
               note="One query per step; block summaries kept by the loop (built once; one new key folds in per step).",
-              columns=(_METHOD, Column("density", "density", ".4f"), Column("recall", "recall", ".3f"),
+              columns=(_METHOD, _DTYPE, _COMPUTE, Column("density", "density", ".4f"), Column("recall", "recall", ".3f"),
                        Column("rel. error", "rel_err", ".3f"), Column("ms / step", "step_s", "ms"),
                        Column("vs SDPA", "ratio_to_sdpa", "ratio"),
                        Column("append µs", "summary_append_s", "us", keep=1))),

@@ -684,6 +684,10 @@ def machine_lines(results: Results) -> list[str]:
         + (f"; wall time {results['wall_s']:.0f} s" if results.get("wall_s") is not None else ""),
         f"- machine: {m.get('cpu_model')}" + (f" ({caps})" if caps else "")
         + f", {m.get('cpu_affinity') or m.get('cpu_count')} usable CPUs, torch threads {m.get('torch_threads')}",
+        f"- matmul unit: {m.get('isa', 'unknown')}; half inputs compute in: "
+        + ", ".join(f"{k} → {v}" for k, v in (m.get("compute_dtype_rule") or {}).items())
+        + (f"; device {m.get('device')}" + (f" ({m.get('device_name')})" if m.get("device_name") else "")
+           if m.get("device") not in (None, "cpu") else ""),
         f"- python {m.get('python')}, torch {m.get('torch')}, longattn {m.get('longattn')}; FlexAttention: "
         f"{m.get('flex_unavailable_reason') or 'available'}",
         f"- load average at start {m.get('load_average_at_start')}, at end {m.get('load_average_at_end')} "

@@ -1,7 +1,9 @@
 """What a method is, the capability sheet it declares, and the registry of methods by name.
 
 A method is a frozen dataclass: its fields are its hyper-parameters, its docstring names its
-paper, and ``run`` turns float32 ``q, k, v`` into ``(out, lse, stats)``. ``longattn.attention``
+paper, and ``run`` turns ``q, k, v`` in the compute dtype (``longattn.core.dtypes``: float32, or bfloat16/
+float16 where the hardware is fast for them) into ``(out, lse, stats)``: ``out`` in any float dtype
+(``attention`` casts it to the input's), ``lse`` float32. ``longattn.attention``
 validates inputs, applies positions and dtype handling around it.
 """
 
@@ -36,13 +38,23 @@ class Capabilities:
     #: gradients flow to q, k, v (through the keys a query attends; a content-based selection is
     #: piecewise constant and contributes none). False: the method refuses inputs that require grad
     differentiable: bool = True
+    #: takes k and v in their stored dtype (float32, bfloat16 or float16) and converts only the keys
+    #: it reads to q's dtype (the compute dtype): block retrieval decoding reads a few blocks of a
+    #: long cache, and converting all of it first would cost more than the step. False: ``attention``
+    #: converts k and v to the compute dtype before ``run``
+    reads_kv_in_place: bool = False
+    #: computes bfloat16/float16 inputs in their own dtype where the hardware is fast for it
+    #: (``longattn.core.dtypes``): its kernels are fused flash kernels that keep scores and softmax
+    #: statistics in float32. False: half inputs are computed in float32 (eager score paths would
+    #: round scores and probabilities to the half dtype)
+    half_compute: bool = False
     paper: str = ""
     cost: str = ""
 
 
 @dataclass
 class Call:
-    """Everything a method needs besides q, k, v (already float32 and validated)."""
+    """Everything a method needs besides q, k, v (validated, in the compute dtype: q's dtype)."""
 
     causal: bool
     scale: float

@@ -121,6 +121,11 @@ class BlockTopK(Method):
     def select(self, q, k, call: Call) -> Selection:
         """Which key blocks each query block attends; subclasses with another selector override."""
         q_block, block = self.sizes(q.shape[2], k.shape[2])
+        # selection scores in float32 whatever the compute dtype; a method reading k in place
+        # (scoring from summaries, which are float32) converts none of the cache here
+        q = q.float()
+        if not self.capabilities.reads_kv_in_place:
+            k = k.float()
         summaries = self._summaries(k, call, block)
         if self.pooled:
             scores = self.pooled_scores(q, k, call.scale, call.causal, summaries, q_block)
@@ -200,7 +205,7 @@ class BlockTopK(Method):
         layout = selection_layout(selection, tq, tk, call.causal)
         mask = Causal() if call.causal else None
         t1 = time.perf_counter()
-        out, lse = flex.flex_attention_path(q, k, v, scale=call.scale, layout=layout, mask=mask)
+        out, lse = flex.flex_attention_path(q, k.to(q.dtype), v.to(q.dtype), scale=call.scale, layout=layout, mask=mask)
         t2 = time.perf_counter()
         stats = {"selection_s": t1 - t0, "kernel_s": t2 - t1, "selected_blocks": selection.indices,
                  "blocks_per_query_block": selection.n_sel}
@@ -226,7 +231,8 @@ class BlockTopK(Method):
 
 
 def _caps(paper: str, cost: str) -> Capabilities:
-    return Capabilities(exact=False, score_bias=False, paper=paper, cost=cost)
+    return Capabilities(exact=False, score_bias=False, paper=paper, cost=cost, half_compute=True,
+                        reads_kv_in_place=True)
 
 
 @register

@@ -23,6 +23,7 @@ class Dense(Method):
 
     name = "dense"
     capabilities = Capabilities(
+        half_compute=True,
         exact=True, paper="Vaswani et al. 2017, Attention Is All You Need", cost="O(N²) time, O(N) memory"
     )
 
@@ -54,6 +55,8 @@ class DenseChunked(MaskedMethod):
     chunk: int = 2048
     block: int = 256
     name = "dense_chunked"
+    # half inputs compute in float32: the chunks' outputs would each be rounded to the half dtype
+    # before the merge (the CPU fused kernel returns q's dtype), about twice SDPA's error
     capabilities = Capabilities(
         exact=True, paper="Dao et al. 2022, FlashAttention; Liu et al. 2023, Ring Attention",
         cost="O(N²) time, O(N) memory",

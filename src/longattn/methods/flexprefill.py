@@ -111,6 +111,7 @@ class FlexPrefill(BlockTopK):
 
     name = "flexprefill"
     capabilities = Capabilities(
+        half_compute=True,
         exact=False, score_bias=False, paper="Lai et al. 2025, FlexPrefill",
         cost="O(N²/block²) + O(last_q·N) estimate + adaptive O(N·≤budget) attention",
     )
@@ -134,6 +135,7 @@ class FlexPrefill(BlockTopK):
         """The selection, and per (batch, head) whether it is query-aware and its JS distance."""
         b, hq, tq, _ = q.shape
         tk = k.shape[2]
+        q, k = q.float(), k.float()  # the estimates are computed in float32 whatever the compute dtype
         q_block, block = self.sizes(tq, tk)
         n = math.ceil(tk / block)
         lq = min(self.last_q or q_block, tq)

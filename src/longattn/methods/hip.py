@@ -27,6 +27,7 @@ class HiP(BlockTopK):
 
     name = "hip"
     capabilities = Capabilities(
+        half_compute=True,
         exact=False, score_bias=False, paper="Lee et al. 2024, HiP Attention",
         cost="O(N·budget/block·log N) scoring + O(N·budget)",
     )

@@ -38,6 +38,7 @@ class InfLLM(BlockTopK):
     reps: int = 4
     name = "infllm"
     capabilities = Capabilities(
+        half_compute=True,
         exact=False, score_bias=False, paper="Xiao et al. 2024, InfLLM",
         cost="O(N·block) representatives + O(N²·reps/block) scoring + O(N·budget)",
     )

@@ -41,6 +41,7 @@ class SlidingWindow(MaskedMethod):
     block: int | None = None
     name = "window"
     capabilities = Capabilities(
+        half_compute=True,
         exact=True, paper="Beltagy et al. 2020, Longformer; Hassani et al. 2024, Faster Neighborhood Attention",
         cost="O(N·window)",
     )
@@ -93,6 +94,7 @@ class Streaming(MaskedMethod):
     block: int | None = None
     name = "streaming"
     capabilities = Capabilities(
+        half_compute=True,
         exact=True, non_causal=False,
         paper="Xiao et al. 2024, Efficient Streaming Language Models with Attention Sinks",
         cost="O(N·(sinks+window))",

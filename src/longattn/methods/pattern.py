@@ -34,6 +34,7 @@ class Pattern(MaskedMethod):
     block: int | None = None
     name = "pattern"
     capabilities = Capabilities(
+        half_compute=True,
         exact=True, paper="A-shape, tri-shape (Ltri-LLM), PowerAttention, LSG, document, prefix-LM",
         cost="O(area of the pattern)",
     )

@@ -121,7 +121,8 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summaries: Bl
         reuse = not needs_grad(q, k, v)
         buffers = _BUFFERS.get(positions.numel() * k.shape[-1], k) if reuse else None
         keys, values = gather_tokens(k, v, positions, out=buffers)
-        out, lse = fused_flash(q, keys, values, scale=scale)
+        # a cache stored in another dtype than the compute dtype converts only the gathered keys
+        out, lse = fused_flash(q, keys.to(q.dtype), values.to(q.dtype), scale=scale)
     selection = Selection(blocks.sort(-1).values[:, :, None], 1, bs) if want_selection else None
     return DecodeStep(out, lse.float(), selection, n_keys, kernel)
 
