@@ -9,6 +9,8 @@ import longattn
 from longattn.bench import sparse
 from longattn.bench.suite import run_suite
 
+pytestmark = pytest.mark.cpu_only(reason="the benchmark is a CPU program (longattn.bench takes no device)")
+
 
 def test_recall_is_exp_lse_gap_and_oracle_is_the_upper_bound():
     layers, tokens = sparse.capture_real_qkv(n_tokens=768, seed=1)
@@ -45,19 +47,21 @@ def test_suite_writes_results_and_report(tmp_path, monkeypatch):
 
 def test_speed_parts_run_small_and_report(tmp_path):
     res = run_suite(sparse.SUITE, tmp_path, parts=("prefill", "decode"), prefill_tokens=2048, decode_cache=4096)
-    p = [r for r in res["records"] if r["part"] == "prefill"]
-    d = [r for r in res["records"] if r["part"] == "decode"]
-    assert p[0]["method"] == "sdpa" and p[0]["tokens"] == 2048 and p[0]["median_s"] > 0
-    for r in p[1:]:
-        assert r["finite"] and r["ratio_to_sdpa"] > 0 and 0 < r["density"] < 0.5, r
-        assert r["sdpa_median_s"] == p[0]["median_s"]
-    blocks = [r for r in p if r.get("registry_name") in ("landmark", "quest", "infllm", "hip")]
-    assert all(abs(r["density"] - blocks[0]["density"]) < 1e-9 for r in blocks)  # same budget, same density
-    assert [r["method"] for r in d] == ["sdpa", "landmark", "quest"]
-    for r in d[1:]:
-        assert 0 < r["recall"] <= 1 and r["step_s"] > 0
+    for dtype in ("float32", "bfloat16"):  # each against SDPA in the same dtype
+        p = [r for r in res["records"] if r["part"] == "prefill" and r["dtype"] == dtype]
+        d = [r for r in res["records"] if r["part"] == "decode" and r["dtype"] == dtype]
+        assert p[0]["method"] == "sdpa" and p[0]["tokens"] == 2048 and p[0]["median_s"] > 0
+        for r in p[1:]:
+            assert r["finite"] and r["ratio_to_sdpa"] > 0 and 0 < r["density"] < 0.5, r
+            assert r["sdpa_median_s"] == p[0]["median_s"]
+            assert r["compute_dtype"] in ("float32", dtype)
+        blocks = [r for r in p if r.get("registry_name") in ("landmark", "quest", "infllm", "hip")]
+        assert all(abs(r["density"] - blocks[0]["density"]) < 1e-9 for r in blocks)  # same budget, same density
+        assert [r["method"] for r in d] == ["sdpa", "landmark", "quest"]
+        for r in d[1:]:
+            assert 0 < r["recall"] <= 1 and r["step_s"] > 0
     text = (tmp_path / "report.md").read_text()
-    assert "## Causal prefill at 10% density, 2048 tokens" in text
+    assert "## Causal prefill at 10% density, 2048 tokens" in text and "SDPA bfloat16" in text
     assert "## Decode step over a long cache, 4096 tokens" in text
     with pytest.raises(ValueError, match="unknown part"):
         run_suite(sparse.SUITE, tmp_path, parts=("speed",))

@@ -1,7 +1,7 @@
 """The ``decode`` suite: the time and memory of one decoding step against the length of the cache.
 
-A decoding step is one new query (fp32, batch 1, 8 query heads, head_dim 64) attending over a
-KV cache of ``cache`` tokens, run for MHA (8 key-value heads) and GQA (2 key-value heads, 4 query
+A decoding step is one new query (batch 1, 8 query heads, head_dim 64; a float32 cache, and a bf16
+one against SDPA in bf16 — quick: at the largest cache) attending over a KV cache of ``cache`` tokens, run for MHA (8 key-value heads) and GQA (2 key-value heads, 4 query
 heads per group). For every cache length, torch SDPA over the whole cache is timed in the same
 run as the baseline, then each method:
 
@@ -162,8 +162,9 @@ def memory_needed(cache: int, kv_heads: int, heads: int = HEADS, head_dim: int =
 
 
 def kv_accounting(case: DecodeCase | None, method: Method | None, cache: int, heads: int, kv_heads: int,
-                  head_dim: int, attended: float) -> dict[str, Any]:
-    """Bytes of K/V (float32) one step reads, and bytes the method must keep, by its algorithm.
+                  head_dim: int, attended: float, element_bytes: int = 4) -> dict[str, Any]:
+    """Bytes of K/V (``element_bytes`` per element: 4 float32, 2 bf16) one step reads, and bytes
+    the method must keep, by its algorithm.
 
     ``attended``: keys attended per query head (measured). A row is one head's key or value
     (``head_dim × 4`` bytes). Selective methods gather their rows per *query* head; with GQA the
@@ -172,7 +173,7 @@ def kv_accounting(case: DecodeCase | None, method: Method | None, cache: int, he
     implementations can be larger (TokenSelect's eager kernel masks every key instead of
     gathering); the figures are what the algorithm needs.
     """
-    row = head_dim * 4
+    row = head_dim * element_bytes
     full = 2 * kv_heads * cache * row
     kind = "dense" if case is None else case.kind
     if kind == "dense":
@@ -228,20 +229,27 @@ def run_steps(ctx: Context) -> Iterator[dict[str, Any]]:
     chosen = select_cases(_options_cases(o), ctx.methods)
     n_timed = int(o["timed_steps"])
     max_case_s = float(o["case_max_seconds"])
-    ctx.plan(len(caches) * len(layouts) * (1 + len(chosen)))
-    for cache in caches:
+    half_lens = o.get("half_lengths")
+    plan = [(dt, cache) for dt in dict.fromkeys(o.get("dtypes") or ("float32",)) for cache in caches
+            if dt == "float32" or half_lens is None or cache in half_lens]
+    ctx.plan(len(plan) * len(layouts) * (1 + len(chosen)))
+    for dtype, cache in plan:
         for hkv in layouts:
-            yield from _run_layout(ctx, cache, hkv, heads, head_dim, chosen, n_timed, max_case_s)
+            yield from _run_layout(ctx, cache, hkv, heads, head_dim, chosen, n_timed, max_case_s, dtype)
 
 
-def _common(cache, hkv, heads, head_dim) -> dict[str, Any]:
+def _common(cache, hkv, heads, head_dim, dtype: str = "float32") -> dict[str, Any]:
+    layout = "MHA" if hkv == heads else f"GQA {heads}:{hkv}"
+    short = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype)
     return dict(cache=cache, tokens=cache, kv_heads=hkv, heads=heads, head_dim=head_dim,
-                layout="MHA" if hkv == heads else f"GQA {heads}:{hkv}", causal=True, dtype="float32")
+                layout=f"{layout} · {short}" if short else layout, causal=True, dtype=dtype)
 
 
-def _run_layout(ctx: Context, cache, hkv, heads, head_dim, chosen, n_timed, max_case_s) -> Iterator[dict[str, Any]]:
-    """Every case at one cache length and key-value head count."""
-    common = _common(cache, hkv, heads, head_dim)
+def _run_layout(ctx: Context, cache, hkv, heads, head_dim, chosen, n_timed, max_case_s,
+                dtype: str = "float32") -> Iterator[dict[str, Any]]:
+    """Every case at one cache length, key-value head count and dtype (a cache in bf16 against
+    SDPA in bf16; exact methods then gate at twice SDPA's error, ``harness.half_gate_tolerance``)."""
+    common = _common(cache, hkv, heads, head_dim, dtype)
     labels = [BASELINE] + [c.label for c in chosen]
 
     def skip_all(status: str) -> Iterator[dict[str, Any]]:
@@ -255,7 +263,7 @@ def _run_layout(ctx: Context, cache, hkv, heads, head_dim, chosen, n_timed, max_
         return
     ctx.step(f"inputs · cache {cache} · {common['layout']}", advance=0)
     t0 = time.perf_counter()
-    res, status = harness.guarded(lambda: _prepare(cache, hkv, heads, head_dim, ctx.seed))
+    res, status = harness.guarded(lambda: _prepare(cache, hkv, heads, head_dim, ctx.seed, dtype))
     if status is not None:
         yield from skip_all(f"inputs {status}")
         return
@@ -273,22 +281,25 @@ def _run_layout(ctx: Context, cache, hkv, heads, head_dim, chosen, n_timed, max_
     t0 = time.perf_counter()
     rec = {**common, "method": BASELINE, "registry_name": None, "budget": None, "params": "whole cache",
            "status": "ok", "exact": True, "prepare_s": prepare_s}
+    if dtype != "float32":
+        rec["gate_tol"] = harness.half_gate_tolerance(None)
     _step_case(rec, lambda i: F.scaled_dot_product_attention(qs[i % len(qs)], k, v, enable_gqa=gqa),
                lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa), None, ref, ref_lse, None, None,
                n_timed, max_case_s, per_call=1)
-    rec.update(kv_accounting(None, None, cache, heads, hkv, head_dim, cache))
+    rec.update(kv_accounting(None, None, cache, heads, hkv, head_dim, cache, k.element_size()))
     rec["attended_keys"] = float(cache)
     rec["flops"] = harness.attention_flops(1, cache, False, head_dim=head_dim, heads=heads, batch=1)
     rec["wall_s"] = time.perf_counter() - t0
     sdpa_step = rec.get("step_s")
+    half_tol = harness.half_gate_tolerance(rec.get("gate")) if dtype != "float32" else None
     ctx.step(f"{BASELINE} · cache {cache} · {common['layout']}")
     yield _finish_record(rec, sdpa_step)
 
     for case in chosen:
         ctx.step(f"{case.label} · cache {cache} · {common['layout']}", advance=0)
         t0 = time.perf_counter()
-        rec = _run_case(case, common, q, q_all, k, v, qs, ref, ref_lse, summaries, n_timed, max_case_s, heads, hkv,
-                        head_dim)
+        rec = _run_case(case, {**common, **({"gate_tol": half_tol} if half_tol else {})}, q, q_all, k, v, qs, ref,
+                        ref_lse, summaries, n_timed, max_case_s, heads, hkv, head_dim)
         rec["wall_s"] = time.perf_counter() - t0
         if case.kind == "blocks":
             rec["summaries_build_s"] = build_s.get(str(rec.get("block") or BLOCK))
@@ -296,8 +307,10 @@ def _run_layout(ctx: Context, cache, hkv, heads, head_dim, chosen, n_timed, max_
         yield _finish_record(rec, sdpa_step)
 
 
-def _prepare(cache, hkv, heads, head_dim, seed):
+def _prepare(cache, hkv, heads, head_dim, seed, dtype: str = "float32"):
     q, k, v = decode_inputs(cache, hkv, heads=heads, head_dim=head_dim, queries=max(STEP_QUERIES, STRIDE), seed=seed)
+    # rounded to the dtype first: the reference is exact attention over the inputs the methods get
+    q, k, v = harness.on_device(*(t.to(harness.DTYPES[dtype]) for t in (q, k, v)))
     # exact attention of every decode query over the whole cache (each sits at the cache's end)
     ref, ref_lse = harness.exact_reference(q, k, v)
     return q, k, v, ref, ref_lse
@@ -378,7 +391,7 @@ def _run_case(case: DecodeCase, common, q, q_all, k, v, qs, ref, ref_lse, summar
         # stats density of a causal block of ``stride`` queries is over its causal pairs
         attended = density * (stride * cache - stride * (stride - 1) / 2) / stride
     rec["attended_keys"] = attended
-    rec.update(kv_accounting(case, method, cache, heads, hkv, head_dim, attended))
+    rec.update(kv_accounting(case, method, cache, heads, hkv, head_dim, attended, k.element_size()))
     rec["flops"] = harness.attention_flops(1, max(1, round(attended)), False, head_dim=head_dim, heads=heads, batch=1)
     return rec
 
@@ -412,7 +425,11 @@ def _step_case(rec, step, first, kind, ref, ref_lse, exact_ref, exact, n_timed, 
     rec.update(rel_err=err["rel_err"], max_abs_err=err["max_abs_err"], recall=err["recall"], finite=err["finite"])
     if exact_ref is not None or (rec.get("exact") and kind is None):
         own = harness.compare(out, lse, *(exact_ref or (ref, ref_lse)))
-        gate = harness.gate_of(own, out.shape[2], True)
+        tol = rec.get("gate_tol")
+        if tol is not None:  # half inputs: twice SDPA's error, or twice the rounding of the exact answer
+            floor = 2 * harness.rounding_floor((exact_ref or (ref, ref_lse))[0], rec["dtype"]) + 1e-5
+            tol = rec["gate_tol"] = (max(tol[0], floor), tol[1])
+        gate = harness.gate_of(own, out.shape[2], True, tol)
     else:
         gate = harness.gate_of(err, out.shape[2], False)
     rec["gate"] = gate.as_dict()
@@ -466,6 +483,7 @@ def check(options: Mapping[str, Any]) -> None:
     bad = [int(h) for h in options["kv_heads"] if int(h) < 1 or heads % int(h)]
     if bad:
         raise ValueError(f"kv_heads must divide heads={heads}, got {bad}")
+    harness.check_dtypes(options.get("dtypes") or ("float32",))
 
 
 def finish(results: dict[str, Any]) -> None:
@@ -534,9 +552,9 @@ SUITE = Suite(
     about=_about,
     parts=(Part("steps", run_steps, methods=lambda o: [c.label for c in _options_cases(o)]),),
     quick={"lengths": QUICK_CACHES, "kv_heads": KV_HEADS, "heads": HEADS, "head_dim": HEAD_DIM, "timed_steps": 16,
-           "case_max_seconds": 4.0, "cases": None},
+           "case_max_seconds": 4.0, "cases": None, "dtypes": ("float32", "bfloat16"), "half_lengths": (65536,)},
     full={"lengths": FULL_CACHES, "kv_heads": KV_HEADS, "heads": HEADS, "head_dim": HEAD_DIM, "timed_steps": 32,
-          "case_max_seconds": 20.0, "cases": None},
+          "case_max_seconds": 20.0, "cases": None, "dtypes": ("float32", "bfloat16"), "half_lengths": None},
     describe=lambda r: f"{r['method']}, cache {r['cache']}, {r.get('layout')}",
     live=(Column("", "step_s", lambda x: None if x is None else f"{x * 1e3:.3f} ms/step"),
           Column("", "ratio_to_sdpa", lambda x: None if x is None else f"{x:.2f}× SDPA"),
