@@ -1,21 +1,73 @@
-"""Shared helpers: seeded inputs and the oracle comparison every method test starts from."""
+"""Shared helpers: seeded inputs and the oracle comparison every method test starts from, and the
+device the suite runs on (``LONGATTN_TEST_DEVICE``)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 
 import longattn
 from longattn import masks
 
 torch.set_num_threads(2)
 
+#: the device the tests run on, read once: ``LONGATTN_TEST_DEVICE=cuda pytest tests`` runs the same
+#: suite on a GPU (default ``cpu``). Off the CPU, factory calls in tests land there
+#: (``torch.set_default_device``) and tests marked ``cpu_only`` are skipped.
+DEVICE = torch.device(os.environ.get("LONGATTN_TEST_DEVICE", "cpu"))
+ON_CPU = DEVICE.type == "cpu"
+
+
+class SeededDrawsOnTheHost(TorchFunctionMode):
+    """A factory call given a ``generator=`` and no ``device=`` draws on the generator's device (the
+    tests' generators are CPU ones) and moves the result to ``device``: seeded tests see the same
+    numbers on every device, where torch would refuse a CPU generator for a CUDA draw. Installed
+    for the whole session when the test device is not the CPU."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        gen = kwargs.get("generator")
+        if gen is not None and kwargs.get("device") is None and func in _device_constructors():
+            return func(*args, **{**kwargs, "device": gen.device}).to(self.device)
+        return func(*args, **kwargs)
+
+
+if not ON_CPU:
+    torch.set_default_device(DEVICE)
+    SeededDrawsOnTheHost(DEVICE).__enter__()  # stays on torch's mode stack for the session
+
+
+def pytest_collection_modifyitems(config, items):
+    """Off the CPU, skip the tests marked ``cpu_only`` (the marker's ``reason`` says why)."""
+    if ON_CPU:
+        return
+    for item in items:
+        mark = item.get_closest_marker("cpu_only")
+        if mark is not None:
+            why = mark.kwargs.get("reason") or (mark.args[0] if mark.args else "inherently CPU-only")
+            item.add_marker(pytest.mark.skip(reason=f"CPU-only: {why} (LONGATTN_TEST_DEVICE={DEVICE})"))
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The test device (``LONGATTN_TEST_DEVICE``, default cpu)."""
+    return DEVICE
+
 
 def make_qkv(b=2, hq=4, hk=2, tq=64, tk=64, d=16, dtype=torch.float32, seed=0):
+    """Seeded ``q, k, v`` on the test device: drawn on the CPU (the same numbers on every device)."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, tq, d, generator=g).to(dtype)
-    k = torch.randn(b, hk, tk, d, generator=g).to(dtype)
-    v = torch.randn(b, hk, tk, d, generator=g).to(dtype)
+    q = torch.randn(b, hq, tq, d, generator=g, device=g.device).to(DEVICE, dtype)
+    k = torch.randn(b, hk, tk, d, generator=g, device=g.device).to(DEVICE, dtype)
+    v = torch.randn(b, hk, tk, d, generator=g, device=g.device).to(DEVICE, dtype)
     return q, k, v
 
 
@@ -50,7 +102,8 @@ def stories():
     pytest.importorskip("transformers")
     import longattn.hf as hf
 
-    return hf.load_llama2c()
+    model, tok = hf.load_llama2c()
+    return model.to(DEVICE), tok
 
 
 # -- every registered method at a configuration that is exact on small inputs ------------------
@@ -59,6 +112,7 @@ SMALL_BLOCKS = dict(block=16, q_block=16, sinks=16, window=16)
 
 #: every registered method, configured so that on inputs of <= 64 tokens it is exact (full budget)
 FULL: dict[str, dict] = {
+    "anchor": dict(budget=4096, theta=float("inf"), **SMALL_BLOCKS),
     "block_oracle": dict(budget=4096, **SMALL_BLOCKS),
     "cca": dict(group=1, window=4, chunk=32),
     "dense": {},
@@ -73,12 +127,14 @@ FULL: dict[str, dict] = {
     "longheads": dict(window=512, chunk=16, local=16),
     "minference": dict(budget=4096, block=16, sinks=16, window=16, last_q=16),
     "pattern": dict(mask=masks.a_shape(4, 12), block=8),
+    "pbs": dict(budget=4096, segment=32, **SMALL_BLOCKS),
     "quest": dict(budget=4096, **SMALL_BLOCKS),
     "recycled": dict(stride=4, budget=4096),
     "routing": dict(clusters=1, chunk=32),
     "streaming": dict(sinks=4, window=12, block=8),
     "tokenselect": dict(budget=4096),
     "window": dict(window=9, block=8),
+    "xattention": dict(budget=4096, threshold=1.0, **SMALL_BLOCKS),
 }
 
 

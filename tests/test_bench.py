@@ -16,6 +16,8 @@ from longattn.bench.suite import run_suite
 from longattn.methods.dense import DenseChunked
 from longattn.methods.local import SlidingWindow
 
+pytestmark = pytest.mark.cpu_only(reason="the benchmark is a CPU program (longattn.bench takes no device)")
+
 
 def _qkv(tokens=256, heads=2, dim=16, seed=0):
     g = torch.Generator().manual_seed(seed)

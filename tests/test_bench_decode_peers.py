@@ -18,6 +18,8 @@ from longattn.methods.block_topk import Landmark
 from longattn.methods.dense import DenseChunked
 from longattn.methods.local import SlidingWindow
 
+pytestmark = pytest.mark.cpu_only(reason="the benchmark is a CPU program (longattn.bench takes no device)")
+
 DECODE_FIELDS = ("method", "cache", "budget", "step_s", "ratio_to_sdpa", "rel_err", "recall", "kv_bytes",
                  "kv_kept_bytes", "peak_mem_bytes", "status", "efficiency_length")
 PEER_FIELDS = ("peer", "case", "tokens", "causal", "median_s", "ratio_to_sdpa", "status")

@@ -12,6 +12,8 @@ from longattn.bench import MAIN_SUITES, main, tasks
 from longattn.bench.suite import claim_folder
 from longattn.cli import app
 
+pytestmark = pytest.mark.cpu_only(reason="the benchmark is a CPU program (longattn.bench takes no device)")
+
 TINY = {
     "kernels": {"lengths": [256]},
     "sparse": {"parts": ("frontier",), "frontier_tokens": (1024,)},

@@ -12,6 +12,8 @@ from longattn.bench import get_suite, memory  # noqa: E402
 from longattn.bench.memory import policy_configs  # noqa: E402
 from longattn.bench.suite import run_suite  # noqa: E402
 
+pytestmark = pytest.mark.cpu_only(reason="the benchmark is a CPU program (longattn.bench takes no device)")
+
 
 def test_memory_suite_records_policies_and_the_long_decode(tmp_path, stories):
     res = run_suite(memory.SUITE, tmp_path, methods=["full", "streaming", "blocks", "retrieval", "retrieval-exact"],

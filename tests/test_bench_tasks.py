@@ -11,6 +11,8 @@ from longattn.bench.suite import render_markdown
 from longattn.models import stories260k
 from longattn.models.llama2c import forward, load_checkpoint
 
+pytestmark = pytest.mark.cpu_only(reason="the benchmark is a CPU program, and the llama2.c reader's model lives on the CPU")
+
 
 @pytest.fixture(scope="module")
 def model():

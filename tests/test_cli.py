@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 import longattn
 from longattn.cli import app
+
+pytestmark = pytest.mark.cpu_only(reason="the command line (methods, bench) is a CPU program")
 
 runner = CliRunner()
 

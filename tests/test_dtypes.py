@@ -179,6 +179,7 @@ def test_decode_step_converts_only_what_it_reads(name, mode, monkeypatch):
 native_missing = longattn.kernels.native.unavailable_reason()
 
 
+@pytest.mark.cpu_only(reason="the native decode kernel takes CPU tensors")
 @pytest.mark.skipif(native_missing is not None, reason=f"native kernel unavailable: {native_missing}")
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
 def test_native_decode_reads_half_cache_exactly(dtype):
@@ -207,6 +208,7 @@ def test_native_decode_reads_half_cache_exactly(dtype):
     torch.testing.assert_close(out[:1, :1].double(), r, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.cpu_only(reason="the native decode kernel takes CPU tensors")
 @pytest.mark.skipif(native_missing is not None, reason=f"native kernel unavailable: {native_missing}")
 def test_hand_written_half_conversion_matches_the_compilers(tmp_path):
     """Compilers without ``_Float16`` take the kernel's own IEEE-half widening: build that variant

@@ -125,6 +125,7 @@ print("FAILS", fails)
 """
 
 
+@pytest.mark.cpu_only(reason="runs its inputs on the CPU in a subprocess")
 def test_empty_dimensions_give_empty_or_zero_outputs_for_every_method():
     # in a subprocess: torch's fused kernel used to kill the interpreter with SIGFPE here
     script = EMPTY_SCRIPT.format(tests=os.path.dirname(__file__))
@@ -234,6 +235,7 @@ needs_native = pytest.mark.skipif(native.unavailable_reason() is not None,
                                   reason=f"native kernel unavailable: {native.unavailable_reason()}")
 
 
+@pytest.mark.cpu_only(reason="the native decode kernel takes CPU tensors")
 @needs_native
 def test_native_decode_with_a_16k_block_runs_on_a_small_thread_stack():
     script = textwrap.dedent("""
@@ -266,6 +268,7 @@ def gather_decode(q, k, v, blocks, bs, scale):
     return outs, lses
 
 
+@pytest.mark.cpu_only(reason="the native decode kernel takes CPU tensors")
 @needs_native
 def test_native_decode_propagates_nan_and_skips_blocks_scoring_minus_inf():
     q, k, v = make_qkv(b=1, hq=4, hk=2, tq=1, tk=64, d=8, seed=9)

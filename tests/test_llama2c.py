@@ -6,6 +6,8 @@ import torch
 from longattn.models import stories260k
 from longattn.models.llama2c import Tokenizer, forward, generate, load_checkpoint
 
+pytestmark = pytest.mark.cpu_only(reason="the llama2.c reader's float64 model lives on the CPU")
+
 MODEL_DIR = stories260k()
 
 

@@ -10,6 +10,7 @@ from longattn.memory import EvictingMemory, FullKV, H2O, KeyRotation, PagedMemor
 from longattn.memory import store
 from longattn.memory.kernel import attend_layout
 from longattn.memory.policies import make_policy
+from conftest import DEVICE
 
 D = 16
 INV = 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
@@ -203,7 +204,7 @@ def _roundtrip(make, tmp_path):
     store.save(path, [a.state()], {"model": "x"})
     b = make()
     (tensors, meta), = store.load(path, {"model": "x"})
-    b.load_state(tensors, meta, "cpu")
+    b.load_state(tensors, meta, DEVICE)
     last = (q[:, :, 299:], k[:, :, 299:], v[:, :, 299:], None, 0.25)
     assert torch.equal(a.attend(*last), b.attend(*last))  # bit-identical
     return path
@@ -228,7 +229,7 @@ def test_save_load_is_bit_identical_and_refuses_tampering_and_mismatch(tmp_path)
         store.load(tmp_path / "missing.safetensors", {"model": "x"})
     (tensors, meta), = store.load(path, {"model": "x"})
     with pytest.raises(ValueError, match="this cache uses"):
-        PagedMemory(2, None, page=16, sinks=16, window=32, topk=4).load_state(tensors, meta, "cpu")
+        PagedMemory(2, None, page=16, sinks=16, window=32, topk=4).load_state(tensors, meta, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -242,9 +243,9 @@ def test_disk_tier_reads_back_every_dtype_bit_for_bit(dtype, tmp_path):
     tier.write({p: pages[p] for p in range(6)})
     tier.write({p: pages[p] for p in range(6, 10)})
     for p in (0, 5, 9):
-        k, v = tier.read(p, "cpu")
+        k, v = tier.read(p, DEVICE)
         assert k.dtype == dtype and torch.equal(k, pages[p][0]) and torch.equal(v, pages[p][1])
-    got = tier.read_many([9, 1, 7, 3], "cpu")  # across both segments, any order
+    got = tier.read_many([9, 1, 7, 3], DEVICE)  # across both segments, any order
     assert sorted(got) == [1, 3, 7, 9]
     for p, (k, v) in got.items():
         assert torch.equal(k, pages[p][0]) and torch.equal(v, pages[p][1])

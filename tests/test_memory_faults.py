@@ -19,6 +19,7 @@ import torch
 from longattn.memory import H2O, EvictingMemory, KeyRotation, PagedMemory, store
 from longattn.memory.retrieval import RetrievalMemory
 from longattn.memory.tiers import DiskTier
+from conftest import DEVICE
 from test_memory import INV, feed, qkv
 
 import safetensors.torch as st
@@ -78,7 +79,7 @@ def test_a_failed_disk_write_keeps_every_page_and_the_memory_usable(tmp_path, mo
     store.save(tmp_path / "after.safetensors", [mem.state()], {"model": "x"})
     back = paged(tmp_path / "disk2")
     (tensors, meta), = store.load(tmp_path / "after.safetensors", {"model": "x"})
-    back.load_state(tensors, meta, "cpu")
+    back.load_state(tensors, meta, DEVICE)
     last = (q[:, :, 399:], k[:, :, 399:], v[:, :, 399:], None, 0.25)
     assert torch.equal(back.attend(*last), mem.attend(*last))
 
@@ -119,7 +120,7 @@ def test_a_disk_tier_write_is_all_or_nothing_and_reports_an_os_error(tmp_path, m
     assert sorted(os.listdir(tmp_path)) == files and tier.nbytes == nbytes and 2 not in tier and len(tier) == 2
     monkeypatch.undo()
     tier.write({2: page(2)})
-    assert [tier.read(p, "cpu")[0][0, 0, 0, 0].item() for p in range(3)] == [0.0, 1.0, 2.0]
+    assert [tier.read(p, DEVICE)[0][0, 0, 0, 0].item() for p in range(3)] == [0.0, 1.0, 2.0]
 
 
 # -- 2. tiers sharing a folder keep their own pages ------------------------------------------------
@@ -135,17 +136,18 @@ def test_two_tiers_in_one_folder_keep_their_own_pages(tmp_path, monkeypatch):
     a, b = DiskTier(tmp_path), DiskTier(tmp_path)
     a.write({0: (torch.ones(1, 1, 4, 2), torch.ones(1, 1, 4, 2))})
     b.write({0: (torch.full((1, 1, 4, 2), 2.0), torch.full((1, 1, 4, 2), 2.0))})
-    assert torch.equal(a.read(0, "cpu")[0], torch.ones(1, 1, 4, 2))
-    assert torch.equal(b.read(0, "cpu")[0], torch.full((1, 1, 4, 2), 2.0))
+    assert torch.equal(a.read(0, DEVICE)[0], torch.ones(1, 1, 4, 2))
+    assert torch.equal(b.read(0, DEVICE)[0], torch.full((1, 1, 4, 2), 2.0))
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
     a.close()
     assert len(list(tmp_path.glob("*.safetensors"))) == 1  # a removes its segments, not b's
-    assert torch.equal(b.read(0, "cpu")[0], torch.full((1, 1, 4, 2), 2.0))
+    assert torch.equal(b.read(0, DEVICE)[0], torch.full((1, 1, 4, 2), 2.0))
 
 
 # -- 3. a save killed or failing midway keeps the previous file -------------------------------------
 
 
+@pytest.mark.cpu_only(reason="runs its memory on the CPU in a subprocess")
 def test_a_save_killed_midway_keeps_the_previous_file(tmp_path):
     path = tmp_path / "m.safetensors"
     script = textwrap.dedent(f"""
@@ -211,6 +213,7 @@ def test_a_safetensors_error_while_saving_is_an_os_error_naming_the_path(tmp_pat
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.cpu_only(reason="runs its memory on the CPU in a subprocess")
 def test_a_real_write_failure_while_saving_is_an_os_error(tmp_path):
     # a file-size limit makes the real safetensors writer fail (EFBIG) as a full disk would
     script = textwrap.dedent(f"""
@@ -308,7 +311,7 @@ def check_refused(tmp_path, make, data, edit, field):
     before = snapshot(dst)
     with pytest.raises(ValueError, match=field.replace(".", r"\.")) as err:
         (tensors, meta), = store.load(bad, {"model": "x"})
-        dst.load_state(tensors, meta, "cpu")
+        dst.load_state(tensors, meta, DEVICE)
     assert "expected" in str(err.value)
     assert_same_state(snapshot(dst), before)
     step = (q2[:, :, 150:160], k2[:, :, 150:160], v2[:, :, 150:160], None, 0.25)
@@ -413,6 +416,7 @@ def test_a_non_finite_key_is_refused_before_the_retrieval_memory_stores_anything
 # -- 7. temporary disk folders go with the memory, and at exit -------------------------------------
 
 
+@pytest.mark.cpu_only(reason="runs its memory on the CPU in a subprocess")
 def test_temporary_disk_folders_are_removed_at_exit(tmp_path):
     script = textwrap.dedent("""
         import glob, os, tempfile, torch

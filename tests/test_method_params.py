@@ -55,6 +55,7 @@ ZERO_OK = {
     **{(m, f): True for m in ("landmark", "quest", "block_oracle", "hip", "infllm", "flexprefill")
        for f in ("sinks", "window")},
     **{(m, f): True for m in ("tokenselect", "loki") for f in ("sinks", "window")},
+    **{(m, f): True for m in ("xattention", "anchor", "pbs") for f in ("sinks", "window")},
     ("hyper", "samples"): True, ("hyper", "seed"): True,
     ("linformer", "seed"): True,
     ("longheads", "local"): True,

@@ -45,3 +45,18 @@ def test_reference_bias_is_added_to_scaled_scores():
     out, _ = longattn.reference_attention(q, k, v, scale=0.3, bias=bias)
     s = (q.double() @ k.double().transpose(-1, -2)) * 0.3 + bias.double()
     torch.testing.assert_close(out, torch.softmax(s, -1) @ v.double())
+
+
+def test_a_partly_non_finite_value_row_keeps_its_finite_elements_exact():
+    """One NaN element in a visible value row makes that output column NaN; the row's finite
+    elements count once, as in a plain softmax-weighted sum."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 3, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    v_bad = v.clone()
+    v_bad[0, 0, 1, 2] = float("nan")
+    out, _ = longattn.reference_attention(q, k, v_bad, causal=True)
+    clean, _ = longattn.reference_attention(q, k, v, causal=True)
+    assert torch.equal(out[0, 0, 0], clean[0, 0, 0])  # row 0 does not see key 1
+    assert torch.isnan(out[0, 0, 1:, 2]).all()
+    keep = [0, 1, 3]
+    torch.testing.assert_close(out[0, 0, 1:, keep], clean[0, 0, 1:, keep], rtol=1e-12, atol=1e-12)

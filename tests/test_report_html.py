@@ -24,6 +24,8 @@ from matplotlib import colormaps  # noqa: E402
 from longattn.bench import plots  # noqa: E402
 from longattn.bench.report_html import render_html, write_html  # noqa: E402
 
+pytestmark = pytest.mark.cpu_only(reason="renders the benchmark's report (a CPU program) in headless Chromium")
+
 MACHINE = {
     "date_utc": "2026-11-22T07:36:26+00:00", "platform": "Linux-6.1-x86_64-with-glibc2.36", "machine": "x86_64",
     "cpu_model": "AMD EPYC", "cpu_count": 2, "cpu_affinity": 2, "torch_threads": 2, "torch_interop_threads": 2,

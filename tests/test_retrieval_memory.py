@@ -10,6 +10,7 @@ import torch
 from longattn.memory import KeyRotation, store
 from longattn.memory.ann import available_backends
 from longattn.memory.retrieval import RetrievalMemory
+from conftest import DEVICE
 from test_memory import D, INV, feed, qkv, reference, rope
 
 GRAPHS = [b for b in available_backends() if b != "exact"]
@@ -104,7 +105,7 @@ def test_save_load_gives_bit_identical_steps(backend, tmp_path):
     make.n = 1
     b = make()
     (tensors, meta), = store.load(path, {"model": "x"})
-    b.load_state(tensors, meta, "cpu")
+    b.load_state(tensors, meta, DEVICE)
     assert b.indexed == a.indexed and len(b.indexes[0][1]) == len(a.indexes[0][1]) > 0
     if backend != "hnswlib":  # hnswlib rebuilds its graph on load: approximate answers may differ
         for i in range(690, 700):
@@ -112,7 +113,7 @@ def test_save_load_gives_bit_identical_steps(backend, tmp_path):
             assert torch.equal(a.attend(*step), b.attend(*step)), i
     with pytest.raises(ValueError, match="this cache uses"):
         RetrievalMemory(2, None, retrieve=41, page=16, sinks=16, window=32, backend=backend).load_state(
-            tensors, meta, "cpu")
+            tensors, meta, DEVICE)
 
 
 def test_index_memory_is_reported_and_exactness_holds_past_the_full_budget_boundary():

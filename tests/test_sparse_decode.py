@@ -26,6 +26,7 @@ def kernel_mode(monkeypatch, kernel):
         monkeypatch.setattr(native, "decode_blocks_applies", lambda *a, **kw: False)
 
 
+@pytest.mark.cpu_only(reason="the lean decode path runs on CPU tensors (torch's fused CPU kernel, the native one)")
 @pytest.mark.parametrize("kernel", ["native", "gather"])
 @pytest.mark.parametrize("name", ["landmark", "quest"])
 @pytest.mark.parametrize("tk,sinks,window,budget", [(300, 16, 32, 96), (257, 0, 0, 64), (512, 20, 40, 160),
@@ -127,6 +128,7 @@ def blocks_reference(q, k, v, blocks, bs, scale):
     return out, lse
 
 
+@pytest.mark.cpu_only(reason="the native decode kernel takes CPU tensors")
 def test_native_decode_blocks_equals_float64_reference():
     if native.unavailable_reason() is not None:
         pytest.skip(f"native decode kernel unavailable: {native.unavailable_reason()}")
@@ -149,6 +151,7 @@ def test_native_decode_blocks_equals_float64_reference():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.cpu_only(reason="the native decode kernel takes CPU tensors")
 def test_native_decode_blocks_rejects_bad_input():
     if native.unavailable_reason() is not None:
         pytest.skip(f"native decode kernel unavailable: {native.unavailable_reason()}")
@@ -164,6 +167,7 @@ def test_native_decode_blocks_rejects_bad_input():
         native.decode_blocks(q, k[..., :4].contiguous(), v[..., :4].contiguous(), good, 16, 1.0)
 
 
+@pytest.mark.cpu_only(reason="the native decode kernel takes CPU tensors")
 def test_without_the_native_kernel_decoding_keeps_its_torch_path(monkeypatch, tmp_path):
     """LONGATTN_NATIVE=0 (or no compiler) leaves the gather path: same result, reason stated."""
     q, k, v = make_qkv(b=1, hq=4, hk=2, tq=1, tk=300, d=16, seed=2)
@@ -188,6 +192,7 @@ def test_without_the_native_kernel_decoding_keeps_its_torch_path(monkeypatch, tm
     assert "no C compiler" in native.unavailable_reason()
 
 
+@pytest.mark.cpu_only(reason="the native decode kernel takes CPU tensors")
 def test_native_kernel_builds_into_the_cache_dir(monkeypatch, tmp_path):
     import shutil
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.cpu_only(reason="builds and installs the wheel in subprocesses")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -73,6 +73,16 @@ def accuracy_methods(block: int = BLOCK, blocks: int = BLOCKS_PER_QUERY_BLOCK) -
         "routing": longattn.method("routing", clusters=8, window=block),
         "cca": longattn.method("cca", group=16, window=2 * block),
         "hyper": longattn.method("hyper", block=block, samples=block, min_seq=4 * block),
+        # block-sparse prefill selectors: XAttention filling the budget (τ = 1) and at the paper's
+        # τ = 0.9 (adaptive: may stop below it), its strided-rows estimate; AnchorAttention at its
+        # default margin and a wide one; PBS (permuted keys) with pooled and strided-rows estimates
+        "xattention": longattn.method("xattention", threshold=1.0, **common),
+        "xattention, τ=0.9": longattn.method("xattention", threshold=0.9, **common),
+        "xattention (rows)": longattn.method("xattention", threshold=1.0, estimate="rows", **common),
+        "anchor": longattn.method("anchor", **common),
+        "anchor, θ=32": longattn.method("anchor", theta=32.0, **common),
+        "pbs": longattn.method("pbs", segment=4 * block, **common),
+        "pbs (rows)": longattn.method("pbs", segment=4 * block, estimate="rows", **common),
         "streaming": longattn.method("streaming", sinks=block, window=budget - block, backend="tiled"),
     }
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import longattn
+from longattn.bench import harness
 from longattn.bench.harness import guarded, time_call
 from longattn.sparse.summaries import BlockSummaries
 
@@ -92,8 +93,8 @@ def budget_for_density(tokens: int, density: float, block: int = PREFILL_BLOCK, 
 
 
 def prefill_methods(budget: int, block: int = PREFILL_BLOCK, q_block: int = PREFILL_Q_BLOCK) -> dict[str, Any]:
-    """The methods timed in long prefill, all at the same budget and blocks (FlexPrefill's γ may
-    stop below it). Token-level methods (TokenSelect, Loki, MInference's eager kernel, Routing)
+    """The methods timed in long prefill, all at the same budget and blocks (FlexPrefill's γ,
+    XAttention's τ and AnchorAttention's θ may stop below it). Token-level methods (TokenSelect, Loki, MInference's eager kernel, Routing)
     score every key for every query — dense cost — so they are not timed here."""
     common = dict(budget=budget, block=block, q_block=q_block, sinks=block, window=0)
     return {
@@ -105,6 +106,11 @@ def prefill_methods(budget: int, block: int = PREFILL_BLOCK, q_block: int = PREF
         "longheads": longattn.method("longheads", window=budget, chunk=block, local=0),
         "landmark": longattn.method("landmark", **common),
         "quest": longattn.method("quest", **common),
+        "xattention": longattn.method("xattention", **common),
+        "anchor": longattn.method("anchor", **common),
+        "pbs": longattn.method("pbs", segment=4 * q_block, **common),
+        # (pbs with estimate="rows" is in the accuracy table: its exact row estimate costs a third of
+        # SDPA's time at 32k here, 0.68x SDPA in all)
         "streaming": longattn.method("streaming", sinks=block, window=budget - block, backend="tiled"),
     }
 
@@ -117,25 +123,29 @@ def _errors(out: torch.Tensor, lse: torch.Tensor | None, ref: torch.Tensor, ref_
 
 
 def run_prefill(tokens: int = 32768, density: float = 0.10, *, methods: dict[str, Any] | None = None, repeats: int = 3,
-                seed: int = 0, progress=None) -> Iterator[dict[str, Any]]:
-    """Causal prefill of ``tokens`` tokens: SDPA (``is_causal``) first, then every method at the
-    budget giving ``density`` (records carry ``sdpa_median_s`` and ``ratio_to_sdpa`` from the same
-    run). A method whose output is not finite gets no speed figure."""
+                seed: int = 0, progress=None, dtype: str = "float32") -> Iterator[dict[str, Any]]:
+    """Causal prefill of ``tokens`` tokens in ``dtype`` ("float32", "bfloat16", "float16"): SDPA
+    (``is_causal``, same dtype) first, then every method at the budget giving ``density`` (records
+    carry ``sdpa_median_s`` and ``ratio_to_sdpa`` from the same run, ``dtype`` and the
+    ``compute_dtype`` that ran). Errors are against dense attention computed in float32 from the
+    same (rounded) inputs. A method whose output is not finite gets no speed figure."""
     budget = budget_for_density(tokens, density)
     methods = methods if methods is not None else prefill_methods(budget)
-    q, k, v = clustered_qkv(tokens, seed=seed)
+    q, k, v = harness.on_device(*(t.to(harness.DTYPES[dtype]) for t in clustered_qkv(tokens, seed=seed)))
     say = progress or (lambda msg: None)
-    say(f"prefill {tokens} tokens: SDPA")
-    ref_out, ref_stats = longattn.attention(q, k, v, causal=True, method="dense", return_stats=True)
+    say(f"prefill {tokens} tokens, {dtype}: SDPA")
+    ref_out, ref_stats = longattn.attention(q, k, v, causal=True, method="dense", return_stats=True,
+                                            compute_dtype="float32")
     sdpa = time_call(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), warmup=1, repeats=repeats)
     common = {"tokens": tokens, "target_density": density, "budget": budget, "block": PREFILL_BLOCK,
-              "q_block": PREFILL_Q_BLOCK, "sdpa_median_s": sdpa.median_s}
+              "q_block": PREFILL_Q_BLOCK, "sdpa_median_s": sdpa.median_s, "dtype": dtype}
     yield {**common, "method": "sdpa", "density": 1.0, "median_s": sdpa.median_s, "min_s": sdpa.min_s,
            "max_s": sdpa.max_s, "ratio_to_sdpa": 1.0, "status": "ok"}
     for name, m in methods.items():
-        say(f"prefill {tokens} tokens: {name}")
+        say(f"prefill {tokens} tokens, {dtype}: {name}")
         out, st = longattn.attention(q, k, v, causal=True, method=m, return_stats=True)
         rec = {**common, "method": name, "registry_name": m.name, "density": st.density,
+               "compute_dtype": st.compute_dtype, "path_detail": st.extra.get("kernel"),
                **_errors(out, st.lse, ref_out, ref_stats.lse), "status": "ok"}
         if not rec["finite"]:
             rec["status"] = "FAILED: output not finite"
@@ -154,13 +164,15 @@ def run_prefill(tokens: int = 32768, density: float = 0.10, *, methods: dict[str
 
 
 def run_decode(cache: int = 131072, budget: int = 2048, *, steps: int = 20, repeats: int = 3, seed: int = 0,
-               progress=None) -> Iterator[dict[str, Any]]:
-    """One decode step (a single new query) over a ``cache``-token KV cache: dense SDPA first, then
-    the block-retrieval methods at ``budget`` keys, whose block summaries are kept by the decode
-    loop (``attention(..., summaries=)``), as a real cache would. Each method record also carries
-    the time to build the summaries once and to fold one new key into them."""
+               progress=None, dtype: str = "float32") -> Iterator[dict[str, Any]]:
+    """One decode step (a single new query) over a ``cache``-token KV cache in ``dtype``: dense
+    SDPA (same dtype) first, then the block-retrieval methods at ``budget`` keys, whose block
+    summaries are kept by the decode loop (``attention(..., summaries=)``), as a real cache would.
+    Each method record also carries the time to build the summaries once and to fold one new key
+    into them."""
     say = progress or (lambda msg: None)
-    q_all, k, v = clustered_qkv(cache, tokens_q=steps, seed=seed)
+    q_all, k, v = harness.on_device(*(t.to(harness.DTYPES[dtype])
+                                      for t in clustered_qkv(cache, tokens_q=steps, seed=seed)))
     say(f"decode over {cache} keys: building block summaries")
     t0 = time.perf_counter()
     summaries = BlockSummaries.build(k, DECODE_BLOCK)
@@ -177,7 +189,7 @@ def run_decode(cache: int = 131072, budget: int = 2048, *, steps: int = 20, repe
     # the cost of keeping summaries current: one new key per step
     extra = BlockSummaries.build(k[:, :, : cache - 1], DECODE_BLOCK)
     t_app = time_call(lambda: _append_copy(extra, k[:, :, cache - 1: cache]), warmup=1, repeats=repeats)
-    common = {"cache": cache, "budget": budget, "steps": steps, "sdpa_step_s": sdpa.median_s / steps}
+    common = {"cache": cache, "budget": budget, "steps": steps, "sdpa_step_s": sdpa.median_s / steps, "dtype": dtype}
     yield {**common, "method": "sdpa", "budget": None, "density": 1.0, "step_s": sdpa.median_s / steps,
            "ratio_to_sdpa": 1.0, "status": "ok"}
     kw = dict(budget=budget, block=DECODE_BLOCK, q_block=1, sinks=DECODE_BLOCK, window=256)
@@ -188,7 +200,8 @@ def run_decode(cache: int = 131072, budget: int = 2048, *, steps: int = 20, repe
         recalls = []
         for q in qs:
             out, st = longattn.attention(q, k, v, causal=True, method=m, return_stats=True, summaries=summaries)
-            ref, ref_st = longattn.attention(q, k, v, causal=True, method="dense", return_stats=True)
+            ref, ref_st = longattn.attention(q, k, v, causal=True, method="dense", return_stats=True,
+                                             compute_dtype="float32")
             e = _errors(out, st.lse, ref, ref_st.lse)
             errs.append(e["rel_err"])
             recalls.append(e["recall"])
@@ -197,7 +210,8 @@ def run_decode(cache: int = 131072, budget: int = 2048, *, steps: int = 20, repe
         yield {**common, "method": name, "density": budget / cache, "rel_err": sum(errs) / len(errs),
                "recall": sum(recalls) / len(recalls), "step_s": t.median_s / steps,
                "ratio_to_sdpa": sdpa.median_s / t.median_s, "summaries_build_s": build_s,
-               "summary_append_s": t_app.median_s, "status": "ok"}
+               "summary_append_s": t_app.median_s, "compute_dtype": st.compute_dtype,
+               "path_detail": st.extra.get("path_detail"), "status": "ok"}
 
 
 def _append_copy(s: BlockSummaries, k_new: torch.Tensor) -> None:
@@ -222,6 +236,10 @@ def frontier_methods() -> dict[str, Callable[[int], Any]]:
         "quest (pooled)": block("quest", pooled=True),
         "infllm (pooled)": block("infllm", pooled=True),
         "hip": block("hip"),
+        # budget-driven forms (exact at full budget, as the gate needs): τ = 1, θ = ∞
+        "xattention (τ=1)": block("xattention", threshold=1.0),
+        "anchor (θ=∞)": block("anchor", theta=math.inf),
+        "pbs": block("pbs", segment=4 * PREFILL_Q_BLOCK),
         "streaming": lambda budget: longattn.method("streaming", sinks=PREFILL_BLOCK, window=budget - PREFILL_BLOCK,
                                                     backend="tiled"),
     }

@@ -15,6 +15,17 @@ import math
 import torch
 
 
+def row_logsumexp(scores: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp`` over the last axis, ``-inf`` for a row whose scores are all ``-inf`` (it
+    sees no key). Under autograd such a row gets a zero gradient, where ``torch.logsumexp``'s is NaN
+    (``exp(-inf - -inf)``) even when the LSE itself is masked out afterwards; the values are the
+    same either way."""
+    if not (torch.is_grad_enabled() and scores.requires_grad):
+        return torch.logsumexp(scores, dim=-1)
+    dead = torch.isneginf(scores).all(-1, keepdim=True)
+    return torch.logsumexp(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead.squeeze(-1), -math.inf)
+
+
 def merge_partials(
     outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:

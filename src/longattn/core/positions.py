@@ -587,7 +587,7 @@ class T5RelativeBias(PositionEncoding):
             )
         if table is None:
             gen = torch.Generator().manual_seed(int(seed))
-            table = torch.randn(num_buckets, self.heads, generator=gen, dtype=torch.float32)
+            table = torch.randn(num_buckets, self.heads, generator=gen, dtype=torch.float32, device=gen.device)
         else:
             _check_tensor("table", table, (2,))
             if tuple(table.shape) != (num_buckets, self.heads):
@@ -675,7 +675,8 @@ class CoPE(PositionEncoding):
         expected = (self.heads, self.npos_max, self.head_dim)
         if embeddings is None:
             gen = torch.Generator().manual_seed(int(seed))
-            embeddings = torch.randn(*expected, generator=gen, dtype=torch.float32) / math.sqrt(self.head_dim)
+            embeddings = torch.randn(*expected, generator=gen, dtype=torch.float32,
+                                     device=gen.device) / math.sqrt(self.head_dim)
         else:
             _check_tensor("embeddings", embeddings, (3,))
             if tuple(embeddings.shape) != expected:

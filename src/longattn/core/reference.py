@@ -87,7 +87,9 @@ def reference_attention(
     vis = allowed[..., cols] & bad_key[:, :, None, cols]  # [B, Hq, Tq, n]
     rows = vis.any(-1)
     if bool(rows.any()):
-        extra = (weights[..., cols].masked_fill(~vis, 0.0)[..., None] * v64[:, :, None, cols]).masked_fill(
+        # only the non-finite elements: the finite ones of the same value rows are already in `out`
+        only_bad = v64.masked_fill(~bad_v, 0.0)
+        extra = (weights[..., cols].masked_fill(~vis, 0.0)[..., None] * only_bad[:, :, None, cols]).masked_fill(
             ~vis[..., None], 0.0).sum(-2)
         out = torch.where(rows[..., None], out + extra, out)
     return out, lse

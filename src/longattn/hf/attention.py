@@ -223,8 +223,9 @@ def longattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         out = longattn.attention(query, key, value, causal=causal, method=method, scale=scaling, key_padding_mask=pad,
                                  softcap=softcap)
         return out.transpose(1, 2), None
-    q32, k32, v32 = (t.to(torch.float32) for t in (query, key, value))  # fold the sinks before rounding
-    out, stats = longattn.attention(q32, k32, v32, causal=causal, method=method, scale=scaling,
+    # the inputs go in as stored (a float32 copy of a long bf16 cache would cost more than the step);
+    # the sinks fold into the output in float32 (one extra rounding of a bf16 output)
+    out, stats = longattn.attention(query, key, value, causal=causal, method=method, scale=scaling,
                                     key_padding_mask=pad, return_stats=True, softcap=softcap)
     if stats.lse is None:
         raise ValueError(
@@ -296,7 +297,7 @@ def _dense_4d(query, key, value, mask, scaling, method: Method, softcap=None, si
     hq, hk = query.shape[1], key.shape[1]
     out = torch.nn.functional.scaled_dot_product_attention(
         query.float(), key.float(), value.float(), attn_mask=attn, scale=scaling, enable_gqa=hq != hk)
-    out = torch.where(seen, out, torch.zeros((), dtype=out.dtype))
+    out = torch.where(seen, out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out.to(query.dtype)
 
 

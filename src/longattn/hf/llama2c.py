@@ -119,9 +119,9 @@ def to_llama_config(cfg: l2c.Llama2cConfig, **overrides):
     return LlamaConfig(**kwargs)
 
 
-def rotate_half_order(head_dim: int) -> torch.Tensor:
+def rotate_half_order(head_dim: int, device=None) -> torch.Tensor:
     """Channel order that moves llama2.c's pair ``(2i, 2i+1)`` to ``(i, i + head_dim/2)``."""
-    return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+    return torch.cat([torch.arange(0, head_dim, 2, device=device), torch.arange(1, head_dim, 2, device=device)])
 
 
 def load_llama2c(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
@@ -148,7 +148,7 @@ def load_llama2c(path: str | Path | None = None, *, dtype: torch.dtype = torch.f
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     hd = cfg.head_dim
-    order = rotate_half_order(hd)
+    order = rotate_half_order(hd, device=w["wq"].device)
 
     def qk_rows(m: torch.Tensor, heads: int) -> torch.Tensor:
         return m.view(heads, hd, -1)[:, order].reshape(heads * hd, -1)
@@ -176,7 +176,7 @@ def load_llama2c(path: str | Path | None = None, *, dtype: torch.dtype = torch.f
     if cfg.shared_classifier:
         model.tie_weights()
     # buffers computed at init (RoPE inverse frequencies) were created on meta: rebuild them for real
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(w["wq"].device)
     model = model.to(dtype).eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.bos_token_id = 1

@@ -6,4 +6,10 @@
 * ``native`` — small C kernels built on first use with the system compiler (``decode_blocks``:
   one query per head over whole key blocks read in place, for decoding); optional, callers keep
   a torch path where no compiler is found.
+* ``native_prefill`` — the block-sparse prefill kernel (``csrc/sparse_prefill.c``): every query
+  tile walks its selected key blocks in place (no gathered copy), computes only the causal half of
+  diagonal blocks and keeps its online softmax in float32 registers; bf16/fp16 read as stored.
+
+Off the CPU the fused CPU op is not available: ``sdpa.fused_flash`` gives the same ``(out, lse)``
+from torch ops, and the C kernels are not chosen.
 """

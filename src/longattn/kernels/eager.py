@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from longattn.core.merge import row_logsumexp
 from longattn.kernels.tiled import chunk_attention
 
 
@@ -30,7 +31,7 @@ def attend_scores(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, 
     """
     b, hq, m, n = scores.shape
     hk, d = v.shape[1], v.shape[-1]
-    lse = torch.logsumexp(scores, -1)
+    lse = row_logsumexp(scores)
     p = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])  # hidden → 0, dead rows → 0
     out = torch.matmul(p.reshape(b, hk, (hq // hk) * m, n), v).view(b, hq, m, d)
     return out, lse

@@ -133,7 +133,9 @@ def flex_attention_path(
     gqa = q.shape[1] != k.shape[1]
     want_lse = q.device.type != "cpu"
     try:
-        with torch.no_grad():
+        # the CPU kernel has no backward (callers never send inputs needing grad there); on other
+        # devices the compiled kernel differentiates out and LSE, so autograd stays as the caller set it
+        with torch.set_grad_enabled(want_lse and torch.is_grad_enabled()):
             res = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
                      enable_gqa=gqa, return_lse=want_lse)
     except Exception as exc:  # inductor/dynamo raise many types; all mean "this kernel cannot be built"

@@ -81,9 +81,9 @@ def dense_pairs(tokens_q: int, tokens_k: int, causal: bool) -> int:
     if not causal:
         return tokens_q * tokens_k
     off = tokens_k - tokens_q
-    # row i sees min(tokens_k, i + off + 1) keys
-    rows = torch.arange(tokens_q, dtype=torch.int64) + off + 1
-    return int(rows.clamp(max=tokens_k).sum())
+    # row i sees min(tokens_k, i + off + 1) keys, and i + off + 1 <= tokens_k for every row: the sum
+    # in closed form (host arithmetic, no tensor on any device)
+    return tokens_q * (off + 1) + tokens_q * (tokens_q - 1) // 2
 
 
 def count_allowed_pairs(mask: Mask | None, layout: BlockLayout, batch: int, heads: int) -> float:

@@ -30,7 +30,9 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 2
+ABI_VERSION = 3
+#: the cache dtypes the decode kernel reads as stored, and their code in its ABI
+KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 FLAGS: tuple[str, ...] = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 #: a compile that takes longer than this is abandoned (the torch path is used)
 BUILD_TIMEOUT_S = 120
@@ -82,14 +84,17 @@ def _cpu_signature() -> str:
     return "\n".join(sig)
 
 
-def _build(source: bytes, cc: str) -> Path:
+def _build(source: bytes, cc: str, name: str = "decode_blocks", what: str = "decode") -> Path:
+    """Compile ``source`` into ``cache_dir()/<name>-<key>.so`` (kept across runs; the key covers
+    the source, flags, compiler and CPU) and return its path; ``what`` names the kernel in errors.
+    Shared by every native kernel (``native_prefill`` builds ``sparse_prefill`` with it)."""
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise RuntimeError(f"C compiler {cc!r} did not run: {exc}") from exc
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cc.encode(),
                                      version.encode(), _cpu_signature().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"decode_blocks-{key}.so"
+    target = cache_dir() / f"{name}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -101,10 +106,10 @@ def _build(source: bytes, cc: str) -> Path:
                               timeout=BUILD_TIMEOUT_S)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            raise RuntimeError(f"{Path(cc).name} failed to build the decode kernel: {' | '.join(tail)}")
+            raise RuntimeError(f"{Path(cc).name} failed to build the {what} kernel: {' | '.join(tail)}")
         os.replace(tmp, target)  # atomic: a concurrent process sees the whole file or none
     except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"building the decode kernel took over {BUILD_TIMEOUT_S} s") from exc
+        raise RuntimeError(f"building the {what} kernel took over {BUILD_TIMEOUT_S} s") from exc
     finally:
         for p in (src, tmp):
             p.unlink(missing_ok=True)
@@ -126,9 +131,9 @@ def _load() -> None:
             lib = ctypes.CDLL(str(_build(source, cc)))
             if lib.decode_blocks_abi_version() != ABI_VERSION:
                 raise RuntimeError("the built decode kernel has an unexpected ABI version")
-            fn = lib.decode_blocks_f32
+            fn = lib.decode_blocks
             p, i = ctypes.c_void_p, ctypes.c_int64
-            fn.argtypes = [p] * 6 + [i] * 15 + [ctypes.c_float, ctypes.c_int]
+            fn.argtypes = [p] * 6 + [i] * 15 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
             fn.restype = ctypes.c_int  # 0, or 1 when a thread's scratch could not be allocated
             _lib = lib
         except (OSError, RuntimeError) as exc:
@@ -144,11 +149,11 @@ def unavailable_reason() -> str | None:
 
 
 def decode_blocks_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int) -> bool:
-    """Whether ``decode_blocks`` takes these tensors: float32 on the CPU, one query, last
-    dimension contiguous, no autograd history wanted, sizes within the kernel's stack limits,
-    and the kernel available."""
+    """Whether ``decode_blocks`` takes these tensors: on the CPU, q float32, bfloat16 or float16,
+    k and v of one of those dtypes (read as stored), one query, last dimension contiguous, no
+    autograd history wanted, sizes within the kernel's limits, and the kernel available."""
     ok = (q.device.type == k.device.type == v.device.type == "cpu"
-          and q.dtype == k.dtype == v.dtype == torch.float32
+          and q.dtype in KV_DTYPES and k.dtype in KV_DTYPES and v.dtype == k.dtype
           and q.dim() == 4 and q.shape[2] == 1 and q.shape[-1] <= MAX_HEAD_DIM and 0 < block <= MAX_BLOCK
           and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
           and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
@@ -160,7 +165,9 @@ def decode_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: tor
     """Exact attention of one query per head over whole key blocks, read in place.
 
     Args:
-        q: ``[B, Hq, 1, D]`` float32; k, v: ``[B, Hkv, T, D]`` float32 (``Hq % Hkv == 0``), last
+        q: ``[B, Hq, 1, D]`` (float32, bfloat16 or float16; widened to float32, it is small);
+            k, v: ``[B, Hkv, T, D]`` float32, bfloat16 or float16, read as stored — a half cache
+            is never converted, the kernel widens each element it reads (``Hq % Hkv == 0``), last
             dimension contiguous, any other strides (a view into a larger cache is fine).
         blocks: int ``[B, Hq, n_sel]``: key block indices per query head, ``-1`` for an unused
             slot; block ``j`` holds tokens ``[j·block, min((j+1)·block, T))``. Indices must be
@@ -177,7 +184,8 @@ def decode_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: tor
         raise RuntimeError(f"the native decode kernel is unavailable: {reason}")
     if not decode_blocks_applies(q, k, v, block):
         raise ValueError(
-            "decode_blocks takes float32 CPU tensors q [B, Hq, 1, D], k and v [B, Hkv, T, D] with the last "
+            "decode_blocks takes CPU tensors (float32, bfloat16 or float16) q [B, Hq, 1, D], k and v "
+            "[B, Hkv, T, D] of one dtype, with the last "
             f"dimension contiguous and 0 < block <= {MAX_BLOCK}; got q {tuple(q.shape)} {q.dtype}, "
             f"k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} {v.dtype}, block {block}")
     b, hq, _, d = q.shape
@@ -191,13 +199,14 @@ def decode_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: tor
     sel = blocks.to(torch.int64).contiguous()
     if sel.numel() and int(sel.max()) >= n_blocks:
         raise ValueError(f"blocks holds index {int(sel.max())}, but the cache has {n_blocks} blocks of {block}")
-    out = torch.empty(b, hq, 1, d, dtype=torch.float32)
-    lse = torch.empty(b, hq, 1, dtype=torch.float32)
+    out = torch.empty(b, hq, 1, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, 1, dtype=torch.float32, device=q.device)
+    q = q.to(torch.float32)  # one row per head: the cache itself is read as stored
     assert _lib is not None
-    failed = _lib.decode_blocks_f32(
+    failed = _lib.decode_blocks(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), sel.data_ptr(), out.data_ptr(), lse.data_ptr(),
         b, hq, hk, d, t, block, sel.shape[-1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), float(scale), max(1, torch.get_num_threads()))
+        v.stride(0), v.stride(1), v.stride(2), float(scale), max(1, torch.get_num_threads()), KV_DTYPES[k.dtype])
     if failed:
         raise MemoryError(f"the native decode kernel could not allocate {(d + block) * 4} bytes of scratch per thread")
     return out, lse

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from longattn.core.merge import merge_partials
+from longattn.core.merge import merge_partials, row_logsumexp
 
 
 def fused_cpu_available(q: torch.Tensor) -> bool:
@@ -30,6 +30,8 @@ def fused_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
                 attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's fused CPU flash kernel, ``aten._scaled_dot_product_flash_attention_for_cpu``, with the
     preconditions that private op does not check kept here — every call in longattn goes through it.
+    Off the CPU (CUDA, ...), where the op does not run, the same ``(out, lse)`` comes from torch ops
+    in float32 (``_eager_flash``).
 
     * The last dimension of q, k, v and the mask must have stride 1: the op reads a head as
       contiguous memory, so a stride-0 (expanded) or strided (``[..., ::2]``) last dimension gives
@@ -52,6 +54,9 @@ def fused_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
     if q.numel() == 0 or k.shape[2] == 0:
         out = torch.zeros(b, h, m, v.shape[-1], dtype=q.dtype, device=q.device)
         return out, torch.full((b, h, m), -math.inf, dtype=torch.float32, device=q.device)
+    if not fused_cpu_available(q):
+        # not a CPU tensor (or a build without the op): the same result from plain torch ops
+        return _eager_flash(q, k, v, scale, causal, attn_mask)
     q, k, v = _unit_stride_last(q), _unit_stride_last(k), _unit_stride_last(v)
     if attn_mask is not None:
         attn_mask = _unit_stride_last(attn_mask)
@@ -61,6 +66,30 @@ def fused_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, causal, attn_mask=attn_mask, scale=scale)
     return out, lse.to(torch.float32)
+
+
+def _eager_flash(q, k, v, scale: float, causal: bool, attn_mask):
+    """``fused_flash`` where the fused CPU op cannot run (CUDA and other devices): float32 scores
+    in query tiles, their LSE and ``softmax @ v`` from torch ops, differentiable through out and
+    LSE by autograd. Rows that see no key give 0 and LSE ``-inf``. Callers pick the fused path only
+    for CPU tensors (``fused_cpu_available``), so this serves direct calls on other devices."""
+    m, n = q.shape[2], k.shape[2]
+    tile = max(1, BACKWARD_TILE_ELEMENTS // max(1, q.shape[0] * q.shape[1] * n))
+    kt, vf = k.to(torch.float32).transpose(-1, -2), v.to(torch.float32)
+    outs, lses = [], []
+    for m0 in range(0, m, tile):
+        m1 = min(m, m0 + tile)
+        s = torch.matmul(q[:, :, m0:m1].to(torch.float32), kt) * scale  # [B, H, t, N]
+        if attn_mask is not None:
+            s = s + (attn_mask if attn_mask.shape[-2] == 1 else attn_mask[..., m0:m1, :]).to(torch.float32)
+        if causal:  # top-left aligned, as the fused op
+            rows = torch.arange(m0, m1, device=q.device)[:, None]
+            s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > rows, -math.inf)
+        lse = row_logsumexp(s)
+        p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
+        outs.append(torch.matmul(p, vf))
+        lses.append(lse)
+    return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:
@@ -220,5 +249,5 @@ def _lse_tiled(q, k, scale, causal, attn_mask, g, tile: int = 256):
             s = s.masked_fill(torch.arange(tk, device=q.device)[None, :] > rows, -math.inf)
         if attn_mask is not None:
             s = s.masked_fill(~attn_mask, -math.inf)
-        lses.append(torch.logsumexp(s.float(), -1))
+        lses.append(row_logsumexp(s.float()))
     return torch.cat(lses, -1)

@@ -20,6 +20,7 @@ import torch
 
 from longattn.core import validate
 from longattn.core.masks import Mask
+from longattn.core.merge import row_logsumexp
 
 #: scores held at once (batch × heads_q × tile × tokens_k), 16 MiB of float32
 TILE_ELEMENTS = 1 << 22
@@ -113,7 +114,7 @@ def softcap_attention(
         if causal:
             seen = key_pos[None, :n] <= (torch.arange(q0, q1, device=q.device) + offset)[:, None]
             s = s.masked_fill(~seen, -math.inf)
-        row = torch.logsumexp(s, dim=-1)  # -inf where the row sees nothing
+        row = row_logsumexp(s)  # -inf where the row sees nothing
         p = torch.exp(s - row.masked_fill(torch.isinf(row), 0.0)[..., None])  # hidden → 0, dead rows → 0
         o = torch.matmul(p.view(b, hk, g * t, n), v32[:, :, :n])
         out[:, :, q0:q1] = o.view(b, hq, t, d)

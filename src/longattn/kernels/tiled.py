@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from longattn.core.masks import Mask
-from longattn.core.merge import merge_partials
+from longattn.core.merge import merge_partials, row_logsumexp
 from longattn.kernels.layout import BlockLayout
 from longattn.kernels.sdpa import fused_cpu_available, fused_flash
 
@@ -54,10 +54,14 @@ def chunk_attention(q, k, v, scale: float, add_mask: torch.Tensor | None, fused:
     Rows whose keys are all hidden are *not* fixed here: the caller knows them."""
     if fused:
         return fused_flash(q, k, v, scale=scale, attn_mask=add_mask)
+    if q.dtype in (torch.bfloat16, torch.float16):
+        # the eager form would round scores and probabilities to the half dtype (flash kernels
+        # keep them in float32): compute it in float32
+        q, k, v = q.float(), k.float(), v.float()
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if add_mask is not None:
         s = s + add_mask
-    lse = torch.logsumexp(s, dim=-1)
+    lse = row_logsumexp(s)
     # out of place: logsumexp and exp keep their inputs / outputs for autograd
     p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
     return torch.matmul(p, v), lse

@@ -100,12 +100,12 @@ def passkey_batch(n_samples: int, length: int, span: int, vocab_size: int, *, se
         ``ids`` ``[n_samples, length]`` (int64) and ``depth`` ``[n_samples]`` (int64).
     """
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(FIRST_ORDINARY_ID, vocab_size, (n_samples, length), generator=g)
+    ids = torch.randint(FIRST_ORDINARY_ID, vocab_size, (n_samples, length), generator=g, device=g.device)
     lo, hi = max(sinks, 1 if bos is not None else 0), length - 2 * span - window
     if hi < lo:
         raise ValueError(f"length={length} leaves no room for a passkey of span={span} after {sinks} sinks and "
                          f"before a {window}-token window")
-    depth = torch.randint(lo, hi + 1, (n_samples,), generator=g)
+    depth = torch.randint(lo, hi + 1, (n_samples,), generator=g, device=g.device)
     for i in range(n_samples):
         ids[i, length - span:] = ids[i, depth[i]:depth[i] + span]
     if bos is not None:
@@ -186,8 +186,8 @@ def select_retrieval(scores: torch.Tensor, share: float) -> torch.Tensor:
     flat = scores.reshape(-1)
     k = max(1, min(flat.numel(), math.ceil(share * flat.numel() - 1e-9)))
     order = torch.argsort(-flat, stable=True)[:k]
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    mask[order.cpu()] = True
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    mask[order] = True
     return mask.reshape(scores.shape)
 
 
@@ -266,7 +266,7 @@ def calibrate_heads(model: torch.nn.Module, *, n_samples: int = 8, length: int =
                 captured[i] = out.detach()
             hooks.append(proj.register_forward_hook(hook))
 
-    sums = {name: torch.zeros(n_layers, hq, dtype=torch.float64) for name in
+    sums = {name: torch.zeros(n_layers, hq, dtype=torch.float64, device="cpu") for name in  # host sums
             (("echo", "induction") if method == "razor" else ("duo",))}
     previous = getattr(model.config, "_attn_implementation", None)
     was_training = model.training

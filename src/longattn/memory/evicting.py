@@ -119,7 +119,7 @@ class EvictingMemory:
     def tokens_per_head(self) -> torch.Tensor:
         """``[B, H]`` int64: real tokens each key head holds now."""
         b = next((grp.ok.shape[0] for grp in self.groups if grp.ok is not None), 0)
-        out = torch.zeros(b, self.n_kv_heads, dtype=torch.int64)
+        out = torch.zeros(b, self.n_kv_heads, dtype=torch.int64, device="cpu")  # a host-side report
         for grp in self.groups:
             if grp.ok is not None:
                 out[:, grp.heads] = grp.ok.sum(-1).cpu()

@@ -299,7 +299,7 @@ class PagedMemory:
 
     def tokens_per_head(self) -> torch.Tensor:
         b = 0 if self.ok is None else self.ok.shape[0]
-        held = torch.zeros(b, dtype=torch.int64) if self.ok is None else self.ok.sum(1).cpu()
+        held = torch.zeros(b, dtype=torch.int64, device="cpu") if self.ok is None else self.ok.sum(1).cpu()
         return held[:, None].expand(b, self.n_kv_heads).clone()
 
     def slots_per_head(self) -> list[int]:
@@ -382,10 +382,10 @@ class PagedMemory:
         for name in ("sum.sums", "sum.kmin", "sum.kmax"):
             parts[name] = saved.tensor(name, ("B", h, n_blocks, "D"), torch.float32, finite=True)
         count = saved.tensor("sum.count", (n_blocks,), torch.int64)
-        want = torch.full((n_blocks,), page, dtype=torch.int64)
+        want = torch.full((n_blocks,), page, dtype=torch.int64, device=count.device)
         want[-1] = seen - (n_blocks - 1) * page
-        if not torch.equal(count.cpu(), want):
-            j = int((count.cpu() != want).nonzero()[0])
+        if not torch.equal(count, want):
+            j = int((count != want).nonzero()[0])
             raise ValueError(f"sum.count[{j}] is {int(count[j])}, expected {int(want[j])} (tokens in page {j}; "
                              f"seen={seen}, page={page})")
         if bool((parts["sum.kmin"] > parts["sum.kmax"]).any()):

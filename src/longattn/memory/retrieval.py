@@ -126,7 +126,7 @@ class RetrievalMemory(PagedMemory):
             raise RuntimeError(f"index covers tokens up to {self.indexed}, candidates end at {c_end}")
         qg = q.detach().to("cpu", torch.float32).reshape(b, h, hq // h * lq, d)
         exact = self.exact_chunks and lq > 1
-        tokens = torch.empty(b, h, n, dtype=torch.long)
+        tokens = torch.empty(b, h, n, dtype=torch.long, device=qg.device)
         for r in range(b):
             for head in range(h):
                 index, queries = self.indexes[r][head], qg[r, head]
@@ -145,7 +145,7 @@ class RetrievalMemory(PagedMemory):
         ids = index.search(queries, kk)  # [Q, kk], each row best first
         if ids.shape[0] == 1:
             return ids[0].sort().values
-        hit = torch.zeros(len(index), dtype=torch.bool)
+        hit = torch.zeros(len(index), dtype=torch.bool, device=ids.device)
         hit[ids.reshape(-1)] = True  # cheaper than torch.unique for a few thousand ids
         union = hit.nonzero()[:, 0]
         best = (queries @ index.keys[union].T).amax(0)  # [U]
@@ -163,7 +163,7 @@ class RetrievalMemory(PagedMemory):
     def _count_recall(self, index: KeyIndex, queries: torch.Tensor, found: torch.Tensor, kk: int) -> None:
         """Add to the recall counters: ``found`` ids against the exact top-``kk`` by the same rule."""
         exact = self._exact_top(index, queries, kk)
-        hit = torch.zeros(len(index), dtype=torch.bool)
+        hit = torch.zeros(len(index), dtype=torch.bool, device=exact.device)
         hit[exact] = True
         self.recall_hits += int(hit[found].sum())
         self.recall_total += kk
@@ -271,7 +271,7 @@ class RetrievalMemory(PagedMemory):
             keys = parts["pages_k"][start // self.page:end // self.page].permute(1, 2, 0, 3, 4)
             keys = keys.reshape(b, h, end - start, d).to(torch.float32)
         else:
-            keys = torch.zeros(b, h, 0, d)
+            keys = torch.zeros(b, h, 0, d, device=parts["tail_k"].device)
         indexes = [[KeyIndex(d, **self.index_options) for _ in range(h)] for _ in range(b)]
         for r, row in enumerate(indexes):
             for head, ix in enumerate(row):

@@ -1,6 +1,7 @@
 """Registered attention methods; importing this package registers them all."""
 
 # one import per line (registration side effect), so adding a method is a one-line change
+from longattn.methods import anchor  # noqa: F401
 from longattn.methods import block_topk  # noqa: F401
 from longattn.methods import cca  # noqa: F401
 from longattn.methods import dense  # noqa: F401
@@ -14,9 +15,11 @@ from longattn.methods import loki  # noqa: F401
 from longattn.methods import minference  # noqa: F401
 from longattn.methods import longheads  # noqa: F401
 from longattn.methods import pattern  # noqa: F401
+from longattn.methods import pbs  # noqa: F401
 from longattn.methods import routing  # noqa: F401
 from longattn.methods import recycled  # noqa: F401
 from longattn.methods import tokenselect  # noqa: F401
+from longattn.methods import xattention  # noqa: F401
 from longattn.methods.base import Capabilities, Method, MethodSpec, register
 
 __all__ = ["Capabilities", "Method", "MethodSpec", "register"]

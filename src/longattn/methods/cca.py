@@ -33,7 +33,7 @@ import torch
 
 from longattn.kernels.eager import attend_scores
 from longattn.core import validate
-from longattn.core.merge import merge_partials
+from longattn.core.merge import merge_partials, row_logsumexp
 from longattn.kernels.layout import dense_pairs
 from longattn.methods.base import Call, Capabilities, Method, Result, register
 
@@ -122,7 +122,7 @@ class CCA(Method):
                 seen = seen | (g_start[None, :] > hi[:, None])
             sc = torch.matmul(qc, core_k.transpose(-1, -2)) * call.scale + core_log_n[:, None, None, :]
             sc = sc.masked_fill(~seen[None, None], -math.inf)  # empty groups already -inf
-            l_core = torch.logsumexp(sc, -1)
+            l_core = row_logsumexp(sc)
             p = torch.exp(sc - l_core.masked_fill(torch.isinf(l_core), 0.0)[..., None])
             o_core = torch.matmul(p, core_v)
             out[:, :, q0:q1], lse[:, :, q0:q1] = merge_partials([o_loc, o_core], [l_loc, l_core])

@@ -30,7 +30,7 @@ import torch
 
 from longattn.kernels.eager import attend_scores
 from longattn.core import validate
-from longattn.core.merge import merge_partials
+from longattn.core.merge import merge_partials, row_logsumexp
 from longattn.kernels.layout import dense_pairs
 from longattn.kernels.sdpa import sdpa_attention
 from longattn.methods.base import Call, Capabilities, Method, Result, register
@@ -95,7 +95,7 @@ class Hyper(Method):
             raise ValueError(f"method {self.name!r} does not take a score bias (its hashing ignores it)")
         tq, tk = q.shape[2], k.shape[2]
         gen = torch.Generator().manual_seed(self.seed)
-        planes = torch.randn(q.shape[-1], self.lsh_bits, generator=gen).to(q.device)
+        planes = torch.randn(q.shape[-1], self.lsh_bits, generator=gen, device=gen.device).to(q.device)
         pad = call.key_padding_mask
         t0 = time.perf_counter()
         if call.causal:
@@ -159,7 +159,7 @@ class Hyper(Method):
             return out_b, lse_b, pairs_b
 
         m = min(self.samples, tk)
-        cols = torch.rand(b, hk, tk, generator=gen).argsort(-1)[..., :m].to(q.device)  # uniform, no replacement
+        cols = torch.rand(b, hk, tk, generator=gen, device=gen.device).argsort(-1)[..., :m].to(q.device)  # uniform, no replacement
         k_rank = k_perm.argsort(-1)  # sorted position of each key
         col_block = (k_rank.gather(-1, cols) // bs).repeat_interleave(g, 1)  # [B, Hq, m]
         q_block = q_block_of_rank[q_perm.argsort(-1)]  # [B, Hq, Tq] key block of each query
@@ -202,7 +202,7 @@ class Hyper(Method):
         s = torch.matmul(qb, ks[:, :, None].transpose(-1, -2)) * scale  # [B, Hkv, g, n_blocks, q_max, bs]
         visible = q_ok[None, None, None, :, :, None] & k_ok[:, :, None, :, None, :]
         s = s.masked_fill(~visible, -math.inf)
-        lse = torch.logsumexp(s, -1)
+        lse = row_logsumexp(s)
         p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
         o = torch.matmul(p, vs[:, :, None])  # [B, Hkv, g, n_blocks, q_max, D]
         # back from (block, slot) to sorted rank, then to the original query order

@@ -112,7 +112,7 @@ class Linformer(Method):
                              f"most as many independent rows as there are keys; use proj <= {tk} (or kind='pool', "
                              "which caps proj at tokens_k)")
         gen = torch.Generator().manual_seed(self.seed)
-        e = (torch.randn(self.proj, tk, generator=gen) / math.sqrt(max(tk, 1))).to(k.device)
+        e = (torch.randn(self.proj, tk, generator=gen, device=gen.device) / math.sqrt(max(tk, 1))).to(k.device)
         e = e[None] * real[:, None, :]  # [B, P, Tk]
         kp = torch.einsum("bpt,bhtd->bhpd", e, k)
         vp = torch.einsum("bpt,bhtd->bhpd", e, v)

@@ -161,12 +161,12 @@ def _init(points: torch.Tensor, weights: torch.Tensor, n: int, gen: torch.Genera
     """``n`` starting centroids ``[B, H, n, D]``: seeded distinct points of the fit (real ones,
     weight > 0), topped up with seeded random unit directions when there are fewer than ``n``."""
     b, h, count, d = points.shape
-    rand = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=-1).to(points.device)
+    rand = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, device=gen.device), dim=-1).to(points.device)
     cent = rand.expand(b, h, n, d).clone()
     if count == 0:
         return cent
     # seeded random order of the points; real points first, so padding is never a centroid
-    order = torch.rand(count, generator=gen).to(points.device).expand(b, h, count)
+    order = torch.rand(count, generator=gen, device=gen.device).to(points.device).expand(b, h, count)
     order = torch.where(weights > 0, order, order + 2.0).argsort(-1)[..., :n]  # [B, H, <=n]
     picked = points.gather(2, order[..., None].expand(-1, -1, -1, d))
     real = weights.gather(2, order) > 0

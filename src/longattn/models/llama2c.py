@@ -123,7 +123,7 @@ def _qkv_unrotated(w, cfg: Llama2cConfig, layer: int, x: torch.Tensor):
     b, t, _ = x.shape
     hd = cfg.head_dim
     h = _rmsnorm(x, w["rms_att"][layer], cfg.norm_eps)
-    order = torch.cat([torch.arange(0, hd, 2), torch.arange(1, hd, 2)])
+    order = torch.cat([torch.arange(0, hd, 2, device=x.device), torch.arange(1, hd, 2, device=x.device)])
     q = (h @ w["wq"][layer].T).view(b, t, cfg.n_heads, hd)[..., order].transpose(1, 2)
     k = (h @ w["wk"][layer].T).view(b, t, cfg.n_kv_heads, hd)[..., order].transpose(1, 2)
     v = (h @ w["wv"][layer].T).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
@@ -167,8 +167,8 @@ def forward(
             raise ValueError("forward: pass either method= or attention=/capture=, not both")
         return _forward_with_method(model, tokens, method, dtype)
     cfg, w = model.config, {k: v.to(dtype) for k, v in model.weights.items()}
-    pos = torch.arange(tokens.shape[1])
     x = w["tok_embeddings"][tokens]
+    pos = torch.arange(tokens.shape[1], device=x.device)
     for layer in range(cfg.n_layers):
         q, k, v = _qkv(w, cfg, layer, x, pos)
         if capture is not None:
@@ -215,7 +215,7 @@ def generate(model: Llama2cModel, n_tokens: int, *, seed: int = 0, temperature: 
 
     def step(token: int, position: int) -> torch.Tensor:
         x = w["tok_embeddings"][token][None, None]
-        pos = torch.tensor([position])
+        pos = torch.tensor([position], device=x.device)
         for layer in range(cfg.n_layers):
             q, k, v = _qkv(w, cfg, layer, x, pos)
             if len(cache_k) <= layer:

@@ -135,7 +135,7 @@ class RetrievalModel(nn.Module):
                 continue
             std = 0.02 / math.sqrt(2 * self.config.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
             with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+                p.copy_(torch.randn(p.shape, generator=gen, device=gen.device) * std)
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -205,7 +205,7 @@ def forward(model: RetrievalModel, tokens: Tensor, method: MethodArg = None, *,
 def _rotate_f64(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     """Rotate-half RoPE in float64, written out (independent of ``longattn.positions``)."""
     d = x.shape[-1]
-    inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
     ang = positions.to(torch.float64)[:, None] * inv[None, :]
     cos, sin = torch.cos(ang), torch.sin(ang)
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
@@ -220,7 +220,7 @@ def reference_forward(model: RetrievalModel, tokens: Tensor) -> Tensor:
     w = {k: v.detach().to(torch.float64) for k, v in model.state_dict().items()}
     b, t = tokens.shape
     hd = cfg.head_dim
-    pos = torch.arange(t)
+    pos = torch.arange(t, device=tokens.device)
 
     def norm(x, weight):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * weight

@@ -137,7 +137,7 @@ def train(settings: TrainSettings = TrainSettings(), config: RetrievalConfig = R
         frac = 0.0 if warm else min(1.0, (step - settings.copy_steps) / max(1.0, settings.ramp * settings.steps))
         top = settings.start_length + (settings.max_length - settings.start_length) * frac
         allowed = lengths[lengths <= max(top, lengths[0])]
-        length = int(allowed[torch.randint(len(allowed), (1,), generator=gen)])
+        length = int(allowed[torch.randint(len(allowed), (1,), generator=gen, device=gen.device)])
         n = max(2, settings.tokens_per_step // length)
         weights = (0.0, 0.0, 0.0, 1.0) if warm else settings.mixture_weights
         batch = synthetic.mixture(length, n, seed=settings.seed * 1_000_003 + step, weights=weights)

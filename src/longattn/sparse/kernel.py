@@ -30,6 +30,7 @@ import torch
 from longattn.kernels.sdpa import fused_cpu_available, fused_flash, needs_grad
 from longattn.core.merge import merge_partials
 from longattn.kernels.eager import attend_visible, gather_tokens
+from longattn.kernels.native_prefill import selection_visible_pairs, sparse_prefill, sparse_prefill_applies
 from longattn.kernels.tiled import chunk_attention
 from longattn.sparse.select import Selection
 
@@ -53,7 +54,9 @@ def sparse_attention(
     """Exact attention of each query over the keys of its query block's selected blocks.
 
     Args:
-        q: ``[B, Hq, Tq, D]`` float32; k, v: ``[B, Hkv, Tk, D]`` float32.
+        q: ``[B, Hq, Tq, D]`` in the compute dtype (float32, bfloat16 or float16); k, v:
+            ``[B, Hkv, Tk, D]``, in q's dtype or (a long cache read in place) another of those three:
+            only the keys and values read are converted to q's dtype. Partial results merge in float32.
         selection: from ``longattn.sparse.select``; ``indices [B, Hq, n_q_blocks, n_sel]``
             (sorted, ``-1`` = unused slot).
         key_padding_mask: bool ``[B, Tk]``, True = real key.
@@ -69,6 +72,11 @@ def sparse_attention(
     n_blocks = math.ceil(tk / bs)
     off = tk - tq
     fused = fused_cpu_available(q)
+    # the native kernel reads the selected blocks in place (forward only, no key padding; see
+    # longattn.kernels.native_prefill); visible_pairs is counted as the batched path counts it
+    if not needs_grad(q, k, v) and sparse_prefill_applies(q, k, v, selection, causal, key_padding_mask):
+        out, lse = sparse_prefill(q, k, v, selection, scale=scale, causal=causal)
+        return out, lse, SparseInfo(selection_visible_pairs(selection, tq, tk, causal) if count_pairs else 0.0)
     # the batched path gathers into reused buffers and merges in place: forward only. Under
     # autograd the per-query-block loop below runs (every op in it out of place or differentiable)
     if not needs_grad(q, k, v) and batched_path_applies(selection, tq, tk, causal, key_padding_mask, fused):
@@ -100,18 +108,19 @@ def sparse_attention(
                 valid = past >= 0
                 pos = (past.clamp_min(0)[..., None] * bs + torch.arange(bs, device=q.device)).flatten(-2)
                 # a gather copies only the selected blocks' rows (decoding must not pay O(cache))
-                k_sel, v_sel = gather_tokens(k, v, pos.clamp(max=tk - 1))
+                k_sel, v_sel = (t.to(q.dtype) for t in gather_tokens(k, v, pos.clamp(max=tk - 1)))
                 ok = valid[..., None].expand(-1, -1, -1, bs).flatten(-2) & (pos < tk)
                 if kpm is not None:
                     ok = ok & torch.gather(kpm[:, None, :].expand(b, hq, tk), 2, pos.clamp(max=tk - 1))
                 if bool(ok.all()):
                     o_c, l_c = chunk_attention(qt, k_sel, v_sel, scale, None, fused)
-                    pieces.append((o_c.reshape(b, hq, m, d), l_c.reshape(b, hq, m).float()))
+                    pieces.append((o_c.reshape(b, hq, m, d).float(), l_c.reshape(b, hq, m).float()))
                     if count_pairs:
                         info.visible_pairs += m * n_past * bs
                 else:
                     vis = ok[:, :, None, :]
-                    pieces.append(attend_visible(qt, k_sel, v_sel, scale, vis, fused))
+                    o_c, l_c = attend_visible(qt, k_sel, v_sel, scale, vis, fused)
+                    pieces.append((o_c.float(), l_c))
                     if count_pairs:
                         info.visible_pairs += float(vis.expand(b, hq, m, -1).sum()) / (b * hq)
         if present_start < tk and (not causal or present_start <= qhi):
@@ -121,13 +130,13 @@ def sparse_attention(
             vis = vis[None, None]
             if kpm is not None:
                 vis = vis & kpm[:, None, None, present_start:hi]
-            kg = k[:, :, present_start:hi]
-            vg = v[:, :, present_start:hi]
+            kg = k[:, :, present_start:hi].to(q.dtype)
+            vg = v[:, :, present_start:hi].to(q.dtype)
             # GQA: stack the group's query heads along tokens (no copy of keys)
             qg = qt.reshape(b, hk, g * m, d)
             visg = vis.expand(vis.shape[0], 1, m, -1).repeat(1, 1, g, 1) if g > 1 else vis
             o_c, l_c = attend_visible(qg, kg, vg, scale, visg, fused)
-            pieces.append((o_c.reshape(b, hq, m, d), l_c.reshape(b, hq, m)))
+            pieces.append((o_c.reshape(b, hq, m, d).float(), l_c.reshape(b, hq, m)))
             if count_pairs:
                 info.visible_pairs += float(vis.expand(b, 1, m, -1).sum()) / b
         if not pieces:
@@ -221,7 +230,7 @@ def _batched_sparse_attention(q, k, v, selection: Selection, *, scale: float, ca
     per_group = max(1, GATHER_KEYS // max(1, selection.n_sel * bs))
     k_buf = v_buf = None
     if n_max:
-        k_buf = torch.empty(b * per_group * hq * n_max * bs * d, dtype=torch.float32, device=q.device)
+        k_buf = torch.empty(b * per_group * hq * n_max * bs * d, dtype=k.dtype, device=q.device)
         v_buf = torch.empty_like(k_buf)
     out = torch.empty(b, hq, n_qb * qbs, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, n_qb * qbs, dtype=torch.float32, device=q.device)
@@ -234,7 +243,8 @@ def _batched_sparse_attention(q, k, v, selection: Selection, *, scale: float, ca
             # each query block against its own square of keys, causal (GQA native)
             k_sq = _group_blocks(k[:, :, off:], a, z, qbs, n_qb)
             v_sq = _group_blocks(v[:, :, off:], a, z, qbs, n_qb)
-            o_run, l_run = fused_flash(q_g, k_sq, v_sq, scale=scale, causal=True)
+            o_run, l_run = fused_flash(q_g, k_sq.to(q.dtype), v_sq.to(q.dtype), scale=scale, causal=True)
+            o_run = o_run.float()  # merged in float32
         n = int(n_valid[:, :, a:z].max()) if n_max else 0
         if n:
             sel = past[:, :, a:z, :n]  # [B, Hq, m, n]
@@ -254,14 +264,14 @@ def _batched_sparse_attention(q, k, v, selection: Selection, *, scale: float, ca
             if bool(hidden.any()):
                 mask = torch.zeros(hidden.shape, device=q.device).masked_fill_(hidden, -math.inf)
                 mask = mask.permute(0, 2, 1, 3, 4).reshape(b * m, hq, 1, n * bs)
-            o_p, l_p = fused_flash(q_g, k_sel, v_sel, scale=scale, attn_mask=mask)
+            o_p, l_p = fused_flash(q_g, k_sel.to(q.dtype), v_sel.to(q.dtype), scale=scale, attn_mask=mask)
             if mask is not None:
                 dead = ~ok.any(-1).permute(0, 2, 1).reshape(b * m, hq)
                 if bool(dead.any()):
                     o_p.masked_fill_(dead[..., None, None], 0.0)
                     l_p.masked_fill_(dead[..., None], -math.inf)
             if o_run is None:
-                o_run, l_run = o_p, l_p
+                o_run, l_run = o_p.float(), l_p
             else:
                 o_run, l_run = _merge_two_(o_run, l_run, o_p, l_p)
         if o_run is None:  # non-causal group with nothing selected
@@ -308,7 +318,7 @@ def _single_block_attention(q, k, v, selection: Selection, *, scale: float, coun
             info.visible_pairs += float((past >= 0).sum()) * bs * tq / (b * hq)
     else:
         positions = now_pos
-    keys, values = gather_tokens(k, v, positions)
+    keys, values = (t.to(q.dtype) for t in gather_tokens(k, v, positions))  # only the read keys convert
     n_now = tk - present_start
     q_pos = torch.arange(off, tk, device=q.device)[:, None]
     now_visible = torch.arange(present_start, tk, device=q.device)[None, :] <= q_pos  # [tq, n_now]

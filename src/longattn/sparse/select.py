@@ -45,7 +45,8 @@ def mean_key_estimate(q: torch.Tensor, s: BlockSummaries, scale: float) -> torch
     scored like its mean key."""
     b, hq, t, _ = q.shape
     hk = s.sums.shape[1]
-    est = torch.matmul(_grouped(q, hk), s.mean.transpose(-1, -2)).view(b, hq, t, -1) * scale
+    # summaries are float32; so is scoring (q may arrive in a half compute dtype)
+    est = torch.matmul(_grouped(q.to(s.sums.dtype), hk), s.mean.transpose(-1, -2)).view(b, hq, t, -1) * scale
     return est + torch.log(s.count.to(est.dtype).clamp_min(1))
 
 
@@ -54,7 +55,7 @@ def quest_bound_estimate(q: torch.Tensor, s: BlockSummaries, scale: float) -> to
     block's mass (every key at the bound on ``q·k``)."""
     b, hq, t, d = q.shape
     hk = s.sums.shape[1]
-    qg = _grouped(q, hk)  # [B, Hkv, M, D]
+    qg = _grouped(q.to(s.sums.dtype), hk)  # [B, Hkv, M, D], float32 like the summaries
     # Σ_d max(q_d min_d, q_d max_d) = Σ_d (q_d⁺ max_d + q_d⁻ min_d): two matmuls, no [M, n, D] tensor
     pos, neg = qg.clamp(min=0), qg.clamp(max=0)
     bound = torch.matmul(pos, s.kmax.transpose(-1, -2)) + torch.matmul(neg, s.kmin.transpose(-1, -2))
@@ -187,7 +188,7 @@ def pooled_query_scores(q: torch.Tensor, summaries: BlockSummaries, estimator: B
     def scores(q0: int, q1: int) -> torch.Tensor:
         m = q1 - q0
         n_qb = math.ceil(m / q_block)
-        rows = q[:, :, q0:q1]
+        rows = q[:, :, q0:q1].float()  # pooled in float32 whatever the compute dtype
         pad = n_qb * q_block - m
         sums = torch.nn.functional.pad(rows, (0, 0, 0, pad)).view(b, hq, n_qb, q_block, d).sum(3)
         counts = torch.clamp(m - torch.arange(n_qb, device=q.device) * q_block, max=q_block)
@@ -210,6 +211,7 @@ def oracle_mass_scores(q: torch.Tensor, k: torch.Tensor, block: int, scale: floa
     hk, tk = k.shape[1], k.shape[2]
     n = math.ceil(tk / block)
     off = tk - tq
+    q, k = q.float(), k.float()  # exact masses: scored in float32 whatever the compute dtype
 
     def rows(q0: int, q1: int) -> torch.Tensor:
         s = torch.matmul(_grouped(q[:, :, q0:q1], hk), k.transpose(-1, -2)).view(b, hq, q1 - q0, tk) * scale
