@@ -116,19 +116,26 @@ def _build(source: bytes, cc: str, name: str = "decode_blocks", what: str = "dec
     return target
 
 
+def build_and_load(source: str, name: str, what: str) -> ctypes.CDLL:
+    """Build ``csrc/<source>`` (once per machine, see ``_build``) and load it with ctypes; raises
+    ``RuntimeError``/``OSError`` saying why not (``LONGATTN_NATIVE=0``, no compiler, a failed
+    build). Shared by every native kernel's loader."""
+    if os.environ.get("LONGATTN_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        raise RuntimeError("disabled by LONGATTN_NATIVE=0")
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (cc, gcc or clang on PATH, or $CC)")
+    code = resources.files("longattn.kernels").joinpath(f"csrc/{source}").read_bytes()
+    return ctypes.CDLL(str(_build(code, cc, name=name, what=what)))
+
+
 def _load() -> None:
     global _lib, _reason, _loaded
     with _lock:
         if _loaded:
             return
         try:
-            if os.environ.get("LONGATTN_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
-                raise RuntimeError("disabled by LONGATTN_NATIVE=0")
-            cc = _compiler()
-            if cc is None:
-                raise RuntimeError("no C compiler found (cc, gcc or clang on PATH, or $CC)")
-            source = resources.files("longattn.kernels").joinpath("csrc/decode_blocks.c").read_bytes()
-            lib = ctypes.CDLL(str(_build(source, cc)))
+            lib = build_and_load("decode_blocks.c", "decode_blocks", "decode")
             if lib.decode_blocks_abi_version() != ABI_VERSION:
                 raise RuntimeError("the built decode kernel has an unexpected ABI version")
             fn = lib.decode_blocks

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 import threading
-from importlib import resources
 
 import torch
 
@@ -67,13 +65,7 @@ def _load() -> None:
         if _loaded:
             return
         try:
-            if os.environ.get("LONGATTN_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
-                raise RuntimeError("disabled by LONGATTN_NATIVE=0")
-            cc = native._compiler()
-            if cc is None:
-                raise RuntimeError("no C compiler found (cc, gcc or clang on PATH, or $CC)")
-            source = resources.files("longattn.kernels").joinpath("csrc/sparse_prefill.c").read_bytes()
-            _lib = _bind(ctypes.CDLL(str(native._build(source, cc, name="sparse_prefill", what="sparse prefill"))))
+            _lib = _bind(native.build_and_load("sparse_prefill.c", "sparse_prefill", "sparse prefill"))
         except (OSError, RuntimeError) as exc:
             _reason = str(exc)
         _loaded = True
