@@ -75,8 +75,20 @@ def test_bad_environment_is_refused(monkeypatch):
         longattn.attention(q, k, v)
 
 
-def test_isa_names_a_known_unit():
-    assert dtypes.cpu_isa() in ("AMX", "AVX-512+BF16", "AVX-512", "AVX2", "baseline")
+@pytest.mark.parametrize("flags, isa", [
+    ({"avx2", "fma3"}, "AVX2"), ({"avx2", "avx512_f"}, "AVX-512"), ({"avx512_f", "avx512_bf16"}, "AVX-512+BF16"),
+    ({"avx512_f", "avx512_bf16", "amx_bf16"}, "AMX"), (set(), "baseline"),
+])
+def test_isa_names_the_widest_matmul_unit(monkeypatch, flags, isa):
+    _features(monkeypatch, flags)
+    assert dtypes.cpu_isa() == isa
+
+
+def test_cpu_features_agree_with_torch():
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap.startswith(("AVX2", "AVX512")):  # torch dispatches AVX2/AVX-512 kernels: the flags must say so
+        assert "avx2" in dtypes.cpu_features()
+        assert dtypes.cpu_isa() != "baseline"
 
 
 # -- accuracy: within flash attention's own rule -------------------------------------------------

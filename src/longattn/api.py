@@ -155,9 +155,8 @@ def attention(
     # long cache (block retrieval decoding): those get them as stored and convert what they read,
     # so a decode step never converts the whole cache. A rotary encoding rewrites all of k anyway:
     # it rotates in float32 (no rounding of the rotated keys before the kernel's own)
-    in_place = (m.capabilities.reads_kv_in_place and k.dtype in dtypes.KERNEL_DTYPES
-                and not (position is not None and position.kind == "rotary"))
     rotary = position is not None and position.kind == "rotary" and not m.capabilities.own_positions
+    in_place = m.capabilities.reads_kv_in_place and k.dtype in dtypes.KERNEL_DTYPES and not rotary
     if rotary:
         qc, kc, vc = q.to(torch.float32), k.to(torch.float32), v.to(cdt)  # rotated to cdt in run()
     else:

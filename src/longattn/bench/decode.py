@@ -427,8 +427,7 @@ def _step_case(rec, step, first, kind, ref, ref_lse, exact_ref, exact, n_timed, 
         own = harness.compare(out, lse, *(exact_ref or (ref, ref_lse)))
         tol = rec.get("gate_tol")
         if tol is not None:  # half inputs: twice SDPA's error, or twice the rounding of the exact answer
-            floor = 2 * harness.rounding_floor((exact_ref or (ref, ref_lse))[0], rec["dtype"]) + 1e-5
-            tol = rec["gate_tol"] = (max(tol[0], floor), tol[1])
+            tol = rec["gate_tol"] = (harness.half_atol(tol[0], (exact_ref or (ref, ref_lse))[0], rec["dtype"]), tol[1])
         gate = harness.gate_of(own, out.shape[2], True, tol)
     else:
         gate = harness.gate_of(err, out.shape[2], False)

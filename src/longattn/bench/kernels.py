@@ -268,9 +268,9 @@ def run_cases(ctx: Context) -> Iterator[dict[str, Any]]:
                 q = cross_queries(q, query_tokens(n, shape))
             inputs_for = (dtype, n, shape)
         # half dtypes: flash attention's rule, at most twice SDPA's error in the same dtype + 1e-5
+        # (the SDPA baseline itself, with no figure to compare with, gets bf16's resolution)
         tol = {} if dtype == "float32" else dict(zip(("atol", "rtol"), harness.half_gate_tolerance(
-            sdpa_gate.get((n, causal, shape, dtype)) if case is not None else {"max_abs_err": 2.5e-2,
-                                                                                "rel_err": 2.5e-2})))
+            sdpa_gate.get((n, causal, shape, dtype)) if case is not None else None)))
         lab = BASELINE if case is None else case.label
         ctx.step(f"{lab} · {n} · {_mode(causal, shape)}", advance=0 if i == 0 else 1)
         common = dict(tokens=n, tokens_q=q.shape[2], tokens_k=n, shape=shape, causal=causal, batch=batch,

@@ -74,6 +74,22 @@ def check_positive_int(name: str, value: object, *, allow_zero: bool = False) ->
 SEED_LIMIT = 2**64
 
 
+def check_fraction(name: str, value: object) -> float:
+    """A share in ``(0, 1]`` (a threshold, a cumulative mass)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in (0, 1], got {type(value).__name__} {value!r}")
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (a method's named option)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
 def check_seed(name: str, value: object) -> int:
     """Check a random seed: an int in ``[0, 2**64)``, the range ``torch.Generator.manual_seed``
     accepts, so a bad seed is refused when the method is built rather than on its first call."""

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 ABI_VERSION = 3
-#: the cache dtypes the decode kernel reads as stored, and their code in its ABI
-KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: the element types the native kernels read as stored, and their code in the C ABI (decode and prefill)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 FLAGS: tuple[str, ...] = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 #: a compile that takes longer than this is abandoned (the torch path is used)
 BUILD_TIMEOUT_S = 120
@@ -160,7 +160,7 @@ def decode_blocks_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
     k and v of one of those dtypes (read as stored), one query, last dimension contiguous, no
     autograd history wanted, sizes within the kernel's limits, and the kernel available."""
     ok = (q.device.type == k.device.type == v.device.type == "cpu"
-          and q.dtype in KV_DTYPES and k.dtype in KV_DTYPES and v.dtype == k.dtype
+          and q.dtype in DTYPE_CODES and k.dtype in DTYPE_CODES and v.dtype == k.dtype
           and q.dim() == 4 and q.shape[2] == 1 and q.shape[-1] <= MAX_HEAD_DIM and 0 < block <= MAX_BLOCK
           and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
           and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
@@ -213,7 +213,7 @@ def decode_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: tor
     failed = _lib.decode_blocks(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), sel.data_ptr(), out.data_ptr(), lse.data_ptr(),
         b, hq, hk, d, t, block, sel.shape[-1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), float(scale), max(1, torch.get_num_threads()), KV_DTYPES[k.dtype])
+        v.stride(0), v.stride(1), v.stride(2), float(scale), max(1, torch.get_num_threads()), DTYPE_CODES[k.dtype])
     if failed:
         raise MemoryError(f"the native decode kernel could not allocate {(d + block) * 4} bytes of scratch per thread")
     return out, lse

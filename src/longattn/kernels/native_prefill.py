@@ -36,8 +36,8 @@ MAX_HEAD_DIM = 1024
 #: queries per work item: a query block is cut into tiles of at most this many (the kernel's
 #: column groups are 16 wide, so multiples of 16 waste nothing)
 TILE_Q = 64
-#: element type codes of the C ABI
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: element type codes of the C ABI, shared with the decode kernel
+DTYPE_CODES = native.DTYPE_CODES
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

@@ -118,9 +118,7 @@ class FlexPrefill(BlockTopK):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        g = self.gamma
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 < g <= 1.0:
-            raise ValueError(f"gamma must be a number in (0, 1], got {g!r}")
+        validate.check_fraction("gamma", self.gamma)
         t = self.tau
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0.0:
             raise ValueError(f"tau must be a non-negative number, got {t!r}")

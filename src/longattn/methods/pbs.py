@@ -16,7 +16,6 @@ from longattn.core.merge import merge_partials
 from longattn.kernels.layout import dense_pairs
 from longattn.methods.base import Call, Capabilities, Result, register
 from longattn.methods.block_topk import BlockTopK
-from longattn.methods.xattention import check_choice
 from longattn.sparse.kernel import sparse_attention
 from longattn.sparse.select import Selection, forced_block_grid
 from longattn.sparse.strided import (
@@ -120,7 +119,7 @@ class PBS(BlockTopK):
         if self.segment % self.block:
             raise ValueError(f"segment={self.segment} must be a multiple of block={self.block} (segments are whole "
                              "key blocks)")
-        check_choice("estimate", self.estimate, ESTIMATES)
+        validate.check_choice("estimate", self.estimate, ESTIMATES)
         validate.check_positive_int("stride", self.stride)
 
     # -- planning --------------------------------------------------------------------------------

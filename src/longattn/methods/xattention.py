@@ -18,23 +18,6 @@ from longattn.sparse.threshold import cumulative_mass_selection
 ESTIMATES = ("antidiagonal", "antidiagonal_entries", "rows")
 
 
-def check_fraction(name: str, value: object, *, low_open: bool = True) -> float:
-    """A share in ``(0, 1]`` (``[0, 1]`` with ``low_open=False``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number in (0, 1], got {type(value).__name__} {value!r}")
-    v = float(value)
-    ok = (0.0 < v <= 1.0) if low_open else (0.0 <= v <= 1.0)
-    if not ok:
-        raise ValueError(f"{name} must be a number in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}")
-    return v
-
-
-def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value  # type: ignore[return-value]
-
-
 @register
 @dataclass(frozen=True)
 class XAttention(BlockTopK):
@@ -84,9 +67,9 @@ class XAttention(BlockTopK):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_fraction("threshold", self.threshold)
+        validate.check_fraction("threshold", self.threshold)
         validate.check_positive_int("stride", self.stride)
-        check_choice("estimate", self.estimate, ESTIMATES)
+        validate.check_choice("estimate", self.estimate, ESTIMATES)
 
     def block_mass(self, q, k, call: Call, q_block: int, block: int) -> torch.Tensor:
         """Estimated mass ``[B, Hq, n_q_blocks, n_blocks]`` (float32) of each query block in each

@@ -74,7 +74,7 @@ def sparse_attention(
     fused = fused_cpu_available(q)
     # the native kernel reads the selected blocks in place (forward only, no key padding; see
     # longattn.kernels.native_prefill); visible_pairs is counted as the batched path counts it
-    if not needs_grad(q, k, v) and sparse_prefill_applies(q, k, v, selection, causal, key_padding_mask):
+    if sparse_prefill_applies(q, k, v, selection, causal, key_padding_mask):
         out, lse = sparse_prefill(q, k, v, selection, scale=scale, causal=causal)
         return out, lse, SparseInfo(selection_visible_pairs(selection, tq, tk, causal) if count_pairs else 0.0)
     # the batched path gathers into reused buffers and merges in place: forward only. Under
