@@ -62,6 +62,23 @@ def device() -> torch.device:
     return DEVICE
 
 
+#: the modules that choose one of torch's fused kernels where ``longattn.kernels.sdpa`` says one runs
+FUSED_USERS = ("longattn.kernels.sdpa", "longattn.kernels.tiled", "longattn.sparse.kernel", "longattn.sparse.decode",
+               "longattn.methods.longheads", "longattn.methods.recycled")
+
+
+def without_fused_kernels(monkeypatch) -> None:
+    """Report torch's fused kernels (CPU and CUDA) unavailable everywhere longattn asks: the paths
+    a device or build without them takes (eager matmul + softmax where the fused op would run)."""
+    import importlib
+
+    for name in FUSED_USERS:
+        module = importlib.import_module(name)
+        for probe in ("fused_available", "fused_cpu_available", "fused_cuda_available"):
+            if hasattr(module, probe):
+                monkeypatch.setattr(module, probe, lambda q: False)
+
+
 def make_qkv(b=2, hq=4, hk=2, tq=64, tk=64, d=16, dtype=torch.float32, seed=0):
     """Seeded ``q, k, v`` on the test device: drawn on the CPU (the same numbers on every device)."""
     g = torch.Generator().manual_seed(seed)

@@ -25,7 +25,6 @@ tensor would turn into a crash.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import sys
@@ -36,19 +35,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
 import longattn
-from conftest import CASES, DEVICE, full, make_qkv  # CASES: every method (test_hardening checks)
+from conftest import CASES, DEVICE, full, make_qkv, without_fused_kernels  # CASES: every method (test_hardening checks)
 from longattn.kernels import native
 from longattn.kernels import sdpa
 from longattn.kernels.layout import dense_pairs
 from longattn.core.positions import ALiBi, CoPE, RoPE, T5RelativeBias, XPos
 
 PKG = os.path.dirname(longattn.__file__) + os.sep
-
-#: the modules that choose torch's fused CPU kernel (where ``fused_cpu_available``); off the CPU
-#: every one of them takes its other path
-FUSED_USERS = ("longattn.kernels.sdpa", "longattn.kernels.tiled", "longattn.sparse.kernel", "longattn.sparse.decode",
-               "longattn.methods.longheads", "longattn.methods.recycled")
-
 
 class OffDevice(TorchFunctionMode):
     """Factory calls without ``device=`` from the owned source files land on ``meta`` and are
@@ -104,13 +97,10 @@ def off_device(fn, owned: tuple[str, ...] = (PKG,)):
 
 @pytest.fixture(params=["fused", "portable"])
 def kernels(request, monkeypatch):
-    """Each test twice on the CPU: with torch's fused CPU kernel where longattn chooses it, and
-    with the paths every other device takes (the fused kernel reported unavailable)."""
+    """Each test twice: with torch's fused kernel (CPU or CUDA) where longattn chooses it, and with
+    the paths a device or build without one takes (the fused kernels reported unavailable)."""
     if request.param == "portable":
-        for name in FUSED_USERS:
-            monkeypatch.setattr(importlib.import_module(name), "fused_cpu_available", lambda q: False)
-    elif DEVICE.type != "cpu":
-        pytest.skip("the fused CPU kernel runs on CPU tensors only")
+        without_fused_kernels(monkeypatch)
     return request.param
 
 
@@ -255,7 +245,7 @@ def test_sparse_decode_step_creates_its_tensors_on_the_inputs_device(kernels, mo
 def test_fused_flash_off_the_cpu_gives_out_lse_and_their_gradients(causal, monkeypatch):
     """``fused_flash`` where torch's fused CPU op does not run (any device but the CPU): the float64
     oracle's output and LSE, gradients through both, zeros and ``-inf`` for rows that see no key."""
-    monkeypatch.setattr(sdpa, "fused_cpu_available", lambda q: False)
+    without_fused_kernels(monkeypatch)
     q, k, v = (t.requires_grad_() for t in make_qkv(b=2, hq=3, hk=3, tq=20, tk=20, d=8, seed=8))
     visible = torch.rand(2, 1, 20, 20, generator=torch.Generator().manual_seed(2)) > 0.3
     visible[0, 0, 4] = False  # a row that sees nothing

@@ -17,7 +17,7 @@ import longattn
 from longattn.kernels.sdpa import fused_flash
 from longattn.methods.base import Capabilities, Method, Result
 from longattn.sparse.summaries import BlockSummaries
-from conftest import CASES, FULL, full, make_qkv, oracle_for
+from conftest import CASES, FULL, full, make_qkv, oracle_for, without_fused_kernels
 
 
 def _grads(out, inputs, seed=0):
@@ -156,13 +156,9 @@ def test_training_through_the_hf_bridge_equals_dense_at_full_budget(stories, nam
 
 @pytest.fixture
 def without_the_fused_kernel(monkeypatch):
-    """The paths taken where torch's fused CPU kernel is missing (GPUs, other builds): eager
+    """The paths taken where torch's fused kernels are missing (other devices, builds): eager
     matmul + softmax everywhere the fused op would run."""
-    import importlib
-
-    for name in ("longattn.kernels.sdpa", "longattn.kernels.tiled", "longattn.sparse.kernel", "longattn.sparse.decode",
-                 "longattn.methods.longheads", "longattn.methods.recycled"):
-        monkeypatch.setattr(importlib.import_module(name), "fused_cpu_available", lambda q: False)
+    without_fused_kernels(monkeypatch)
 
 
 @pytest.mark.parametrize("name,causal", CASES)

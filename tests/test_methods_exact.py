@@ -5,7 +5,7 @@ import torch
 
 import longattn
 from longattn import masks
-from conftest import assert_close_to_oracle, make_qkv, oracle_for
+from conftest import assert_close_to_oracle, make_qkv, oracle_for, without_fused_kernels
 
 
 def exact_methods(causal: bool, tq: int = 96, tk: int = 96):
@@ -158,9 +158,7 @@ def test_tiled_kernel_fused_and_eager_chunks_match_oracle(fused):
 @pytest.mark.parametrize("causal", [False, True])
 def test_dense_without_the_fused_cpu_kernel_still_gives_exact_out_and_lse(monkeypatch, causal):
     """Builds/devices without torch's fused CPU op take public SDPA plus a tiled LSE."""
-    from longattn.kernels import sdpa
-
-    monkeypatch.setattr(sdpa, "fused_cpu_available", lambda q: False)
+    without_fused_kernels(monkeypatch)
     q, k, v = make_qkv(b=2, hq=4, hk=2, tq=40, tk=70, d=16)
     pad = torch.ones(2, 70, dtype=torch.bool)
     pad[1, :50] = False

@@ -1,6 +1,6 @@
 """Exact kernels over a selection of keys, each returning ``(out, lse)`` (float32).
 
-* ``sdpa``  — torch's fused CPU flash kernel (dense / causal / padding), with its LSE.
+* ``sdpa``  — torch's fused flash kernels, CPU and CUDA (dense / causal / padding), with their LSE.
 * ``tiled`` — eager block-sparse online softmax: skips empty blocks, masks only partial ones.
 * ``flex``  — compiled FlexAttention over a ``BlockMask`` built from the same block layout.
 * ``native`` — small C kernels built on first use with the system compiler (``decode_blocks``:
@@ -10,6 +10,7 @@
   tile walks its selected key blocks in place (no gathered copy), computes only the causal half of
   diagonal blocks and keeps its online softmax in float32 registers; bf16/fp16 read as stored.
 
-Off the CPU the fused CPU op is not available: ``sdpa.fused_flash`` gives the same ``(out, lse)``
-from torch ops, and the C kernels are not chosen.
+On CUDA ``sdpa.fused_flash`` runs torch's CUDA flash / memory-efficient kernels; on other devices
+it gives the same ``(out, lse)`` from torch ops. The C kernels run on the CPU only and are not
+chosen elsewhere.
 """

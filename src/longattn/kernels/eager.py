@@ -2,7 +2,7 @@
 what is visible (token-level selection, clusters, projections, gathered key sets).
 
 * ``attend_scores`` — softmax from explicit scores (``-inf`` = hidden);
-* ``attend_visible`` — a bool visibility through torch's fused CPU kernel;
+* ``attend_visible`` — a bool visibility through torch's fused kernel (CPU or CUDA);
 * ``gather_tokens`` — the keys/values each query head reads, from a view of the cache.
 
 The one rule all of them keep: a row that sees nothing gives output 0 and LSE ``-inf`` (never
@@ -40,7 +40,7 @@ def attend_scores(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, 
 def attend_visible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visible: torch.Tensor,
                    fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of ``q [B, H, M, D]`` over ``k, v [B, H|Hkv, n, D]`` where ``visible``
-    (bool, broadcastable to ``[B, H, M, n]``) says which pairs count, through torch's fused CPU
+    (bool, broadcastable to ``[B, H, M, n]``) says which pairs count, through torch's fused
     kernel when ``fused`` (``longattn.kernels.tiled.chunk_attention``).
 
     Returns ``out [B, H, M, D]``, ``lse [B, H, M]`` float32; rows seeing nothing give 0 and ``-inf``.

@@ -1,10 +1,14 @@
-"""Dense attention through torch's fused scaled-dot-product kernel, with its log-sum-exp.
+"""Dense attention through torch's fused scaled-dot-product kernels, with their log-sum-exp.
 
 On CPU, ``aten._scaled_dot_product_flash_attention_for_cpu`` is the kernel behind
 ``F.scaled_dot_product_attention`` and also returns the LSE, which lets dense results merge with
-other pieces at no extra cost. Being private, it checks nothing: ``fused_flash`` is the one door
-to it and keeps its preconditions (unit-stride heads, non-empty inputs). Where that op is missing (other builds/devices) the public SDPA
-gives the output and the LSE is computed in query tiles.
+other pieces at no extra cost. On CUDA the same job is done by torch's flash kernel
+(``aten._scaled_dot_product_flash_attention``: bf16/fp16, no mask) and its memory-efficient
+kernel (``aten._scaled_dot_product_efficient_attention``: float32 too, additive masks), both of
+which return the LSE. Being private, these ops check little: ``fused_flash`` is the one door to
+them and keeps their preconditions (unit-stride heads, aligned strides, non-empty inputs). Where
+no op applies (other builds/devices, shapes an op refuses) the same ``(out, lse)`` comes from
+torch ops in float32 (``_eager_flash``).
 """
 
 from __future__ import annotations
@@ -22,16 +26,32 @@ def fused_cpu_available(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
+#: dtypes torch's CUDA memory-efficient kernel takes; its flash kernel takes the two half ones
+_CUDA_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fused_cuda_available(q: torch.Tensor) -> bool:
+    """True where torch's CUDA memory-efficient kernel (with LSE output) can run on ``q``."""
+    return (q.device.type == "cuda" and q.dtype in _CUDA_FUSED_DTYPES
+            and hasattr(torch.ops.aten, "_scaled_dot_product_efficient_attention"))
+
+
+def fused_available(q: torch.Tensor) -> bool:
+    """True where ``fused_flash`` runs one of torch's fused kernels on ``q`` (CPU or CUDA) rather
+    than its eager float32 form: callers batch their work into few large fused calls there."""
+    return fused_cpu_available(q) or fused_cuda_available(q)
+
+
 def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
 def fused_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
                 attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch's fused CPU flash kernel, ``aten._scaled_dot_product_flash_attention_for_cpu``, with the
-    preconditions that private op does not check kept here — every call in longattn goes through it.
-    Off the CPU (CUDA, ...), where the op does not run, the same ``(out, lse)`` comes from torch ops
-    in float32 (``_eager_flash``).
+    """torch's fused flash kernel with its LSE — on CPU
+    ``aten._scaled_dot_product_flash_attention_for_cpu``, on CUDA ``_cuda_fused`` — with the
+    preconditions those private ops do not check kept here: every call in longattn goes through it.
+    Elsewhere the same ``(out, lse)`` comes from torch ops in float32 (``_eager_flash``).
 
     * The last dimension of q, k, v and the mask must have stride 1: the op reads a head as
       contiguous memory, so a stride-0 (expanded) or strided (``[..., ::2]``) last dimension gives
@@ -54,6 +74,11 @@ def fused_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
     if q.numel() == 0 or k.shape[2] == 0:
         out = torch.zeros(b, h, m, v.shape[-1], dtype=q.dtype, device=q.device)
         return out, torch.full((b, h, m), -math.inf, dtype=torch.float32, device=q.device)
+    if fused_cuda_available(q) and k.dtype == q.dtype and v.dtype == q.dtype:
+        if needs_grad(q, k, v):
+            out, lse = _FusedFlashWithLse.apply(q, k, v, scale, causal, attn_mask)
+            return out, lse.to(torch.float32)
+        return _cuda_fused(q, k, v, scale, causal, attn_mask)
     if not fused_cpu_available(q):
         # not a CPU tensor (or a build without the op): the same result from plain torch ops
         return _eager_flash(q, k, v, scale, causal, attn_mask)
@@ -68,11 +93,61 @@ def fused_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
     return out, lse.to(torch.float32)
 
 
+#: the CUDA kernels read heads with vector loads: every stride but the last must be a multiple of
+#: this many elements (torch's own SDPA pads masks to it before calling the memory-efficient op)
+_CUDA_ALIGN = 8
+
+
+def _cuda_aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a unit last stride and every other stride a multiple of ``_CUDA_ALIGN`` (stride 0,
+    an expanded axis, counts as aligned): ``t`` itself when it already is, else a copy whose last
+    axis is padded to the alignment and sliced back (a view of the padded copy)."""
+    if t.stride(-1) == 1 and all(s % _CUDA_ALIGN == 0 for s in t.stride()[:-1]):
+        return t
+    n = t.shape[-1]
+    padded = torch.nn.functional.pad(t, (0, (-n) % _CUDA_ALIGN)) if n % _CUDA_ALIGN else t.contiguous()
+    return padded[..., :n]
+
+
+def _cuda_fused(q, k, v, scale: float, causal: bool, attn_mask):
+    """``fused_flash`` on CUDA: torch's flash kernel for bf16/fp16 without a mask, its
+    memory-efficient kernel otherwise (float32, additive masks), each returning the LSE.
+
+    Preconditions kept here: both kernels take the causal flag as the top-left square only when
+    ``M == N`` (the flash kernel refuses it otherwise) — other causal shapes and anything a kernel
+    refuses take ``_eager_flash``; strides are aligned (``_cuda_aligned``); the mask has q's dtype
+    and the full ``[B, H, M, N]`` shape (as expanded views). Rows whose every key the mask hides
+    give 0 and LSE ``-inf`` (found from the mask, whatever the kernel returns there)."""
+    b, h, m, d = q.shape
+    n = k.shape[2]
+    if causal and m != n:
+        return _eager_flash(q, k, v, scale, causal, attn_mask)
+    try:
+        # the kernels take one head count: k/v broadcast over batch or heads (size 1) expand as views
+        q, k, v = _cuda_aligned(q), _cuda_aligned(k.expand(b, h, n, -1)), _cuda_aligned(v.expand(b, h, n, -1))
+        if attn_mask is None and q.dtype != torch.float32 and d % 8 == 0 and d <= 256 \
+                and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention"):
+            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+            return res[0], res[1][..., :m].to(torch.float32)
+        bias = None
+        if attn_mask is not None:
+            bias = _cuda_aligned(attn_mask.to(q.dtype)).expand(b, h, m, n)  # aligned before expanding: no copy of the broadcast
+        res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal, scale=scale)
+    except RuntimeError:
+        # a shape or alignment the kernel refuses (it checks its arguments before launching)
+        return _eager_flash(q, k, v, scale, causal, attn_mask)
+    out, lse = res[0], res[1][..., :m].to(torch.float32)  # the LSE is padded to a multiple of 32 rows
+    if attn_mask is not None:
+        dead = torch.isneginf(attn_mask).all(-1).expand(b, h, m)
+        out = out.masked_fill(dead[..., None], 0.0)
+        lse = lse.masked_fill(dead, -math.inf)
+    return out, lse
+
+
 def _eager_flash(q, k, v, scale: float, causal: bool, attn_mask):
-    """``fused_flash`` where the fused CPU op cannot run (CUDA and other devices): float32 scores
-    in query tiles, their LSE and ``softmax @ v`` from torch ops, differentiable through out and
-    LSE by autograd. Rows that see no key give 0 and LSE ``-inf``. Callers pick the fused path only
-    for CPU tensors (``fused_cpu_available``), so this serves direct calls on other devices."""
+    """``fused_flash`` where no fused op runs (other devices, shapes the CUDA kernels refuse):
+    float32 scores in query tiles, their LSE and ``softmax @ v`` from torch ops, differentiable
+    through out and LSE by autograd. Rows that see no key give 0 and LSE ``-inf``."""
     m, n = q.shape[2], k.shape[2]
     tile = max(1, BACKWARD_TILE_ELEMENTS // max(1, q.shape[0] * q.shape[1] * n))
     kt, vf = k.to(torch.float32).transpose(-1, -2), v.to(torch.float32)
@@ -102,7 +177,7 @@ BACKWARD_TILE_ELEMENTS = 1 << 22
 
 
 class _FusedFlashWithLse(torch.autograd.Function):
-    """The fused CPU flash kernel with a backward that also differentiates its LSE output.
+    """The fused flash kernel (CPU or CUDA) with a backward that also differentiates its LSE output.
 
     torch's own backward of the op treats the LSE as a by-product (its gradient is dropped). Every
     longattn kernel that merges pieces by LSE (tiled, sparse, chunked) sends gradient through it,
@@ -117,8 +192,11 @@ class _FusedFlashWithLse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, attn_mask):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, attn_mask=attn_mask, scale=scale)
+        if q.device.type == "cuda":
+            out, lse = _cuda_fused(q, k, v, scale, causal, attn_mask)
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, causal, attn_mask=attn_mask, scale=scale)
         ctx.save_for_backward(q, k, v, out, lse, attn_mask)
         ctx.scale, ctx.causal = scale, causal
         return out, lse
@@ -204,7 +282,7 @@ def _sdpa_piece(q, k, v, scale, causal, key_padding_mask):
         if causal:
             attn_mask = attn_mask & torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril()
             causal = False
-    if fused_cpu_available(q):
+    if fused_available(q):
         # GQA without a causal square: the g query heads of a group see the same keys, so they
         # fold into one head's query axis ([B, Hkv, g·Tq, D], a view) and K/V are never copied —
         # a copy per query head cost a 64k-token decode step 8× SDPA's time. The causal square

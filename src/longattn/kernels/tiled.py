@@ -8,7 +8,7 @@ folds it into the running result by the exact log-sum-exp merge (the online soft
 FlashAttention / blockwise attention). Memory is ``O(block × key_chunk)`` per step, never
 ``O(N²)``.
 
-A chunk's ``(out, lse)`` comes from torch's fused CPU flash kernel where available (it accepts an
+A chunk's ``(out, lse)`` comes from torch's fused flash kernel (CPU or CUDA) where available (it accepts an
 additive mask and returns the LSE), else from eager matmul + softmax. GQA never copies keys: the
 query heads of a group are stacked along the token axis, ``[B, Hkv, G·bq, D]``.
 """
@@ -25,7 +25,7 @@ import torch
 from longattn.core.masks import Mask
 from longattn.core.merge import merge_partials, row_logsumexp
 from longattn.kernels.layout import BlockLayout
-from longattn.kernels.sdpa import fused_cpu_available, fused_flash
+from longattn.kernels.sdpa import fused_available, fused_flash
 
 #: ``bias(h, q_pos, k_pos) -> [1|B, H, bq, nk]`` float added to scaled scores (ALiBi, T5 ...). A
 #: bias that differs between batch rows declares a keyword parameter ``b`` (see ``takes_batch``).
@@ -90,7 +90,7 @@ def tiled_attention(
         row_bias: optional ``(q0, q1) -> [B, Hq, q1-q0, Tk]`` content-dependent bias (CoPE),
             computed once per query block (memory ``O(block × Tk)``).
         key_chunk: keys per chunk (rounded down to whole blocks, at least one block).
-        fused: use torch's fused CPU kernel per chunk (default: where available).
+        fused: use torch's fused kernel per chunk (default: where available, ``sdpa.fused_available``).
 
     Returns:
         ``out [B, Hq, Tq, D]``, ``lse [B, Hq, Tq]`` (float32; rows with no visible key give
@@ -101,7 +101,7 @@ def tiled_attention(
     g = hq // hk
     bs = layout.block
     dev = q.device
-    fused = fused_cpu_available(q) if fused is None else fused
+    fused = fused_available(q) if fused is None else fused
     out = torch.zeros(b, hq, tq, d, dtype=torch.float32, device=dev)
     lse = torch.full((b, hq, tq), -math.inf, dtype=torch.float32, device=dev)
     info = TiledInfo(fused=fused)

@@ -16,7 +16,7 @@ from longattn.methods.masked import MaskedMethod
 class Dense(Method):
     """Scaled dot-product attention (Vaswani et al. 2017, "Attention Is All You Need") via torch SDPA.
 
-    Uses torch's fused CPU flash kernel, which also yields the log-sum-exp. With a score bias
+    Uses torch's fused flash kernel (CPU or CUDA), which also yields the log-sum-exp. With a score bias
     (ALiBi, T5, CoPE) SDPA would need an N×N bias tensor, so that case runs the exact tiled kernel
     instead and ``stats['path']`` says so.
     """

@@ -29,7 +29,7 @@ import torch
 from longattn.core import validate
 from longattn.kernels.layout import dense_pairs
 from longattn.kernels.eager import attend_visible, gather_tokens
-from longattn.kernels.sdpa import fused_cpu_available
+from longattn.kernels.sdpa import fused_available
 from longattn.methods.base import Call, Capabilities, Method, Result, register
 from longattn.sparse.kernel import sparse_attention
 from longattn.sparse.select import Selection, estimated_mass_scores, quest_bound_estimate, select_blocks
@@ -101,7 +101,7 @@ def remapped_attention(
     span = n_sel * cs
     off = tk - tq
     dev = q.device
-    fused = fused_cpu_available(q)
+    fused = fused_available(q)
     out = torch.empty(b, hq, n_qb * qbs, d, dtype=torch.float32, device=dev)
     lse = torch.empty(b, hq, n_qb * qbs, dtype=torch.float32, device=dev)
     q_pad = torch.nn.functional.pad(q, (0, 0, 0, n_qb * qbs - tq))

@@ -22,7 +22,7 @@ import torch
 from longattn.kernels.eager import attend_scores, attend_visible, gather_tokens
 from longattn.core import validate
 from longattn.kernels.layout import dense_pairs
-from longattn.kernels.sdpa import fused_cpu_available
+from longattn.kernels.sdpa import fused_available
 from longattn.methods.base import Call, Capabilities, Method, Result, register
 
 
@@ -77,7 +77,7 @@ class Recycled(Method):
         causal = call.causal
         n_groups = math.ceil(tq / S)
         kept = min(self.budget, tk)
-        fused = fused_cpu_available(q)
+        fused = fused_available(q)
         k_pos = torch.arange(tk, device=dev)
         kpm = call.key_padding_mask
         q_pad = torch.nn.functional.pad(q, (0, 0, 0, n_groups * S - tq)).view(b, hq, n_groups, S, d)

@@ -27,7 +27,7 @@ import torch
 
 from longattn.kernels import native
 from longattn.kernels.eager import gather_tokens
-from longattn.kernels.sdpa import fused_cpu_available, fused_flash, needs_grad
+from longattn.kernels.sdpa import fused_available, fused_flash, needs_grad
 from longattn.sparse.select import BlockEstimator, Selection
 from longattn.sparse.summaries import BlockSummaries
 
@@ -76,7 +76,7 @@ def forced_ranges(tokens_k: int, block: int, sinks: int, window: int) -> tuple[i
 
 def applies(q: torch.Tensor, k: torch.Tensor, *, causal: bool, key_padding_mask, estimator) -> bool:
     return (q.shape[2] == 1 and causal and key_padding_mask is None and estimator is not None
-            and fused_cpu_available(q))
+            and fused_available(q))
 
 
 def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summaries: BlockSummaries,

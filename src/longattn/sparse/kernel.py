@@ -8,7 +8,7 @@ For each query block the keys it may use split in two:
 * *present* keys — from the start of the query block's first key block up to its last query
   (forced by the selector under causality): one contiguous slice, masked per token.
 
-Each part runs torch's fused CPU kernel (eager matmul + softmax elsewhere), which returns the
+Each part runs torch's fused kernel, CPU or CUDA (eager matmul + softmax elsewhere), which returns the
 LSE; the parts merge exactly. A query block whose visible blocks all fit in the budget is dense
 and takes the slice path for all of its keys. Key padding adds a mask to the gathered part.
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longattn.kernels.sdpa import fused_cpu_available, fused_flash, needs_grad
+from longattn.kernels.sdpa import fused_available, fused_flash, needs_grad
 from longattn.core.merge import merge_partials
 from longattn.kernels.eager import attend_visible, gather_tokens
 from longattn.kernels.native_prefill import selection_visible_pairs, sparse_prefill, sparse_prefill_applies
@@ -71,7 +71,7 @@ def sparse_attention(
     bs, qbs = selection.block, selection.q_block
     n_blocks = math.ceil(tk / bs)
     off = tk - tq
-    fused = fused_cpu_available(q)
+    fused = fused_available(q)
     # the native kernel reads the selected blocks in place (forward only, no key padding; see
     # longattn.kernels.native_prefill); visible_pairs is counted as the batched path counts it
     if sparse_prefill_applies(q, k, v, selection, causal, key_padding_mask):
@@ -154,7 +154,7 @@ GATHER_KEYS = 1 << 15
 
 
 def batched_path_applies(selection: Selection, tq: int, tk: int, causal: bool, key_padding_mask, fused: bool) -> bool:
-    """The batched kernel needs the fused CPU op, no key padding, several query blocks, and under
+    """The batched kernel needs a fused op (CPU or CUDA), no key padding, several query blocks, and under
     causality query blocks made of whole key blocks that start on a key-block boundary."""
     if not fused or key_padding_mask is not None or selection.indices.shape[2] < 2:
         return False
