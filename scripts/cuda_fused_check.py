@@ -31,9 +31,11 @@ def reference(q, k, v, scale, causal, mask):
     if causal:
         m, n = s.shape[-2:]
         s = s.masked_fill(torch.ones(m, n, dtype=torch.bool, device=s.device).triu(1), -math.inf)
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None]).nan_to_num(0.0)
-    return p @ v.expand(q.shape[0], q.shape[1], -1, -1), lse
+    dead = torch.isneginf(s).all(-1, keepdim=True)
+    safe = s.masked_fill(dead, 0.0)  # no NaN from an all -inf row, in values or gradients
+    lse = torch.logsumexp(safe, -1, keepdim=True)
+    out = (torch.exp(safe - lse) @ v.expand(q.shape[0], q.shape[1], -1, -1)).masked_fill(dead, 0.0)
+    return out, lse.squeeze(-1).masked_fill(dead.squeeze(-1), -math.inf)
 
 
 class Which:
@@ -61,7 +63,7 @@ class Which:
 
 
 def rel(a, b):
-    a, b = a.double().cpu(), b.double().cpu()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     fin = torch.isfinite(b)
     if not bool(torch.equal(torch.isfinite(a), fin)):
         return math.inf

@@ -258,3 +258,18 @@ def test_hand_written_half_conversion_matches_the_compilers(tmp_path):
         torch.testing.assert_close(out, ref, atol=0, rtol=0, equal_nan=True)
         outs.append(out)
     assert torch.isinf(outs[1]).all()
+
+
+@pytest.mark.parametrize("name", ["hip", "landmark", "xattention", "pbs", "anchor"])
+def test_block_selection_with_half_queries_at_a_real_budget(name):
+    """The selectors score in float32 when the queries arrive in bf16 (the fast compute path, as on
+    a GPU) and the budget leaves them choosing: HiP's descent matmul'd bf16 queries with float32
+    block means (a RuntimeError, found on an H200). The selection equals the float32 path's on
+    the same rounded inputs, so the outputs differ by the half-precision kernels' rounding only."""
+    m = longattn.method(name, budget=256, block=32, sinks=32, window=64, q_block=32)
+    q, k, v = make_qkv(b=1, hq=4, hk=2, tq=1024, tk=1024, d=32, dtype=torch.bfloat16, seed=9)
+    out, st = longattn.attention(q, k, v, causal=True, method=m, compute_dtype="input", return_stats=True)
+    want, st32 = longattn.attention(q, k, v, causal=True, method=m, compute_dtype="float32", return_stats=True)
+    assert st.compute_dtype == "bfloat16" and st32.compute_dtype == "float32"
+    assert st.density < 0.5  # a real budget: blocks were chosen, not all kept
+    torch.testing.assert_close(out.float(), want.float(), atol=3e-2, rtol=3e-2)

@@ -74,3 +74,28 @@ def test_layout_of_block_map_is_the_map():
     m = torch.rand(6, 6, generator=torch.Generator().manual_seed(0)) > 0.5
     layout = build_layout(masks.block_map(m, 16), 96, 96, 16)
     assert torch.equal(layout.any[0, 0], m) and torch.equal(layout.all[0, 0], m)
+
+
+def test_masks_move_their_tensors_to_the_inputs_device():
+    """``Mask.to``: document ids, block maps, prefixes and padding move (both sides of a combined
+    mask too), masks without tensors come back as they are; masked methods call it with the
+    inputs' device, so a mask built on the CPU serves CUDA inputs."""
+    ids = torch.arange(256) // 64
+    block_map = torch.rand(2, 2, generator=torch.Generator().manual_seed(0)) < 0.5
+    m = masks.document(ids) & masks.block_map(block_map, block_size=128) & masks.prefix_lm(torch.tensor([3, 5]))
+    moved = m.to("meta")
+    tensors = []
+
+    def collect(x):
+        for f in ("a", "b"):
+            if hasattr(x, f):
+                collect(getattr(x, f))
+        tensors.extend(getattr(x, f) for f in ("key_ids", "map", "prefix") if isinstance(getattr(x, f, None), torch.Tensor))
+
+    collect(moved)
+    assert len(tensors) == 3 and all(t.device.type == "meta" for t in tensors)
+    assert m.to("cpu") is m  # nothing to move
+    w = masks.band(16, 0)
+    assert w.to("meta") is w
+    pad = KeyPadding(torch.ones(2, 8, dtype=torch.bool))
+    assert pad.to("meta").valid.device.type == "meta"

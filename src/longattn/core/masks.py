@@ -67,6 +67,27 @@ class Mask:
         """
         return self
 
+    def to(self, device: torch.device | str) -> "Mask":
+        """This mask with its tensors (document ids, block maps, prefixes, padding) on ``device``:
+        kernels index them with positions made on the inputs' device, so a mask built on the CPU
+        serves CUDA inputs. Returns ``self`` when nothing needs to move; combined masks move both
+        sides. (A ``from_mask_mod`` function's own captured tensors are the caller's to place.)"""
+        if not dataclasses.is_dataclass(self):
+            return self
+        device = torch.device(device)
+        changes = {}
+        for f in dataclasses.fields(self):
+            if not f.init:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor) and value.device != device:
+                changes[f.name] = value.to(device)
+            elif isinstance(value, Mask):
+                moved = value.to(device)
+                if moved is not value:
+                    changes[f.name] = moved
+        return dataclasses.replace(self, **changes) if changes else self
+
     def block_any(self, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -90,6 +111,8 @@ class Mask:
         q_pos = torch.arange(tokens_q, device=device).view(tokens_q, 1) + (tokens_k - tokens_q)
         k_pos = torch.arange(tokens_k, device=device).view(1, tokens_k)
         mask = self.for_sizes(tokens_q, tokens_k)
+        if device is not None:
+            mask = mask.to(device)
         return mask.mask_mod(b, h, q_pos, k_pos).broadcast_to(batch, heads, tokens_q, tokens_k)
 
 

@@ -63,7 +63,7 @@ def fused_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
       for rows that see no key.
 
     Args:
-        q: ``[B, H, M, D]``; k, v: ``[B, H, N, D]`` (same heads; callers fold GQA into M);
+        q: ``[B, H, M, D]``; k, v: ``[B, H|Hkv, N, D]`` (grouped heads: ``H`` a multiple of ``Hkv``);
         attn_mask: additive float mask broadcastable to ``[B, H, M, N]`` (``-inf`` = hidden).
         causal: top-left causal square (``M == N`` in every caller).
 
@@ -75,6 +75,8 @@ def fused_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
         out = torch.zeros(b, h, m, v.shape[-1], dtype=q.dtype, device=q.device)
         return out, torch.full((b, h, m), -math.inf, dtype=torch.float32, device=q.device)
     if fused_cuda_available(q) and k.dtype == q.dtype and v.dtype == q.dtype:
+        # one head count before the autograd function: the repeat's backward sums each group
+        k, v = heads_like(q, k), heads_like(q, v)
         if needs_grad(q, k, v):
             out, lse = _FusedFlashWithLse.apply(q, k, v, scale, causal, attn_mask)
             return out, lse.to(torch.float32)
@@ -109,36 +111,70 @@ def _cuda_aligned(t: torch.Tensor) -> torch.Tensor:
     return padded[..., :n]
 
 
-def _cuda_fused(q, k, v, scale: float, causal: bool, attn_mask):
-    """``fused_flash`` on CUDA: torch's flash kernel for bf16/fp16 without a mask, its
-    memory-efficient kernel otherwise (float32, additive masks), each returning the LSE.
+def heads_like(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t [B|1, Hkv, N, D]`` with q's batch and head counts ``[B, H, N, D]``: a broadcast batch
+    expands as a view; fewer key-value heads (GQA, ``H`` a multiple of ``Hkv``) repeat, each
+    serving its group of query heads. The CPU op takes grouped heads as they are; the CUDA
+    kernels and the eager form take one head count."""
+    b, h = q.shape[:2]
+    t = t.expand(b, -1, -1, -1) if t.shape[0] == 1 and b > 1 else t
+    hk = t.shape[1]
+    if hk == h:
+        return t
+    if hk == 0 or h % hk:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
+    return t.expand(-1, h, -1, -1) if hk == 1 else t.repeat_interleave(h // hk, dim=1)
 
-    Preconditions kept here: both kernels take the causal flag as the top-left square only when
-    ``M == N`` (the flash kernel refuses it otherwise) — other causal shapes and anything a kernel
-    refuses take ``_eager_flash``; strides are aligned (``_cuda_aligned``); the mask has q's dtype
-    and the full ``[B, H, M, N]`` shape (as expanded views). Rows whose every key the mask hides
-    give 0 and LSE ``-inf`` (found from the mask, whatever the kernel returns there)."""
+
+def _cuda_kernel(q, k, v, bias, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One call of torch's CUDA attention kernels on prepared inputs (one head count, aligned
+    strides, ``bias`` in q's dtype and of full shape or None): the flash kernel for bf16/fp16
+    without a bias, the memory-efficient one otherwise (float32 too, additive bias). Returns
+    ``(out, lse)`` with the LSE as the kernel gives it (possibly padded past ``M`` rows, and
+    unspecified on rows the bias hides entirely). Raises ``RuntimeError`` for what it refuses."""
+    d = q.shape[-1]
+    if bias is None and q.dtype != torch.float32 and d % 8 == 0 and d <= 256 \
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention"):
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        return res[0], res[1]
+    res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal, scale=scale)
+    return res[0], res[1]
+
+
+def _cuda_fused(q, k, v, scale: float, causal: bool, attn_mask):
+    """``fused_flash`` on CUDA through ``_cuda_kernel``, with the preconditions those private ops
+    do not check kept here:
+
+    * the causal flag is the top-left square only when ``M == N`` (the flash kernel refuses it
+      otherwise): other causal shapes take ``_eager_flash``;
+    * one head count (``heads_like``: GQA heads repeated), strides aligned (``_cuda_aligned``),
+      the mask in q's dtype and expanded to ``[B, H, M, N]`` as a view;
+    * the LSE is cut to ``M`` rows (the memory-efficient kernel pads it to a multiple of 32);
+    * rows that see no key — every key hidden by the mask, or by the mask and the causal square
+      together — give 0 and LSE ``-inf``, found from the mask whatever the kernel returns there;
+    * anything the kernels refuse (they check their arguments before launching) takes
+      ``_eager_flash``, which gives the same result in float32.
+    """
     b, h, m, d = q.shape
     n = k.shape[2]
     if causal and m != n:
         return _eager_flash(q, k, v, scale, causal, attn_mask)
+    k, v = heads_like(q, k), heads_like(q, v)
     try:
-        # the kernels take one head count: k/v broadcast over batch or heads (size 1) expand as views
-        q, k, v = _cuda_aligned(q), _cuda_aligned(k.expand(b, h, n, -1)), _cuda_aligned(v.expand(b, h, n, -1))
-        if attn_mask is None and q.dtype != torch.float32 and d % 8 == 0 and d <= 256 \
-                and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention"):
-            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
-            return res[0], res[1][..., :m].to(torch.float32)
+        qa, ka, va = _cuda_aligned(q), _cuda_aligned(k), _cuda_aligned(v)
         bias = None
         if attn_mask is not None:
-            bias = _cuda_aligned(attn_mask.to(q.dtype)).expand(b, h, m, n)  # aligned before expanding: no copy of the broadcast
-        res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal, scale=scale)
+            # aligned before expanding: the broadcast axes stay views (stride 0)
+            bias = _cuda_aligned(attn_mask.to(q.dtype)).expand(b, h, m, n)
+        out, lse = _cuda_kernel(qa, ka, va, bias, causal, scale)
     except RuntimeError:
-        # a shape or alignment the kernel refuses (it checks its arguments before launching)
         return _eager_flash(q, k, v, scale, causal, attn_mask)
-    out, lse = res[0], res[1][..., :m].to(torch.float32)  # the LSE is padded to a multiple of 32 rows
+    lse = lse[..., :m].to(torch.float32)
     if attn_mask is not None:
-        dead = torch.isneginf(attn_mask).all(-1).expand(b, h, m)
+        hidden = torch.isneginf(attn_mask)
+        if causal:
+            hidden = hidden | torch.ones(m, n, dtype=torch.bool, device=q.device).triu(1)
+        dead = hidden.all(-1).expand(b, h, m)
         out = out.masked_fill(dead[..., None], 0.0)
         lse = lse.masked_fill(dead, -math.inf)
     return out, lse
@@ -148,6 +184,7 @@ def _eager_flash(q, k, v, scale: float, causal: bool, attn_mask):
     """``fused_flash`` where no fused op runs (other devices, shapes the CUDA kernels refuse):
     float32 scores in query tiles, their LSE and ``softmax @ v`` from torch ops, differentiable
     through out and LSE by autograd. Rows that see no key give 0 and LSE ``-inf``."""
+    k, v = heads_like(q, k), heads_like(q, v)
     m, n = q.shape[2], k.shape[2]
     tile = max(1, BACKWARD_TILE_ELEMENTS // max(1, q.shape[0] * q.shape[1] * n))
     kt, vf = k.to(torch.float32).transpose(-1, -2), v.to(torch.float32)
@@ -192,7 +229,7 @@ class _FusedFlashWithLse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, attn_mask):
-        if q.device.type == "cuda":
+        if fused_cuda_available(q):  # the dispatch of fused_flash
             out, lse = _cuda_fused(q, k, v, scale, causal, attn_mask)
         else:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -203,15 +240,19 @@ class _FusedFlashWithLse(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        q, k, v, out, lse, attn_mask = ctx.saved_tensors
+        q_in, k_in, v_in, out, lse, attn_mask = ctx.saved_tensors
         scale, causal = ctx.scale, ctx.causal
+        # scores and probabilities in float32 whatever the input dtype, as flash backwards keep them
+        # (and a float32 mask meets float32 scores); gradients return in each input's dtype
+        q, k, v, out = q_in.float(), k_in.float(), v_in.float(), out.float()
+        if attn_mask is not None:
+            attn_mask = attn_mask.float()
         b, h, m, _ = q.shape
         n = k.shape[2]
         dq = torch.zeros_like(q)
         dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
-        if d_out is None:
-            d_out = torch.zeros_like(out)
+        d_out = torch.zeros_like(out) if d_out is None else d_out.float()
         tile = max(1, BACKWARD_TILE_ELEMENTS // max(1, b * h * n))
         for m0 in range(0, m, tile):
             m1 = min(m, m0 + tile)
@@ -223,7 +264,7 @@ class _FusedFlashWithLse(torch.autograd.Function):
             if causal:
                 rows = torch.arange(m0, m1, device=q.device)[:, None]
                 s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > rows, -math.inf)
-            l = lse[:, :, m0:m1, None].to(s.dtype)
+            l = lse[:, :, m0:m1, None].float()
             # rows that saw no key (lse = -inf) have no probabilities: exp(-inf - -inf) would be NaN
             p = torch.exp(s - l.masked_fill(torch.isneginf(l), 0.0)).masked_fill(torch.isneginf(l), 0.0)
             do = d_out[:, :, m0:m1]
@@ -235,7 +276,7 @@ class _FusedFlashWithLse(torch.autograd.Function):
             ds = p * (dp - row)
             dq[:, :, m0:m1] = torch.matmul(ds, k) * scale
             dk += torch.matmul(ds.transpose(-1, -2), qt) * scale
-        return dq, dk, dv, None, None, None
+        return dq.to(q_in.dtype), dk.to(k_in.dtype), dv.to(v_in.dtype), None, None, None
 
 
 def sdpa_attention(

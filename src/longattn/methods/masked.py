@@ -23,6 +23,10 @@ from longattn.methods.base import Call, Method, Result
 #: flex's 2.1×; at 16k both ran 3.8–5.5× (flex ahead by up to 10% on block maps). Below 16k the
 #: tiled kernel wins and costs no compile (5–30 s per new length).
 FLEX_MIN_TOKENS = 16384
+#: the same threshold on GPUs: there the tiled kernel's loop launches many small kernels (window
+#: 1024 at 4k keys ran 0.02× SDPA on an H200, flex 1.0–1.5× at 16k), so flex takes over early;
+#: below it the inputs are small enough that the loop is short and no compile is paid
+FLEX_MIN_TOKENS_GPU = 2048
 BACKENDS = ("auto", "tiled", "flex")
 DEFAULT_BLOCK = 128
 
@@ -69,7 +73,8 @@ class MaskedMethod(Method):
             return "flex"
         if self.backend == "tiled" or call.row_bias is not None:
             return "tiled"
-        if not no_flex_grad and flex.flex_unavailable_reason() is None and k.shape[2] >= FLEX_MIN_TOKENS:
+        min_tokens = FLEX_MIN_TOKENS if q.device.type == "cpu" else FLEX_MIN_TOKENS_GPU
+        if not no_flex_grad and flex.flex_unavailable_reason() is None and k.shape[2] >= min_tokens:
             return "flex"
         return "tiled"
 
@@ -80,6 +85,7 @@ class MaskedMethod(Method):
             pad = KeyPadding(call.key_padding_mask)
             mask = pad if mask is None else (mask & pad)
         if mask is not None:
+            mask = mask.to(q.device)  # ids and maps built on the CPU serve inputs on any device
             mask.check(q.shape[0], tq, tk)
         block = self.block or (mask.block_size if mask is not None else None) or DEFAULT_BLOCK
         t0 = time.perf_counter()

@@ -69,7 +69,8 @@ def mean_key_gathered(summaries: BlockSummaries, hq: int, scale: float) -> Gathe
     def est(q_rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         g, r = blocks.shape[2], blocks.shape[3]
         rep = torch.gather(per_head, 2, blocks.reshape(b, hq, g * r, 1).expand(-1, -1, -1, d)).view(b, hq, g, r, d)
-        return torch.matmul(q_rows, rep.transpose(-1, -2)) * scale + log_count[blocks][..., None, :]
+        # selection scores in float32 whatever the compute dtype (half-precision queries included)
+        return torch.matmul(q_rows.float(), rep.float().transpose(-1, -2)) * scale + log_count[blocks][..., None, :]
 
     return est
 
