@@ -2,16 +2,16 @@
 # One prepared run on a lent CUDA machine (no network there; its python3 has torch, transformers,
 # pytest, hypothesis, pytest-xdist): fused_flash against float64, the sparse 32k prefill / 128k
 # decode tables, the kernels and decode suites, then the test suite on the GPU. Every stage has
-# its own time limit; what each wrote lands in $OUT.
+# its own time limit; what each wrote lands in $OUT (at most 7 files: the device tool returns 8).
 #   OUT=/tmp/o bash scripts/cuda_run.sh
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/cuda-out}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/machine.txt"
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/machine.txt"
-stage() { local name=$1 limit=$2; shift 2; local t0=$SECONDS; timeout "$limit" "$@"; echo "== $name: rc $? in $((SECONDS - t0)) s" | tee -a "$OUT/stages.txt"; }
-stage fused_check 60 python3 scripts/cuda_fused_check.py "$OUT/fused_check.json" > "$OUT/fused_check.log" 2>&1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/run.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/run.txt"
+stage() { local name=$1 limit=$2; shift 2; local t0=$SECONDS; timeout "$limit" "$@"; echo "== $name: rc $? in $((SECONDS - t0)) s" | tee -a "$OUT/run.txt"; }
+stage fused_check 60 python3 scripts/cuda_fused_check.py > "$OUT/fused_check.log" 2>&1
 tail -3 "$OUT/fused_check.log"
 stage sparse_speed ${SPARSE_S:-150} python3 scripts/cuda_sparse_speed.py "$OUT/sparse_speed.json" > "$OUT/sparse_speed.log" 2>&1
 tail -25 "$OUT/sparse_speed.log"
@@ -25,4 +25,4 @@ stage tests ${TESTS_S:-240} env LONGATTN_TEST_DEVICE=cuda python3 -m pytest -p n
 grep -E "(FAILED|ERROR) tests" "$OUT/tests.log" | sed 's/.*\(FAILED\|ERROR\) /\1 /' | cut -c1-200 | sort | uniq | head -60
 echo "passed: $(grep -c ' PASSED' "$OUT/tests.log"), failed: $(grep -c ' FAILED' "$OUT/tests.log"), skipped: $(grep -c ' SKIPPED' "$OUT/tests.log")"
 tail -2 "$OUT/tests.log"
-cat "$OUT/stages.txt"
+grep "^== " "$OUT/run.txt"

@@ -295,7 +295,7 @@ def test_a_decode_step_does_not_read_the_whole_cache_to_screen_it(monkeypatch):
     q, k, v = make_qkv(b=1, hq=4, hk=2, tq=1, tk=4096, d=16, seed=12)
     read = []
     real = nonfinite.all_finite
-    monkeypatch.setattr(nonfinite, "all_finite", lambda t: read.append(t.numel()) or real(t))
+    monkeypatch.setattr(nonfinite, "all_finite", lambda *ts: read.extend(t.numel() for t in ts) or real(*ts))
     m = longattn.method("landmark", budget=256, block=32, q_block=32, sinks=32, window=64)
     longattn.attention(q, k, v, causal=True, method=m, summaries=BlockSummaries.build(k, 32))
     longattn.attention(q, k, v, causal=True, method="dense")

@@ -45,10 +45,13 @@ _PAIRS_PER_STEP = 1 << 24
 EAGER_MIN_QUERIES = 16
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """True when every element of ``t`` is finite. One reduction: a NaN or ±Inf anywhere makes
-    the sum non-finite; a finite sum that overflows only sends the caller to the exact check."""
-    return t.numel() == 0 or bool(torch.isfinite(t.sum()))
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """True when every element of every tensor is finite. One reduction per tensor and one
+    answer for all (a single host sync on a GPU, where each ``bool()`` waits for the device): a
+    NaN or ±Inf anywhere makes the total non-finite; a finite total that overflows (or two
+    infinite sums that cancel to NaN) only sends the caller to the exact check."""
+    sums = [t.sum(dtype=torch.float32) for t in tensors if t.numel()]
+    return not sums or bool(torch.isfinite(torch.stack(sums).sum()))
 
 
 @dataclass
@@ -148,7 +151,7 @@ def result_finite(out: torch.Tensor, lse: torch.Tensor | None) -> bool:
 def find(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keys: bool = True) -> NonFinite | None:
     """None when ``q, k, v`` (``[B, H, T, D]``) are all finite, else where they are not. With
     ``keys=False`` only ``q`` is checked (a finite ``q`` gives None without reading k or v)."""
-    if all_finite(q) and (not keys or (all_finite(k) and all_finite(v))):
+    if all_finite(q, k, v) if keys else all_finite(q):
         return None
     bad_q = ~torch.isfinite(q).all(-1)
     bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
