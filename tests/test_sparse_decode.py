@@ -1,7 +1,11 @@
 """The lean decoding path of block retrieval equals the general selector + kernel."""
 
+import platform
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import longattn
 from longattn.kernels import native
@@ -206,3 +210,176 @@ def test_native_kernel_builds_into_the_cache_dir(monkeypatch, tmp_path):
     built = list((tmp_path / "native").glob("decode_blocks-*.so"))
     assert len(built) == 1 and not list((tmp_path / "native").glob("*.c"))
     assert shutil.which(native._compiler()) is not None
+
+
+# -- the vectorised native kernel's edges: head-dim tails, short blocks, half caches, strides, NaN --
+
+needs_native = pytest.mark.skipif(native.unavailable_reason() is not None,
+                                  reason=f"native decode kernel unavailable: {native.unavailable_reason()}")
+KV_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def strided_cache(g, b, hk, t, d, dtype, pad):
+    """k, v ``[b, hk, t, d]`` of ``dtype`` as views into larger caches: with ``pad`` the token stride
+    is ``d + pad`` (rows not adjacent) and the view starts ``pad`` elements into each row."""
+    big_k = torch.randn(b, hk, t + 1, d + pad, generator=g).to(dtype)
+    big_v = torch.randn(b, hk, t + 1, d + pad, generator=g).to(dtype)
+    k, v = big_k[:, :, :t, pad:], big_v[:, :, 1:, :d]
+    assert k.stride(-1) == 1 and (pad == 0 or k.stride(2) == d + pad)
+    return k, v
+
+
+def random_blocks(g, b, hq, n_blocks, n_sel, p_unused=0.25):
+    """unique block indices per row in random order, some slots -1 (never all of them)"""
+    out = torch.full((b, hq, n_sel), -1, dtype=torch.long)
+    for i in range(b):
+        for h in range(hq):
+            take = min(n_sel, n_blocks)
+            row = torch.randperm(n_blocks, generator=g)[:take]
+            keep = torch.rand(take, generator=g) >= p_unused
+            keep[0] = True
+            out[i, h, :take] = torch.where(keep, row, -1)
+            out[i, h] = out[i, h][torch.randperm(n_sel, generator=g)]
+    return out
+
+
+def assert_matches_reference(q, k, v, blocks, bs, scale, out, lse):
+    ref, ref_lse = blocks_reference(q, k, v, blocks, bs, scale)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5, equal_nan=True)
+    live = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[live], ref_lse[live], atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+
+
+@pytest.mark.cpu_only(reason="the native decode kernel takes CPU tensors")
+@needs_native
+@pytest.mark.parametrize("dtype", KV_DTYPES, ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("d", [1, 3, 8, 17, 24, 40, 64, 72, 80, 88, 128, 136])
+def test_native_decode_head_dim_tails_and_short_blocks(dtype, d):
+    """Every head_dim layout the kernel splits differently (scalar tail only, one vector, bf16
+    even/odd pairs, a lone natural vector after them, a second 64-dim panel) against float64, with
+    blocks whose length is not a multiple of 8 (bs = 20), a short last block (T = 151), unused slots,
+    GQA and a strided token axis."""
+    g = torch.Generator().manual_seed(d)
+    b, hq, hk, t, bs = 2, 6, 2, 151, 20
+    k, v = strided_cache(g, b, hk, t, d, dtype, pad=5)
+    q = torch.randn(b, hq, 1, d, generator=g) * 2
+    blocks = random_blocks(g, b, hq, -(-t // bs), 5)
+    blocks[0, 0] = torch.tensor([7, -1, 3, -1, 0])  # block 7 holds the 11 tokens 140..150
+    out, lse = native.decode_blocks(q, k, v, blocks, bs, 0.3)
+    assert_matches_reference(q, k, v, blocks, bs, 0.3, out, lse)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+@pytest.mark.cpu_only(reason="the native decode kernel takes CPU tensors")
+@needs_native
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(b=st.integers(1, 2), hk=st.integers(1, 2), grp=st.integers(1, 3), d=st.integers(1, 140),
+       t=st.integers(1, 300), bs=st.integers(1, 80), n_sel=st.integers(0, 6), pad=st.sampled_from([0, 3]),
+       dtype=st.sampled_from(KV_DTYPES), scale=st.sampled_from([0.05, 0.3, 2.0]), seed=st.integers(0, 2 ** 16))
+def test_property_native_decode_equals_float64_reference(b, hk, grp, d, t, bs, n_sel, pad, dtype, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    hq = hk * grp
+    k, v = strided_cache(g, b, hk, t, d, dtype, pad)
+    q = torch.randn(b, hq, 1, d, generator=g)
+    blocks = random_blocks(g, b, hq, -(-t // bs), n_sel) if n_sel else torch.zeros(b, hq, 0, dtype=torch.long)
+    out, lse = native.decode_blocks(q, k, v, blocks, bs, scale)
+    assert_matches_reference(q, k, v, blocks, bs, scale, out, lse)
+
+
+@pytest.mark.cpu_only(reason="the native decode kernel takes CPU tensors")
+@needs_native
+@pytest.mark.parametrize("dtype", KV_DTYPES, ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("d", [3, 17, 64, 80])
+def test_native_decode_nan_and_minus_inf_blocks(dtype, d):
+    """A NaN in one key (at any head dim, the scalar tail included) makes exactly the rows that
+    select its block NaN, out and lse; a NaN value only its own output dim. Blocks scoring -inf
+    everywhere add nothing, before or after finite ones; a row of nothing else gives 0 and -inf."""
+    g = torch.Generator().manual_seed(d)
+    b, hq, hk, t, bs = 1, 8, 2, 100, 16  # 7 blocks, the last holds 4 tokens
+    k, v = strided_cache(g, b, hk, t, d, dtype, pad=2)
+    q = torch.rand(b, hq, 1, d, generator=g) + 0.1  # positive: a key row of -inf scores -inf
+    k[0, 0, 16:32] = float("-inf")  # kv head 0, block 1
+    k[0, 0, 97] = float("-inf")  # and block 6 (short): all of it
+    k[0, 0, 96], k[0, 0, 98], k[0, 0, 99] = float("-inf"), float("-inf"), float("-inf")
+    k[0, 1, 37, d - 1] = float("nan")  # kv head 1, block 2, last head dim
+    v[0, 1, 70, d // 2] = float("nan")  # kv head 1, block 4: one value
+    blocks = torch.tensor([[[1, 0, 3], [0, 1, -1], [1, 6, -1], [-1, 6, 1],  # kv head 0
+                            [2, 0, 5], [0, 5, 2], [0, 5, 6], [4, -1, 1]]])  # kv head 1
+    out, lse = native.decode_blocks(q, k, v, blocks, bs, 0.5)
+    ref, ref_lse = blocks_reference(q, k, v, blocks, bs, 0.5)
+    for h in (0, 1):  # -inf blocks skipped, wherever they come
+        torch.testing.assert_close(out[0, h].double(), ref[0, h], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[0, h].double(), ref_lse[0, h], atol=1e-5, rtol=1e-5)
+    for h in (2, 3):  # every key scores -inf: "saw no keys"
+        assert (out[0, h] == 0).all() and torch.isneginf(lse[0, h]).all()
+    for h in (4, 5):  # the NaN key's block: the whole row NaN
+        assert torch.isnan(out[0, h]).all() and torch.isnan(lse[0, h]).all()
+    torch.testing.assert_close(out[0, 6].double(), ref[0, 6], atol=1e-5, rtol=1e-5)
+    nan_dim = torch.arange(d) == d // 2  # the NaN value: its dim only, lse finite
+    assert torch.isnan(out[0, 7, 0, nan_dim]).all() and torch.isfinite(lse[0, 7]).all()
+    torch.testing.assert_close(out[0, 7, 0, ~nan_dim].double(), ref[0, 7, 0, ~nan_dim], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse[0, 7].double(), ref_lse[0, 7], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cpu_only(reason="the native decode kernel takes CPU tensors")
+@needs_native
+def test_native_decode_exp_is_accurate_to_a_float32_ulp():
+    """The decode kernel's polynomial exp over the range it is used on (x <= 0): relative error
+    under 1.5e-7, exactly 0 for -inf and deep underflow, 1 at 0, NaN kept."""
+    import ctypes
+
+    fn = native._lib.decode_blocks_exp
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    x = torch.cat([torch.linspace(-87.0, 0.0, 1_000_001), -torch.rand(100_000) * 1e-3,
+                   torch.tensor([0.0, -0.0, -88.0, -100.0, -1e30, float("-inf"), float("nan")])])
+    y = torch.empty_like(x)
+    fn(x.data_ptr(), y.data_ptr(), x.numel() - 3)  # a tail shorter than a vector too
+    fn(x[-3:].data_ptr(), y[-3:].data_ptr(), 3)
+    ref = torch.exp(x.double())
+    body = x > -87.0
+    assert float(((y.double() - ref).abs() / ref)[body].max()) < 1.5e-7
+    assert y[-7:-1].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0] and bool(torch.isnan(y[-1]))
+
+
+@pytest.mark.cpu_only(reason="the native decode kernel takes CPU tensors")
+@needs_native
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 flags")
+def test_native_decode_portable_build_without_avx(tmp_path):
+    """The source's generic branches (no AVX / F16C / FMA: the portable max, element-wise fp16
+    widening, vectors lowered to SSE) built and checked against float64 too."""
+    import ctypes
+    import subprocess
+    from importlib import resources
+
+    cc = native._compiler()
+    src = tmp_path / "decode_blocks.c"
+    src.write_bytes(resources.files("longattn.kernels").joinpath("csrc/decode_blocks.c").read_bytes())
+    so = tmp_path / "decode_blocks_portable.so"
+    flags = ["-O2", "-mno-avx", "-mno-avx2", "-mno-fma", "-mno-f16c", "-fopenmp", "-std=gnu11", "-shared", "-fPIC"]
+    proc = subprocess.run([cc, *flags, str(src), "-o", str(so), "-lm"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    fn = ctypes.CDLL(str(so)).decode_blocks
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 15 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    g = torch.Generator().manual_seed(5)
+    for dtype in KV_DTYPES:
+        for d in (3, 24, 72):
+            b, hq, hk, t, bs = 1, 4, 2, 90, 16
+            k, v = strided_cache(g, b, hk, t, d, dtype, pad=3)
+            k[0, 1, 40, 0] = float("nan")  # kv head 1, block 2
+            q = torch.randn(b, hq, 1, d, generator=g)
+            blocks = torch.tensor([[[0, 5, -1], [3, -1, 1], [2, 4, -1], [5, 1, 0]]])
+            out, lse = torch.empty(b, hq, 1, d), torch.empty(b, hq, 1)
+            assert fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), blocks.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                      b, hq, hk, d, t, bs, 3, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+                      v.stride(0), v.stride(1), v.stride(2), 0.4, 2, native.DTYPE_CODES[dtype]) == 0
+            assert_matches_reference(q, k, v, blocks, bs, 0.4, out, lse)
+            assert torch.isnan(out[0, 2]).all() and torch.isfinite(out[0, 3]).all()
+    x = torch.tensor([0.0, -1.5, -87.5, -88.0, -1e30, float("-inf"), float("nan"), -20.0, -3.0])
+    y = torch.empty_like(x)
+    exp = ctypes.CDLL(str(so)).decode_blocks_exp
+    exp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    exp(x.data_ptr(), y.data_ptr(), x.numel())
+    expected = torch.exp(x.double()).masked_fill(x <= -88.0, 0.0).float()
+    torch.testing.assert_close(y, expected, atol=0, rtol=2e-7, equal_nan=True)

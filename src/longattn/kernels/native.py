@@ -36,7 +36,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 FLAGS: tuple[str, ...] = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 #: a compile that takes longer than this is abandoned (the torch path is used)
 BUILD_TIMEOUT_S = 120
-#: largest head_dim / block the kernel takes (its per-thread scratch, on the heap, is head_dim + block floats)
+#: largest head_dim / block the kernel takes (its per-thread scratch, on the heap, is 2·head_dim + block floats)
 MAX_HEAD_DIM = 1024
 MAX_BLOCK = 16384
 
@@ -215,5 +215,7 @@ def decode_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: tor
         b, hq, hk, d, t, block, sel.shape[-1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), float(scale), max(1, torch.get_num_threads()), DTYPE_CODES[k.dtype])
     if failed:
-        raise MemoryError(f"the native decode kernel could not allocate {(d + block) * 4} bytes of scratch per thread")
+        # per thread: the accumulator and the widened query (head_dim each), one block of scores
+        scratch = (2 * d + (block + 7) // 8 * 8) * 4
+        raise MemoryError(f"the native decode kernel could not allocate {scratch} bytes of scratch per thread")
     return out, lse
