@@ -31,11 +31,17 @@ from typing import NamedTuple
 import torch
 
 from longattn.core import validate
+from longattn.recurrent.common import (
+    check_float_tensor,
+    check_heads,
+    check_kv,
+    check_one_token,
+    check_same_dtype_device,
+    compute_dtype,
+    initial_state_tuple,
+)
 
 __all__ = ["AarenState", "aaren_attention", "aaren_attention_naive", "aaren_attention_step", "aaren_state_size"]
-
-_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 class AarenState(NamedTuple):
     """Aaren's recurrent state, float32 (float64 when the inputs are float64).
@@ -64,31 +70,16 @@ def aaren_state_size(heads: int, dv: int) -> int:
 # -- argument checks ---------------------------------------------------------------------------
 
 
-def _check_tensor(name: str, t: object, ranks: tuple[int, ...], layout: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() not in ranks:
-        raise ValueError(f"{name} must have shape {layout}, got rank {t.dim()} with shape {tuple(t.shape)}")
-    if t.dtype not in _INPUT_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; expected float32, bfloat16 or float16 (float64 for checks)")
-    return t
-
-
-def _check_inputs(q, k, v) -> tuple[torch.Tensor, int, int, int]:
-    """Validate ``q, k, v``; return ``q`` as ``[B, H, Dk]`` and ``(B, H, Hkv)``."""
-    _check_tensor("q", q, (2, 3), "[heads, head_dim] or [batch, heads, head_dim]")
-    _check_tensor("k", k, (4,), "[batch, heads_kv, tokens, head_dim]")
-    _check_tensor("v", v, (4,), "[batch, heads_kv, tokens, head_dim_v]")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got q on {q.device}, k on {k.device}, v on {v.device}")
+def _check_inputs(q, k, v, *, step: bool = False) -> tuple[torch.Tensor, int, int, int]:
+    """Validate ``q [H, Dk]`` or ``[B, H, Dk]``, ``k [B, Hkv, T, Dk]``, ``v [B, Hkv, T, Dv]`` (``T == 1``
+    with ``step``); return ``q`` as ``[B, H, Dk]`` and ``(B, H, Hkv)``. (Aaren's query has no token
+    axis, so :func:`~longattn.recurrent.common.check_qkv` does not fit; its parts do.)"""
+    check_float_tensor("q", q, "[heads, head_dim]", "[batch, heads, head_dim]")
+    check_float_tensor("k", k, "[batch, heads_kv, tokens, head_dim]")
+    check_float_tensor("v", v, "[batch, heads_kv, tokens, head_dim_v]")
+    check_same_dtype_device(("q", q), ("k", k), ("v", v))
     b, hkv, t, dk = k.shape
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(
-            f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}: their [batch, heads_kv, tokens] must match")
-    if dk == 0 or v.shape[3] == 0:
-        raise ValueError(f"head dims must be at least 1, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    check_kv(k, v)
     if q.dim() == 2:
         q = q.unsqueeze(0).expand(b, *q.shape)
     elif q.shape[0] != b:
@@ -96,44 +87,21 @@ def _check_inputs(q, k, v) -> tuple[torch.Tensor, int, int, int]:
     h = q.shape[1]
     if q.shape[2] != dk:
         raise ValueError(f"q has head_dim {q.shape[2]} but k has head_dim {dk}: they must match")
-    if h == 0 or hkv == 0 or h % hkv != 0:
-        raise ValueError(f"k has {hkv} heads but q has {h}: heads_q must be a positive multiple of heads_kv (GQA)")
+    check_heads(h, hkv)
+    if step:
+        check_one_token(t, "k and v")
     return q, b, h, hkv
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float64 inputs (gradcheck, references) stay in float64; every other dtype accumulates in float32
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _zero_state(b: int, h: int, dv: int, dtype: torch.dtype, device) -> AarenState:
-    return AarenState(
-        m=torch.full((b, h), -math.inf, dtype=dtype, device=device),
-        u=torch.zeros(b, h, dtype=dtype, device=device),
-        w=torch.zeros(b, h, dv, dtype=dtype, device=device),
-    )
 
 
 def _check_state(state: object, b: int, h: int, dv: int, dtype: torch.dtype, device,
                  name: str = "initial_state") -> AarenState:
-    """``None`` -> the empty state; else an ``AarenState`` (or a 3-tuple) of the right shapes, in ``dtype``."""
-    if state is None:
-        return _zero_state(b, h, dv, dtype, device)
-    if not isinstance(state, tuple) or len(state) != 3:
-        raise TypeError(f"{name} must be an AarenState (m, u, w) or None, got {type(state).__name__}")
-    state = AarenState(*state)
-    expected = {"m": (b, h), "u": (b, h), "w": (b, h, dv)}
-    for field, t in zip(AarenState._fields, state):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}.{field} must be a torch.Tensor, got {type(t).__name__}")
-        if tuple(t.shape) != expected[field]:
-            raise ValueError(f"{name}.{field} has shape {tuple(t.shape)}, expected {list(expected[field])} "
-                             "[batch, heads(, head_dim_v)]")
-        if not t.is_floating_point():
-            raise TypeError(f"{name}.{field} must be a float tensor, got {t.dtype}")
-        if t.device != device:
-            raise ValueError(f"{name}.{field} is on {t.device} but k is on {device}: they must match")
-    return AarenState(*(t.to(dtype) for t in state))
+    """``None`` -> the empty state (``m = -inf``, ``u = w = 0``); else an ``AarenState`` of the right
+    shapes, in ``dtype``."""
+    return initial_state_tuple(  # type: ignore[return-value]
+        name, state, AarenState, {"m": (b, h), "u": (b, h), "w": (b, h, dv)}, device, dtype,
+        layouts={"m": "[batch, heads]", "u": "[batch, heads]", "w": "[batch, heads, head_dim_v]"},
+        empty={"m": -math.inf},
+    )
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -190,7 +158,7 @@ def aaren_attention(
     q, b, h, hkv = _check_inputs(q, k, v)
     scale = validate.check_scale(scale, k.shape[-1])
     chunk = validate.check_positive_int("chunk", chunk)
-    in_dtype, cdt = k.dtype, _compute_dtype(k.dtype)
+    in_dtype, cdt = k.dtype, compute_dtype(k.dtype)
     t, dv = k.shape[2], v.shape[3]
     m0, u0, w0 = _check_state(initial_state, b, h, dv, cdt, k.device)
     s = _scores(q.to(cdt), k.to(cdt), scale)  # [B, H, T]
@@ -236,11 +204,9 @@ def aaren_attention_step(
     Returns:
         ``(out [B, H, 1, Dv]`` in the input dtype, the ``AarenState`` after the token).
     """
-    q, b, h, hkv = _check_inputs(q, k, v)
-    if k.shape[2] != 1:
-        raise ValueError(f"aaren_attention_step takes one token: k and v must have tokens = 1, got {k.shape[2]}")
+    q, b, h, hkv = _check_inputs(q, k, v, step=True)
     scale = validate.check_scale(scale, k.shape[-1])
-    in_dtype, cdt = k.dtype, _compute_dtype(k.dtype)
+    in_dtype, cdt = k.dtype, compute_dtype(k.dtype)
     m0, u0, w0 = _check_state(state, b, h, v.shape[3], cdt, k.device, "state")
     s = _scores(q.to(cdt), k.to(cdt), scale)[..., 0]  # [B, H]
     m = torch.maximum(m0, s)

@@ -47,12 +47,16 @@ import torch
 import longattn  # attributes looked up at call time: no import cycle whatever imports this module
 from longattn.core import validate
 from longattn.core.reference import reference_attention
+from longattn.recurrent.common import (
+    check_float_tensor,
+    check_qkv,
+    check_same_dtype_device,
+    compute_dtype,
+    initial_state_tuple,
+)
 
 __all__ = ["BasedState", "based_attention", "based_attention_naive", "based_attention_step", "based_feature_map",
            "based_state_size"]
-
-_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 class BasedState(NamedTuple):
     """Based's recurrent state, float32 (float64 when the inputs are float64).
@@ -113,43 +117,17 @@ def based_state_size(heads: int, feature_dim: int, dv: int, window: int, dtype: 
 # -- argument checks ---------------------------------------------------------------------------
 
 
-def _check_tensor(name: str, t: object, layout: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must have shape {layout}, got rank {t.dim()} with shape {tuple(t.shape)}")
-    if t.dtype not in _INPUT_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; expected float32, bfloat16 or float16 (float64 for checks)")
-    return t
-
-
-def _check_inputs(q, k, v, q_window, k_window) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate the five inputs; return ``(q_window, k_window)`` with their defaults filled in."""
-    _check_tensor("q", q, "[batch, heads, tokens, feature_dim]")
-    _check_tensor("k", k, "[batch, heads_kv, tokens, feature_dim]")
-    _check_tensor("v", v, "[batch, heads_kv, tokens, head_dim_v]")
-    q_window = q if q_window is None else _check_tensor("q_window", q_window, "[batch, heads, tokens, window_dim]")
-    k_window = k if k_window is None else _check_tensor("k_window", k_window,
-                                                        "[batch, heads_kv, tokens, window_dim]")
-    named = (("q", q), ("k", k), ("v", v), ("q_window", q_window), ("k_window", k_window))
-    if len({t.dtype for _, t in named}) != 1:
-        got = ", ".join(f"{n} {t.dtype}" for n, t in named)
-        raise TypeError(f"q, k, v, q_window and k_window must share one dtype, got {got}")
-    if len({t.device for _, t in named}) != 1:
-        got = ", ".join(f"{n} on {t.device}" for n, t in named)
-        raise ValueError(f"q, k, v, q_window and k_window must be on one device, got {got}")
-    b, hkv, t, dk = k.shape
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(
-            f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}: their [batch, heads_kv, tokens] must match")
-    if tuple(q.shape) != (b, q.shape[1], t, dk):
-        raise ValueError(f"q has shape {tuple(q.shape)} but k has {tuple(k.shape)}: batch, tokens and "
-                         "feature_dim must match")
-    h = q.shape[1]
-    if h == 0 or hkv == 0 or h % hkv != 0:
-        raise ValueError(f"k has {hkv} heads but q has {h}: heads_q must be a positive multiple of heads_kv (GQA)")
-    if dk == 0 or v.shape[3] == 0:
-        raise ValueError(f"head dims must be at least 1, got q {tuple(q.shape)} and v {tuple(v.shape)}")
+def _check_inputs(q, k, v, q_window, k_window, *, step: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate the five inputs (``T == 1`` with ``step``); return ``(q_window, k_window)`` with their
+    defaults filled in."""
+    check_qkv(q, k, v, step=step)
+    if q_window is not None:
+        check_float_tensor("q_window", q_window, "[batch, heads, tokens, window_dim]")
+    if k_window is not None:
+        check_float_tensor("k_window", k_window, "[batch, heads_kv, tokens, window_dim]")
+    q_window = q if q_window is None else q_window
+    k_window = k if k_window is None else k_window
+    check_same_dtype_device(("q", q), ("k", k), ("v", v), ("q_window", q_window), ("k_window", k_window))
     if tuple(q_window.shape[:3]) != tuple(q.shape[:3]):
         raise ValueError(f"q_window has shape {tuple(q_window.shape)}, expected [batch, heads, tokens] = "
                          f"{list(q.shape[:3])} like q")
@@ -162,42 +140,32 @@ def _check_inputs(q, k, v, q_window, k_window) -> tuple[torch.Tensor, torch.Tens
     return q_window, k_window
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float64 inputs (gradcheck, references) stay in float64; every other dtype accumulates in float32
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check_state(state: object, k: torch.Tensor, v: torch.Tensor, dw: int, window: int,
                  dtype: torch.dtype, name: str = "initial_state") -> BasedState:
-    """``None`` -> zeros and an empty cache; else a ``BasedState`` (or 4-tuple) of the right shapes."""
+    """``None`` -> zeros and an empty cache; else a ``BasedState`` of the right shapes, in ``dtype``
+    (the window caches of one length ``n <= window − 1``)."""
     b, hkv, _, dk = k.shape
-    dv, f, dev = v.shape[3], 1 + dk + dk * dk, k.device
+    dv, f = v.shape[3], 1 + dk + dk * dk
+    cached = getattr(state, "k_window", None)
     if state is None:
-        return BasedState(torch.zeros(b, hkv, f, dv, dtype=dtype, device=dev),
-                          torch.zeros(b, hkv, f, dtype=dtype, device=dev),
-                          torch.zeros(b, hkv, 0, dw, dtype=dtype, device=dev),
-                          torch.zeros(b, hkv, 0, dv, dtype=dtype, device=dev))
-    if not isinstance(state, tuple) or len(state) != 4:
-        raise TypeError(f"{name} must be a BasedState (s, z, k_window, v_window) or None, "
-                        f"got {type(state).__name__}")
-    state = BasedState(*state)
-    for field, t in zip(BasedState._fields, state):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}.{field} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name}.{field} must be a float tensor, got {t.dtype}")
-        if t.device != dev:
-            raise ValueError(f"{name}.{field} is on {t.device} but k is on {dev}: they must match")
-    n = state.k_window.shape[2] if state.k_window.dim() == 4 else -1
-    expected = {"s": (b, hkv, f, dv), "z": (b, hkv, f), "k_window": (b, hkv, n, dw), "v_window": (b, hkv, n, dv)}
-    for field, t in zip(BasedState._fields, state):
-        if tuple(t.shape) != expected[field]:
-            raise ValueError(f"{name}.{field} has shape {tuple(t.shape)}, expected {list(expected[field])} "
-                             f"(feature size F = 1 + Dk + Dk² = {f}; the window caches of one length)")
+        n = 0
+    elif isinstance(cached, torch.Tensor) and cached.dim() == 4:
+        n = cached.shape[2]  # the caches' length is the state's own (<= window - 1, checked below)
+    else:
+        n = -1  # a bad cache: the shape check reports it
+    state = initial_state_tuple(
+        name, state, BasedState,
+        {"s": (b, hkv, f, dv), "z": (b, hkv, f), "k_window": (b, hkv, n, dw), "v_window": (b, hkv, n, dv)},
+        k.device, dtype,
+        layouts={"s": "[batch, heads_kv, F, head_dim_v]", "z": "[batch, heads_kv, F]",
+                 "k_window": "[batch, heads_kv, cached, window_dim]",
+                 "v_window": "[batch, heads_kv, cached, head_dim_v]"},
+        note=f" (feature size F = 1 + Dk + Dk² = {f}; the window caches of one length)",
+    )
     if n > max(window - 1, 0):
         raise ValueError(f"{name}.k_window holds {n} tokens but window={window} keeps at most "
                          f"{max(window - 1, 0)} (window − 1)")
-    return BasedState(*(t.to(dtype) for t in state))
+    return state  # type: ignore[return-value]
 
 
 # -- the window part ---------------------------------------------------------------------------
@@ -270,7 +238,7 @@ def based_attention(
     q_window, k_window = _check_inputs(q, k, v, q_window, k_window)
     window = validate.check_positive_int("window", window, allow_zero=True)
     chunk = validate.check_positive_int("chunk", chunk)
-    in_dtype, cdt = q.dtype, _compute_dtype(q.dtype)
+    in_dtype, cdt = q.dtype, compute_dtype(q.dtype)
     state = _check_state(initial_state, k, v, k_window.shape[3], window, cdt)
     b, h, t, dk = q.shape
     hkv, dv = k.shape[1], v.shape[3]
@@ -320,11 +288,9 @@ def based_attention_step(
     token (None: none before it). Returns ``(out [B, H, 1, Dv]`` in the input
     dtype, the next ``BasedState``).
     """
-    q_window, k_window = _check_inputs(q, k, v, q_window, k_window)
-    if q.shape[2] != 1:
-        raise ValueError(f"based_attention_step takes one token: q, k and v must have tokens = 1, got {q.shape[2]}")
+    q_window, k_window = _check_inputs(q, k, v, q_window, k_window, step=True)
     window = validate.check_positive_int("window", window, allow_zero=True)
-    in_dtype, cdt = q.dtype, _compute_dtype(q.dtype)
+    in_dtype, cdt = q.dtype, compute_dtype(q.dtype)
     state = _check_state(state, k, v, k_window.shape[3], window, cdt, "state")
     b, h, _, dk = q.shape
     hkv, dv = k.shape[1], v.shape[3]

@@ -60,6 +60,16 @@ import torch
 import torch.nn.functional as F
 
 from longattn.core import validate
+from longattn.recurrent.common import (
+    check_flag,
+    check_per_token,
+    check_qkv,
+    compute_dtype,
+    initial_state_tensor,
+    pad_tokens,
+    segment_sums,
+    sums_after,
+)
 
 __all__ = [
     "DeltaState",
@@ -90,96 +100,23 @@ class DeltaState(NamedTuple):
 # -- argument checks ------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 inputs (gradient checks) compute in float64, everything else in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check_inputs(q, k, v, beta, log_gate, *, gated: bool, step: bool) -> tuple[int, int, int, int, int, int]:
     """Check ``q [B, H, T, Dk]``, ``k [B, Hkv, T, Dk]``, ``v [B, Hkv, T, Dv]``, ``beta [B, Hkv, T]``
     and (gated) ``log_gate [B, Hkv, T]``; return ``(B, H, Hkv, T, Dk, Dv)``."""
-    dims = {"q": "[batch, heads, tokens, head_dim_k]", "k": "[batch, heads_kv, tokens, head_dim_k]",
-            "v": "[batch, heads_kv, tokens, head_dim_v]"}
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have rank 4 {dims[name]}, got shape {tuple(t.shape)}")
-        if t.dtype not in validate.FLOAT_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; expected float32, bfloat16 or float16")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device} and {v.device}")
-    b, h, t, dk = q.shape
-    hkv, dv = k.shape[1], v.shape[3]
-    if tuple(k.shape) != (b, hkv, t, dk):
-        raise ValueError(
-            f"k has shape {tuple(k.shape)}, expected [batch, heads_kv, tokens, head_dim_k] with "
-            f"batch={b}, tokens={t}, head_dim_k={dk} as in q of shape {tuple(q.shape)}"
-        )
-    if tuple(v.shape[:3]) != (b, hkv, t):
-        raise ValueError(
-            f"v has shape {tuple(v.shape)}, expected [batch, heads_kv, tokens, head_dim_v] = "
-            f"[{b}, {hkv}, {t}, head_dim_v] as in k of shape {tuple(k.shape)}"
-        )
-    if hkv == 0 or h % hkv != 0:
-        raise ValueError(f"k has {hkv} heads but q has {h}: heads must be a positive multiple of heads_kv")
-    if dk == 0:
-        raise ValueError(f"head_dim_k must be at least 1, got q of shape {tuple(q.shape)}")
-    if step and t != 1:
-        raise ValueError(f"a step takes one token: q, k and v must have tokens == 1, got {t}")
-    _check_per_token("beta", beta, (b, hkv, t), q.device, low=0.0, high=2.0,
-                     what="the write strength, in [0, 2] ((0, 1] in the papers)")
+    b, h, hkv, t, dk, dv = check_qkv(q, k, v, step=step)
+    per_token = {"layout": "[batch, heads_kv, tokens]", "note": " (one value per key/value head and token)"}
+    check_per_token("beta", beta, (b, hkv, t), q.device, low=0.0, high=2.0,
+                    what="finite and in [0, 2] (the write strength; (0, 1] in the papers)", **per_token)
     if gated:
-        _check_per_token("log_gate", log_gate, (b, hkv, t), q.device, low=-math.inf, high=0.0,
-                         what="the log of a forget gate in (0, 1]; finite and <= 0")
+        check_per_token("log_gate", log_gate, (b, hkv, t), q.device, low=-math.inf, high=0.0,
+                        what="finite and <= 0 (the log of a forget gate in (0, 1])", **per_token)
     return b, h, hkv, t, dk, dv
 
 
-def _check_per_token(name, x, expected, device, *, low: float, high: float, what: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in validate.FLOAT_DTYPES:
-        raise TypeError(f"{name} has dtype {x.dtype}; expected a floating dtype")
-    if tuple(x.shape) != tuple(expected):
-        raise ValueError(
-            f"{name} has shape {tuple(x.shape)}, expected [batch, heads_kv, tokens] = {list(expected)} "
-            "(one value per key/value head and token)"
-        )
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but q is on {device}: they must match")
-    with torch.no_grad():
-        bad = ~(torch.isfinite(x) & (x >= low) & (x <= high))
-        if bool(bad.any()):
-            raise ValueError(
-                f"{name} ({what}) got {x[bad][0].item()!r} at index {tuple(bad.nonzero()[0].tolist())}"
-            )
-
-
-def _check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
-
-
 def _initial(state, b: int, hkv: int, dk: int, dv: int, device, dtype, name: str) -> torch.Tensor:
-    """The state tensor to start from (zeros for None), in the compute dtype."""
-    if state is None:
-        return torch.zeros(b, hkv, dv, dk, dtype=dtype, device=device)
-    if not isinstance(state, DeltaState):
-        raise TypeError(f"{name} must be a DeltaState or None, got {type(state).__name__}")
-    s = state.s
-    if not isinstance(s, torch.Tensor) or s.dtype not in validate.FLOAT_DTYPES:
-        raise TypeError(f"{name}.s must be a floating torch.Tensor, got {getattr(s, 'dtype', type(s).__name__)}")
-    if tuple(s.shape) != (b, hkv, dv, dk):
-        raise ValueError(
-            f"{name}.s has shape {tuple(s.shape)}, expected [batch, heads_kv, head_dim_v, head_dim_k] = "
-            f"{[b, hkv, dv, dk]}"
-        )
-    if s.device != device:
-        raise ValueError(f"{name}.s is on {s.device} but q is on {device}: they must match")
-    return s.to(dtype)
+    """The state tensor ``s [B, Hkv, Dv, Dk]`` to start from (zeros for None), in the compute dtype."""
+    return initial_state_tensor(name, state, DeltaState, (b, hkv, dv, dk), device, dtype,
+                                layout="[batch, heads_kv, head_dim_v, head_dim_k]")
 
 
 def _l2norm(x: torch.Tensor) -> torch.Tensor:
@@ -190,28 +127,13 @@ def _l2norm(x: torch.Tensor) -> torch.Tensor:
 # -- chunked, step and naive forms shared by both ops (log_gate None: DeltaNet) -------------
 
 
-def _sums_after(g: torch.Tensor) -> torch.Tensor:
-    """``[..., L] -> [..., L]``: ``Σ_{s>j} g_s`` (0 at the last position), summed from the end."""
-    rev = g.flip(-1).cumsum(-1).flip(-1)
-    return F.pad(rev[..., 1:], (0, 1))
-
-
-def _segment_sums(g: torch.Tensor) -> torch.Tensor:
-    """``[..., L] -> [..., L(i), L(j)]``: ``Σ_{j<s≤i} g_s`` for ``i ≥ j``, ``-inf`` above the diagonal."""
-    length = g.shape[-1]
-    idx = torch.arange(length, device=g.device)
-    x = torch.where(idx[:, None] > idx[None, :], g[..., :, None], g.new_zeros(()))  # x[s, j] = g_s, s > j
-    seg = x.cumsum(-2)  # Σ_{j<s≤i}, each pair summed from j+1 up
-    return torch.where(idx[:, None] >= idx[None, :], seg, seg.new_full((), -math.inf))
-
-
 def _chunked(q, k, v, beta, log_gate, scale, normalize_keys, chunk, initial_state):
     gated = log_gate is not None
     b, h, hkv, t, dk, dv = _check_inputs(q, k, v, beta, log_gate, gated=gated, step=False)
     scale = validate.check_scale(scale, dk)
-    normalize_keys = _check_flag("normalize_keys", normalize_keys)
+    normalize_keys = check_flag("normalize_keys", normalize_keys)
     chunk = validate.check_positive_int("chunk", chunk)
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     s = _initial(initial_state, b, hkv, dk, dv, q.device, cdt, "initial_state")
     if t == 0:
         return q.new_zeros(b, h, 0, dv), DeltaState(s.clone())
@@ -222,20 +144,16 @@ def _chunked(q, k, v, beta, log_gate, scale, normalize_keys, chunk, initial_stat
     if normalize_keys:
         qc, kc = _l2norm(qc), _l2norm(kc)
 
-    def chunked(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(cdt)
-        return F.pad(x, (0, 0, 0, pad)) if pad else x
-
-    qs = (chunked(qc) * scale).view(b, hkv, grp, n, chunk, dk)
-    ks = chunked(kc).view(b, hkv, n, chunk, dk)
-    vs = chunked(v).view(b, hkv, n, chunk, dv)
+    qs = (pad_tokens(qc, pad, cdt) * scale).view(b, hkv, grp, n, chunk, dk)
+    ks = pad_tokens(kc, pad, cdt).view(b, hkv, n, chunk, dk)
+    vs = pad_tokens(v, pad, cdt).view(b, hkv, n, chunk, dv)
     bs = F.pad(beta.to(cdt), (0, pad)).view(b, hkv, n, chunk)
     idx = torch.arange(chunk, device=q.device)
     if gated:
         gs = F.pad(log_gate.to(cdt), (0, pad)).view(b, hkv, n, chunk)
-        decay = _segment_sums(gs).exp()  # Γ [b, hkv, n, C, C], 0 above the diagonal
+        decay = segment_sums(gs[..., None])[..., 0].exp()  # Γ [b, hkv, n, C, C], 0 above the diagonal
         gamma = gs.cumsum(-1).exp()  # γ_i [b, hkv, n, C]
-        k_out = ks * _sums_after(gs).exp()[..., None]  # k_j ⊙ exp(g_C − g_j)
+        k_out = ks * sums_after(gs[..., None]).exp()  # k_j ⊙ exp(g_C − g_j)
         chunk_decay = gamma[..., -1, None, None]  # γ_C [b, hkv, n, 1, 1]
     else:
         decay = (idx[:, None] >= idx[None, :]).to(cdt).expand(1, 1, 1, chunk, chunk)
@@ -265,8 +183,8 @@ def _step(q, k, v, beta, log_gate, state, scale, normalize_keys):
     gated = log_gate is not None
     b, h, hkv, _, dk, dv = _check_inputs(q, k, v, beta, log_gate, gated=gated, step=True)
     scale = validate.check_scale(scale, dk)
-    normalize_keys = _check_flag("normalize_keys", normalize_keys)
-    cdt = _compute_dtype(q.dtype)
+    normalize_keys = check_flag("normalize_keys", normalize_keys)
+    cdt = compute_dtype(q.dtype)
     s = _initial(state, b, hkv, dk, dv, q.device, cdt, "state")
     qt, kt, vt = q[:, :, 0].to(cdt), k[:, :, 0].to(cdt), v[:, :, 0].to(cdt)
     if normalize_keys:
@@ -284,7 +202,7 @@ def _naive(q, k, v, beta, log_gate, scale, normalize_keys, initial_state):
     gated = log_gate is not None
     b, h, hkv, t, dk, dv = _check_inputs(q, k, v, beta, log_gate, gated=gated, step=False)
     scale = validate.check_scale(scale, dk)
-    normalize_keys = _check_flag("normalize_keys", normalize_keys)
+    normalize_keys = check_flag("normalize_keys", normalize_keys)
     f64 = torch.float64
     s = _initial(initial_state, b, hkv, dk, dv, q.device, f64, "initial_state")
     q64, k64, v64, b64 = q.to(f64), k.to(f64), v.to(f64), beta.to(f64)

@@ -45,6 +45,15 @@ import torch
 import torch.nn.functional as F
 
 from longattn.core import validate
+from longattn.recurrent.common import (
+    check_per_token,
+    check_qkv,
+    compute_dtype,
+    initial_state_tensor,
+    pad_tokens,
+    segment_sums,
+    sums_after,
+)
 
 __all__ = [
     "GLAState",
@@ -73,107 +82,20 @@ class GLAState(NamedTuple):
 # -- argument checks ------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 inputs (gradient checks) compute in float64, everything else in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check_inputs(q, k, v, log_gate, *, step: bool) -> tuple[int, int, int, int, int, int]:
     """Check ``q [B, H, T, Dk]``, ``k [B, Hkv, T, Dk]``, ``v [B, Hkv, T, Dv]``,
     ``log_gate [B, Hkv, T, Dk]``; return ``(B, H, Hkv, T, Dk, Dv)``."""
-    dims = {"q": "[batch, heads, tokens, head_dim_k]", "k": "[batch, heads_kv, tokens, head_dim_k]",
-            "v": "[batch, heads_kv, tokens, head_dim_v]"}
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have rank 4 {dims[name]}, got shape {tuple(t.shape)}")
-        if t.dtype not in validate.FLOAT_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; expected float32, bfloat16 or float16")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device} and {v.device}")
-    b, h, t, dk = q.shape
-    hkv, dv = k.shape[1], v.shape[3]
-    if tuple(k.shape) != (b, hkv, t, dk):
-        raise ValueError(
-            f"k has shape {tuple(k.shape)}, expected [batch, heads_kv, tokens, head_dim_k] with "
-            f"batch={b}, tokens={t}, head_dim_k={dk} as in q of shape {tuple(q.shape)}"
-        )
-    if tuple(v.shape[:3]) != (b, hkv, t):
-        raise ValueError(
-            f"v has shape {tuple(v.shape)}, expected [batch, heads_kv, tokens, head_dim_v] = "
-            f"[{b}, {hkv}, {t}, head_dim_v] as in k of shape {tuple(k.shape)}"
-        )
-    if hkv == 0 or h % hkv != 0:
-        raise ValueError(f"k has {hkv} heads but q has {h}: heads must be a positive multiple of heads_kv")
-    if dk == 0:
-        raise ValueError(f"head_dim_k must be at least 1, got q of shape {tuple(q.shape)}")
-    if step and t != 1:
-        raise ValueError(f"a step takes one token: q, k and v must have tokens == 1, got {t}")
-    _check_log_gate(log_gate, (b, hkv, t, dk), q.device)
+    b, h, hkv, t, dk, dv = check_qkv(q, k, v, step=step)
+    check_per_token("log_gate", log_gate, (b, hkv, t, dk), q.device, low=-math.inf, high=0.0,
+                    what="finite and <= 0 (the log of a forget gate in (0, 1])",
+                    layout="[batch, heads_kv, tokens, head_dim_k]", note=" (one gate per key channel, following k)")
     return b, h, hkv, t, dk, dv
 
 
-def _check_log_gate(g, expected: tuple[int, ...], device: torch.device) -> None:
-    if not isinstance(g, torch.Tensor):
-        raise TypeError(f"log_gate must be a torch.Tensor, got {type(g).__name__}")
-    if g.dtype not in validate.FLOAT_DTYPES:
-        raise TypeError(f"log_gate has dtype {g.dtype}; expected a floating dtype")
-    if tuple(g.shape) != expected:
-        raise ValueError(
-            f"log_gate has shape {tuple(g.shape)}, expected [batch, heads_kv, tokens, head_dim_k] = "
-            f"{list(expected)} (one gate per key channel, following k)"
-        )
-    if g.device != device:
-        raise ValueError(f"log_gate is on {g.device} but q is on {device}: they must match")
-    with torch.no_grad():
-        bad = ~(torch.isfinite(g) & (g <= 0))
-        if bool(bad.any()):
-            raise ValueError(
-                "log_gate must be finite and <= 0 (the log of a forget gate in (0, 1]), got "
-                f"{g[bad][0].item()!r} at index {tuple(bad.nonzero()[0].tolist())}"
-            )
-
-
 def _initial(state, b: int, hkv: int, dk: int, dv: int, device, dtype, name: str) -> torch.Tensor:
-    """The state tensor to start from (zeros for None), in the compute dtype."""
-    if state is None:
-        return torch.zeros(b, hkv, dk, dv, dtype=dtype, device=device)
-    if not isinstance(state, GLAState):
-        raise TypeError(f"{name} must be a GLAState or None, got {type(state).__name__}")
-    s = state.s
-    if not isinstance(s, torch.Tensor) or s.dtype not in validate.FLOAT_DTYPES:
-        raise TypeError(f"{name}.s must be a floating torch.Tensor, got {getattr(s, 'dtype', type(s).__name__)}")
-    if tuple(s.shape) != (b, hkv, dk, dv):
-        raise ValueError(
-            f"{name}.s has shape {tuple(s.shape)}, expected [batch, heads_kv, head_dim_k, head_dim_v] = "
-            f"{[b, hkv, dk, dv]}"
-        )
-    if s.device != device:
-        raise ValueError(f"{name}.s is on {s.device} but q is on {device}: they must match")
-    return s.to(dtype)
-
-
-# -- gate sums that keep every exponent <= 0 ------------------------------------------------
-
-
-def _sums_after(g: torch.Tensor) -> torch.Tensor:
-    """``[..., L, D] -> [..., L, D]``: ``Σ_{s>j} g_s`` along ``L`` (0 at the last position)."""
-    rev = g.flip(-2).cumsum(-2).flip(-2)  # Σ_{s≥j}, summed from the end so short sums stay exact
-    return F.pad(rev[..., 1:, :], (0, 0, 0, 1))
-
-
-def _segment_sums(g: torch.Tensor) -> torch.Tensor:
-    """``[..., L, D] -> [..., L(i), L(j), D]``: ``Σ_{j<s≤i} g_s`` (0 where ``i ≤ j``). Each entry sums
-    only its own stretch of ``g`` (a 0/1 matrix product), so its rounding error scales with the
-    entry itself, not with a prefix sum: near pairs keep exact weights under hard gates."""
-    length = g.shape[-2]
-    idx = torch.arange(length, device=g.device)
-    i, j, s = idx[:, None, None], idx[None, :, None], idx[None, None, :]
-    stretch = ((j < s) & (s <= i)).to(g.dtype).view(length * length, length)  # [(i, j), s]
-    return (stretch @ g).view(*g.shape[:-2], length, length, g.shape[-1])
+    """The state tensor ``s [B, Hkv, Dk, Dv]`` to start from (zeros for None), in the compute dtype."""
+    return initial_state_tensor(name, state, GLAState, (b, hkv, dk, dv), device, dtype,
+                                layout="[batch, heads_kv, head_dim_k, head_dim_v]")
 
 
 def _sub_chunk(chunk: int) -> int:
@@ -212,7 +134,7 @@ def gla_attention(
     b, h, hkv, t, dk, dv = _check_inputs(q, k, v, log_gate, step=False)
     scale = validate.check_scale(scale, dk)
     chunk = validate.check_positive_int("chunk", chunk)
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     s = _initial(initial_state, b, hkv, dk, dv, q.device, cdt, "initial_state")
     if t == 0:
         return q.new_zeros(b, h, 0, dv), GLAState(s.clone())
@@ -221,14 +143,10 @@ def gla_attention(
     n, m = -(-t // chunk), chunk // sub
     pad = n * chunk - t  # padded tokens: k = v = 0 and gate 1 leave the state as it is
 
-    def chunked(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(cdt)
-        return F.pad(x, (0, 0, 0, pad)) if pad else x
-
-    qs = (chunked(q) * scale).view(b, hkv, grp, n, m, sub, dk)
-    ks = chunked(k).view(b, hkv, n, m, sub, dk)
-    vs = chunked(v).view(b, hkv, n, chunk, dv)
-    gs = chunked(log_gate).view(b, hkv, n, m, sub, dk)
+    qs = (pad_tokens(q, pad, cdt) * scale).view(b, hkv, grp, n, m, sub, dk)
+    ks = pad_tokens(k, pad, cdt).view(b, hkv, n, m, sub, dk)
+    vs = pad_tokens(v, pad, cdt).view(b, hkv, n, chunk, dv)
+    gs = pad_tokens(log_gate, pad, cdt).view(b, hkv, n, m, sub, dk)
 
     # intra-chunk scores, sub-chunk I (rows) against sub-chunks J < I (columns): both sides decayed
     # to r_I, the last token before sub-chunk I
@@ -237,7 +155,7 @@ def gla_attention(
     upto = total.cumsum(-2)  # Σ_{K≤J}
     before = F.pad(upto[..., :-1, :], (0, 0, 1, 0))  # Σ_{K<I}
     between = before[..., :, None, :] - upto[..., None, :, :]  # [.., m(I), m(J), dk]: Σ_{J<K<I}
-    expo = between[..., None, :] + _sums_after(gs)[..., None, :, :, :]  # b_{r_I} - b_j, j in J
+    expo = between[..., None, :] + sums_after(gs)[..., None, :, :, :]  # b_{r_I} - b_j, j in J
     mi = torch.arange(m, device=q.device)
     earlier = (mi[:, None] > mi[None, :])[:, :, None, None]  # J < I
     expo = torch.where(earlier, expo, expo.new_full((), -math.inf))
@@ -245,12 +163,10 @@ def gla_attention(
     q_off = qs * local.exp()[:, :, None]
     scores = q_off @ k_off[:, :, None].transpose(-1, -2)  # [b, hkv, grp, n, m, sub, chunk]
 
-    # inside a sub-chunk: pairwise decay per channel, exp(Σ_{j<s≤i} log α_s), masked after the sum
-    # over channels (the exponent is 0, not positive, above the diagonal: nothing overflows)
-    k_diag = ks[..., None, :, :] * _segment_sums(gs).exp()  # [b, hkv, n, m, sub(i), sub(j), dk]
+    # inside a sub-chunk: pairwise decay per channel, exp(Σ_{j<s≤i} log α_s); the exponent is -inf
+    # above the diagonal (weight 0, the causal mask) and never positive: nothing overflows
+    k_diag = ks[..., None, :, :] * segment_sums(gs).exp()  # [b, hkv, n, m, sub(i), sub(j), dk]
     diag = (k_diag[:, :, None] @ qs[..., None]).squeeze(-1)  # [b, hkv, grp, n, m, sub(i), sub(j)]
-    si = torch.arange(sub, device=q.device)
-    diag = diag * (si[:, None] >= si[None, :]).to(cdt)
     eye = torch.eye(m, dtype=cdt, device=q.device)[:, None, :, None]
     scores = scores.view(b, hkv, grp, n, m, sub, m, sub) + diag.unsqueeze(-2) * eye
     out = scores.view(b, hkv, grp, n, chunk, chunk) @ vs[:, :, None]
@@ -259,7 +175,7 @@ def gla_attention(
     g_flat = gs.view(b, hkv, n, chunk, dk)
     cum = g_flat.cumsum(-2)  # b_i
     q_in = qs.view(b, hkv, grp, n, chunk, dk) * cum.exp()[:, :, None]
-    k_out = ks.view(b, hkv, n, chunk, dk) * _sums_after(g_flat).exp()  # k_j ⊙ exp(b_C - b_j)
+    k_out = ks.view(b, hkv, n, chunk, dk) * sums_after(g_flat).exp()  # k_j ⊙ exp(b_C - b_j)
     decay = cum[..., -1, :].exp()[..., None]  # [b, hkv, n, dk, 1]
     incoming = []
     for c in range(n):
@@ -322,7 +238,7 @@ def gla_attention_step(
     """
     b, h, hkv, _, dk, dv = _check_inputs(q, k, v, log_gate, step=True)
     scale = validate.check_scale(scale, dk)
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     s = _initial(state, b, hkv, dk, dv, q.device, cdt, "state")
     alpha = log_gate[:, :, 0].to(cdt).exp()[..., None]
     s = alpha * s + k[:, :, 0, :, None].to(cdt) * v[:, :, 0, None, :].to(cdt)

@@ -31,15 +31,14 @@ from typing import NamedTuple
 
 import torch
 
-from longattn.core.validate import FLOAT_DTYPES, check_positive_int
-from longattn.recurrent.linear import (
-    _check_bool,
-    _check_nonneg,
-    _check_qkv,
-    _check_state_type,
-    _check_tokens_one,
-    _compute_dtype,
-    _state_field,
+from longattn.core.validate import check_positive_int
+from longattn.recurrent.common import (
+    check_flag,
+    check_nonneg,
+    check_qkv,
+    check_tensor_arg,
+    compute_dtype,
+    initial_state_tensor,
 )
 
 __all__ = [
@@ -110,12 +109,7 @@ def _log_decay(decay: object, log_decay: object, heads: int, device: torch.devic
             value = torch.as_tensor(value, dtype=torch.float64, device=device)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"{name} must be a float tensor [H], got {type(value).__name__}") from exc
-    if value.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} has dtype {value.dtype}; expected a floating dtype")
-    if tuple(value.shape) != (heads,):
-        raise ValueError(f"{name} has shape {tuple(value.shape)}, expected [H] = [{heads}] (one per query head)")
-    if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but q is on {device}: they must match")
+    check_tensor_arg(name, value, (heads,), device, layout="[H]", note=" (one per query head)")
     v64 = value.detach().to(torch.float64)
     if name == "decay":
         if not bool(((v64 > 0) & (v64 <= 1)).all()):
@@ -129,15 +123,7 @@ def _log_decay(decay: object, log_decay: object, heads: int, device: torch.devic
 def _norm_weight(norm_weight: object, dv: int, device: torch.device) -> torch.Tensor | None:
     if norm_weight is None:
         return None
-    if not isinstance(norm_weight, torch.Tensor):
-        raise TypeError(f"norm_weight must be a torch.Tensor [Dv] or None, got {type(norm_weight).__name__}")
-    if tuple(norm_weight.shape) != (dv,):
-        raise ValueError(f"norm_weight has shape {tuple(norm_weight.shape)}, expected [Dv] = [{dv}]")
-    if norm_weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"norm_weight has dtype {norm_weight.dtype}; expected a floating dtype")
-    if norm_weight.device != device:
-        raise ValueError(f"norm_weight is on {norm_weight.device} but q is on {device}: they must match")
-    return norm_weight
+    return check_tensor_arg("norm_weight", norm_weight, (dv,), device, layout="[Dv]")
 
 
 def _rms_norm(o: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -148,18 +134,15 @@ def _rms_norm(o: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch
 def _prepare(q, k, v, decay, log_decay, norm, norm_weight, eps, state, compute, state_name):
     """Shared checks: returns ``q, k, v`` with ``H`` heads in ``compute`` dtype, ``log λ [H]``, the
     norm weight (or None) and ``s0 [B, H, Dk, Dv]``."""
-    b, h, hkv, _, dk, dv = _check_qkv(q, k, v)
-    _check_bool("norm", norm)
-    _check_nonneg("eps", eps)
+    b, h, hkv, _, dk, dv = check_qkv(q, k, v)
+    check_flag("norm", norm)
+    check_nonneg("eps", eps)
     w = _norm_weight(norm_weight, dv, q.device)
     if w is not None and not norm:
         raise ValueError("norm_weight is given but norm=False: the weight would be ignored")
     logl = _log_decay(decay, log_decay, h, q.device, compute)
-    if state is None:
-        s0 = torch.zeros(b, h, dk, dv, device=q.device, dtype=compute)
-    else:
-        _check_state_type(state_name, state, LightningState)
-        s0 = _state_field(state_name, "s", state.s, (b, h, dk, dv), q.device, compute)
+    s0 = initial_state_tensor(state_name, state, LightningState, (b, h, dk, dv), q.device, compute,
+                              layout="[batch, heads, head_dim_k, head_dim_v]")
     g = h // hkv
     k, v = k.to(compute), v.to(compute)
     if g > 1:  # key/value head j serves query heads j*g .. j*g+g-1
@@ -224,7 +207,7 @@ def lightning_attention(
         ``out [B, H, T, Dv]`` in q's dtype and the final :class:`LightningState` ``(s [B, H, Dk, Dv])``.
     """
     chunk = check_positive_int("chunk", chunk)
-    compute = _compute_dtype(q.dtype) if isinstance(q, torch.Tensor) else torch.float32
+    compute = compute_dtype(q.dtype) if isinstance(q, torch.Tensor) else torch.float32
     qc, kc, vc, logl, w, s = _prepare(q, k, v, decay, log_decay, norm, norm_weight, eps, initial_state, compute,
                                       "initial_state")
     t = qc.shape[2]
@@ -284,10 +267,9 @@ def lightning_attention_step(
 ) -> tuple[torch.Tensor, LightningState]:
     """One decoding step: ``q [B, H, 1, Dk]``, ``k [B, Hkv, 1, Dk]``, ``v [B, Hkv, 1, Dv]`` and the state
     (None: zeros) in; ``out [B, H, 1, Dv]`` (q's dtype) and the next :class:`LightningState` out."""
-    _check_qkv(q, k, v)
-    _check_tokens_one(q)
+    check_qkv(q, k, v, step=True)
     qc, kc, vc, logl, w, s = _prepare(q, k, v, decay, log_decay, norm, norm_weight, eps, state,
-                                      _compute_dtype(q.dtype), "state")
+                                      compute_dtype(q.dtype), "state")
     s = torch.exp(logl)[None, :, None, None] * s + kc[:, :, 0, :, None] * vc[:, :, 0, None, :]
     out = (qc[:, :, 0, None, :] @ s)  # [B, H, 1, Dv]
     if norm:

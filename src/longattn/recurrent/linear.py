@@ -34,7 +34,6 @@ returns float64 output and state.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple
 
 import torch
@@ -47,6 +46,7 @@ from longattn.core.validate import (
     check_scale,
     check_seed,
 )
+from longattn.recurrent.common import check_flag, check_nonneg, check_qkv, compute_dtype, initial_state_tuple
 
 __all__ = [
     "FEATURE_MAPS",
@@ -75,99 +75,6 @@ class LinearState(NamedTuple):
     z: torch.Tensor
 
 
-# -- argument checks shared by the ops of this package ----------------------------------------
-
-
-def _check_qkv(q: object, k: object, v: object) -> tuple[int, int, int, int, int, int]:
-    """Check ``q [B, H, T, Dk]``, ``k [B, Hkv, T, Dk]``, ``v [B, Hkv, T, Dv]``; return
-    ``(B, H, Hkv, T, Dk, Dv)``. ``v`` may have a head dim other than ``k``'s, so
-    ``validate.check_qkv`` (which asks ``k.shape == v.shape``) does not fit these ops."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"{name} must have rank 4 [batch, heads, tokens, head_dim], got rank {t.dim()} "
-                f"with shape {tuple(t.shape)}"
-            )
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"{name} has dtype {t.dtype}; expected a floating dtype (float16, bfloat16, float32 or float64)"
-            )
-    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(
-            f"q, k and v must be on one device, got q on {q.device}, k on {k.device}, v on {v.device}"
-        )
-    b, h, t, dk = q.shape
-    if k.shape[0] != b or v.shape[0] != b:
-        raise ValueError(f"q has batch {b} but k has {k.shape[0]} and v {v.shape[0]}: they must match")
-    if k.shape[2] != t or v.shape[2] != t:
-        raise ValueError(
-            f"q has {t} tokens but k has {k.shape[2]} and v {v.shape[2]}: they must match (self-attention)"
-        )
-    if k.shape[1] != v.shape[1]:
-        raise ValueError(f"k has {k.shape[1]} heads but v has {v.shape[1]}: they must match")
-    if k.shape[3] != dk:
-        raise ValueError(f"q has head_dim {dk} but k has {k.shape[3]}: they must match")
-    hkv = k.shape[1]
-    if hkv == 0 or h % hkv != 0:
-        raise ValueError(f"k has {hkv} heads but q has {h}: heads_q must be a positive multiple of heads_kv (GQA)")
-    if dk == 0:
-        raise ValueError(f"head_dim must be at least 1, got q of shape {tuple(q.shape)}")
-    if v.shape[3] == 0:
-        raise ValueError(f"v's head_dim must be at least 1, got v of shape {tuple(v.shape)}")
-    return b, h, hkv, t, dk, v.shape[3]
-
-
-def _check_nonneg(name: str, value: object) -> float:
-    """A finite real ``>= 0`` (an epsilon)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite real number >= 0, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _check_tokens_one(q: torch.Tensor) -> None:
-    if q.shape[2] != 1:
-        raise ValueError(f"a step takes one token: q, k and v must have tokens == 1, got {q.shape[2]}")
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64 (gradient checks); every other input dtype computes in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _state_field(
-    op: str, field: str, value: object, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """Check one field of a state (a float tensor of ``shape`` on ``device``) and cast it to ``dtype``."""
-    name = f"{op}.{field}"
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if tuple(value.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {list(shape)}")
-    if value.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} has dtype {value.dtype}; expected a floating dtype (float32)")
-    if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but q is on {device}: they must match")
-    return value.to(dtype)
-
-
-def _check_state_type(name: str, state: object, cls: type) -> None:
-    if not isinstance(state, cls):
-        raise TypeError(f"{name} must be a {cls.__name__} or None, got {type(state).__name__}")
-
-
 # -- feature maps ---------------------------------------------------------------------------
 
 
@@ -192,7 +99,7 @@ def performer_features(
     m = check_positive_int("m", m)
     dk = check_positive_int("dk", dk)
     seed = check_seed("seed", seed)
-    _check_bool("orthogonal", orthogonal)
+    check_flag("orthogonal", orthogonal)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -262,28 +169,18 @@ def _phi(x: torch.Tensor, name: str, features: torch.Tensor | None, scale: float
     return torch.exp(proj) / math.sqrt(w.shape[0])
 
 
-def _initial(
-    name: str, state: object, b: int, hkv: int, f: int, dv: int, device: torch.device, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if state is None:
-        return (torch.zeros(b, hkv, f, dv, device=device, dtype=dtype),
-                torch.zeros(b, hkv, f, device=device, dtype=dtype))
-    _check_state_type(name, state, LinearState)
-    assert isinstance(state, LinearState)
-    s = _state_field(name, "s", state.s, (b, hkv, f, dv), device, dtype)
-    z = _state_field(name, "z", state.z, (b, hkv, f), device, dtype)
-    return s, z
-
-
 def _prepare(q, k, v, feature_map, features, scale, normalize, eps, initial_state, compute, state_name="initial_state"):
     """Shared checks and feature maps: returns ``φ(q) [B, Hkv, G, T, F]``, ``φ(k) [B, Hkv, T, F]``,
     ``v``, ``s0``, ``z0`` in ``compute`` dtype."""
-    b, h, hkv, t, dk, dv = _check_qkv(q, k, v)
+    b, h, hkv, t, dk, dv = check_qkv(q, k, v)
     name, w, s = _resolve_feature_map(feature_map, features, scale, dk, q.device)
-    _check_bool("normalize", normalize)
-    _check_nonneg("eps", eps)
+    check_flag("normalize", normalize)
+    check_nonneg("eps", eps)
     f = _feature_dim(name, w, dk)
-    s0, z0 = _initial(state_name, initial_state, b, hkv, f, dv, q.device, compute)
+    s0, z0 = initial_state_tuple(
+        state_name, initial_state, LinearState, {"s": (b, hkv, f, dv), "z": (b, hkv, f)}, q.device, compute,
+        layouts={"s": "[batch, heads_kv, F, head_dim_v]", "z": "[batch, heads_kv, F]"},
+    )
     fq = _phi(q.to(compute), name, w, s).reshape(b, hkv, h // hkv, t, f)
     fk = _phi(k.to(compute), name, w, s)
     return fq, fk, v.to(compute), s0, z0
@@ -348,7 +245,7 @@ def linear_attention(
         (``s [B, Hkv, F, Dv]``, ``z [B, Hkv, F]``; float32, float64 for float64 inputs).
     """
     chunk = check_positive_int("chunk", chunk)
-    compute = _compute_dtype(q.dtype) if isinstance(q, torch.Tensor) else torch.float32
+    compute = compute_dtype(q.dtype) if isinstance(q, torch.Tensor) else torch.float32
     fq, fk, vc, s, z = _prepare(q, k, v, feature_map, features, scale, normalize, eps, initial_state, compute)
     b, hkv, g, t, _ = fq.shape
     outs = []
@@ -409,10 +306,9 @@ def linear_attention_step(
 ) -> tuple[torch.Tensor, LinearState]:
     """One decoding step: ``q [B, H, 1, Dk]``, ``k [B, Hkv, 1, Dk]``, ``v [B, Hkv, 1, Dv]`` and the
     state (None: zeros) in; ``out [B, H, 1, Dv]`` (q's dtype) and the next :class:`LinearState` out."""
-    _check_qkv(q, k, v)
-    _check_tokens_one(q)
+    check_qkv(q, k, v, step=True)
     fq, fk, vc, s, z = _prepare(
-        q, k, v, feature_map, features, scale, normalize, eps, state, _compute_dtype(q.dtype), state_name="state"
+        q, k, v, feature_map, features, scale, normalize, eps, state, compute_dtype(q.dtype), state_name="state"
     )
     b, hkv, g, _, _ = fq.shape
     s = s + fk[:, :, 0, :, None] * vc[:, :, 0, None, :]
