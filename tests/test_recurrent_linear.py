@@ -330,11 +330,13 @@ def test_gqa_equals_repeated_heads(name):
     kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     out, state = fn(q, k, v, chunk=8, **kw)
     ref, ref_state = fn(q, kr, vr, chunk=8, **kw)
-    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    # float32 rounding may differ (a grouped head's rows share a product with their group), within
+    # the package's 1e-5
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for got, want in zip(state, ref_state):
         if got.shape != want.shape:  # linear attention keeps one state per key/value head
             got = got.repeat_interleave(2, 1)
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     o, _ = step(q[:, :, :1], k[:, :, :1], v[:, :, :1], None, **kw)
     o_ref, _ = step(q[:, :, :1], kr[:, :, :1], vr[:, :, :1], None, **kw)
     torch.testing.assert_close(o, o_ref, atol=1e-6, rtol=1e-6)

@@ -40,6 +40,14 @@ __all__ = [
 ]
 
 
+#: tokens of whole chunks a chunked form computes per step, carrying the state between steps: the
+#: per-chunk states, scores and feature maps of a step stay in cache. Measured on the 2-core AMD
+#: EPYC VM (32k tokens, 8 heads, head_dim 64, float32, chunk 64): linear attention 0.66 s with every
+#: chunk at once (67 MB of per-chunk states, their prefix sum a quarter of the time), 0.26-0.30 s
+#: in steps of 512 tokens, 0.29-0.35 s of 1,024; lightning 0.49 s at once, 0.24-0.41 s in steps.
+GROUP_TOKENS = 512
+
+
 # -- the compute dtype ------------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 
 from longattn.core.validate import check_positive_int
+from longattn.recurrent import common
 from longattn.recurrent.common import (
     check_flag,
     check_nonneg,
@@ -213,8 +214,10 @@ def lightning_attention(
     t = qc.shape[2]
     outs = []
     whole = (t // chunk) * chunk
-    if whole:
-        o, s = _chunks(qc[:, :, :whole], kc[:, :, :whole], vc[:, :, :whole], logl, s, chunk)
+    step = max(1, common.GROUP_TOKENS // chunk) * chunk  # whole chunks a group at a time (common.GROUP_TOKENS)
+    for a in range(0, whole, step):
+        e = min(a + step, whole)
+        o, s = _chunks(qc[:, :, a:e], kc[:, :, a:e], vc[:, :, a:e], logl, s, chunk)
         outs.append(o)
     if t > whole:
         o, s = _chunks(qc[:, :, whole:], kc[:, :, whole:], vc[:, :, whole:], logl, s, t - whole)

@@ -46,6 +46,7 @@ from longattn.core.validate import (
     check_scale,
     check_seed,
 )
+from longattn.recurrent import common
 from longattn.recurrent.common import check_flag, check_nonneg, check_qkv, compute_dtype, initial_state_tuple
 
 __all__ = [
@@ -172,6 +173,17 @@ def _phi(x: torch.Tensor, name: str, features: torch.Tensor | None, scale: float
 def _prepare(q, k, v, feature_map, features, scale, normalize, eps, initial_state, compute, state_name="initial_state"):
     """Shared checks and feature maps: returns ``φ(q) [B, Hkv, G, T, F]``, ``φ(k) [B, Hkv, T, F]``,
     ``v``, ``s0``, ``z0`` in ``compute`` dtype."""
+    qg, kc, vc, s0, z0, phi = _prepare_lazy(q, k, v, feature_map, features, scale, normalize, eps, initial_state,
+                                            compute, state_name)
+    return phi(qg), phi(kc), vc, s0, z0
+
+
+def _prepare_lazy(q, k, v, feature_map, features, scale, normalize, eps, initial_state, compute,
+                  state_name="initial_state"):
+    """``_prepare`` with the feature map left to the caller: returns ``q [B, Hkv, G, T, Dk]``,
+    ``k [B, Hkv, T, Dk]``, ``v``, ``s0``, ``z0`` in ``compute`` dtype and ``phi``, the feature map —
+    so the chunked form maps one group of tokens at a time, while it is in cache (mapping all of a
+    32k-token input at once cost a pass over memory per elementwise op, 35-70 ms each)."""
     b, h, hkv, t, dk, dv = check_qkv(q, k, v)
     name, w, s = _resolve_feature_map(feature_map, features, scale, dk, q.device)
     check_flag("normalize", normalize)
@@ -181,9 +193,8 @@ def _prepare(q, k, v, feature_map, features, scale, normalize, eps, initial_stat
         state_name, initial_state, LinearState, {"s": (b, hkv, f, dv), "z": (b, hkv, f)}, q.device, compute,
         layouts={"s": "[batch, heads_kv, F, head_dim_v]", "z": "[batch, heads_kv, F]"},
     )
-    fq = _phi(q.to(compute), name, w, s).reshape(b, hkv, h // hkv, t, f)
-    fk = _phi(k.to(compute), name, w, s)
-    return fq, fk, v.to(compute), s0, z0
+    return (q.to(compute).reshape(b, hkv, h // hkv, t, dk), k.to(compute), v.to(compute), s0, z0,
+            lambda x: _phi(x, name, w, s))
 
 
 # -- the three forms ------------------------------------------------------------------------
@@ -246,17 +257,23 @@ def linear_attention(
     """
     chunk = check_positive_int("chunk", chunk)
     compute = compute_dtype(q.dtype) if isinstance(q, torch.Tensor) else torch.float32
-    fq, fk, vc, s, z = _prepare(q, k, v, feature_map, features, scale, normalize, eps, initial_state, compute)
-    b, hkv, g, t, _ = fq.shape
+    qg, kc, vc, s, z, phi = _prepare_lazy(q, k, v, feature_map, features, scale, normalize, eps, initial_state,
+                                          compute)
+    b, hkv, g, t, _ = qg.shape
     outs = []
     whole = (t // chunk) * chunk
-    if whole:
-        o, s, z = _chunks(fq[..., :whole, :], fk[..., :whole, :], vc[..., :whole, :], s, z, chunk, normalize, eps)
+    # whole chunks go GROUP_TOKENS at a time, mapped by φ there, the state carried between groups
+    # (common.GROUP_TOKENS)
+    step = max(1, common.GROUP_TOKENS // chunk) * chunk
+    for a in range(0, whole, step):
+        e = min(a + step, whole)
+        o, s, z = _chunks(phi(qg[..., a:e, :]), phi(kc[..., a:e, :]), vc[..., a:e, :], s, z, chunk, normalize, eps)
         outs.append(o)
     if t > whole:
-        o, s, z = _chunks(fq[..., whole:, :], fk[..., whole:, :], vc[..., whole:, :], s, z, t - whole, normalize, eps)
+        o, s, z = _chunks(phi(qg[..., whole:, :]), phi(kc[..., whole:, :]), vc[..., whole:, :], s, z, t - whole,
+                          normalize, eps)
         outs.append(o)
-    out = torch.cat(outs, 3) if outs else fq.new_zeros(b, hkv, g, 0, vc.shape[-1])
+    out = torch.cat(outs, 3) if outs else qg.new_zeros(b, hkv, g, 0, vc.shape[-1])
     return out.reshape(b, hkv * g, t, vc.shape[-1]).to(q.dtype), LinearState(s, z)
 
 
