@@ -152,9 +152,8 @@ def _prepare(q, k, v, decay, log_decay, norm, norm_weight, eps, state, compute, 
 
 
 def _chunks(q, k, v, logl, s, length):
-    """``N`` whole blocks of ``length`` tokens (``T = N · length``): intra-block products for all
-    blocks at once, then the inter-block states one block after another (a loop over blocks, not
-    tokens)."""
+    """``N`` whole blocks of ``length`` tokens (``T = N · length``): intra-block products and the
+    state before every block, all at once (no loop; callers pass a group of blocks at a time)."""
     b, h, t, dk = q.shape
     dv = v.shape[-1]
     n = t // length
@@ -165,16 +164,20 @@ def _chunks(q, k, v, logl, s, length):
     lam = logl[:, None]  # [H, 1]
     q_decay = torch.exp(lam * (pos + 1))  # Λ_i = λ^(i+1)        [H, L]
     k_decay = torch.exp(lam * (length - 1 - pos))  # λ^(C-1-j)  [H, L]
-    block_decay = torch.exp(logl * length)[None, :, None, None]  # λ^C
     offset = pos[:, None] - pos[None, :]
     causal = offset >= 0
     mask = torch.where(causal, torch.exp(lam[:, :, None] * offset.clamp(min=0)), torch.zeros((), dtype=q.dtype))
     kv = (k * k_decay[None, :, None, :, None]).transpose(-1, -2) @ v  # [B, H, N, Dk, Dv]
-    before = []
-    for i in range(n):
-        before.append(s)
-        s = block_decay * s + kv[:, :, i]
-    states = torch.stack(before, 2)  # [B, H, N, Dk, Dv]
+    # the state before block i: λ^(C·i) S + Σ_{j<i} λ^(C·(i-1-j)) kv_j — every block's at once, by a
+    # [N, N+1] matrix of decay powers per head (exponents <= 0; column N carries S)
+    blk = torch.arange(n + 1, device=q.device, dtype=q.dtype)
+    gap = blk[:n, None] - 1 - blk[None, :n]  # i - 1 - j
+    weights = torch.where(gap >= 0, torch.exp(logl[:, None, None] * length * gap.clamp(min=0)),
+                          torch.zeros((), dtype=q.dtype, device=q.device))  # [H, N, N]
+    carried = torch.exp(logl[:, None] * length * blk[None, :n])  # λ^(C·i)  [H, N]
+    states = torch.einsum("hij,bhjkv->bhikv", weights, kv) + carried[None, :, :, None, None] * s[:, :, None]
+    last = torch.exp(logl[:, None] * length * (n - 1 - blk[None, :n]))  # λ^(C·(N-1-j))  [H, N]
+    s = torch.exp(logl * length * n)[None, :, None, None] * s + torch.einsum("hj,bhjkv->bhkv", last, kv)
     out = ((q @ k.transpose(-1, -2)) * mask[None, :, None]) @ v + (q * q_decay[None, :, None, :, None]) @ states
     return out.reshape(b, h, t, dv), s
 
