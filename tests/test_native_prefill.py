@@ -442,10 +442,8 @@ def test_portable_build_without_avx_gives_the_same_result(monkeypatch, tmp_path)
     cc = native._compiler()
     if cc is None:
         pytest.skip("no C compiler on this machine")
-    from importlib import resources
-
     src = tmp_path / "sparse_prefill.c"
-    src.write_bytes(resources.files("longattn.kernels").joinpath("csrc/sparse_prefill.c").read_bytes())
+    src.write_bytes(native.source_with_headers("sparse_prefill.c"))  # with its vec8.h, as the build does
     so = tmp_path / "sparse_prefill_portable.so"
     flags = ["-O2", "-mno-avx", "-mno-avx2", "-mno-fma", "-fopenmp", "-std=gnu11", "-shared", "-fPIC"]
     proc = subprocess.run([cc, *flags, str(src), "-o", str(so), "-lm"], capture_output=True, text=True, timeout=120)

@@ -350,11 +350,9 @@ def test_native_decode_portable_build_without_avx(tmp_path):
     widening, vectors lowered to SSE) built and checked against float64 too."""
     import ctypes
     import subprocess
-    from importlib import resources
-
     cc = native._compiler()
     src = tmp_path / "decode_blocks.c"
-    src.write_bytes(resources.files("longattn.kernels").joinpath("csrc/decode_blocks.c").read_bytes())
+    src.write_bytes(native.source_with_headers("decode_blocks.c"))  # with its vec8.h, as the build does
     so = tmp_path / "decode_blocks_portable.so"
     flags = ["-O2", "-mno-avx", "-mno-avx2", "-mno-fma", "-mno-f16c", "-fopenmp", "-std=gnu11", "-shared", "-fPIC"]
     proc = subprocess.run([cc, *flags, str(src), "-o", str(so), "-lm"], capture_output=True, text=True, timeout=120)

@@ -22,6 +22,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import threading
@@ -125,8 +126,22 @@ def build_and_load(source: str, name: str, what: str) -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (cc, gcc or clang on PATH, or $CC)")
-    code = resources.files("longattn.kernels").joinpath(f"csrc/{source}").read_bytes()
+    code = source_with_headers(source)
     return ctypes.CDLL(str(_build(code, cc, name=name, what=what)))
+
+
+#: a kernel's own header: ``#include "name.h"`` on a line of its own, the name a file of ``csrc/``
+_LOCAL_INCLUDE = re.compile(rb'^[ \t]*#[ \t]*include[ \t]+"([A-Za-z0-9_.-]+)"', re.M)
+
+
+def source_with_headers(source: str) -> bytes:
+    """``csrc/<source>`` with each of its own headers (``#include "vec8.h"``) pasted in place of the
+    include: the build compiles one file in the cache folder, where the headers are not, and the
+    build's key (a hash of the source) then changes with the headers too. One level: a header
+    includes only system headers."""
+    folder = resources.files("longattn.kernels").joinpath("csrc")
+    return _LOCAL_INCLUDE.sub(lambda m: folder.joinpath(m.group(1).decode()).read_bytes(),
+                              folder.joinpath(source).read_bytes())
 
 
 def _load() -> None:

@@ -111,31 +111,14 @@ static inline float load_f16(const uint16_t *p, int64_t i) {
 
 #define AI static inline __attribute__((always_inline))
 
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
+#include "vec8.h" /* vf, vi, VL, ld, st, bc, sel, vmax, vexp */
+
 typedef uint32_t vu __attribute__((vector_size(32)));
 typedef uint16_t vh8 __attribute__((vector_size(16)));
 
-#define VL 8 /* floats per vector */
 #define PW 8 /* vectors per P.V panel: 64 head dims of accumulator in registers */
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };
-
-static inline vf ld(const float *p) {
-    vf r;
-    memcpy(&r, p, sizeof r);
-    return r;
-}
-static inline void st(float *p, vf x) { memcpy(p, &x, sizeof x); }
-static inline vf bc(float x) { return (vf){x, x, x, x, x, x, x, x}; }
-static inline vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
-/* a > b ? a : b, lane-wise: a NaN in a (or b) yields b. The intrinsic where there is one: gcc
- * does not turn the portable select into vmaxps. */
-#if defined(__AVX__)
-static inline vf vmax(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
-#else
-static inline vf vmax(vf a, vf b) { return sel(a > b, a, b); }
-#endif
 
 #if defined(__clang__)
 #define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
@@ -143,44 +126,8 @@ static inline vf vmax(vf a, vf b) { return sel(a > b, a, b); }
 #define SHUF(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
 #endif
 
-/* e^x for x <= 0, -inf (-> 0) or NaN (-> NaN); other inputs are never passed (scores minus a
- * maximum that is at least every non-NaN score). The exp of csrc/sparse_prefill.c: range
- * reduction x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial fitted for relative error (~1e-7
- * evaluated in float32), scaled by 2^n built in the exponent bits. x is first raised to -88, where
- * n = -127 makes the scale's bits 0, so e^x under about e^-87.7 (below FLT_MIN, and -inf) comes
- * out as exactly 0; a NaN passes the raise (vmax keeps its second operand) and stays NaN. */
-static inline vf vexp(vf x) {
-    const vf xc = vmax(bc(-88.0f), x);
-    const vf magic = bc(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    const vi bias = {0x4B400000 - 127, 0x4B400000 - 127, 0x4B400000 - 127, 0x4B400000 - 127,
-                     0x4B400000 - 127, 0x4B400000 - 127, 0x4B400000 - 127, 0x4B400000 - 127};
-    const vf t = xc * 1.44269504088896341f + magic;
-    const vf n = t - magic;
-    const vi e = ((vi)t - bias) << 23; /* (n + 127) << 23: the float 2^n */
-    vf r = xc - n * 0.693359375f;      /* ln2 split: the high part has 10 bits, n * it is exact */
-    r = r - n * -2.12194440e-4f;
-    vf p = bc(0.0013836845755577087f);
-    p = p * r + 0.008374815806746483f;
-    p = p * r + 0.04166822507977486f;
-    p = p * r + 0.16666419804096222f;
-    p = p * r + 0.49999991059303284f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    return p * (vf)e;
-}
-
-/* y[i] = e^x[i] through vexp (the kernel's exp), for testing its accuracy: x <= 0, -inf or NaN.
- * The tail past a multiple of 8 goes through a padded vector. */
-void decode_blocks_exp(const float *x, float *y, int64_t n) {
-    int64_t i = 0;
-    for (; i + VL <= n; i += VL) st(y + i, vexp(ld(x + i)));
-    if (i < n) {
-        float buf[VL] = {0};
-        memcpy(buf, x + i, (size_t)(n - i) * sizeof(float));
-        st(buf, vexp(ld(buf)));
-        memcpy(y + i, buf, (size_t)(n - i) * sizeof(float));
-    }
-}
+/* y[i] = e^x[i] through vexp (the kernel's exp), for testing its accuracy: x <= 0, -inf or NaN */
+void decode_blocks_exp(const float *x, float *y, int64_t n) { vexp_array(x, y, n); }
 
 /* The 8 dot products of a[0..7] (lane-wise partial sums) in one vector, r[i] = sum of a[i]'s
  * lanes: three rounds of pairwise shuffle-adds. The patterns stay within 128-bit halves until the

@@ -60,69 +60,14 @@
 
 int sparse_prefill_abi_version(void) { return 1; }
 
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
+#include "vec8.h" /* vf, vi, VL, ld, st, bc, sel, vmax, vexp */
 
-#define VL 8  /* floats per vector */
 #define NC 16 /* query columns per group: two vectors */
 #define KC 64 /* keys per chunk */
 #define MR 6  /* rows per micro-kernel */
 
-static inline vf ld(const float *p) {
-    vf r;
-    memcpy(&r, p, sizeof r);
-    return r;
-}
-static inline void st(float *p, vf x) { memcpy(p, &x, sizeof x); }
-static inline vf bc(float x) { return (vf){x, x, x, x, x, x, x, x}; }
-static inline vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
-/* a > b ? a : b, lane-wise: a NaN in a (or b) yields b. Written with the intrinsic where there is
- * one: gcc does not turn the portable select into vmaxps (2 instructions instead of 1). */
-#if defined(__AVX__)
-#include <immintrin.h>
-static inline vf vmax(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
-#else
-static inline vf vmax(vf a, vf b) { return sel(a > b, a, b); }
-#endif
-
-/* e^x for x <= 0, -inf (-> 0) or NaN (-> NaN); other inputs are never passed. Range reduction
- * x = n ln2 + r, |r| <= ln2/2, then a degree-6 polynomial fitted for relative error on that
- * interval (max 2e-9 in exact arithmetic, ~1e-7 evaluated in float32), scaled by 2^n built in
- * the exponent bits. x is first raised to -88, where n = -127 makes the scale's bits 0, so
- * e^x under about e^-87.7 (below FLT_MIN, and -inf) comes out as exactly 0 with no extra test;
- * a NaN passes the raise (vmax keeps its second operand) and stays NaN through p * 2^n. */
-static inline vf vexp(vf x) {
-    const vf xc = vmax(bc(-88.0f), x);
-    const vf magic = bc(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    const vi bias = {0x4B400000 - 127, 0x4B400000 - 127, 0x4B400000 - 127, 0x4B400000 - 127,
-                     0x4B400000 - 127, 0x4B400000 - 127, 0x4B400000 - 127, 0x4B400000 - 127};
-    const vf t = xc * 1.44269504088896341f + magic;
-    const vf n = t - magic;
-    const vi e = ((vi)t - bias) << 23; /* (n + 127) << 23: the float 2^n */
-    vf r = xc - n * 0.693359375f;      /* ln2 split: the high part has 10 bits, n * it is exact */
-    r = r - n * -2.12194440e-4f;
-    vf p = bc(0.0013836845755577087f);
-    p = p * r + 0.008374815806746483f;
-    p = p * r + 0.04166822507977486f;
-    p = p * r + 0.16666419804096222f;
-    p = p * r + 0.49999991059303284f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    return p * (vf)e;
-}
-
-/* y[i] = e^x[i] through vexp (the kernel's exp), for testing its accuracy: x <= 0, -inf or NaN.
- * The tail past a multiple of 8 goes through a padded vector. */
-void sparse_prefill_exp(const float *x, float *y, int64_t n) {
-    int64_t i = 0;
-    for (; i + VL <= n; i += VL) st(y + i, vexp(ld(x + i)));
-    if (i < n) {
-        float buf[VL] = {0};
-        memcpy(buf, x + i, (size_t)(n - i) * sizeof(float));
-        st(buf, vexp(ld(buf)));
-        memcpy(y + i, buf, (size_t)(n - i) * sizeof(float));
-    }
-}
+/* y[i] = e^x[i] through vexp (the kernel's exp), for testing its accuracy: x <= 0, -inf or NaN */
+void sparse_prefill_exp(const float *x, float *y, int64_t n) { vexp_array(x, y, n); }
 
 /* S[r][0..15] = sum_d k[r*kst + d] * qt[d][0..15] for r < R (R <= MR keys) */
 static inline __attribute__((always_inline)) void qk_micro(const int R, const float *restrict k, int64_t kst,
