@@ -134,6 +134,78 @@ def test_gla_subchunks_stable_under_hard_gates():
     assert torch.isfinite(state.s).all()
 
 
+def _gla_path_gates(b, hkv, t, dk):
+    """Log gates for 4 chunks of 64 (sub-chunks of 16) that send chunks and sub-chunks down every
+    intra-chunk path: chunk 0 mild (factored whole), chunk 1 with a mild, a hard (−50 per step in
+    one channel), a moderate (−1.5 per step: span 24, factored) and a very hard (−3000 once) sub-chunk,
+    chunk 2 moderate throughout (span 64: sub-chunked, every sub-chunk factored), chunk 3 mild; the
+    last batch row / head stays mild throughout, so rows of one group take different paths."""
+    assert t == 256
+    g = -0.01 * torch.rand(b, hkv, t, dk, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    g[:, :, 80:96, 0] = -50.0
+    g[:, :, 96:112] = -1.5
+    g[:, :, 120, 1:3] = -3000.0
+    g[:, :, 128:192] = -1.0
+    g[-1, -1] = -0.01
+    return g
+
+
+def test_gla_mixed_mild_and_hard_subchunks(monkeypatch):
+    """The factored and per-pair intra-chunk paths, chosen per chunk and per sub-chunk from the gates,
+    agree with the recurrence in one sequence, and every path runs."""
+    q, k, v, _, s0 = make(GLA, t=256, seed=23)
+    g = _gla_path_gates(2, 2, 256, 8).to(DEVICE, torch.float32)
+    calls = {"factored": [], "subchunked": [], "pairs": 0}
+    factored, subchunked, pair_sums = gated._intra_factored, gated._intra_subchunked, gated._pair_sums
+
+    def spy_factored(q_in, *rest):
+        calls["factored"].append(q_in.shape[:-3].numel())
+        return factored(q_in, *rest)
+
+    def spy_subchunked(qg, *rest):
+        calls["subchunked"].append(qg.shape[:-3].numel())
+        return subchunked(qg, *rest)
+
+    def spy_pairs(gs):
+        calls["pairs"] += gs.shape[0]
+        return pair_sums(gs)
+
+    monkeypatch.setattr(gated, "_intra_factored", spy_factored)
+    monkeypatch.setattr(gated, "_intra_subchunked", spy_subchunked)
+    monkeypatch.setattr(gated, "_pair_sums", spy_pairs)
+    ref, ref_state = GLA.naive(q, k, v, g, initial_state=s0)
+    out, state = GLA.chunked(q, k, v, g, chunk=64, initial_state=s0)
+    assert_close(out, ref)
+    assert_close(state.s, ref_state.s)
+    # one group of 4 chunks x 4 rows: 2 mild chunks in 3 rows and all 4 in the mild row are factored
+    assert calls["factored"] == [10] and calls["subchunked"] == [6]
+    assert calls["pairs"] == 2 * 3  # the two hard sub-chunks of chunk 1, in the 3 rows that have them
+    # every sub-chunk per pair (no factoring) gives the same answer
+    monkeypatch.setattr(gated, "FACTOR_SPAN", 0.0)
+    exact, exact_state = GLA.chunked(q, k, v, g, chunk=64, initial_state=s0)
+    assert_close(exact, ref)
+    assert_close(exact_state.s, ref_state.s)
+    assert calls["factored"] == [10] and calls["subchunked"] == [6, 16]
+
+
+def test_gla_mixed_paths_gradients(monkeypatch):
+    """float64 gradients through both paths: chunks of 4 in sub-chunks of 2, gates of −0.1 … −1.6
+    per step (the first chunk's scaled by 0.2) and FACTOR_SPAN 1.8: chunk spans 0.87, 3.5, 3.2 (the
+    first factored whole), sub-chunk spans 2.0, 1.7 | 2.1, 1.1 (per pair, factored | per pair, factored)."""
+    monkeypatch.setattr(gated, "SUB_CHUNK", 2)
+    monkeypatch.setattr(gated, "FACTOR_SPAN", 1.8)
+    q, k, v, extras, s0 = make(GLA, b=1, h=2, hkv=1, t=11, dk=3, dv=2, dtype=torch.float64, gate="grad", seed=29)
+    extras[0][..., :4, :] *= 0.2  # the first chunk mild: factored whole
+    leaves = tuple(x.requires_grad_(True) for x in (q, k, v, *extras, s0.s))
+
+    def fn(*xs):
+        *ins, s = xs
+        out, state = GLA.chunked(*ins, chunk=4, initial_state=GLA.state(s))
+        return out, state.s
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("op", [DELTA, GDELTA], ids=["deltanet", "gated_deltanet"])
 def test_delta_unnormalised_keys_and_beta_up_to_two(op):
     q, k, v, extras, s0 = make(op, t=50, gate="near0", seed=5)

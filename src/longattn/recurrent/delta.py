@@ -40,8 +40,16 @@ for ``i ≥ j`` (0 above the diagonal), and ``T = (I + L)⁻¹ diag(β)``::
     S ← γ_C S + Δᵀ (diag(exp(g_C − g)) K)
 
 ``U`` and ``W`` do not depend on the state, so every chunk's triangular solve runs at once
-(``torch.linalg.solve_triangular``, unit diagonal); only the three small matmuls with ``S`` run chunk
-after chunk. Every decay exponent is a sum of log gates over a forward stretch of tokens (≤ 0),
+(``torch.linalg.solve_triangular``, unit diagonal). Substituting ``Δ``, everything but one small
+matmul per chunk is independent of ``S`` too::
+
+    O = (diag(γ) Q − (Q Kᵀ ⊙ Γ) W) Sᵀ + (Q Kᵀ ⊙ Γ) U
+    S ← S (γ_C I − Wᵀ K̃) + Uᵀ K̃                              (K̃ = diag(exp(g_C − g)) K)
+
+so the chunks of a group (``common.GROUP_TOKENS`` = 512 tokens, the state carried from group to
+group so that intermediates stay in cache) compute all of it at once, and the state recursion, a
+``[Dv, Dk] @ [Dk, Dk]`` matmul plus an add (one ``baddbmm``), is the only step run chunk after
+chunk; the outputs then read the stacked states in one matmul. Every decay exponent is a sum of log gates over a forward stretch of tokens (≤ 0),
 summed per pair from the nearer end, so nothing overflows and near tokens keep exact weights.
 Without a gate ``Γ`` is the causal mask and ``γ = 1``.
 
@@ -60,6 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from longattn.core import validate
+from longattn.recurrent import common
 from longattn.recurrent.common import (
     check_flag,
     check_per_token,
@@ -84,6 +93,11 @@ __all__ = [
 
 #: added to ``|x|²`` before the square root when ``normalize_keys`` normalises ``q`` and ``k``
 NORM_EPS = 1e-6
+
+#: decay exponents are raised to at least this before ``exp`` (Gated DeltaNet): a weight below
+#: ``exp(-60) ≈ 9e-27`` is as good as 0 in float32 and float64, and far smaller exponents make
+#: ``exp`` return subnormals or 0, which the CPU computes many times slower
+EXP_FLOOR = -60.0
 
 
 class DeltaState(NamedTuple):
@@ -144,38 +158,58 @@ def _chunked(q, k, v, beta, log_gate, scale, normalize_keys, chunk, initial_stat
     if normalize_keys:
         qc, kc = _l2norm(qc), _l2norm(kc)
 
-    qs = (pad_tokens(qc, pad, cdt) * scale).view(b, hkv, grp, n, chunk, dk)
+    # [B, Hkv, N, grp, C, Dk]: the query heads of a key/value head next to each other per chunk
+    qs = (pad_tokens(qc, pad, cdt) * scale).view(b, hkv, grp, n, chunk, dk).transpose(2, 3).contiguous()
     ks = pad_tokens(kc, pad, cdt).view(b, hkv, n, chunk, dk)
     vs = pad_tokens(v, pad, cdt).view(b, hkv, n, chunk, dv)
     bs = F.pad(beta.to(cdt), (0, pad)).view(b, hkv, n, chunk)
-    idx = torch.arange(chunk, device=q.device)
-    if gated:
-        gs = F.pad(log_gate.to(cdt), (0, pad)).view(b, hkv, n, chunk)
-        decay = segment_sums(gs[..., None])[..., 0].exp()  # Γ [b, hkv, n, C, C], 0 above the diagonal
-        gamma = gs.cumsum(-1).exp()  # γ_i [b, hkv, n, C]
-        k_out = ks * sums_after(gs[..., None]).exp()  # k_j ⊙ exp(g_C − g_j)
-        chunk_decay = gamma[..., -1, None, None]  # γ_C [b, hkv, n, 1, 1]
-    else:
-        decay = (idx[:, None] >= idx[None, :]).to(cdt).expand(1, 1, 1, chunk, chunk)
+    gs = F.pad(log_gate.to(cdt), (0, pad)).view(b, hkv, n, chunk) if gated else None
+    eye = torch.eye(dk, dtype=cdt, device=q.device)
 
-    # the UT transform: U = T V and W = T diag(γ) K with T = (I + L)⁻¹ diag(β), all chunks at once
-    lower = (bs[..., :, None] * (ks @ ks.transpose(-1, -2)) * decay).tril(-1)
-    system = lower + torch.eye(chunk, dtype=cdt, device=q.device)
-    rhs = torch.cat([vs, ks * gamma[..., None] if gated else ks], dim=-1) * bs[..., None]
-    u, w = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True).split([dv, dk], dim=-1)
-
-    attn = (qs @ ks[:, :, None].transpose(-1, -2)) * decay[:, :, None]  # (Q Kᵀ ⊙ Γ) [b, hkv, grp, n, C, C]
-    q_in = qs * gamma[:, :, None, ..., None] if gated else qs  # diag(γ) Q
     outs = []
-    for c in range(n):
-        st = s.transpose(-1, -2)  # Sᵀ [b, hkv, dk, dv]
-        delta = u[:, :, c] - w[:, :, c] @ st  # pseudo-values Δ [b, hkv, C, dv]
-        outs.append(q_in[:, :, :, c] @ st[:, :, None] + attn[:, :, :, c] @ delta[:, :, None])
+    step = max(1, common.GROUP_TOKENS // chunk)  # whole chunks a group at a time
+    for a in range(0, n, step):
+        e = min(a + step, n)
+        qg, kg, vg, bg = qs[:, :, a:e], ks[:, :, a:e], vs[:, :, a:e], bs[:, :, a:e]
+        kb = kg * bg[..., None]  # diag(β) K
+        kk = kb @ kg.transpose(-1, -2)  # diag(β) K Kᵀ
+        qk = (qg.flatten(-3, -2) @ kg.transpose(-1, -2)).unflatten(-2, (grp, chunk))  # [b, hkv, n, grp, C, C]
         if gated:
-            s = chunk_decay[:, :, c] * s + delta.transpose(-1, -2) @ k_out[:, :, c]
+            gg = gs[:, :, a:e]
+            # Γ [b, hkv, n, C, C], 0 above the diagonal; exponents raised to EXP_FLOOR (see there)
+            decay = segment_sums(gg[..., None])[..., 0].clamp(min=EXP_FLOOR).exp().tril()
+            gamma = gg.cumsum(-1).clamp(min=EXP_FLOOR).exp()  # γ_i [b, hkv, n, C]
+            k_out = kg * sums_after(gg[..., None]).clamp(min=EXP_FLOOR).exp()  # k_j ⊙ exp(g_C − g_j)
+            lower = (kk * decay).tril(-1)
+            attn = (qk * decay[:, :, :, None]).flatten(-3, -2)  # (Q Kᵀ ⊙ Γ) [b, hkv, n, grp·C, C]
+            rhs = torch.cat([vg * bg[..., None], kb * gamma[..., None]], dim=-1)
+            q_in = (qg * gamma[:, :, :, None, :, None]).flatten(-3, -2)  # diag(γ) Q
         else:
-            s = s + delta.transpose(-1, -2) @ ks[:, :, c]
-    out = torch.stack(outs, dim=3).reshape(b, hkv, grp, n * chunk, dv)[:, :, :, :t].reshape(b, h, t, dv)
+            k_out = kg
+            lower = kk.tril(-1)
+            attn = qk.tril().flatten(-3, -2)
+            rhs = torch.cat([vg * bg[..., None], kb], dim=-1)
+            q_in = qg.flatten(-3, -2)
+
+        # the UT transform, [U | W] = T [V | diag(γ) K] with T = (I + L)⁻¹ diag(β), every chunk at once
+        uw = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)  # [.., C, dv + dk]
+        # everything that does not need the state, at once: with Δ = U − W Sᵀ,
+        #   O = diag(γ) Q Sᵀ + (Q Kᵀ ⊙ Γ) Δ = (diag(γ) Q − (Q Kᵀ ⊙ Γ) W) Sᵀ + (Q Kᵀ ⊙ Γ) U
+        #   S ← γ_C S + Δᵀ K̃ = S (γ_C I − Wᵀ K̃) + Uᵀ K̃        (K̃ = diag(exp(g_C − g)) K)
+        a_u, a_w = (attn @ uw).split([dv, dk], dim=-1)
+        u_k, w_k = (uw.transpose(-1, -2) @ k_out).split([dv, dk], dim=-2)  # Uᵀ K̃ [.., dv, dk], Wᵀ K̃
+        carry = (gamma[..., -1, None, None] * eye if gated else eye) - w_k  # [b, hkv, n, dk, dk]
+        # the state before every chunk: one small matmul per chunk, [B·Hkv] at a time
+        carry = carry.movedim(2, 0).reshape(e - a, b * hkv, dk, dk)
+        u_k = u_k.movedim(2, 0).reshape(e - a, b * hkv, dv, dk)
+        states = []
+        for c in range(e - a):
+            states.append(s)
+            s = torch.baddbmm(u_k[c], s.reshape(b * hkv, dv, dk), carry[c]).view(b, hkv, dv, dk)
+        before = torch.stack(states, dim=2)  # [b, hkv, n, dv, dk]
+        outs.append((q_in - a_w) @ before.transpose(-1, -2) + a_u)  # [b, hkv, n, grp·C, dv]
+    out = torch.cat(outs, dim=2).view(b, hkv, n, grp, chunk, dv).transpose(2, 3)
+    out = out.reshape(b, hkv, grp, n * chunk, dv)[:, :, :, :t].reshape(b, h, t, dv)
     return out.to(q.dtype), DeltaState(s)
 
 
