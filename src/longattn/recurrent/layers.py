@@ -1,0 +1,523 @@
+"""Trainable layers around the recurrent ops: projections + op + output projection.
+
+Each layer is a :class:`torch.nn.Module` that maps ``x [B, T, d_model]`` to ``y [B, T, d_model]``
+and carries the op's state::
+
+    y, state = layer(x)                 # prefill (state None: a fresh sequence)
+    y2, state = layer(x2, state)        # continue: equals one pass over cat(x, x2)
+    y3, state = layer(x3[:, :1], state) # decode one token
+
+The sequence mixing is the op's (see :mod:`longattn.recurrent`); the layer only adds what a model
+needs around it:
+
+* ``q_proj`` ``[d_model -> heads · Dk]``, ``k_proj`` ``[d_model -> kv_heads · Dk]``, ``v_proj``
+  ``[d_model -> kv_heads · Dv]`` and ``o_proj`` ``[heads · Dv -> d_model]`` (``Dk = Dv = head_dim``
+  unless the layer says otherwise), all ``nn.Linear`` with ``bias=bias``;
+* the per-token gates the op needs, produced from ``x`` by small linear maps (always with a bias:
+  it sets the gates' initial operating point) and squashed into the op's valid range — each
+  layer's docstring says which.
+
+Forms: with ``T == 1`` and a ``state`` given, ``forward`` uses the op's step form ``<op>_step``
+(decoding); otherwise the chunked form ``<op>`` (prefill and training). The two agree to rounding
+(the ops' own tests check it; ``tests/test_recurrent_layers.py`` checks it through the layers).
+
+Grouped heads: every layer takes ``kv_heads`` (default ``heads``); ``heads`` must be a multiple of
+it, each key/value head (and its gates and state) serving ``heads / kv_heads`` query heads.
+
+Dtypes: the layer computes in its parameters' dtype; ``x`` must have that dtype (cast the module
+with ``.to(dtype)``). States are the ops' float32 NamedTuples whatever the dtype.
+
+What is left out, on purpose: the papers' extra pieces around the mixer (short convolutions,
+output gates, group norms, feature-map MLPs, positional encodings, the Titans MAC/MAG/MAL
+architectures). These layers are the op with the minimum of parameters that make it trainable.
+
+``LAYERS`` maps op names to classes; :func:`make_layer` builds one by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longattn.core import validate
+from longattn.recurrent.aaren import aaren_attention, aaren_attention_step, aaren_state_size
+from longattn.recurrent.based import based_attention, based_attention_step, based_state_size
+from longattn.recurrent.delta import (
+    delta_state_size,
+    deltanet_attention,
+    deltanet_attention_step,
+    gated_deltanet_attention,
+    gated_deltanet_attention_step,
+)
+from longattn.recurrent.gated import gla_attention, gla_attention_step, gla_state_size
+from longattn.recurrent.lightning import (
+    lightning_attention,
+    lightning_attention_step,
+    lightning_state_size,
+    transnormer_decays,
+)
+from longattn.recurrent.linear import (
+    FEATURE_MAPS,
+    linear_attention,
+    linear_attention_step,
+    linear_state_size,
+    performer_features,
+)
+from longattn.recurrent.rat import rat_attention, rat_attention_step, rat_state_size
+from longattn.recurrent.titans import titans_memory, titans_memory_step, titans_state_size
+
+__all__ = [
+    "LAYERS",
+    "AarenLayer",
+    "BasedLayer",
+    "DeltaNetLayer",
+    "GLALayer",
+    "GatedDeltaNetLayer",
+    "LightningLayer",
+    "LinearAttentionLayer",
+    "RATLayer",
+    "TitansLayer",
+    "make_layer",
+]
+
+#: GLA's gate temperature τ: ``log α = logsigmoid(W x) / τ`` (Yang et al. 2024, §4.4, τ = 16), which
+#: keeps the gates close to 1 (slow forgetting) at initialisation.
+GLA_TAU = 16.0
+
+#: the rank of GLA's low-rank gate map ``d_model -> 16 -> heads_kv · Dk`` (the paper's choice)
+GLA_GATE_RANK = 16
+
+
+class _RecurrentLayer(nn.Module):
+    """Shared plumbing: argument checks, the q/k/v/o projections and the head split.
+
+    Subclasses set ``self.dk`` / ``self.dv`` (per-head sizes of keys and values) before calling
+    :meth:`_build_projections`, and implement :meth:`_mix` (``q, k, v`` as ``[B, H, T, D]``,
+    gates computed from ``x`` there, returns ``(out [B, H, T, Dv], state)``)."""
+
+    op_name = ""
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, kv_heads: int | None = None, bias: bool = False):
+        super().__init__()
+        self.d_model = validate.check_positive_int("d_model", d_model)
+        self.heads = validate.check_positive_int("heads", heads)
+        self.head_dim = validate.check_positive_int("head_dim", head_dim)
+        kv_heads = self.heads if kv_heads is None else validate.check_positive_int("kv_heads", kv_heads)
+        if self.heads % kv_heads != 0:
+            raise ValueError(f"kv_heads must divide heads = {self.heads}, got kv_heads = {kv_heads}")
+        self.kv_heads = kv_heads
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+        self.bias = bias
+        self.dk = self.dv = self.head_dim
+
+    def _build_projections(self, *, query: bool = True) -> None:
+        d, b = self.d_model, self.bias
+        if query:
+            self.q_proj = nn.Linear(d, self.heads * self.dk, bias=b)
+        self.k_proj = nn.Linear(d, self.kv_heads * self.dk, bias=b)
+        self.v_proj = nn.Linear(d, self.kv_heads * self.dv, bias=b)
+        self.o_proj = nn.Linear(self.heads * self.dv, d, bias=b)
+
+    @staticmethod
+    def _heads(y: torch.Tensor, n: int) -> torch.Tensor:
+        """``[B, T, n · D] -> [B, n, T, D]``."""
+        b, t, _ = y.shape
+        return y.view(b, t, n, -1).transpose(1, 2)
+
+    def _check_x(self, x: object) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor [batch, tokens, d_model], got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"x must have shape [batch, tokens, d_model = {self.d_model}], got {tuple(x.shape)}"
+            )
+        w = self.o_proj.weight
+        if x.dtype != w.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the layer's parameters are {w.dtype}; "
+                            "cast one to the other (layer.to(dtype))")
+        return x
+
+    def forward(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        """``x [B, T, d_model]`` and the op's state (None: a fresh sequence) in; ``y [B, T, d_model]``
+        (x's dtype) and the state after the last token out. ``T == 1`` with a state: the step form."""
+        x = self._check_x(x)
+        b, t, _ = x.shape
+        out, state = self._mix(x, state, step=(t == 1 and state is not None))
+        y = self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.dv))
+        return y, state
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (self._heads(self.q_proj(x), self.heads), self._heads(self.k_proj(x), self.kv_heads),
+                self._heads(self.v_proj(x), self.kv_heads))
+
+    def _mix(self, x: torch.Tensor, state: Any, step: bool) -> tuple[torch.Tensor, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}"
+
+
+class LinearAttentionLayer(_RecurrentLayer):
+    """Causal linear attention (Katharopoulos et al. 2020, "Transformers are RNNs"; Performer
+    features: Choromanski et al. 2021) as a layer.
+
+    ``q, k, v`` are projections of ``x``; no gates. ``feature_map`` is the op's (``"elu"`` default,
+    ``"relu"``, ``"identity"``, ``"performer"``); for ``"performer"`` the random projection
+    ``W [num_features, head_dim]`` is a fixed buffer drawn with ``feature_seed`` (not learned, as in
+    the paper). State: :class:`~longattn.recurrent.linear.LinearState`, per key/value head.
+    """
+
+    op_name = "linear"
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, *, kv_heads: int | None = None,
+                 feature_map: str = "elu", num_features: int | None = None, feature_seed: int = 0,
+                 normalize: bool = True, chunk: int = 64, bias: bool = False):
+        super().__init__(d_model, heads, head_dim, kv_heads, bias)
+        self.feature_map = validate.check_choice("feature_map", feature_map, FEATURE_MAPS)
+        self.normalize = bool(normalize)
+        self.chunk = validate.check_positive_int("chunk", chunk)
+        if self.feature_map == "performer":
+            self.num_features = validate.check_positive_int(
+                "num_features", head_dim if num_features is None else num_features)
+            self.register_buffer("features", performer_features(self.num_features, head_dim, seed=feature_seed))
+        else:
+            if num_features is not None:
+                raise ValueError(f"num_features is only for feature_map='performer', got feature_map="
+                                 f"{self.feature_map!r} and num_features={num_features!r}")
+            self.num_features = head_dim
+            self.features = None
+        self._build_projections()
+
+    def _kw(self, x: torch.Tensor) -> dict:
+        feats = None if self.features is None else self.features.to(x.dtype)
+        return dict(feature_map=self.feature_map, features=feats, normalize=self.normalize)
+
+    def _mix(self, x, state, step):
+        q, k, v = self._qkv(x)
+        if step:
+            return linear_attention_step(q, k, v, state, **self._kw(x))
+        return linear_attention(q, k, v, chunk=self.chunk, initial_state=state, **self._kw(x))
+
+    def state_size(self) -> int:
+        """Bytes of state per sequence: :func:`~longattn.recurrent.linear.linear_state_size`."""
+        return linear_state_size(self.kv_heads, self.num_features, self.dv)
+
+
+class LightningLayer(_RecurrentLayer):
+    """TransNormer's decayed linear attention with NormAttention (Qin et al. 2022), computed as
+    Lightning Attention-2 (Qin et al. 2024), as a layer.
+
+    Gates: none learned — each query head decays its state by the fixed ``λ_h`` of
+    :func:`~longattn.recurrent.lightning.transnormer_decays` ``(heads, layer=layer, layers=layers)``
+    (the paper's schedule depends on the layer's depth; ``layer.decay()`` returns them). The NormAttention RMSNorm gain
+    ``norm_weight [head_dim]`` is learned (init 1). State: ``LightningState(s [B, heads, Dk, Dv])``
+    (per query head, since each head has its own decay).
+    """
+
+    op_name = "lightning"
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, *, kv_heads: int | None = None,
+                 layer: int = 0, layers: int = 1, chunk: int = 64, bias: bool = False):
+        super().__init__(d_model, heads, head_dim, kv_heads, bias)
+        self.chunk = validate.check_positive_int("chunk", chunk)
+        # checked here (transnormer_decays names layer / layers in its errors), recomputed per call:
+        # a float buffer would be cast by layer.to(bfloat16), and λ close to 1 needs float32
+        transnormer_decays(self.heads, layer=layer, layers=layers)
+        self.layer, self.layers = layer, layers
+        self.norm_weight = nn.Parameter(torch.ones(self.dv))
+        self._build_projections()
+
+    def _mix(self, x, state, step):
+        q, k, v = self._qkv(x)
+        kw = dict(decay=self.decay(x.device), norm=True, norm_weight=self.norm_weight)
+        if step:
+            return lightning_attention_step(q, k, v, state, **kw)
+        return lightning_attention(q, k, v, chunk=self.chunk, initial_state=state, **kw)
+
+    def decay(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The fixed per-head decays ``λ [heads]`` (float32)."""
+        return transnormer_decays(self.heads, layer=self.layer, layers=self.layers, device=device)
+
+    def state_size(self) -> int:
+        """Bytes of state per sequence: :func:`~longattn.recurrent.lightning.lightning_state_size`."""
+        return lightning_state_size(self.heads, self.dk, self.dv)
+
+
+class GLALayer(_RecurrentLayer):
+    """Gated Linear Attention (Yang et al. 2024, "Gated Linear Attention Transformers with
+    Hardware-Efficient Training") as a layer.
+
+    Gate: ``log_gate = logsigmoid(W2 W1 x + b) / τ`` ``[B, kv_heads, T, Dk]``, one forget gate per key
+    channel, with the paper's low-rank map (``W1 [16, d_model]``, ``W2 [kv_heads · Dk, 16]``, bias
+    ``b``) and temperature ``τ = 16``, so ``α = σ(·)^(1/16)`` starts close to 1 (slow forgetting).
+    State: ``GLAState(s [B, kv_heads, Dk, Dv])``.
+    """
+
+    op_name = "gla"
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, *, kv_heads: int | None = None,
+                 gate_rank: int = GLA_GATE_RANK, tau: float = GLA_TAU, chunk: int = 64, bias: bool = False):
+        super().__init__(d_model, heads, head_dim, kv_heads, bias)
+        self.chunk = validate.check_positive_int("chunk", chunk)
+        gate_rank = validate.check_positive_int("gate_rank", gate_rank)
+        if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not tau > 0:
+            raise ValueError(f"tau must be a positive number, got {tau!r}")
+        self.tau = float(tau)
+        self.gate_down = nn.Linear(d_model, gate_rank, bias=False)
+        self.gate_up = nn.Linear(gate_rank, self.kv_heads * self.dk, bias=True)
+        self._build_projections()
+
+    def _mix(self, x, state, step):
+        q, k, v = self._qkv(x)
+        log_gate = self._heads(F.logsigmoid(self.gate_up(self.gate_down(x))) / self.tau, self.kv_heads)
+        if step:
+            return gla_attention_step(q, k, v, log_gate, state)
+        return gla_attention(q, k, v, log_gate, chunk=self.chunk, initial_state=state)
+
+    def state_size(self) -> int:
+        """Bytes of state per sequence: :func:`~longattn.recurrent.gated.gla_state_size`."""
+        return gla_state_size(self.kv_heads, self.dk, self.dv)
+
+
+class DeltaNetLayer(_RecurrentLayer):
+    """DeltaNet (Schlag et al. 2021; chunked as Yang et al. 2024, "Parallelizing Linear Transformers
+    with the Delta Rule over Sequence Length") as a layer.
+
+    Gate: the write strength ``beta = sigmoid(W_β x + b)`` ``[B, kv_heads, T]`` in ``(0, 1)`` (the
+    paper's range, so each write is a contraction). ``q`` and ``k`` are L2-normalised inside the op.
+    State: ``DeltaState(s [B, kv_heads, Dv, Dk])``.
+    """
+
+    op_name = "deltanet"
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, *, kv_heads: int | None = None,
+                 chunk: int = 64, bias: bool = False):
+        super().__init__(d_model, heads, head_dim, kv_heads, bias)
+        self.chunk = validate.check_positive_int("chunk", chunk)
+        self.beta_proj = nn.Linear(d_model, self.kv_heads, bias=True)
+        self._build_projections()
+
+    def _beta(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.beta_proj(x)).transpose(1, 2)  # [B, Hkv, T]
+
+    def _mix(self, x, state, step):
+        q, k, v = self._qkv(x)
+        beta = self._beta(x)
+        if step:
+            return deltanet_attention_step(q, k, v, beta, state)
+        return deltanet_attention(q, k, v, beta, chunk=self.chunk, initial_state=state)
+
+    def state_size(self) -> int:
+        """Bytes of state per sequence: :func:`~longattn.recurrent.delta.delta_state_size`."""
+        return delta_state_size(self.kv_heads, self.dk, self.dv)
+
+
+class GatedDeltaNetLayer(DeltaNetLayer):
+    """Gated DeltaNet (Yang, Kautz, Hatamizadeh 2025, "Gated Delta Networks") as a layer.
+
+    Gates: ``beta = sigmoid(W_β x + b)`` as :class:`DeltaNetLayer`, and a scalar forget gate per
+    key/value head and token, ``log_gate = logsigmoid(W_α x + b_α)`` ``[B, kv_heads, T]`` (``α ∈
+    (0, 1)``). ``b_α`` starts at ``gate_bias_init`` (default 3: ``α ≈ 0.95``, slow forgetting at
+    initialisation, as the paper's Mamba2-style gate starts near 1). State: as DeltaNet.
+    """
+
+    op_name = "gated_deltanet"
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, *, kv_heads: int | None = None,
+                 gate_bias_init: float = 3.0, chunk: int = 64, bias: bool = False):
+        super().__init__(d_model, heads, head_dim, kv_heads=kv_heads, chunk=chunk, bias=bias)
+        self.gate_proj = nn.Linear(d_model, self.kv_heads, bias=True)
+        with torch.no_grad():
+            self.gate_proj.bias.fill_(float(gate_bias_init))
+
+    def _mix(self, x, state, step):
+        q, k, v = self._qkv(x)
+        beta = self._beta(x)
+        log_gate = F.logsigmoid(self.gate_proj(x)).transpose(1, 2)  # [B, Hkv, T]
+        if step:
+            return gated_deltanet_attention_step(q, k, v, beta, log_gate, state)
+        return gated_deltanet_attention(q, k, v, beta, log_gate, chunk=self.chunk, initial_state=state)
+
+
+class AarenLayer(_RecurrentLayer):
+    """Aaren (Feng et al. 2024, "Attention as an RNN") as a layer: the softmax attention of a
+    learned query over every prefix.
+
+    No query projection: the query is the parameter ``query [heads, head_dim]`` (init
+    ``N(0, 1)``), shared by every token and batch row. No gates. State: ``AarenState(m [B, heads],
+    u [B, heads], w [B, heads, Dv])``.
+    """
+
+    op_name = "aaren"
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, *, kv_heads: int | None = None,
+                 chunk: int = 256, bias: bool = False):
+        super().__init__(d_model, heads, head_dim, kv_heads, bias)
+        self.chunk = validate.check_positive_int("chunk", chunk)
+        self.query = nn.Parameter(torch.randn(self.heads, self.dk))
+        self._build_projections(query=False)
+
+    def _mix(self, x, state, step):
+        k, v = self._heads(self.k_proj(x), self.kv_heads), self._heads(self.v_proj(x), self.kv_heads)
+        if step:
+            return aaren_attention_step(self.query, k, v, state)
+        return aaren_attention(self.query, k, v, chunk=self.chunk, initial_state=state)
+
+    def state_size(self) -> int:
+        """Bytes of state per sequence: :func:`~longattn.recurrent.aaren.aaren_state_size`."""
+        return aaren_state_size(self.heads, self.dv)
+
+
+class BasedLayer(_RecurrentLayer):
+    """Based (Arora et al. 2024, "Simple linear attention language models balance the
+    recall-throughput tradeoff") as a layer: Taylor linear attention plus sliding-window softmax
+    attention, summed (see :mod:`longattn.recurrent.based`).
+
+    Projections: ``q_proj, k_proj`` to the small feature dimension ``feature_dim`` (the state dial,
+    16 in the paper's models), ``v_proj`` to ``head_dim``, and the window attention's own
+    ``qw_proj, kw_proj`` to ``head_dim`` (``window=0``: no window part and no window projections).
+    No gates. State: ``BasedState`` (``s [B, kv_heads, F, Dv]``, ``z``, and the window's KV cache of
+    ``window − 1`` tokens), ``F = 1 + feature_dim + feature_dim²``.
+    """
+
+    op_name = "based"
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, *, kv_heads: int | None = None,
+                 feature_dim: int = 16, window: int = 64, chunk: int = 64, bias: bool = False):
+        super().__init__(d_model, heads, head_dim, kv_heads, bias)
+        self.feature_dim = validate.check_positive_int("feature_dim", feature_dim)
+        self.window = validate.check_positive_int("window", window, allow_zero=True)
+        self.chunk = validate.check_positive_int("chunk", chunk)
+        self.dk = self.feature_dim
+        self._build_projections()
+        if self.window:
+            self.qw_proj = nn.Linear(d_model, self.heads * self.head_dim, bias=bias)
+            self.kw_proj = nn.Linear(d_model, self.kv_heads * self.head_dim, bias=bias)
+
+    def _mix(self, x, state, step):
+        q, k, v = self._qkv(x)
+        kw = dict(window=self.window)
+        if self.window:
+            kw.update(q_window=self._heads(self.qw_proj(x), self.heads),
+                      k_window=self._heads(self.kw_proj(x), self.kv_heads))
+        if step:
+            return based_attention_step(q, k, v, state, **kw)
+        return based_attention(q, k, v, chunk=self.chunk, initial_state=state, **kw)
+
+    def state_size(self) -> int:
+        """Bytes of state per sequence: :func:`~longattn.recurrent.based.based_state_size`."""
+        return based_state_size(self.kv_heads, self.feature_dim, self.dv, self.window, window_dim=self.head_dim)
+
+
+class RATLayer(_RecurrentLayer):
+    """RAT (Wei et al. 2025, "RAT: Bridging RNN Efficiency and Attention Accuracy in Language
+    Modeling") as a layer: a gated recurrence inside chunks of ``chunk_size`` tokens, softmax
+    attention over the chunk summaries.
+
+    Gates: ``log_key_gate = logsigmoid(W_a x + b_a)`` ``[B, kv_heads, T, Dk]`` and
+    ``log_value_gate = logsigmoid(W_f x + b_f)`` ``[B, kv_heads, T, Dv]``, one forget gate per
+    channel. ``chunk_size`` is part of the model (the output depends on it). The paper's output gate
+    and positional encoding of the summaries are not included. State: ``RATState``, which grows by
+    one summary per chunk.
+    """
+
+    op_name = "rat"
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, *, kv_heads: int | None = None,
+                 chunk_size: int = 64, bias: bool = False):
+        super().__init__(d_model, heads, head_dim, kv_heads, bias)
+        self.chunk_size = validate.check_positive_int("chunk_size", chunk_size)
+        self.key_gate_proj = nn.Linear(d_model, self.kv_heads * self.dk, bias=True)
+        self.value_gate_proj = nn.Linear(d_model, self.kv_heads * self.dv, bias=True)
+        self._build_projections()
+
+    def _mix(self, x, state, step):
+        q, k, v = self._qkv(x)
+        ga = self._heads(F.logsigmoid(self.key_gate_proj(x)), self.kv_heads)
+        gf = self._heads(F.logsigmoid(self.value_gate_proj(x)), self.kv_heads)
+        if step:
+            return rat_attention_step(q, k, v, ga, gf, state, chunk_size=self.chunk_size)
+        return rat_attention(q, k, v, ga, gf, chunk_size=self.chunk_size, initial_state=state)
+
+    def state_size(self, tokens: int = 0) -> int:
+        """Bytes of state per sequence after ``tokens`` tokens (it grows as ``tokens / chunk_size``):
+        :func:`~longattn.recurrent.rat.rat_state_size`."""
+        return rat_state_size(self.kv_heads, self.dk, self.dv, tokens, self.chunk_size)
+
+
+class TitansLayer(_RecurrentLayer):
+    """Titans' neural long-term memory (Behrouz, Zhong, Mirrokni 2025, "Titans: Learning to Memorize
+    at Test Time"), linear memory, as a layer (the memory alone, no MAC/MAG/MAL wiring).
+
+    Gates, per key/value head and token (``[B, kv_heads, T]``):
+
+    * ``eta = sigmoid(W_η x + b_η)`` — momentum decay in ``(0, 1)``;
+    * ``alpha = sigmoid(W_α x + b_α)`` — forgetting in ``(0, 1)``; ``b_α`` starts at ``-4``
+      (``α ≈ 0.02``) so the memory is not wiped every few tokens at initialisation;
+    * ``theta = theta_scale · softplus(W_θ x + b_θ)`` — learning rate ``≥ 0``. ``theta_scale``
+      (default 0.1) keeps the inner gradient steps small: with unit keys ``‖∇‖`` is about
+      ``2 ‖W k − v‖``, and steps of order 1 would overshoot.
+
+    ``chunk_size`` (default 16) is the inner mini-batch size, part of the model. State:
+    ``TitansState`` (``w, s, w_chunk [B, kv_heads, Dv, Dk]``, ``position [B]``).
+    """
+
+    op_name = "titans"
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, *, kv_heads: int | None = None,
+                 chunk_size: int = 16, theta_scale: float = 0.1, bias: bool = False):
+        super().__init__(d_model, heads, head_dim, kv_heads, bias)
+        self.chunk_size = validate.check_positive_int("chunk_size", chunk_size)
+        if not isinstance(theta_scale, (int, float)) or isinstance(theta_scale, bool) or not theta_scale > 0:
+            raise ValueError(f"theta_scale must be a positive number, got {theta_scale!r}")
+        self.theta_scale = float(theta_scale)
+        # one map for the three gates: [eta, theta, alpha] per key/value head
+        self.gate_proj = nn.Linear(d_model, 3 * self.kv_heads, bias=True)
+        with torch.no_grad():
+            self.gate_proj.bias[2 * self.kv_heads:].fill_(-4.0)
+        self._build_projections()
+
+    def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = self.gate_proj(x).transpose(1, 2)  # [B, 3 Hkv, T]
+        e, th, a = g.split(self.kv_heads, dim=1)
+        return torch.sigmoid(e), self.theta_scale * F.softplus(th), torch.sigmoid(a)
+
+    def _mix(self, x, state, step):
+        q, k, v = self._qkv(x)
+        eta, theta, alpha = self._gates(x)
+        if step:
+            return titans_memory_step(q, k, v, eta, theta, alpha, state, chunk_size=self.chunk_size)
+        return titans_memory(q, k, v, eta, theta, alpha, chunk_size=self.chunk_size, initial_state=state)
+
+    def state_size(self) -> int:
+        """Bytes of state per sequence: :func:`~longattn.recurrent.titans.titans_state_size`."""
+        return titans_state_size(self.kv_heads, self.dk, self.dv)
+
+
+#: op name -> layer class
+LAYERS: dict[str, type[_RecurrentLayer]] = {
+    cls.op_name: cls
+    for cls in (LinearAttentionLayer, LightningLayer, GLALayer, DeltaNetLayer, GatedDeltaNetLayer, AarenLayer,
+                BasedLayer, RATLayer, TitansLayer)
+}
+
+
+def make_layer(name: str, d_model: int, heads: int, head_dim: int, **kw: Any) -> _RecurrentLayer:
+    """Build the layer registered as ``name`` in :data:`LAYERS` (``"linear"``, ``"lightning"``,
+    ``"gla"``, ``"deltanet"``, ``"gated_deltanet"``, ``"aaren"``, ``"based"``, ``"rat"``,
+    ``"titans"``); ``kw`` are the class's keyword arguments (``kv_heads``, ``chunk``, …)."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, one of {sorted(LAYERS)}, got {type(name).__name__}")
+    if name not in LAYERS:
+        raise ValueError(f"name must be one of {sorted(LAYERS)}, got {name!r}")
+    cls = LAYERS[name]
+    try:
+        return cls(d_model, heads, head_dim, **kw)
+    except TypeError as exc:
+        if "unexpected keyword argument" in str(exc):
+            raise TypeError(f"make_layer({name!r}): {exc} (layer {cls.__name__})") from exc
+        raise
