@@ -101,6 +101,25 @@ def oracle_for(method, q, k, v, *, causal, key_padding_mask=None, scale=None):
     return longattn.reference_attention(q, k, v, causal=False, mask=mask, scale=scale)
 
 
+def rel_rmse(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative RMSE of ``a`` against ``ref`` in float64 (flash-linear-attention's error measure)."""
+    a, ref = a.double(), ref.double()
+    return ((a - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-300)).item()
+
+
+def assert_close_scaled(a: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
+    """The recurrent ops' agreement rule: same shape, finite, max abs error <= ``tol`` on the scale
+    of the reference (``max(1, max|ref|)``) and relative RMSE <= ``tol``."""
+    assert a.shape == ref.shape, (tuple(a.shape), tuple(ref.shape))
+    assert torch.isfinite(a).all(), "non-finite values"
+    if not ref.numel():
+        return
+    err = (a.double() - ref.double()).abs().max().item()
+    scale = max(1.0, ref.double().abs().max().item())
+    assert err <= tol * scale, f"max abs error {err:.3g} > {tol:g} * {scale:.3g}"
+    assert rel_rmse(a, ref) <= tol, f"relative RMSE {rel_rmse(a, ref):.3g} > {tol:g}"
+
+
 def assert_close_to_oracle(out, ref, *, atol=2e-5, rtol=1e-4):
     assert not torch.isnan(out).any(), "output has NaN"
     torch.testing.assert_close(out.to(torch.float64), ref, atol=atol, rtol=rtol)

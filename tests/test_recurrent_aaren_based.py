@@ -27,6 +27,8 @@ from longattn.recurrent.based import (
     based_state_size,
 )
 
+from conftest import rel_rmse
+
 F64 = torch.float64
 
 
@@ -35,9 +37,6 @@ def randn(*shape, seed=0, dtype=torch.float32, mul=1.0):
     return (torch.randn(*shape, generator=g, dtype=F64) * mul).to(dtype)
 
 
-def rel_rmse(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.to(F64), ref.to(F64)
-    return float((a - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

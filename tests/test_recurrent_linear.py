@@ -29,7 +29,7 @@ from longattn.recurrent.linear import (
     performer_features,
 )
 
-from conftest import DEVICE
+from conftest import DEVICE, assert_close_scaled as assert_close, rel_rmse
 
 CHUNKS = (1, 5, 16, 64)  # 5 and 16 do not divide T = 37; 64 > T
 T = 37
@@ -45,20 +45,8 @@ def draw(b=2, h=4, hkv=2, t=T, dk=8, dv=6, dtype=torch.float32, seed=0, positive
     return tuple(x.to(DEVICE, dtype) for x in (q, k, v))
 
 
-def rel_rmse(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.double(), ref.double()
-    return ((a - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-300)).item()
 
 
-def assert_close(a: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
-    """Max abs error <= tol on the scale of the reference (max(1, max|ref|)) and relative RMSE <= tol."""
-    assert a.shape == ref.shape
-    assert torch.isfinite(a).all(), "non-finite values"
-    err = (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
-    scale = max(1.0, ref.double().abs().max().item()) if ref.numel() else 1.0
-    assert err <= tol * scale, f"max abs error {err:.3g} > {tol:g} * {scale:.3g}"
-    if ref.numel():
-        assert rel_rmse(a, ref) <= tol, f"relative RMSE {rel_rmse(a, ref):.3g} > {tol:g}"
 
 
 def linear_kwargs(fm: str, normalize: bool = True, dk: int = 8) -> dict:

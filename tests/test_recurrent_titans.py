@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import DEVICE
+from conftest import DEVICE, assert_close_scaled as assert_close, rel_rmse
 from longattn.recurrent import titans
 from longattn.recurrent.titans import TitansMLPState, TitansState
 
@@ -38,17 +38,8 @@ def make(*, b=2, h=4, hkv=2, t=40, dk=8, dv=6, dtype=torch.float32, seed=0, stat
     return put(q), put(k), put(v), (put(eta), put(theta), put(alpha)), s0
 
 
-def rel_rmse(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).square().mean().sqrt() / b.square().mean().sqrt().clamp_min(1e-30)).item()
 
 
-def assert_close(a, ref, tol=1e-5):
-    """Relative RMSE and max abs error (relative to the reference's largest value, at least 1)."""
-    assert torch.isfinite(a).all(), "non-finite values"
-    err = rel_rmse(a, ref)
-    worst = (a.double() - ref.double()).abs().max().item() / max(1.0, ref.double().abs().max().item())
-    assert err <= tol and worst <= tol, f"relative RMSE {err:.2e}, max abs error {worst:.2e} (tol {tol:.0e})"
 
 
 def assert_state_close(a, ref, tol=1e-5):
