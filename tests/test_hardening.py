@@ -24,7 +24,9 @@ from conftest import CASES, FULL, assert_close_to_oracle, full, make_qkv, oracle
 
 
 def test_the_table_covers_every_registered_method():
-    assert set(FULL) == {s.name for s in longattn.methods()}
+    # every softmax method; the recurrent mixers (capability softmax False) have no softmax oracle
+    # and are covered by test_recurrent_methods.py
+    assert set(FULL) == {s.name for s in longattn.methods() if s.capabilities.softmax}
 
 
 @pytest.mark.parametrize("name,causal", CASES)

@@ -62,6 +62,7 @@ ZERO_OK = {
     ("minference", "sinks"): True, ("minference", "window"): True, ("minference", "layer"): True,
     ("recycled", "sinks"): True,
     ("routing", "iters"): True, ("routing", "window"): True, ("routing", "sinks"): True, ("routing", "seed"): True,
+    ("linear", "seed"): True, ("lightning", "layer"): True, ("based", "window"): True,
 }
 
 

@@ -25,10 +25,13 @@ class AttentionStats:
         path: the kernel that ran: "sdpa", "tiled", "flex", "sparse", ... ("softcap" with ``softcap``,
             "empty" for empty inputs).
         density: share of the dense pattern's (query, key) pairs that were visible (the causal
-            triangle for causal attention), averaged over batch × heads.
-        computed_fraction: share of the dense pattern's pairs inside the blocks the kernel visited.
+            triangle for causal attention), averaged over batch × heads; None for the recurrent
+            methods, which visit no (query, key) pairs.
+        computed_fraction: share of the dense pattern's pairs inside the blocks the kernel visited
+            (None for the recurrent methods).
         lse: ``[B, Hq, Tq]`` float32 log-sum-exp, or None where the kernel does not give it
-            (compiled FlexAttention on CPU).
+            (compiled FlexAttention on CPU) and always for methods that are not softmax attention
+            (capability ``softmax`` False: the recurrent methods).
         time_s: wall time of the method call; ``extra`` holds its parts (layout_s, kernel_s, ...).
         compute_dtype: the dtype the kernels read q, k, v in ("float32", "bfloat16", "float16"; see
             ``longattn.core.dtypes``); softmax statistics, LSEs and merges are float32 in every case.
@@ -60,7 +63,9 @@ def attention(
     seqlens_k: torch.Tensor | None = None,
     align: str = "bottom_right",
     compute_dtype: str | torch.dtype | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, AttentionStats]:
+    initial_state: Any = None,
+    return_state: bool = False,
+) -> torch.Tensor | tuple[Any, ...]:
     """Attention with any registered method.
 
     Args:
@@ -98,29 +103,49 @@ def attention(
             ``"input"``, or a torch dtype (``longattn.core.dtypes``). float32/float64 inputs compute in
             float32. Softmax statistics, LSEs and merges are float32 in every case. Methods that read
             a fraction of a long cache (block retrieval decoding) convert only what they read.
+        initial_state: for the recurrent methods (capability ``state``: ``linear``, ``lightning``,
+            ``based``, ``rat``; ``longattn.methods.recurrent``), the state the previous call returned
+            (None: a fresh sequence). q, k and v are then the *new* tokens only (``tokens_q ==
+            tokens_k``): prefill in pieces with the state carried equals one call, and one token
+            (``tokens == 1``) is a decoding step. A state of another method's type is a ValueError;
+            any state given to a softmax method too.
+        return_state: also return the state after these tokens (recurrent methods only; a
+            ValueError for softmax methods, which keep no state: their decode loop passes the
+            whole cache as ``k, v``).
 
     Returns:
-        ``out`` ``[batch, heads_q, tokens_q, head_dim]`` in the dtype of ``q``, or
-        ``(out, stats)``. Queries with no visible key get zeros. Non-finite values follow IEEE as
-        the float64 reference does: a query whose own vector, or a key/value it may see (by
-        causality, padding and the method's mask), holds NaN/Inf gets NaN; NaN/Inf in keys a query
-        may not see never reach it (``longattn.core.nonfinite``).
+        ``out`` ``[batch, heads_q, tokens_q, head_dim]`` in the dtype of ``q``; with
+        ``return_state`` and/or ``return_stats`` a tuple in this order: ``(out, state)``,
+        ``(out, stats)`` or ``(out, state, stats)``. Queries with no visible key get zeros.
+        Non-finite values follow IEEE as the float64 reference does: a query whose own vector, or a
+        key/value it may see (by causality, padding and the method's mask), holds NaN/Inf gets NaN;
+        NaN/Inf in keys a query may not see never reach it (``longattn.core.nonfinite``).
+        Recurrent methods (capability ``softmax`` False) return no LSE (``stats.lse`` is None) and
+        follow their op's own arithmetic for NaN/Inf.
     """
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     validate.check_qkv(q, k, v, causal=causal)
     validate.check_key_padding_mask(key_padding_mask, q, k)
+    given_scale = scale
     scale = validate.check_scale(scale, q.shape[-1])
     dtypes.check_choice(compute_dtype)
+    if not isinstance(return_state, bool):
+        raise TypeError(f"return_state must be a bool, got {type(return_state).__name__}")
     m = resolve(method)
+    _check_state_args(m, initial_state, return_state)
     _check_capabilities(m, q, k, v, causal, position)
+    if align not in masks.ALIGNS:
+        raise ValueError(f"align must be 'bottom_right' or 'top_left', got {align!r}")
+    if not m.capabilities.softmax:
+        return _run_mixer(m, q, k, v, scale=scale, given_scale=given_scale, key_padding_mask=key_padding_mask,
+                          position=position, summaries=summaries, softcap=softcap, seqlens_k=seqlens_k,
+                          initial_state=initial_state, return_state=return_state, return_stats=return_stats)
     softcap = check_softcap(softcap)
     if softcap is not None:
         _check_softcap(m, position)
     if position is not None:
         position.check(q, k)  # head counts / head_dim: score biases cannot check under FlexAttention
-    if align not in masks.ALIGNS:
-        raise ValueError(f"align must be 'bottom_right' or 'top_left', got {align!r}")
     tq, tk = q.shape[2], k.shape[2]
     if seqlens_k is not None or (align == "top_left" and tq != tk):
         if summaries is not None:
@@ -217,6 +242,56 @@ def attention(
     return out, stats
 
 
+def _check_state_args(m: Method, initial_state: Any, return_state: bool) -> None:
+    """``initial_state`` / ``return_state`` only for methods that carry a state."""
+    if m.capabilities.state:
+        return
+    for name, given in (("initial_state", initial_state is not None), ("return_state", return_state)):
+        if given:
+            raise ValueError(
+                f"{name} was given, but method {m.name!r} carries no recurrent state: it is softmax attention over "
+                "the keys passed in (a decode loop passes the whole cache as k and v). The recurrent methods take "
+                f"one: {', '.join(s.name for s in specs() if s.capabilities.state) or 'none registered'}")
+
+
+def _run_mixer(m: Method, q, k, v, *, scale: float, given_scale, key_padding_mask, position, summaries, softcap,
+               seqlens_k, initial_state, return_state: bool, return_stats: bool):
+    """``attention`` for a method that is not softmax attention (``Capabilities.softmax`` False: the
+    linear / recurrent mixers): the inputs go to ``run`` as given (the op owns its compute dtype and
+    keeps its state in float32), with the state; no LSE comes back."""
+    what = f"method {m.name!r} is a recurrent mixer, not softmax attention"
+    if given_scale is not None and not m.capabilities.takes_scale:
+        raise ValueError(f"scale: {what}, with no q·k softmax to scale; set the method's own parameters instead "
+                         f"(longattn.method({m.name!r}, ...): {', '.join(m.params()) or 'none'})")
+    refusals = (
+        ("key_padding_mask", key_padding_mask, "its state has no notion of padding: pass only the real tokens "
+                                               "(one call per row for rows of different lengths)"),
+        ("position", position, "rotate q and k before the call if the model wants positions (only the caller "
+                               "knows where a piece starts when the state is carried)"),
+        ("softcap", softcap, "there are no softmax logits to cap"),
+        ("seqlens_k", seqlens_k, "call it per row with that row's tokens (or use varlen_attention)"),
+        ("summaries", summaries, "block summaries serve block-retrieval methods"),
+    )
+    for name, value, why in refusals:
+        if value is not None:
+            raise ValueError(f"{name} is not supported: {what}; {why}")
+    b, h = q.shape[:2]
+    t0 = time.perf_counter()
+    if b == 0 or h == 0:  # nothing to compute; the state passes through
+        res = Result(q.new_zeros(*q.shape[:3], v.shape[-1]), None, "empty", state=initial_state)
+    else:
+        res = m.run(q, k, v, Call(causal=True, scale=scale, want_stats=return_stats, state=initial_state))
+    elapsed = time.perf_counter() - t0
+    parts: list[Any] = [res.out.to(q.dtype)]
+    if return_state:
+        parts.append(res.state)
+    if return_stats:
+        parts.append(AttentionStats(
+            method=m.name, path=res.path, density=None, computed_fraction=None, lse=None, time_s=elapsed,
+            extra=dict(res.stats), compute_dtype="float64" if q.dtype == torch.float64 else "float32"))
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
 def _empty(q: torch.Tensor, v: torch.Tensor, m: Method, return_stats: bool):
     """The answer for empty inputs: an empty output, or (no keys) zeros with LSE -inf."""
     b, h, t = q.shape[:3]
@@ -260,8 +335,11 @@ def _check_capabilities(m: Method, q, k, v, causal: bool, position) -> None:
             f"method {m.name!r} is not differentiable (its capability sheet says so), but q, k or v requires grad; "
             "call it under torch.no_grad() or detach the inputs")
     if q.shape[2] != k.shape[2] and not caps.cross:
+        hint = ("; a recurrent method takes q, k and v of the new tokens only, the earlier ones through "
+                "initial_state" if caps.state else "")
         raise ValueError(
             f"method {m.name!r} does not support cross attention (tokens_q={q.shape[2]} != tokens_k={k.shape[2]})"
+            + hint
         )
     if position is not None:
         if not isinstance(position, PositionEncoding):

@@ -160,7 +160,7 @@ def varlen_attention(
             ``cu_seqlens_q[s] … cu_seqlens_q[s+1]-1`` and keys likewise (0 first, the total last).
         causal: bottom-right within each sequence (its last query aligned with its last key).
         method, scale, position, softcap: as for ``longattn.attention``; positions restart at 0 in
-            every sequence.
+            every sequence (and a recurrent method starts each sequence from a fresh state).
         return_lse: also return the LSE ``[heads_q, total_q]`` float32 (flash-attn's layout).
 
     Returns:
@@ -178,6 +178,13 @@ def varlen_attention(
         raise ValueError(f"cu_seqlens_q describes {cq.numel() - 1} sequences but cu_seqlens_k {ck.numel() - 1}")
     if k.shape[0] != v.shape[0]:
         raise ValueError(f"k has {k.shape[0]} tokens but v has {v.shape[0]}")
+    if return_lse:
+        from longattn.methods.base import resolve
+
+        m = resolve(method)
+        if not m.capabilities.softmax:
+            raise ValueError(f"return_lse: method {m.name!r} is not softmax attention (a recurrent mixer) and gives "
+                             "no log-sum-exp")
     hq = q.shape[1]
     pieces = []  # the sequences' outputs in order: together they cover every query exactly once
     lse = torch.full((hq, q.shape[0]), -math.inf, dtype=torch.float32, device=q.device) if return_lse else None

@@ -45,6 +45,11 @@ def merge_partials(
             f"merge_partials needs one lse per output and at least one piece, got {len(outs)} outs "
             f"and {len(lses)} lses"
         )
+    for i, l in enumerate(lses):
+        if l is None:
+            raise ValueError(
+                f"lses[{i}] is None: that piece has no log-sum-exp (a kernel that gives none, or a method that is "
+                "not softmax attention, such as the recurrent ones), so it cannot be merged by LSE")
     shape = outs[0].shape
     for i, (o, l) in enumerate(zip(outs, lses)):
         if o.shape != shape:

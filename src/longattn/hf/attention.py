@@ -406,7 +406,8 @@ def apply(model: torch.nn.Module, method: str | Method = "dense", **config: Any)
 
     Raises:
         TypeError: ``config`` given together with a method object.
-        ValueError: unknown parameters, or a model without dispatchable attention layers.
+        ValueError: unknown parameters, a model without dispatchable attention layers, or a method that
+            is not softmax attention (the recurrent methods: capability ``softmax`` False).
     """
     if isinstance(method, Method):
         if config:
@@ -417,6 +418,12 @@ def apply(model: torch.nn.Module, method: str | Method = "dense", **config: Any)
         m = longattn.method(method, **config)
     else:
         raise TypeError(f"method must be a registered name or a longattn method object, got {type(method).__name__}")
+    if not m.capabilities.softmax:
+        raise ValueError(
+            f"method {m.name!r} is not softmax attention (a recurrent mixer that carries its own state): a "
+            "transformers model decodes from its KV cache (one query over every cached key), and its sinks and "
+            "LongattnCache memories merge softmax results by their log-sum-exp, which such a method has none of; "
+            "build recurrent models from longattn.recurrent.layers instead")
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     return Applied(model, m)

@@ -16,6 +16,7 @@ from longattn.methods import minference  # noqa: F401
 from longattn.methods import longheads  # noqa: F401
 from longattn.methods import pattern  # noqa: F401
 from longattn.methods import pbs  # noqa: F401
+from longattn.methods import recurrent  # noqa: F401
 from longattn.methods import routing  # noqa: F401
 from longattn.methods import recycled  # noqa: F401
 from longattn.methods import tokenselect  # noqa: F401

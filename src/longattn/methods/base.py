@@ -5,6 +5,10 @@ paper, and ``run`` turns ``q, k, v`` in the compute dtype (``longattn.core.dtype
 float16 where the hardware is fast for them) into ``(out, lse, stats)``: ``out`` in any float dtype
 (``attention`` casts it to the input's), ``lse`` float32. ``longattn.attention``
 validates inputs, applies positions and dtype handling around it.
+
+Methods whose sheet says ``softmax=False`` (the linear / recurrent mixers of
+``longattn.methods.recurrent``) get q, k, v as the caller passed them, return ``lse=None`` and, with
+``state=True``, take ``Call.state`` and return the next state in ``Result.state``.
 """
 
 from __future__ import annotations
@@ -48,6 +52,19 @@ class Capabilities:
     #: statistics in float32. False: half inputs are computed in float32 (eager score paths would
     #: round scores and probabilities to the half dtype)
     half_compute: bool = False
+    #: the output is softmax attention over the visible keys, with a log-sum-exp (``Result.lse``)
+    #: and the float64 softmax oracle (``longattn.reference_attention``) as its reference. False for
+    #: linear / recurrent mixers (``longattn.methods.recurrent``): their output is no softmax, they
+    #: give no LSE (so no LSE merge, attention sinks or softmax correctness gate applies) and they
+    #: run the calls ``longattn.attention`` hands them unchanged (no positions, padding masks,
+    #: softcap, varlen rows or NaN screening: the op's own arithmetic)
+    softmax: bool = True
+    #: carries a recurrent state from call to call: ``attention(..., initial_state=...,
+    #: return_state=True)``; q, k and v are then the new tokens only (``tokens_q == tokens_k``)
+    state: bool = False
+    #: reads the score scale (``attention(scale=...)``). False: the method has no ``q·k`` softmax to
+    #: scale (linear attention's feature map, Lightning's decayed sums) and an explicit scale is refused
+    takes_scale: bool = True
     paper: str = ""
     cost: str = ""
 
@@ -68,14 +85,21 @@ class Call:
     #: the caller's position encoding, handed over untouched to methods with
     #: ``Capabilities.own_positions`` (q/k then arrive *un*rotated); None for every other method
     position: Any = None
+    #: the recurrent state before these tokens (``attention(initial_state=...)``), for methods with
+    #: ``Capabilities.state``; None: a fresh sequence
+    state: Any = None
 
 
 @dataclass
 class Result:
     out: torch.Tensor
+    #: float32 ``[B, Hq, Tq]``; None where the kernel gives none, and always for methods that are not
+    #: softmax attention (``Capabilities.softmax`` False)
     lse: torch.Tensor | None
     path: str
     stats: dict[str, Any] = field(default_factory=dict)
+    #: the recurrent state after these tokens (methods with ``Capabilities.state``), else None
+    state: Any = None
 
 
 class Method:

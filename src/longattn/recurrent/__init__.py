@@ -26,4 +26,8 @@ from prefill exactly):
   what a model must carry per layer to continue), for the MQAR state-size figure.
 * Bad arguments raise ``ValueError`` / ``TypeError`` naming the argument, what it got and what
   was expected.
+
+The ops that are functions of ``q, k, v`` alone (linear, lightning, based, and RAT with a constant
+gate) are also methods of ``longattn.attention`` (:mod:`longattn.methods.recurrent`), the state
+passed with ``initial_state=`` and returned with ``return_state=True``.
 """
