@@ -25,6 +25,8 @@ KW = {
     "based": dict(feature_dim=4, window=5, chunk=8),
     "rat": dict(chunk_size=4),
     "titans": dict(chunk_size=4),
+    "titans_mag": dict(window=5, persistent_tokens=2, chunk_size=4),
+    "titans_mac": dict(segment=5, persistent_tokens=2, chunk_size=4),
 }
 
 NAMES = sorted(LAYERS)
@@ -43,7 +45,7 @@ def _x(b: int = 2, t: int = 19, seed: int = 1) -> torch.Tensor:
 
 def test_registry_covers_every_op():
     assert set(LAYERS) == {"linear", "lightning", "gla", "deltanet", "gated_deltanet", "aaren", "based", "rat",
-                           "titans"}
+                           "titans", "titans_mag", "titans_mac"}
     for name, cls in LAYERS.items():
         assert cls.op_name == name
 

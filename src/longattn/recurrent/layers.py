@@ -28,14 +28,18 @@ Dtypes: the layer computes in its parameters' dtype; ``x`` must have that dtype 
 with ``.to(dtype)``). States are the ops' float32 NamedTuples whatever the dtype.
 
 What is left out, on purpose: the papers' extra pieces around the mixer (short convolutions,
-output gates, group norms, feature-map MLPs, positional encodings, the Titans MAC/MAG/MAL
-architectures). These layers are the op with the minimum of parameters that make it trainable.
+output gates, group norms, feature-map MLPs, positional encodings, Titans' memory as a layer).
+These layers are the op with the minimum of parameters that make it trainable. The exceptions are
+Titans' two combinations with attention, :class:`TitansMAGLayer` (memory as a gate) and
+:class:`TitansMACLayer` (memory as a context), which are architectures by definition: persistent
+tokens, attention, the memory and a gate (:mod:`longattn.recurrent.titans_combined`).
 
 ``LAYERS`` maps op names to classes; :func:`make_layer` builds one by name.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -67,7 +71,25 @@ from longattn.recurrent.linear import (
     performer_features,
 )
 from longattn.recurrent.rat import rat_attention, rat_attention_step, rat_state_size
-from longattn.recurrent.titans import titans_memory, titans_memory_step, titans_state_size
+from longattn.recurrent.common import check_tensor_arg, compute_dtype
+from longattn.recurrent.titans import (
+    MEMORIES,
+    TitansMLPState,
+    TitansState,
+    titans_memory,
+    titans_memory_read,
+    titans_memory_step,
+    titans_state_size,
+)
+from longattn.recurrent.titans_combined import (
+    TitansMACState,
+    TitansMAGState,
+    persistent_window_attention,
+    segment_attention,
+    titans_gate,
+    titans_mac_state_size,
+    titans_mag_state_size,
+)
 
 __all__ = [
     "LAYERS",
@@ -80,6 +102,8 @@ __all__ = [
     "LinearAttentionLayer",
     "RATLayer",
     "TitansLayer",
+    "TitansMACLayer",
+    "TitansMAGLayer",
     "make_layer",
 ]
 
@@ -451,7 +475,8 @@ class RATLayer(_RecurrentLayer):
 
 class TitansLayer(_RecurrentLayer):
     """Titans' neural long-term memory (Behrouz, Zhong, Mirrokni 2025, "Titans: Learning to Memorize
-    at Test Time"), linear memory, as a layer (the memory alone, no MAC/MAG/MAL wiring).
+    at Test Time"), linear memory, as a layer (the memory alone; memory as a gate and as a context are
+    :class:`TitansMAGLayer` and :class:`TitansMACLayer`).
 
     Gates, per key/value head and token (``[B, kv_heads, T]``):
 
@@ -498,18 +523,295 @@ class TitansLayer(_RecurrentLayer):
         return titans_state_size(self.kv_heads, self.dk, self.dv)
 
 
+class _XDtypeError(TypeError, ValueError):
+    """``x`` of another dtype than the layer's parameters: a ``TypeError`` as the other layers raise,
+    and a ``ValueError`` (a bad value of the argument ``x``)."""
+
+
+class _TitansCombined(_RecurrentLayer):
+    """What MAG and MAC share: the attention projections ``q_proj, k_proj, v_proj`` and ``o_proj``
+    (``heads · head_dim -> d_model``, after the gate), the persistent tokens, the neural memory's
+    projections and gates (read from ``memory_in`` features), its initial weights (MLP memory) and
+    the gate's norms. See :mod:`longattn.recurrent.titans_combined` for the definitions."""
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, *, memory_in: int | None, kv_heads: int | None,
+                 persistent_tokens: int, memory: str, memory_hidden: int | None, chunk_size: int,
+                 theta_scale: float, bias: bool):
+        super().__init__(d_model, heads, head_dim, kv_heads, bias)
+        self.persistent_tokens = validate.check_positive_int("persistent_tokens", persistent_tokens, allow_zero=True)
+        if not isinstance(memory, str):
+            raise TypeError(f"memory must be a str, one of {MEMORIES}, got {type(memory).__name__} {memory!r}")
+        self.memory = validate.check_choice("memory", memory, MEMORIES)
+        if self.memory == "linear" and memory_hidden is not None:
+            raise ValueError(f"memory_hidden is only for memory='mlp', got memory='linear' and "
+                             f"memory_hidden={memory_hidden!r}")
+        self.memory_hidden = (head_dim if memory_hidden is None
+                              else validate.check_positive_int("memory_hidden", memory_hidden))
+        self.chunk_size = validate.check_positive_int("chunk_size", chunk_size)
+        if not isinstance(theta_scale, (int, float)) or isinstance(theta_scale, bool) or not theta_scale > 0:
+            raise ValueError(f"theta_scale must be a positive number, got {theta_scale!r}")
+        self.theta_scale = float(theta_scale)
+        self._build_projections()
+        hd, kd = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        d_in = d_model if memory_in is None else memory_in
+        self.mem_q_proj = nn.Linear(d_in, hd, bias=bias)
+        self.mem_k_proj = nn.Linear(d_in, kd, bias=bias)
+        self.mem_v_proj = nn.Linear(d_in, kd, bias=bias)
+        # [eta, theta, alpha] per key/value head, as TitansLayer: alpha's bias starts at -4 (α ≈ 0.02)
+        self.gate_proj = nn.Linear(d_in, 3 * self.kv_heads, bias=True)
+        with torch.no_grad():
+            self.gate_proj.bias[2 * self.kv_heads:].fill_(-4.0)
+        if self.persistent_tokens:
+            shape = (self.kv_heads, self.persistent_tokens, self.head_dim)
+            self.persistent_k = nn.Parameter(torch.randn(shape))
+            self.persistent_v = nn.Parameter(torch.randn(shape))
+        else:
+            self.persistent_k = self.persistent_v = None
+        if self.memory == "mlp":
+            # W1 q̂ of a unit query has unit-variance entries; W2 keeps the read-out of order 1
+            dh = self.memory_hidden
+            self.memory_w1 = nn.Parameter(torch.randn(self.kv_heads, dh, self.head_dim))
+            self.memory_w2 = nn.Parameter(torch.randn(self.kv_heads, self.head_dim, dh) / math.sqrt(dh))
+        self.attn_norm_weight = nn.Parameter(torch.ones(hd))
+        self.memory_norm_weight = nn.Parameter(torch.ones(hd))
+
+    def _check_x(self, x: object) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor [batch, tokens, d_model], got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape [batch, tokens, d_model = {self.d_model}], got {tuple(x.shape)}")
+        if x.dtype != self.o_proj.weight.dtype:
+            raise _XDtypeError(f"x has dtype {x.dtype} but the layer's parameters are {self.o_proj.weight.dtype}; "
+                               "cast one to the other (layer.to(dtype))")
+        return x
+
+    # -- the memory ---------------------------------------------------------------------------
+
+    def _memory_initial(self, b: int, device, cdt) -> TitansState | TitansMLPState:
+        """A fresh sequence's memory: zeros (linear) or the learned initial weights (MLP)."""
+        zero = torch.zeros(b, dtype=torch.int64, device=device)
+        if self.memory == "linear":
+            w = torch.zeros(b, self.kv_heads, self.head_dim, self.head_dim, dtype=cdt, device=device)
+            return TitansState(w, torch.zeros_like(w), torch.zeros_like(w), zero)
+        w1 = self.memory_w1.to(cdt).unsqueeze(0).expand(b, -1, -1, -1)
+        w2 = self.memory_w2.to(cdt).unsqueeze(0).expand(b, -1, -1, -1)
+        return TitansMLPState(w1, w2, torch.zeros_like(w1), torch.zeros_like(w2), w1, w2, zero)
+
+    @staticmethod
+    def _weights(state: TitansState | TitansMLPState) -> tuple[torch.Tensor, ...]:
+        return (state.w,) if isinstance(state, TitansState) else (state.w1, state.w2)
+
+    def _check_memory_state(self, memory: object, name: str) -> None:
+        kind = TitansMLPState if self.memory == "mlp" else TitansState
+        if not isinstance(memory, kind):
+            raise TypeError(f"{name}.memory must be a {kind.__name__} for memory={self.memory!r}, "
+                            f"got {type(memory).__name__}")
+
+    def _write_read(self, z: torch.Tensor, memory, step: bool):
+        """Write the memory with the tokens ``z [B, L, memory_in]`` and read it after each:
+        ``(m [B, H, L, D]`` float32 (float64 for float64 ``z``), ``memory)``."""
+        mq, mk, mv = (self._heads(self.mem_q_proj(z), self.heads), self._heads(self.mem_k_proj(z), self.kv_heads),
+                      self._heads(self.mem_v_proj(z), self.kv_heads))
+        e, th, a = self.gate_proj(z).transpose(1, 2).split(self.kv_heads, dim=1)
+        eta, theta, alpha = torch.sigmoid(e), self.theta_scale * F.softplus(th), torch.sigmoid(a)
+        # the memory computes in float32 whatever its inputs: given them in float32, its read-out
+        # comes back unrounded (bf16 layers)
+        cdt = compute_dtype(z.dtype)
+        mq, mk, mv, eta, theta, alpha = (t.to(cdt) for t in (mq, mk, mv, eta, theta, alpha))
+        if step:
+            return titans_memory_step(mq, mk, mv, eta, theta, alpha, memory, chunk_size=self.chunk_size,
+                                      memory=self.memory)
+        return titans_memory(mq, mk, mv, eta, theta, alpha, chunk_size=self.chunk_size, memory=self.memory,
+                             initial_state=memory)
+
+    def _cache(self, name: str, value: object, b: int, most: int, device, cdt, what: str) -> torch.Tensor:
+        n = value.shape[2] if isinstance(value, torch.Tensor) and value.dim() == 4 else -1
+        value = check_tensor_arg(name, value, (b, self.kv_heads, max(n, 0), self.head_dim), device,
+                                 layout="[batch, kv_heads, cached, head_dim]")
+        if n > most:
+            raise ValueError(f"{name} holds {n} tokens but {what} keeps at most {most}")
+        return value.to(cdt)
+
+    def _gate(self, y: torch.Tensor, m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return titans_gate(y, m, self.attn_norm_weight, self.memory_norm_weight, dtype)
+
+    def _memory_state_size(self) -> dict:
+        return dict(hidden=self.memory_hidden if self.memory == "mlp" else None)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, persistent_tokens={self.persistent_tokens}, memory={self.memory!r}, "
+                f"chunk_size={self.chunk_size}")
+
+
+class TitansMAGLayer(_TitansCombined):
+    """Titans' memory as a gate (MAG; Behrouz, Zhong, Mirrokni 2025, §4.2): sliding-window softmax
+    attention with persistent memory tokens, and in parallel the neural memory over the same input,
+    combined by ``o_proj(norm(y) ⊙ σ(norm(m)))`` (:mod:`longattn.recurrent.titans_combined`).
+
+    Args:
+        window: each query attends to its last ``window`` tokens, itself included (default 64).
+        persistent_tokens: learned key/value tokens every query sees (default 4; 0: none).
+        memory: ``"mlp"`` (default, the paper's deep memory ``W2 silu(W1 x)``, hidden size
+            ``memory_hidden``, default ``head_dim``, with learned initial weights) or ``"linear"``.
+        chunk_size: the memory's mini-batch (part of the model, as :class:`TitansLayer`); theta_scale:
+            its learning-rate scale; kv_heads, bias: as the other layers.
+
+    The memory has its own projections ``mem_q_proj, mem_k_proj, mem_v_proj`` and gates
+    ``gate_proj`` (as :class:`TitansLayer`). State: :class:`TitansMAGState` (the memory's state and
+    the attention's last ``window − 1`` keys and values).
+    """
+
+    op_name = "titans_mag"
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, *, window: int = 64, persistent_tokens: int = 4,
+                 memory: str = "mlp", memory_hidden: int | None = None, chunk_size: int = 16,
+                 theta_scale: float = 0.1, kv_heads: int | None = None, bias: bool = False):
+        super().__init__(d_model, heads, head_dim, memory_in=None, kv_heads=kv_heads,
+                         persistent_tokens=persistent_tokens, memory=memory, memory_hidden=memory_hidden,
+                         chunk_size=chunk_size, theta_scale=theta_scale, bias=bias)
+        self.window = validate.check_positive_int("window", window)
+
+    def _state(self, state: object, b: int, device, cdt):
+        if state is None:
+            empty = torch.zeros(b, self.kv_heads, 0, self.head_dim, dtype=cdt, device=device)
+            return self._memory_initial(b, device, cdt), empty, empty
+        if not isinstance(state, TitansMAGState):
+            raise TypeError(f"state must be a TitansMAGState or None, got {type(state).__name__}")
+        self._check_memory_state(state.memory, "state")
+        most = self.window - 1
+        ck = self._cache("state.k_window", state.k_window, b, most, device, cdt, f"window={self.window}")
+        cv = self._cache("state.v_window", state.v_window, b, most, device, cdt, f"window={self.window}")
+        if ck.shape != cv.shape:
+            raise ValueError(f"state.k_window has shape {tuple(ck.shape)} and state.v_window "
+                             f"{tuple(cv.shape)}: they must match")
+        return state.memory, ck, cv
+
+    def _mix(self, x, state, step):
+        memory, ck, cv = self._state(state, x.shape[0], x.device, compute_dtype(x.dtype))
+        q, k, v = self._qkv(x)
+        y, ck, cv = persistent_window_attention(q, k, v, self.persistent_k, self.persistent_v, ck, cv, self.window)
+        m, memory = self._write_read(x, memory, step)
+        return self._gate(y, m, x.dtype), TitansMAGState(memory, ck, cv)
+
+    def state_size(self) -> int:
+        """Bytes of state per sequence: :func:`~longattn.recurrent.titans_combined.titans_mag_state_size`
+        (the memory's state and the window's cache)."""
+        return titans_mag_state_size(self.kv_heads, self.head_dim, self.window, **self._memory_state_size())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, window={self.window}"
+
+
+class TitansMACLayer(_TitansCombined):
+    """Titans' memory as a context (MAC; Behrouz, Zhong, Mirrokni 2025, §4.1): segments of ``segment``
+    tokens; each token retrieves from the memory as it was before its segment, attends (causally
+    within the segment) over the persistent tokens, the segment's retrieved tokens and the
+    segment's tokens; the attention output writes the memory, which is read back and gates it
+    (:mod:`longattn.recurrent.titans_combined`).
+
+    Args:
+        segment: tokens per segment, on a grid from the sequence's first token (default 64).
+        persistent_tokens, memory, memory_hidden, chunk_size, theta_scale, kv_heads, bias: as
+            :class:`TitansMAGLayer`.
+
+    Projections: ``q_proj, k_proj, v_proj`` (the attention; keys and values of the retrieved tokens
+    too), ``retrieve_q_proj`` (``d_model -> heads · head_dim``: the retrieval's queries),
+    ``retrieve_proj`` (``heads · head_dim -> d_model``: a retrieved read-out as a token), and the
+    memory's ``mem_q_proj, mem_k_proj, mem_v_proj, gate_proj`` reading the attention output
+    (``heads · head_dim`` features). State: :class:`TitansMACState`; a sequence may be split
+    anywhere (mid-segment too) and continued exactly.
+    """
+
+    op_name = "titans_mac"
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, *, segment: int = 64, persistent_tokens: int = 4,
+                 memory: str = "mlp", memory_hidden: int | None = None, chunk_size: int = 16,
+                 theta_scale: float = 0.1, kv_heads: int | None = None, bias: bool = False):
+        validate.check_positive_int("heads", heads)
+        validate.check_positive_int("head_dim", head_dim)
+        super().__init__(d_model, heads, head_dim, memory_in=heads * head_dim, kv_heads=kv_heads,
+                         persistent_tokens=persistent_tokens, memory=memory, memory_hidden=memory_hidden,
+                         chunk_size=chunk_size, theta_scale=theta_scale, bias=bias)
+        self.segment = validate.check_positive_int("segment", segment)
+        self.retrieve_q_proj = nn.Linear(d_model, self.heads * self.head_dim, bias=bias)
+        self.retrieve_proj = nn.Linear(self.heads * self.head_dim, d_model, bias=bias)
+
+    def _state(self, state: object, b: int, device, cdt):
+        if state is None:
+            memory = self._memory_initial(b, device, cdt)
+            empty = torch.zeros(b, self.kv_heads, 0, self.head_dim, dtype=cdt, device=device)
+            return memory, self._weights(memory), empty, empty, empty, empty
+        if not isinstance(state, TitansMACState):
+            raise TypeError(f"state must be a TitansMACState or None, got {type(state).__name__}")
+        self._check_memory_state(state.memory, "state")
+        d, dh = self.head_dim, self.memory_hidden
+        shapes = [(b, self.kv_heads, d, d)] if self.memory == "linear" else [(b, self.kv_heads, dh, d),
+                                                                            (b, self.kv_heads, d, dh)]
+        held = state.segment_memory
+        if not isinstance(held, tuple) or len(held) != len(shapes):
+            raise TypeError(f"state.segment_memory must be a tuple of {len(shapes)} tensor(s) for memory="
+                            f"{self.memory!r} ((w,) or (w1, w2)), got {type(held).__name__}")
+        held = tuple(check_tensor_arg(f"state.segment_memory[{i}]", w, shape, device).to(cdt)
+                     for i, (w, shape) in enumerate(zip(held, shapes)))
+        most, what = self.segment - 1, f"segment={self.segment} (the current segment's tokens before the last)"
+        caches = [self._cache(f"state.{f}", getattr(state, f), b, most, device, cdt, what)
+                  for f in ("k_tokens", "v_tokens", "k_retrieved", "v_retrieved")]
+        if len({tuple(c.shape) for c in caches}) != 1:
+            raise ValueError("state.k_tokens, v_tokens, k_retrieved and v_retrieved must have one shape, got "
+                             f"{[tuple(c.shape) for c in caches]}")
+        return (state.memory, held, *caches)
+
+    def _mix(self, x, state, step):
+        b, t, _ = x.shape
+        cdt = compute_dtype(x.dtype)
+        memory, held, kx_c, vx_c, kh_c, vh_c = self._state(state, b, x.device, cdt)
+        q, kx, vx = self._qkv(x)
+        qr = self._heads(self.retrieve_q_proj(x), self.heads)
+        hd = self.heads * self.head_dim
+        outs = []
+        a = 0
+        while a < t:  # the rest of the current segment, then whole segments, then a part of one
+            e = min(t, a + self.segment - kx_c.shape[2])
+            length = e - a
+            h = titans_memory_read(qr[:, :, a:e], held)  # M*_{s-1}(W_r x): the memory before the segment
+            token = self.retrieve_proj(h.transpose(1, 2).reshape(b, length, hd))  # [B, L, d_model]
+            kh, vh = self._heads(self.k_proj(token), self.kv_heads), self._heads(self.v_proj(token), self.kv_heads)
+            kx_c, vx_c = torch.cat([kx_c, kx[:, :, a:e].to(cdt)], 2), torch.cat([vx_c, vx[:, :, a:e].to(cdt)], 2)
+            kh_c, vh_c = torch.cat([kh_c, kh.to(cdt)], 2), torch.cat([vh_c, vh.to(cdt)], 2)
+            y = segment_attention(q[:, :, a:e], kx_c, vx_c, kh_c, vh_c, self.persistent_k, self.persistent_v)
+            ym = y.transpose(1, 2).reshape(b, length, hd).to(x.dtype)  # float32 -> the projections' dtype
+            m, memory = self._write_read(ym, memory, step=length == 1)
+            outs.append(self._gate(y, m, x.dtype))
+            if kx_c.shape[2] == self.segment:  # the segment is complete: the next one retrieves from here
+                held = self._weights(memory)
+                kx_c, vx_c, kh_c, vh_c = (c[:, :, :0] for c in (kx_c, vx_c, kh_c, vh_c))
+            a = e
+        out = torch.cat(outs, dim=2) if outs else q.new_zeros(b, self.heads, 0, self.head_dim)
+        return out, TitansMACState(memory, held, kx_c, vx_c, kh_c, vh_c)
+
+    def state_size(self) -> int:
+        """Bytes of state per sequence at its largest:
+        :func:`~longattn.recurrent.titans_combined.titans_mac_state_size` (the memory's state, its
+        segment-start weights and the current segment's keys and values)."""
+        return titans_mac_state_size(self.kv_heads, self.head_dim, self.segment, **self._memory_state_size())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, segment={self.segment}"
+
+
 #: op name -> layer class
 LAYERS: dict[str, type[_RecurrentLayer]] = {
     cls.op_name: cls
     for cls in (LinearAttentionLayer, LightningLayer, GLALayer, DeltaNetLayer, GatedDeltaNetLayer, AarenLayer,
-                BasedLayer, RATLayer, TitansLayer)
+                BasedLayer, RATLayer, TitansLayer, TitansMAGLayer, TitansMACLayer)
 }
 
 
 def make_layer(name: str, d_model: int, heads: int, head_dim: int, **kw: Any) -> _RecurrentLayer:
     """Build the layer registered as ``name`` in :data:`LAYERS` (``"linear"``, ``"lightning"``,
     ``"gla"``, ``"deltanet"``, ``"gated_deltanet"``, ``"aaren"``, ``"based"``, ``"rat"``,
-    ``"titans"``); ``kw`` are the class's keyword arguments (``kv_heads``, ``chunk``, …)."""
+    ``"titans"``, ``"titans_mag"``, ``"titans_mac"``); ``kw`` are the class's keyword arguments
+    (``kv_heads``, ``chunk``, …)."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, one of {sorted(LAYERS)}, got {type(name).__name__}")
     if name not in LAYERS:

@@ -75,7 +75,9 @@ Combinations with attention. The paper builds three architectures on this memory
 context (MAC: the memory's read-out for a segment is prepended, with persistent memory tokens, to
 the segment's attention context), memory as a gate (MAG: sliding-window attention and the memory
 branch combined by a gate) and memory as a layer (MAL). They need projections, persistent tokens and a
-gate, so they come with the layers; this module is the memory op only.
+gate, so they come with the layers (MAC and MAG: :mod:`longattn.recurrent.titans_combined`); this
+module is the memory op, and :func:`titans_memory_read` the read ``M*(q)`` without an update that MAC
+retrieves with.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ from longattn.core import validate
 from longattn.recurrent import common
 from longattn.recurrent.common import (
     check_flag,
+    check_float_tensor,
     check_per_token,
     check_qkv,
     compute_dtype,
@@ -101,6 +104,7 @@ __all__ = [
     "TitansState",
     "titans_memory",
     "titans_memory_naive",
+    "titans_memory_read",
     "titans_memory_step",
     "titans_state_size",
 ]
@@ -612,6 +616,58 @@ def titans_memory_naive(
     wc = torch.where((pos == 0)[:, None, None, None], w, wc)
     out = torch.stack(outs, dim=3).squeeze(-1) if t else q64.new_zeros(b, hkv, h // hkv, 0, dv)
     return out.reshape(b, h, t, dv), TitansState(w, s, wc, pos)
+
+
+def titans_memory_read(q: torch.Tensor, memory_weights, *, normalize_keys: bool = True) -> torch.Tensor:
+    """Read the memory without updating it (the paper's ``M*(q)``): ``W q`` (linear) or
+    ``W2 silu(W1 q)`` (MLP), ``q`` L2-normalised first when ``normalize_keys`` (as the other forms do).
+
+    Args:
+        q: ``[B, H, T, Dk]``; query head ``h`` reads key/value head ``h // (H / Hkv)``'s memory.
+        memory_weights: a :class:`TitansState` (reads ``w``), a :class:`TitansMLPState` (reads
+            ``w1, w2``), or the weights alone: ``(w,)`` with ``w [B, Hkv, Dv, Dk]`` or ``(w1, w2)``
+            with ``w1 [B, Hkv, Dh, Dk]``, ``w2 [B, Hkv, Dv, Dh]``.
+        normalize_keys: as :func:`titans_memory` (the same value the memory was written with).
+
+    Returns:
+        ``[B, H, T, Dv]`` in ``q``'s dtype (computed in float32; float64 for float64 ``q``).
+    """
+    check_float_tensor("q", q, "[batch, heads, tokens, head_dim_k]")
+    normalize_keys = check_flag("normalize_keys", normalize_keys)
+    if isinstance(memory_weights, TitansState):
+        mats = (memory_weights.w,)
+    elif isinstance(memory_weights, TitansMLPState):
+        mats = (memory_weights.w1, memory_weights.w2)
+    elif isinstance(memory_weights, tuple) and len(memory_weights) in (1, 2):
+        mats = memory_weights
+    else:
+        raise TypeError("memory_weights must be a TitansState, a TitansMLPState or a tuple (w,) / (w1, w2), got "
+                        f"{type(memory_weights).__name__}")
+    b, h, t, dk = q.shape
+    for name, m in zip(("w", "w2") if len(mats) == 1 else ("w1", "w2"), mats):
+        if not isinstance(m, torch.Tensor) or m.dim() != 4 or m.shape[0] != b or m.shape[1] == 0 \
+                or h % m.shape[1] != 0:
+            got = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+            raise ValueError(f"memory_weights.{name} must be [batch = {b}, heads_kv (dividing heads = {h}), ., .], "
+                             f"got {got}")
+        if m.device != q.device:
+            raise ValueError(f"memory_weights.{name} is on {m.device} but q is on {q.device}: they must match")
+    first = mats[0]
+    if first.shape[-1] != dk or (len(mats) == 2 and (mats[1].shape[:2] != first.shape[:2]
+                                                      or mats[1].shape[-1] != first.shape[2])):
+        raise ValueError(f"memory_weights have shapes {[tuple(m.shape) for m in mats]}, which do not read "
+                         f"q of head_dim_k {dk} (w [B, Hkv, Dv, Dk], or w1 [B, Hkv, Dh, Dk] and w2 [B, Hkv, Dv, Dh])")
+    cdt = compute_dtype(q.dtype)
+    hkv = first.shape[1]
+    qc = q.to(cdt)
+    if normalize_keys:
+        qc = _l2norm(qc)
+    qc = qc.reshape(b, hkv, h // hkv, t, dk)
+    mats = [m.to(cdt)[:, :, None] for m in mats]  # [B, Hkv, 1, ., .]
+    out = qc @ mats[0].transpose(-1, -2)
+    if len(mats) == 2:
+        out = F.silu(out) @ mats[1].transpose(-1, -2)
+    return out.reshape(b, h, t, -1).to(q.dtype)
 
 
 def titans_state_size(heads_kv: int, head_dim_k: int, head_dim_v: int, *, hidden: int | None = None) -> int:
