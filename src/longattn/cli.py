@@ -1,5 +1,5 @@
 """The ``longattn`` command line: ``methods``, ``bench``, ``calibrate-minference``,
-``calibrate-heads`` and ``train-retrieval``.
+``calibrate-heads``, ``train`` and ``train-retrieval``.
 
 Thin by design: parse the arguments, call the library, print. Every ``--out`` is checked before
 any work starts, so a bad one is a one-line error, not a crash after minutes of work.
@@ -92,7 +92,8 @@ def methods_cmd() -> None:
     refs.add_column("parameters", overflow="fold", ratio=2)
     for spec in specs:
         caps = spec.capabilities
-        row = [spec.name, "exact" if caps.exact else "approx",
+        kind = "exact" if caps.exact else "approx" if caps.softmax else "recurrent"
+        row = [spec.name, kind,
                *(_yes(x) for x in (caps.causal, caps.non_causal, caps.cross, caps.prefill, caps.decode))]
         ref = [caps.paper or "—", _params(spec.params)]
         if wide:
@@ -270,6 +271,97 @@ def train_retrieval_cmd(
 
     _out_dir(out)
     raise typer.Exit(train_retrieval.main(["--out", str(out), "--seed", str(seed), "--steps", str(steps)]))
+
+
+def _mixer_options(items: list[str]) -> dict:
+    """``["chunk=32", "feature_map=relu"]`` -> ``{"chunk": 32, "feature_map": "relu"}`` (JSON
+    values where they parse: numbers, true/false, lists)."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--mixer-option")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+@app.command("train")
+def train_cmd(
+    out: Path = typer.Option(..., "--out", help="checkpoint folder (model.safetensors, config.json, trainer.safetensors)"),
+    task: str = typer.Option("mqar", "--task", help="mqar (Zoology's associative recall) or retrieval (the "
+                                                      "retrieval model's curriculum)"),
+    mixer: str = typer.Option("attention", "--mixer", help="attention, or a recurrent layer: "
+                                                           "linear, lightning, gla, deltanet, gated_deltanet, aaren, "
+                                                           "based, rat, titans, ..."),
+    mixer_option: list[str] = typer.Option([], "--mixer-option", help="KEY=VALUE for the recurrent layer, "
+                                                                      "repeatable (e.g. chunk_size=32)"),
+    method: Optional[str] = typer.Option(None, "--method", help="attention method while training (default dense)"),
+    dim: int = typer.Option(64, "--dim", min=8, help="model width"),
+    layers: int = typer.Option(2, "--layers", min=1),
+    heads: int = typer.Option(2, "--heads", min=1),
+    kv_heads: Optional[int] = typer.Option(None, "--kv-heads", min=1, help="key/value heads (default: --heads)"),
+    hidden: Optional[int] = typer.Option(None, "--hidden", min=1, help="SwiGLU width (default 2 x --dim)"),
+    length: int = typer.Option(256, "--length", min=32, help="mqar: tokens per sample; retrieval: longest length"),
+    pairs: str = typer.Option("4,8,16,32", "--pairs", help="mqar: key-value pair counts drawn per step"),
+    steps: int = typer.Option(1000, "--steps", min=1),
+    lr: float = typer.Option(3e-3, "--lr"),
+    tokens_per_step: int = typer.Option(8192, "--tokens-per-step", min=64),
+    seed: int = typer.Option(0, "--seed", min=0),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (fix it for bit-exact "
+                                                                         "reruns; default torch's choice)"),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=0, help="steps between resume files"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+) -> None:
+    """Train a small Llama-style model with any mixer on a synthetic task, on the CPU: progress
+    lines, checkpoints, exact resumption, accuracies in config.json."""
+    import torch
+
+    from longattn.train import MQARTask, ModelConfig, RetrievalCurriculum, TrainSettings, train
+    from longattn.train.data import mqar_accuracy
+
+    _out_dir(out)
+    console = Console()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        if task == "mqar":
+            recipe = MQARTask(length=length, pairs=tuple(_int_list(pairs, "--pairs") or ()))
+        elif task == "retrieval":
+            recipe = RetrievalCurriculum(steps=steps, max_length=length)
+        else:
+            raise typer.BadParameter(f"expected mqar or retrieval, got {task!r}", param_hint="--task")
+        from longattn.tasks import VOCAB
+
+        config = ModelConfig(vocab_size=VOCAB.size, dim=dim, n_layers=layers, n_heads=heads,
+                             n_kv_heads=kv_heads or heads, hidden_dim=hidden or 2 * dim, max_train_length=length,
+                             mixer=mixer, mixer_options=_mixer_options(mixer_option))
+        settings = TrainSettings(seed=seed, steps=steps, lr=lr, tokens_per_step=tokens_per_step, method=method,
+                                 checkpoint_every=checkpoint_every, warmup=min(100, steps // 10))
+    except (ValueError, TypeError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if task == "mqar":
+        evaluate = lambda m: mqar_accuracy(m, recipe)  # noqa: E731
+    else:
+        from longattn.models import train_retrieval
+
+        evaluate = lambda m: train_retrieval.final_evaluation(m)  # noqa: E731
+    model, record = train(config, recipe, settings, out=out, resume=resume, evaluate=evaluate,
+                          log=lambda line: console.print(line, highlight=False))
+    from longattn.train import read_config
+
+    evaluation = read_config(out)["evaluation"]
+    console.print(f"trained {model.n_params():,} parameters in {record['wall_s']:.0f}s "
+                  f"({record['tokens_per_s']:,.0f} tokens/s); state {model.state_size(length):,} bytes per "
+                  f"sequence at {length} tokens")
+    for key, value in evaluation.items():
+        if "@" in key:
+            console.print(f"  {key:28s} {value:.3f}")
+    console.print(f"wrote {out}")
 
 
 @app.command("calibrate-heads")

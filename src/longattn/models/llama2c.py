@@ -1,16 +1,22 @@
 """The llama2.c checkpoint format (Karpathy's llama2.c "legacy" export), read and run directly.
 
-A whole Llama forward in one page, for two jobs: a float64 reference for the checkpoint (the
-bundled stories260K, ``longattn.models.stories260k()``: a real Llama-architecture model trained on
-TinyStories, 512-token context, GQA) and a source of real q/k/v for measuring attention methods on
-real attention.
+The checkpoint runs as an instance of the project's one small-model implementation,
+:class:`longattn.train.model.LanguageModel` (``as_language_model``), for two jobs: a float64
+reference for the checkpoint (the bundled stories260K, ``longattn.models.stories260k()``: a real
+Llama-architecture model trained on TinyStories, 512-token context, GQA) and a source of real
+q/k/v for measuring attention methods on real attention. ``longattn.hf.llama2c`` converts the same
+file to a transformers model.
 
 Format (little-endian): 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size — negative
 when the classifier is separate —, seq_len), then float32 arrays: token_embedding [vocab, dim];
 rms_att [L, dim]; wq [L, dim, dim]; wk [L, kv_dim, dim]; wv [L, kv_dim, dim]; wo [L, dim, dim];
 rms_ffn [L, dim]; w1 [L, hidden, dim]; w2 [L, dim, hidden]; w3 [L, hidden, dim]; rms_final [dim];
-then the RoPE tables (recomputed here, so positions past ``seq_len`` work) and, if unshared, the
-classifier. RoPE rotates *adjacent* channel pairs (2i, 2i+1) of each head, theta 10000.
+then the RoPE tables (recomputed, so positions past ``seq_len`` work) and, if unshared, the
+classifier. RoPE rotates *adjacent* channel pairs (2i, 2i+1) of each head, theta 10000; the shared
+model rotates pairs ``(i, i + hd/2)`` (rotate-half), so ``as_language_model`` reorders the rows of
+``wq`` and ``wk`` of every head to ``(0, 2, 4, …, 1, 3, 5, …)``. The same reordering of q and k
+leaves every ``q·k`` unchanged; ``forward(..., capture=...)`` undoes it, so captured q/k are in
+the checkpoint's own channel order.
 """
 
 from __future__ import annotations
@@ -18,13 +24,14 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import longattn
+from longattn.train.model import LanguageModel, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,9 @@ class Llama2cConfig:
 @dataclass
 class Llama2cModel:
     config: Llama2cConfig
-    weights: dict[str, torch.Tensor]  # float64
+    weights: dict[str, torch.Tensor]  # float64, the file's layout
+    #: ``as_language_model``'s models by dtype
+    _language_models: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def load_checkpoint(path: str | Path) -> Llama2cModel:
@@ -85,61 +94,50 @@ def load_checkpoint(path: str | Path) -> Llama2cModel:
     return Llama2cModel(cfg, weights)
 
 
-def rope_interleaved(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate adjacent channel pairs ``(2i, 2i+1)`` of ``x [B, H, T, hd]`` by ``pos · theta^(-2i/hd)``."""
-    hd = x.shape[-1]
-    inv = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64, device=x.device) / hd)
-    ang = positions.to(torch.float64)[:, None] * inv[None, :]  # [T, hd/2]
-    cos, sin = torch.cos(ang).to(x.dtype), torch.sin(ang).to(x.dtype)
-    x0, x1 = x[..., 0::2], x[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x0 * cos - x1 * sin
-    out[..., 1::2] = x0 * sin + x1 * cos
-    return out
+def _pair_order(head_dim: int, device=None) -> torch.Tensor:
+    """``(0, 2, 4, …, 1, 3, 5, …)``: adjacent pair ``(2i, 2i+1)`` moves to ``(i, i + hd/2)``."""
+    return torch.cat([torch.arange(0, head_dim, 2, device=device), torch.arange(1, head_dim, 2, device=device)])
 
 
-def _rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-
-
-def _qkv(w, cfg: Llama2cConfig, layer: int, x: torch.Tensor, pos: torch.Tensor):
-    """The layer's q, k, v (``[B, H, T, hd]``, after RoPE) from the residual stream ``x [B, T, dim]``."""
-    b, t, _ = x.shape
+def as_language_model(model: Llama2cModel, dtype: torch.dtype = torch.float64) -> LanguageModel:
+    """The checkpoint as a :class:`LanguageModel` in ``dtype`` (built once per dtype, then cached
+    on ``model``; in eval mode, no gradients)."""
+    if dtype in model._language_models:
+        return model._language_models[dtype]
+    cfg, w = model.config, model.weights
+    lm_cfg = ModelConfig(vocab_size=cfg.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                         n_kv_heads=cfg.n_kv_heads, hidden_dim=cfg.hidden_dim, rope_theta=cfg.rope_theta,
+                         norm_eps=cfg.norm_eps, max_train_length=cfg.seq_len, tie_embeddings=cfg.shared_classifier)
     hd = cfg.head_dim
-    h = _rmsnorm(x, w["rms_att"][layer], cfg.norm_eps)
-    q = (h @ w["wq"][layer].T).view(b, t, cfg.n_heads, hd).transpose(1, 2)
-    k = (h @ w["wk"][layer].T).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
-    v = (h @ w["wv"][layer].T).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
-    return rope_interleaved(q, pos, cfg.rope_theta), rope_interleaved(k, pos, cfg.rope_theta), v
+    order = _pair_order(hd)
 
+    def pairs_to_halves(m: torch.Tensor, heads: int) -> torch.Tensor:
+        return m.view(heads, hd, -1)[:, order].reshape(heads * hd, -1)
 
-def _qkv_unrotated(w, cfg: Llama2cConfig, layer: int, x: torch.Tensor):
-    """The layer's q, k, v *before* RoPE with each head's channels reordered ``(0, 2, 4, …, 1, 3,
-    5, …)``: llama2.c rotates adjacent pairs ``(2i, 2i+1)``; after this reordering pair ``i`` sits at
-    ``(i, i + hd/2)``, the rotate-half layout of ``longattn.positions.RoPE``. The same reordering of
-    q and k leaves every ``q·k`` unchanged, so ``attention(q, k, v, position=RoPE(hd, theta))``
-    computes what the checkpoint computes — and methods that place positions themselves
-    (``own_positions``) get q/k they can rotate."""
-    b, t, _ = x.shape
-    hd = cfg.head_dim
-    h = _rmsnorm(x, w["rms_att"][layer], cfg.norm_eps)
-    order = torch.cat([torch.arange(0, hd, 2, device=x.device), torch.arange(1, hd, 2, device=x.device)])
-    q = (h @ w["wq"][layer].T).view(b, t, cfg.n_heads, hd)[..., order].transpose(1, 2)
-    k = (h @ w["wk"][layer].T).view(b, t, cfg.n_kv_heads, hd)[..., order].transpose(1, 2)
-    v = (h @ w["wv"][layer].T).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
-    return q, k, v
-
-
-def _finish_layer(w, cfg: Llama2cConfig, layer: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    """Add the attention output ``o [B, H, T, hd]`` and the SwiGLU feed-forward to ``x``."""
-    b, t, _ = x.shape
-    x = x + o.transpose(1, 2).reshape(b, t, cfg.dim) @ w["wo"][layer].T
-    h = _rmsnorm(x, w["rms_ffn"][layer], cfg.norm_eps)
-    return x + (torch.nn.functional.silu(h @ w["w1"][layer].T) * (h @ w["w3"][layer].T)) @ w["w2"][layer].T
+    state = {"embed.weight": w["tok_embeddings"], "norm.weight": w["rms_final"]}
+    if not cfg.shared_classifier:
+        state["head.weight"] = w["output"]
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        state.update({
+            p + "attn_norm.weight": w["rms_att"][i], p + "wq.weight": pairs_to_halves(w["wq"][i], cfg.n_heads),
+            p + "wk.weight": pairs_to_halves(w["wk"][i], cfg.n_kv_heads), p + "wv.weight": w["wv"][i],
+            p + "wo.weight": w["wo"][i], p + "ffn_norm.weight": w["rms_ffn"][i], p + "w1.weight": w["w1"][i],
+            p + "w2.weight": w["w2"][i], p + "w3.weight": w["w3"][i],
+        })
+    lm = LanguageModel(lm_cfg).to(dtype)
+    lm.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+    lm.eval().requires_grad_(False)
+    model._language_models[dtype] = lm
+    return lm
 
 
 #: ``(layer, q, k, v) -> out``: the attention of one layer (q/k after RoPE); default exact causal
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _oracle(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return longattn.reference_attention(q, k, v, causal=True)[0].to(q.dtype)
 
 
 def forward(
@@ -154,49 +152,40 @@ def forward(
     """Logits ``[B, T, vocab]`` for ``tokens [B, T]`` at positions ``0 … T-1``.
 
     Args:
-        attention: replaces the exact causal attention (e.g. a longattn method).
+        dtype: the compute dtype; float64 (default) runs the float64 oracle
+            ``longattn.reference_attention`` unless ``attention`` or ``method`` says otherwise.
+        attention: replaces the exact causal attention (e.g. a longattn method), given q/k after
+            RoPE in the checkpoint's channel order.
         capture: if a list, each layer's ``(q, k, v)`` after RoPE (``[B, H, T, hd]``,
-            ``[B, Hkv, T, hd]``) is appended to it.
+            ``[B, Hkv, T, hd]``, the checkpoint's channel order) is appended to it.
         method: a longattn method (name or object) run as
             ``longattn.attention(q, k, v, causal=True, method=method, position=RoPE(...))`` with
             q/k unrotated, so methods that assign positions themselves (LongHeads) work too.
             Excludes ``attention`` and ``capture``.
     """
-    if method is not None:
-        if attention is not None or capture is not None:
-            raise ValueError("forward: pass either method= or attention=/capture=, not both")
-        return _forward_with_method(model, tokens, method, dtype)
-    cfg, w = model.config, {k: v.to(dtype) for k, v in model.weights.items()}
-    x = w["tok_embeddings"][tokens]
-    pos = torch.arange(tokens.shape[1], device=x.device)
-    for layer in range(cfg.n_layers):
-        q, k, v = _qkv(w, cfg, layer, x, pos)
+    if method is not None and (attention is not None or capture is not None):
+        raise ValueError("forward: pass either method= or attention=/capture=, not both")
+    lm = as_language_model(model, dtype)
+    with torch.no_grad():
+        if method is not None:
+            return lm(tokens, method=method)
+        if attention is None and capture is None:
+            return lm(tokens, attention=_oracle) if dtype == torch.float64 else lm(tokens)
+        undo = torch.argsort(_pair_order(model.config.head_dim, tokens.device))
+        own_order: list = []
+        fn = attention if attention is not None else (
+            _oracle if dtype == torch.float64 else lambda i, q, k, v: longattn.attention(q, k, v, causal=True))
+
+        def in_checkpoint_order(layer, q, k, v):
+            q, k = q[..., undo], k[..., undo]
+            if capture is not None:
+                own_order.append((q, k, v))
+            return fn(layer, q, k, v)
+
+        logits = lm(tokens, attention=in_checkpoint_order)
         if capture is not None:
-            capture.append((q, k, v))
-        if attention is None:
-            o = longattn.reference_attention(q, k, v, causal=True)[0].to(dtype) if dtype == torch.float64 else \
-                longattn.attention(q, k, v, causal=True)
-        else:
-            o = attention(layer, q, k, v)
-        x = _finish_layer(w, cfg, layer, x, o)
-    x = _rmsnorm(x, w["rms_final"], cfg.norm_eps)
-    head = w["tok_embeddings"] if cfg.shared_classifier else w["output"]
-    return x @ head.T
-
-
-def _forward_with_method(model: Llama2cModel, tokens: torch.Tensor, method, dtype: torch.dtype) -> torch.Tensor:
-    from longattn.core.positions import RoPE
-
-    cfg, w = model.config, {k: v.to(dtype) for k, v in model.weights.items()}
-    rope = RoPE(cfg.head_dim, cfg.rope_theta)
-    x = w["tok_embeddings"][tokens]
-    for layer in range(cfg.n_layers):
-        q, k, v = _qkv_unrotated(w, cfg, layer, x)
-        o = longattn.attention(q, k, v, causal=True, method=method, position=rope)
-        x = _finish_layer(w, cfg, layer, x, o.to(dtype))
-    x = _rmsnorm(x, w["rms_final"], cfg.norm_eps)
-    head = w["tok_embeddings"] if cfg.shared_classifier else w["output"]
-    return x @ head.T
+            capture.extend(own_order)
+        return logits
 
 
 def generate(model: Llama2cModel, n_tokens: int, *, seed: int = 0, temperature: float = 1.0,
@@ -205,35 +194,20 @@ def generate(model: Llama2cModel, n_tokens: int, *, seed: int = 0, temperature: 
     (default: BOS) in float32 with a KV cache, each story within the trained context: when a
     story reaches ``seq_len`` tokens or the model emits BOS, the cache restarts at a fresh BOS."""
     cfg = model.config
-    w = {k: v.to(torch.float32) for k, v in model.weights.items()}
+    lm = as_language_model(model, torch.float32)
     gen = torch.Generator().manual_seed(seed)
     out: list[int] = []
     story = list(prompt) if prompt else [bos]
-    cache_k: list[torch.Tensor] = []
-    cache_v: list[torch.Tensor] = []
+    state = None
     fed = 0  # tokens of `story` already in the cache
-
-    def step(token: int, position: int) -> torch.Tensor:
-        x = w["tok_embeddings"][token][None, None]
-        pos = torch.tensor([position], device=x.device)
-        for layer in range(cfg.n_layers):
-            q, k, v = _qkv(w, cfg, layer, x, pos)
-            if len(cache_k) <= layer:
-                cache_k.append(k)
-                cache_v.append(v)
-            else:
-                cache_k[layer] = torch.cat([cache_k[layer], k], 2)
-                cache_v[layer] = torch.cat([cache_v[layer], v], 2)
-            o = longattn.attention(q, cache_k[layer], cache_v[layer], causal=True)
-            x = _finish_layer(w, cfg, layer, x, o)
-        x = _rmsnorm(x, w["rms_final"], cfg.norm_eps)
-        return (x @ w["tok_embeddings"].T)[0, 0]
 
     while len(out) < n_tokens:
         logits = None
-        while fed < len(story):
-            logits = step(story[fed], fed)
-            fed += 1
+        with torch.no_grad():
+            while fed < len(story):
+                step_logits, state = lm(torch.tensor([[story[fed]]]), state=state, return_state=True)
+                logits = step_logits[0, 0]
+                fed += 1
         if temperature == 0:
             nxt = int(logits.argmax())
         else:
@@ -242,9 +216,7 @@ def generate(model: Llama2cModel, n_tokens: int, *, seed: int = 0, temperature: 
         out.append(nxt)
         story.append(nxt)
         if nxt == bos or len(story) >= cfg.seq_len:
-            story, fed = [bos], 0
-            cache_k.clear()
-            cache_v.clear()
+            story, fed, state = [bos], 0, None
             if nxt != bos:
                 out.append(bos)
     return out[:n_tokens]

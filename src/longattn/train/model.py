@@ -1,0 +1,345 @@
+"""The project's one small language model: a Llama-style decoder whose sequence mixer is any
+longattn softmax method or any recurrent layer.
+
+Architecture (Touvron et al. 2023, "LLaMA"): token embedding, ``n_layers`` pre-norm blocks of
+RMSNorm → sequence mixer → residual, RMSNorm → SwiGLU feed-forward (Shazeer 2020) → residual, a
+final RMSNorm and the output head (tied to the embedding unless ``tie_embeddings=False``). No
+biases.
+
+The mixer of every block is one of:
+
+* ``"attention"`` — causal self-attention with rotary positions (RoPE, Su et al. 2021, rotate-half
+  channel pairing) and grouped-query heads (Ainslie et al. 2023). It always goes through
+  ``longattn.attention(q, k, v, causal=True, method=..., position=RoPE(...))`` with q/k
+  *unrotated*, so every registered softmax method runs inside the model unchanged (the method is
+  chosen per call, not stored in the weights: train dense, evaluate sparse).
+* a name of :data:`longattn.recurrent.layers.LAYERS` (``"linear"``, ``"lightning"``, ``"gla"``,
+  ``"gated_deltanet"``, …) — that layer with ``mixer_options`` as its keyword arguments. Recurrent
+  mixers carry their own notion of order and get no rotary positions.
+
+Three things are built on this one class: the tiny retrieval model
+(:mod:`longattn.models.retrieval`), the direct llama2.c forward (:mod:`longattn.models.llama2c`,
+stories260K) and every model the training harness (:mod:`longattn.train.loop`) trains.
+
+State: ``forward(..., state=..., return_state=True)`` continues a sequence. An attention block's
+state is its cache of unrotated keys and values (``KVState``; the rotary encoding places the new
+queries after them: longattn's bottom-right alignment), a recurrent block's state the layer's own.
+Prefill in pieces and one-token decoding then equal one pass over the whole sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+import longattn
+from longattn.core.positions import RoPE, _apply_rotation
+from longattn.methods.base import Method
+
+Tensor = torch.Tensor
+
+#: the softmax mixer's name in :attr:`ModelConfig.mixer`
+ATTENTION = "attention"
+
+MethodArg = None | str | Method | Sequence[None | str | Method]
+
+#: ``(layer, q, k, v) -> out [B, Hq, T, hd]``: replaces the attention of an attention block, q/k
+#: already rotated (``[B, Hq, T, hd]``, ``[B, Hkv, Tk, hd]``)
+AttentionFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+
+
+def _recurrent_layers() -> dict[str, type]:
+    from longattn.recurrent.layers import LAYERS
+
+    return LAYERS
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a :class:`LanguageModel` (all of it goes into a checkpoint's config.json).
+
+    Args:
+        vocab_size: token ids ``0 … vocab_size-1``.
+        dim: residual width, ``n_heads × head_dim``.
+        n_layers: decoder blocks.
+        n_heads, n_kv_heads: query heads and key/value heads (grouped when fewer; recurrent mixers
+            get them as ``heads`` / ``kv_heads``).
+        hidden_dim: SwiGLU inner width.
+        rope_theta: RoPE base (attention mixers).
+        norm_eps: RMSNorm epsilon.
+        max_train_length: the longest sequence the model is trained on (its "trained length").
+        mixer: ``"attention"`` or a recurrent layer name (``longattn.recurrent.layers.LAYERS``).
+        mixer_options: keyword arguments of the recurrent layer (``{"feature_map": "elu"}``,
+            ``{"chunk": 64}``, …); empty for attention.
+        tie_embeddings: the output head is the embedding matrix (else a separate ``head``).
+    """
+
+    vocab_size: int = 512
+    dim: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    hidden_dim: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_train_length: int = 512
+    mixer: str = ATTENTION
+    mixer_options: dict[str, Any] = field(default_factory=dict)
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_train_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} must be a multiple of n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if not isinstance(self.mixer, str):
+            raise TypeError(f"mixer must be a str, got {type(self.mixer).__name__}")
+        if self.mixer == ATTENTION:
+            if (self.dim // self.n_heads) % 2:
+                raise ValueError(f"head_dim={self.dim // self.n_heads} must be even (RoPE rotates channel pairs)")
+            if self.mixer_options:
+                raise ValueError(f"mixer_options apply to recurrent mixers; the attention mixer takes none, "
+                                 f"got {self.mixer_options!r}")
+        elif self.mixer not in _recurrent_layers():
+            raise ValueError(f"mixer must be {ATTENTION!r} or one of {sorted(_recurrent_layers())}, got {self.mixer!r}")
+        if not isinstance(self.mixer_options, dict):
+            raise TypeError(f"mixer_options must be a dict, got {type(self.mixer_options).__name__}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) · w`` (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class KVState(NamedTuple):
+    """An attention block's state: the keys and values seen so far, unrotated,
+    ``[B, Hkv, T, hd]`` each."""
+
+    k: Tensor
+    v: Tensor
+
+
+class Block(nn.Module):
+    """One pre-norm decoder block. Attention blocks hold ``wq wk wv wo`` themselves (the
+    checkpoint names the retrieval model has always had); recurrent blocks hold ``mixer``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hd = cfg.head_dim
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if cfg.mixer == ATTENTION:
+            self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=False)
+            self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
+            self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
+            self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        else:
+            from longattn.recurrent.layers import make_layer
+
+            self.mixer = make_layer(cfg.mixer, cfg.dim, cfg.n_heads, hd, kv_heads=cfg.n_kv_heads,
+                                    **cfg.mixer_options)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        h = self.ffn_norm(x)
+        return x + self.w2(torch.nn.functional.silu(self.w1(h)) * self.w3(h))
+
+
+class LanguageModel(nn.Module):
+    """A Llama-style decoder (see the module docstring); ``model(tokens)`` gives logits.
+
+    Args:
+        config: the architecture.
+        seed: seeds the initial weights (:meth:`reset_parameters`); the same seed gives the same
+            weights on every machine.
+    """
+
+    def __init__(self, config: ModelConfig, *, seed: int = 0):
+        super().__init__()
+        self.config = config
+        # a recurrent layer initialises its gates itself (operating points), from torch's global
+        # generator: fork it so building a model neither depends on nor disturbs the caller's
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.embed = nn.Embedding(config.vocab_size, config.dim)
+            self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+            self.norm = RMSNorm(config.dim, config.norm_eps)
+            if not config.tie_embeddings:
+                self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.reset_parameters(seed)
+
+    # ---------------------------------------------------------------------------------------- init
+
+    def reset_parameters(self, seed: int) -> None:
+        """GPT-2-style init, seeded: every matrix N(0, 0.02), the ones that write into the residual
+        stream (``wo``, ``w2``, a mixer's ``o_proj``) scaled by ``1/sqrt(2·n_layers)``; norms at 1.
+        A recurrent mixer's other parameters (gate maps and biases, decays, learned queries) keep
+        the layer's own initialisation, which sets the gates' operating points."""
+        gen = torch.Generator().manual_seed(seed)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                continue
+            if ".mixer." in name and not name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
+                                                        "o_proj.weight")):
+                continue
+            std = residual_std if name.endswith(("wo.weight", "w2.weight", "o_proj.weight")) else 0.02
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen, device=gen.device, dtype=torch.float32).to(p.dtype) * std)
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def state_size(self, tokens: int = 0) -> int:
+        """Bytes of sequence state per sequence after ``tokens`` tokens (Zoology's convention):
+        an attention block keeps ``2 · n_kv_heads · head_dim`` numbers per token in float32 terms
+        of the compute dtype's width — its cache grows with the context; a recurrent block the
+        layer's fixed state."""
+        total = 0
+        width = next(self.parameters()).element_size()
+        for block in self.layers:
+            if hasattr(block, "mixer"):
+                size = block.mixer.state_size
+                total += size(tokens) if block.mixer.op_name == "rat" else size()
+            else:
+                total += 2 * self.config.n_kv_heads * self.config.head_dim * tokens * width
+        return total
+
+    # ------------------------------------------------------------------------------------- forward
+
+    def _methods(self, method: MethodArg) -> list:
+        n = self.config.n_layers
+        if method is None or isinstance(method, (str, Method)):
+            return [method or "dense"] * n
+        if isinstance(method, Sequence) and len(method) == n:
+            return [m or "dense" for m in method]
+        raise TypeError(f"method must be None, a registered name, a longattn method or a list of {n} of those "
+                        f"(one per layer), got {method!r}")
+
+    def check_tokens(self, tokens: object) -> Tensor:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.int64:
+            got = (f"{tokens.dtype} tensor of shape {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor)
+                   else type(tokens).__name__)
+            raise ValueError(f"tokens must be an int64 tensor [batch, length], got {got}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+            raise ValueError(f"tokens must be ids in [0, {self.config.vocab_size}), got range "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        return tokens
+
+    def forward(self, tokens: Tensor, *, method: MethodArg = None, attention: AttentionFn | None = None,
+                capture: list | None = None, logits_at: Tensor | None = None, state: list | None = None,
+                return_state: bool = False) -> Tensor | tuple[Tensor, list]:
+        """Logits for ``tokens [B, T]`` (int64), placed after the ``state`` (positions 0 … T-1
+        without one).
+
+        Args:
+            method: attention blocks' method: None (= "dense"), a registered name, a method object
+                or one per layer. Ignored by recurrent blocks.
+            attention: instead of ``method``, a function ``(layer, q, k, v) -> out`` given rotated
+                q/k (``AttentionFn``); also used when ``capture`` is given.
+            capture: a list: each attention block appends its ``(q, k, v)`` after RoPE.
+            logits_at: int64 ``[B, m]``: only the logits at these positions (the head is the
+                largest tensor at long lengths).
+            state: the list :meth:`forward` returned with ``return_state=True`` (one entry per
+                block), to continue that sequence.
+            return_state: also return the state after the last token.
+
+        Returns:
+            ``[B, T, vocab]`` (or ``[B, m, vocab]``) in the parameters' dtype; with
+            ``return_state``, ``(logits, state)``. Differentiable.
+        """
+        self.check_tokens(tokens)
+        cfg = self.config
+        methods = self._methods(method)
+        if state is not None and (not isinstance(state, list) or len(state) != cfg.n_layers):
+            raise ValueError(f"state must be the list of {cfg.n_layers} per-block states forward(..., "
+                             f"return_state=True) returned, got {type(state).__name__}")
+        if attention is not None and method is not None:
+            raise ValueError("forward: pass either method= or attention=, not both")
+        x = self.embed(tokens)
+        new_state = []
+        for i, (block, m) in enumerate(zip(self.layers, methods)):
+            h = block.attn_norm(x)
+            prev = None if state is None else state[i]
+            if hasattr(block, "mixer"):
+                y, s = block.mixer(h, prev)
+            else:
+                y, s = self._attend(i, block, h, m, prev, attention, capture)
+            new_state.append(s)
+            x = block.feed_forward(x + y)
+        if logits_at is not None:
+            x = x.gather(1, logits_at[..., None].expand(-1, -1, cfg.dim))
+        x = self.norm(x)
+        logits = x @ (self.embed.weight if cfg.tie_embeddings else self.head.weight).T
+        return (logits, new_state) if return_state else logits
+
+    def _attend(self, index: int, block: Block, h: Tensor, method, prev: KVState | None,
+                attention: AttentionFn | None, capture: list | None) -> tuple[Tensor, KVState]:
+        cfg = self.config
+        b, t, _ = h.shape
+        hd = cfg.head_dim
+        q = block.wq(h).view(b, t, cfg.n_heads, hd).transpose(1, 2)
+        k = block.wk(h).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
+        v = block.wv(h).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
+        if prev is not None:
+            if not isinstance(prev, KVState):
+                raise ValueError(f"state[{index}] must be a KVState (an attention block's cache), "
+                                 f"got {type(prev).__name__}")
+            k, v = torch.cat([prev.k, k], 2), torch.cat([prev.v, v], 2)
+        rope = RoPE(hd, cfg.rope_theta)
+        if attention is None and capture is None:
+            # q/k unrotated: attention rotates them (queries after the cached keys), or hands RoPE
+            # to a method that places positions itself (own_positions)
+            o = longattn.attention(q, k, v, causal=True, method=method, position=rope).to(h.dtype)
+        else:
+            tk = k.shape[2]
+            qr, kr = _rotate(rope, q, tk - t), _rotate(rope, k, 0)
+            if capture is not None:
+                capture.append((qr, kr, v))
+            o = attention(index, qr, kr, v) if attention is not None else \
+                longattn.attention(qr, kr, v, causal=True, method=method).to(h.dtype)
+        y = block.wo(o.transpose(1, 2).reshape(b, t, cfg.n_heads * hd))
+        return y, KVState(k, v)
+
+
+def _rotate(rope: RoPE, x: Tensor, first: int) -> Tensor:
+    """``x [B, H, T, hd]`` rotated to positions ``first … first+T-1``, with the tables in x's dtype
+    computed from float64 angles (``RoPE.rotate`` rounds its tables to float32; a float64 forward
+    is the reference and keeps them exact)."""
+    ang = rope.angles(torch.arange(first, first + x.shape[2], device=x.device))
+    ang = torch.cat((ang, ang), dim=-1)
+    return _apply_rotation(x, torch.cos(ang).to(x.dtype), torch.sin(ang).to(x.dtype))
