@@ -21,6 +21,8 @@ TINY = {
     "tasks": {"parts": ("perplexity",), "perplexity_tokens": 600},
     "peers": {"lengths": [256]},
     "memory": {"parts": ("long_decode",), "lengths": [4096], "decode": 2},
+    "recurrent": {"lengths": [256], "dtypes": ["float32"], "histories": [128, 256], "steps": 2, "widths": [32],
+                  "mqar_length": 64, "pairs": [2], "mqar_steps": 1, "tokens_per_step": 128, "repeats": 1},
 }
 
 
@@ -42,7 +44,7 @@ def test_main_job_writes_everything_and_survives_a_failing_suite_and_part(tmp_pa
     t = res["suites"]["tasks"]
     assert t["status"] == "failed" and t["parts"]["perplexity"]["status"] == "error"
     assert t["parts"]["perplexity"]["reason"] == "FileNotFoundError: …/stories260K.bin is missing"
-    for name in ("kernels", "sparse", "decode", "memory"):
+    for name in ("kernels", "sparse", "decode", "memory", "recurrent"):
         assert res["suites"][name]["status"] == "ok", (name, res["suites"][name].get("parts"))
         assert res["suites"][name]["records"], name
         assert (out / name / "results.json").exists()
@@ -51,14 +53,14 @@ def test_main_job_writes_everything_and_survives_a_failing_suite_and_part(tmp_pa
     report = (out / "report.md").read_text()
     head = report.split("## longattn kernels benchmark")[0]  # the status comes first
     assert "- tasks: FAILED (0 records" in head and "part perplexity error: FileNotFoundError" in head
-    assert "- peers: FAILED" in head and "2 of 6 suites FAILED: tasks, peers" in head
+    assert "- peers: FAILED" in head and "2 of 7 suites FAILED: tasks, peers" in head
     assert "/very/private" not in report and "Traceback" not in report
     log = (out / "errors.log").read_text()
     assert "Traceback" in log and "/very/private/place/stories260K.bin" in log and "== tasks · perplexity ==" in log
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
     assert 'id="suite-memory"' in html and "Long prompt through the tiered memory" in html
-    assert html.index('id="status"') < html.index('id="plots"') and "2 of 6 suites FAILED" in html
+    assert html.index('id="status"') < html.index('id="plots"') and "2 of 7 suites FAILED" in html
     assert "/very/private" not in html and "Traceback" not in html
     pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert "speedup_vs_length.png" in pngs and "error_vs_density.png" in pngs and "memory_vs_length.png" in pngs
@@ -67,7 +69,7 @@ def test_main_job_writes_everything_and_survives_a_failing_suite_and_part(tmp_pa
     before, _, tail = console.rpartition("longattn bench")  # the rule above the last lines
     assert "tracebacks in" in before[-400:]
     assert "tasks: FAILED" in tail and "peers: FAILED" in tail and "FileNotFoundError" in tail
-    assert console.rstrip().splitlines()[-1].startswith("2 of 6 suites FAILED: tasks, peers (")
+    assert console.rstrip().splitlines()[-1].startswith("2 of 7 suites FAILED: tasks, peers (")
 
 
 def _assert_tables_fit_80_columns(combined):

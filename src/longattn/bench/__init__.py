@@ -22,6 +22,7 @@ SUITES: dict[str, str] = {
     "tasks": "longattn.bench.tasks",
     "peers": "longattn.bench.peers",
     "memory": "longattn.bench.memory",
+    "recurrent": "longattn.bench.recurrent",
 }
 
 #: the suites of the main job, in the order they run

@@ -11,7 +11,9 @@ kind of axes:
 * ``error_vs_density`` — the sparse frontier: relative error (log) and attention-mass recall
   against density, speed-ups written next to timed points;
 * ``memory_vs_length`` — lines, bytes against length: K/V bytes a decode step reads, its peak
-  memory, the kernels' prefill peak memory.
+  memory, the kernels' prefill peak memory, the recurrent ops' prefill peak memory;
+* ``accuracy_vs_state`` — points, MQAR accuracy against the bytes of state a model carries per
+  sequence (log 2 x), one line per mixer through its widths (recurrent suite).
 
 Colours are fixed per method for a whole run (``series_styles``), so a method looks the same in
 every plot; variants of one method (``landmark`` / ``landmark (pooled)``) share its colour and differ
@@ -36,6 +38,7 @@ FIGURES: dict[str, tuple[str, str]] = {
     "passkey_heatmap": ("heatmap", "Passkey retrieval accuracy, depth × length"),
     "error_vs_density": ("density", "Sparse methods: error and recall vs density (float32)"),
     "memory_vs_length": ("bytes", "Memory vs length (float32; RSS figures approximate)"),
+    "accuracy_vs_state": ("state", "Associative recall (MQAR) accuracy vs state size"),
 }
 PLOT_NAMES: tuple[str, ...] = tuple(FIGURES)
 
@@ -447,8 +450,35 @@ def heatmap_figure(name: str, entries, results: dict[str, Any], styles: dict[str
     return _save(fig, path)
 
 
+def state_figure(name: str, entries, results: dict[str, Any], styles: dict[str, dict[str, Any]],
+                 path: str | Path) -> Path | None:
+    """Accuracy (0–1) against state bytes (log 2), a line per series through its points."""
+    _, title = FIGURES[name]
+    plt = _mpl()
+    fig, flat = _grid(plt, len(entries))
+    for ax, (panel, recs) in zip(flat, entries):
+        pts = [(str(panel.series(r)), float(r[panel.x]), float(r[panel.y])) for r in recs]
+        for series, group in _group(pts, lambda p: p[0]).items():
+            group = sorted(group, key=lambda p: p[1])
+            _line(ax, styles, series, [p[1] for p in group], [p[2] for p in group], zorder=3)
+        ax.set_xscale("log", base=2)
+        _bytes_axis(ax, "x")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel("accuracy")
+        ax.set_title(_panel_title(panel, recs), fontsize=11)
+        ax.grid(True, which="major", alpha=0.3)
+    for ax in flat[len(entries):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{title} — {machine_line(results)}", fontsize=12)
+    fig.tight_layout()
+    _figure_legend(fig, flat[: len(entries)], flat[len(entries)] if len(flat) > len(entries) else None)
+    return _save(fig, path)
+
+
 _DRAW: dict[str, Callable[..., Path | None]] = {"ratio": line_figure, "bytes": line_figure,
-                                                "density": density_figure, "heatmap": heatmap_figure}
+                                                "density": density_figure, "heatmap": heatmap_figure,
+                                                "state": state_figure}
 
 
 def write_all(results: dict[str, Any], plot_dir: str | Path) -> dict[str, Path]:

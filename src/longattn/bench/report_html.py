@@ -28,6 +28,7 @@ PLOT_TITLES: dict[str, str] = {
     "passkey_heatmap": "Passkey accuracy over depth × length",
     "error_vs_density": "Error vs density (sparse methods)",
     "memory_vs_length": "Memory vs length",
+    "accuracy_vs_state": "Associative recall vs state size",
 }
 
 #: what each plot shows, in a sentence or three (the plots' own titles give machine and units)
@@ -55,6 +56,13 @@ PLOT_NOTES: dict[str, str] = {
         "the cache length (log-log): a flat line is a fixed budget, a slope of one is the whole cache. "
         "The prefill panel shows the kernels' peak memory per length. Peak figures are the growth of the "
         "process's resident memory, sampled about every millisecond: approximate."
+    ),
+    "accuracy_vs_state": (
+        "Multi-query associative recall learned from scratch: each point is a 2-layer model of one mixer "
+        "at one width, placed by the bytes of state it carries per sequence (softmax attention: its KV "
+        "cache at the task's length) and its share of samples with every queried value right. Zoology's "
+        "and Based's finding is that attention solves it at every size while fixed-state mixers need "
+        "state that grows with the number of pairs."
     ),
 }
 

@@ -1,0 +1,377 @@
+"""The ``recurrent`` suite: linear and recurrent attention against torch SDPA, and what their state
+buys on associative recall.
+
+``longattn bench --suite recurrent`` runs it alone (also part of the main job). Three parts:
+
+* **prefill** — every op's chunked form (``longattn.recurrent``) over ``lengths`` tokens, batch 1,
+  8 heads, head_dim 64 (Based: feature dim 16, window 64), float32 and bfloat16, against torch
+  SDPA causal in the same dtype, measured in the same run: time, speed-up, peak RSS growth (flat
+  in length is the point of a fixed state). Before any op is timed its chunked form is checked
+  against its float64 naive recurrence at 256 tokens (relative RMSE ≤ 1e-5 in float32, ≤ 0.005 in
+  bfloat16); an op that fails gets no speed figure.
+* **decode** — one ``<op>_step`` after a prefill of ``history`` tokens (128 and 131,072 in both
+  modes): a fixed state makes the step's time independent of the history; RAT keeps one summary
+  per chunk and Based a window, so theirs may grow.
+* **mqar** — multi-query associative recall learned from scratch (Zoology, Arora et al. 2023):
+  2-layer models of each mixer at ``widths``, trained by the harness (``longattn.train``) on
+  ``synthetic.mqar`` at one length with ``pairs`` key–value pairs, then scored per pair count;
+  each model's state size in bytes per sequence (attention: its KV cache at that length) is the
+  x axis of the figure Zoology and Based report.
+
+Quick (the main job's sizes) runs prefill to 32k, the decode pair, and MQAR at one small width
+with short training; ``--full`` prefill to 128k and MQAR at two widths with longer training.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from longattn.bench import harness
+from longattn.bench.suite import Column, Context, Panel, Part, Suite, Table, guarded_record, label, status_column
+
+HEADS, HEAD_DIM = 8, 64
+BASED_FEATURES, BASED_WINDOW = 16, 64
+OPS = ("linear", "lightning", "gla", "deltanet", "gated_deltanet", "aaren", "based", "rat", "titans")
+MQAR_MIXERS = ("attention", "linear", "based", "based_f32", "lightning", "gla", "gated_deltanet", "titans", "rat",
+               "aaren")
+#: MQAR mixers that are a recurrent layer with options other than the defaults
+MIXER_SETUPS: dict[str, tuple[str, dict[str, Any]]] = {
+    "based": ("based", {"feature_dim": 8}),
+    "based_f32": ("based", {"feature_dim": 32}),
+    "rat": ("rat", {"chunk_size": 16}),
+}
+GATE_TOKENS = 256
+GATE_TOL = {"float32": 1e-5, "bfloat16": 5e-3}
+
+
+# -- op inputs --------------------------------------------------------------------------------
+
+
+def op_call(name: str, tokens: int, dtype: torch.dtype, seed: int = 0, *, batch: int = 1):
+    """``(chunked(state, tokens) -> (out, state), step(i, state) -> (out, state), naive() -> out)``
+    for op ``name`` over ``tokens`` random tokens (gates in their papers' ranges): ``chunked`` runs
+    the chunked form over the first ``tokens`` of them (all by default), ``step`` the step form on
+    token ``i``."""
+    from types import SimpleNamespace
+
+    from longattn.recurrent import aaren, based, delta, gated, lightning, linear, rat, titans
+
+    R = SimpleNamespace(**{n: getattr(m, n) for m in (aaren, based, delta, gated, lightning, linear, rat, titans)
+                           for n in dir(m) if n.endswith(("_attention", "_step", "_naive", "_memory"))})
+    g = torch.Generator().manual_seed(seed)
+    b, h, d = batch, HEADS, HEAD_DIM
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    def unit(*shape, low=0.0, high=1.0):
+        return (low + (high - low) * torch.rand(*shape, generator=g)).to(dtype)
+
+    dk = BASED_FEATURES if name == "based" else d
+    q, k, v = rnd(b, h, tokens, dk), rnd(b, h, tokens, dk), rnd(b, h, tokens, d)
+    kw: dict[str, Any] = {}
+    pos: tuple = ()
+    if name == "linear":
+        fn, step, naive = R.linear_attention, R.linear_attention_step, R.linear_attention_naive
+    elif name == "lightning":
+        fn, naive = R.lightning_attention, R.lightning_attention_naive
+        step = R.lightning_attention_step
+    elif name == "gla":
+        pos = (torch.nn.functional.logsigmoid(rnd(b, h, tokens, d) + 4).to(dtype) / 16,)
+        fn, step, naive = R.gla_attention, R.gla_attention_step, R.gla_attention_naive
+    elif name == "deltanet":
+        pos = (unit(b, h, tokens, low=0.1, high=0.9),)
+        fn, step, naive = R.deltanet_attention, R.deltanet_attention_step, R.deltanet_attention_naive
+    elif name == "gated_deltanet":
+        pos = (unit(b, h, tokens, low=0.1, high=0.9), -unit(b, h, tokens, low=0.0, high=0.1))
+        fn, step, naive = R.gated_deltanet_attention, R.gated_deltanet_attention_step, R.gated_deltanet_attention_naive
+    elif name == "aaren":
+        q = rnd(h, d)
+        fn, step, naive = R.aaren_attention, R.aaren_attention_step, R.aaren_attention_naive
+    elif name == "based":
+        kw = dict(window=BASED_WINDOW, q_window=rnd(b, h, tokens, d), k_window=rnd(b, h, tokens, d))
+        fn, step, naive = R.based_attention, R.based_attention_step, R.based_attention_naive
+    elif name == "rat":
+        pos = (-unit(b, h, tokens, d, low=0.0, high=0.5), -unit(b, h, tokens, d, low=0.0, high=0.5))
+        fn, step, naive = R.rat_attention, R.rat_attention_step, R.rat_attention_naive
+    elif name == "titans":
+        pos = (unit(b, h, tokens, low=0.5, high=0.9), unit(b, h, tokens, low=0.0, high=0.1),
+               unit(b, h, tokens, low=0.0, high=0.05))
+        fn, step, naive = R.titans_memory, R.titans_memory_step, R.titans_memory_naive
+    else:
+        raise ValueError(f"unknown op {name!r}; known: {', '.join(OPS)}")
+
+    def sl(x, i):  # token i of a per-token tensor (q of aaren is per head, not per token)
+        return x if x.dim() == 2 else x[:, :, i:i + 1]
+
+    def upto(x, n):  # the first n tokens of a per-token tensor
+        return x if x.dim() == 2 or n is None else x[:, :, :n]
+
+    def chunked(state=None, tokens=None):
+        """The chunked form over the first ``tokens`` tokens (all: None)."""
+        extra = {key: upto(val, tokens) if isinstance(val, torch.Tensor) else val for key, val in kw.items()}
+        return fn(upto(q, tokens), upto(k, tokens), upto(v, tokens), *(upto(p, tokens) for p in pos),
+                  initial_state=state, **extra)
+
+    def one_step(i, state):
+        extra = {key: sl(val, i) if isinstance(val, torch.Tensor) else val for key, val in kw.items()}
+        return step(sl(q, i), sl(k, i), sl(v, i), *(sl(p, i) for p in pos), state, **extra)
+
+    def reference():
+        return naive(q, k, v, *pos, **kw)
+
+    return chunked, one_step, reference
+
+
+def _rel_rmse(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double()
+    return float((a - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-300))
+
+
+def gate(name: str, dtype_name: str, seed: int) -> tuple[bool, float]:
+    """The op's chunked form against its naive float64 recurrence at ``GATE_TOKENS`` tokens."""
+    chunked, _, reference = op_call(name, GATE_TOKENS, harness.DTYPES[dtype_name], seed)
+    out, _ = chunked()
+    ref = reference()
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    err = _rel_rmse(out, ref)
+    return err <= GATE_TOL[dtype_name], err
+
+
+# -- parts ------------------------------------------------------------------------------------
+
+
+def _sdpa(tokens: int, dtype: torch.dtype, seed: int) -> Callable[[], Any]:
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, HEADS, tokens, HEAD_DIM, generator=g).to(dtype) for _ in range(3))
+    return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _prefill_part(ctx: Context) -> Iterator[dict[str, Any]]:
+    o = ctx.options
+    lengths = sorted(int(n) for n in o["lengths"])
+    ops = [n for n in OPS if ctx.wants(n)]
+    ctx.plan(len(o["dtypes"]) * len(lengths) * (len(ops) + 1))
+    for dtype_name in o["dtypes"]:
+        dtype = harness.DTYPES[dtype_name]
+        gates = {}
+        for name in ops:
+            gates[name] = harness.guarded(lambda name=name: gate(name, dtype_name, ctx.seed))
+        for n in lengths:
+            ctx.step(f"prefill {dtype_name} {n}: sdpa")
+            base = {"test": "prefill", "dtype": dtype_name, "tokens": n}
+            t = harness.time_call(_sdpa(n, dtype, ctx.seed), repeats=o["repeats"], max_seconds=o["max_seconds"],
+                                  track_memory=True)
+            sdpa_s = t.median_s
+            yield {**base, "method": "sdpa", "time_s": sdpa_s, "peak_mem_bytes": t.peak_mem_bytes, "speedup": 1.0,
+                   "status": "ok"}
+            for name in ops:
+                ctx.step(f"prefill {dtype_name} {n}: {name}")
+                (ok_err, problem) = gates[name]
+                rec = {**base, "method": name}
+                if problem is not None:
+                    yield {**rec, "status": problem}
+                    continue
+                ok, err = ok_err
+                rec["gate_rel_rmse"] = err
+                if not ok:
+                    yield {**rec, "status": f"FAILED: chunked vs naive relative RMSE {err:.2e} > "
+                                            f"{GATE_TOL[dtype_name]:g}"}
+                    continue
+
+                def measure(name=name, rec=rec):
+                    chunked, _, _ = op_call(name, n, dtype, ctx.seed)
+                    t = harness.time_call(chunked, repeats=o["repeats"], max_seconds=o["max_seconds"],
+                                          track_memory=True)
+                    return {**rec, "time_s": t.median_s, "peak_mem_bytes": t.peak_mem_bytes,
+                            "speedup": sdpa_s / t.median_s, "status": "ok"}
+
+                yield guarded_record(rec, measure)
+
+
+def _decode_part(ctx: Context) -> Iterator[dict[str, Any]]:
+    o = ctx.options
+    histories = sorted(int(n) for n in o["histories"])
+    ops = [n for n in OPS if ctx.wants(n)]
+    ctx.plan(len(ops) * len(histories))
+    for name in ops:
+        for hist in histories:
+            ctx.step(f"decode {name} after {hist}")
+            rec = {"test": "decode", "method": name, "history": hist, "dtype": "float32"}
+
+            def measure(name=name, hist=hist, rec=rec):
+                chunked, one_step, _ = op_call(name, hist + o["steps"], torch.float32, ctx.seed)
+                _, state = chunked(tokens=hist)  # the state after `hist` tokens of history
+                times = []
+                for i in range(o["steps"]):
+                    t0 = time.perf_counter()
+                    _, state = one_step(hist + i, state)
+                    times.append(time.perf_counter() - t0)
+                times = times[1:] or times  # the first step warms up
+                return {**rec, "step_ms": 1e3 * sorted(times)[len(times) // 2], "status": "ok"}
+
+            yield guarded_record(rec, measure)
+
+
+def mqar_config(mixer: str, width: int, length: int):
+    """The 2-layer model of ``mixer`` at ``width`` for MQAR at ``length`` tokens."""
+    from longattn.tasks import VOCAB
+    from longattn.train import ModelConfig
+
+    layer, options = MIXER_SETUPS.get(mixer, (mixer, {}))
+    heads = max(1, width // 32)
+    return ModelConfig(vocab_size=VOCAB.size, dim=width, n_layers=2, n_heads=heads, n_kv_heads=heads,
+                       hidden_dim=2 * width, max_train_length=length, mixer=layer, mixer_options=options)
+
+
+def run_mqar(mixer: str, width: int, *, length: int, pairs: tuple[int, ...], steps: int, tokens_per_step: int,
+             lr: float, seed: int, say=print) -> dict[str, Any]:
+    """Train one MQAR model and score it: a record with the state size, accuracy per pair count,
+    their mean, tokens per second and the final loss."""
+    from longattn.train import LanguageModel, MQARTask, TrainSettings, train
+    from longattn.train.data import mqar_accuracy
+
+    cfg = mqar_config(mixer, width, length)
+    task = MQARTask(length=length, pairs=pairs)
+    settings = TrainSettings(seed=seed, steps=steps, lr=lr, warmup=max(1, steps // 10), tokens_per_step=tokens_per_step,
+                             log_every=max(1, steps // 4))
+    model, record = train(cfg, task, settings, log=lambda line: say(f"  {mixer} d={width}: {line}"), model_cls=LanguageModel)
+    acc = mqar_accuracy(model, task, n=64, seed=seed + 77_777)
+    per_pairs = {int(k.split("/")[1].removesuffix("pairs")): v for k, v in acc.items()}
+    return {"test": "mqar", "method": mixer, "width": width, "length": length, "steps": steps,
+            "state_bytes": model.state_size(length), "params": model.n_params(),
+            "accuracy": sum(per_pairs.values()) / len(per_pairs), "accuracy_by_pairs": per_pairs,
+            "final_loss": record["history"][-1]["loss"], "tokens_per_s": record["tokens_per_s"],
+            "train_s": record["wall_s"], "status": "ok"}
+
+
+def _mqar_part(ctx: Context) -> Iterator[dict[str, Any]]:
+    o = ctx.options
+    mixers = [m for m in MQAR_MIXERS if ctx.wants(m)]
+    ctx.plan(len(mixers) * len(o["widths"]))
+    for width in o["widths"]:
+        for mixer in mixers:
+            ctx.step(f"mqar {mixer} d={width}")
+            rec = {"test": "mqar", "method": mixer, "width": width}
+            yield guarded_record(rec, lambda mixer=mixer, width=width: run_mqar(
+                mixer, width, length=o["mqar_length"], pairs=tuple(o["pairs"]), steps=o["mqar_steps"],
+                tokens_per_step=o["tokens_per_step"], lr=o["lr"], seed=ctx.seed, say=ctx.say))
+
+
+# -- derived figures ----------------------------------------------------------------------------
+
+
+def _crossovers(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per op and dtype: the speed-up at the longest length and the crossover length (the length
+    from which the op is faster than SDPA, by log-linear interpolation)."""
+    recs = [r for r in results["records"] if r.get("test") == "prefill" and r.get("status") == "ok"
+            and r.get("method") != "sdpa"]
+    rows = []
+    for key in sorted({(r["method"], r["dtype"]) for r in recs}):
+        pts = sorted((r["tokens"], r["speedup"]) for r in recs if (r["method"], r["dtype"]) == key)
+        cross = harness.crossover_estimate(pts)
+        mem = [r.get("peak_mem_bytes") for r in recs if (r["method"], r["dtype"]) == key]
+        rows.append({"method": key[0], "dtype": key[1], "longest": pts[-1][0], "speedup": pts[-1][1],
+                     "crossover": cross, "peak_mem_first": mem[0], "peak_mem_last": mem[-1]})
+    return rows
+
+
+def _decode_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    recs = [r for r in results["records"] if r.get("test") == "decode" and r.get("status") == "ok"]
+    rows = []
+    for name in dict.fromkeys(r["method"] for r in recs):
+        pts = sorted((r["history"], r["step_ms"]) for r in recs if r["method"] == name)
+        if len(pts) >= 2:
+            rows.append({"method": name, "short": pts[0][0], "long": pts[-1][0], "short_ms": pts[0][1],
+                         "long_ms": pts[-1][1], "ratio": pts[-1][1] / pts[0][1]})
+    return rows
+
+
+def _about(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    return "\n".join([
+        f"- prefill: batch 1, {HEADS} heads, head_dim {HEAD_DIM} (Based: feature dim {BASED_FEATURES} + a "
+        f"{BASED_WINDOW}-token softmax window), causal; SDPA causal in the same dtype is the baseline, measured in the "
+        "same run. Each op's chunked form passed the gate against its float64 naive recurrence at "
+        f"{GATE_TOKENS} tokens before it was timed. Peak memory: RSS growth during one call (approximate).",
+        f"- decode: one float32 step after {', '.join(str(h) for h in cfg.get('histories', []))} tokens of history.",
+        f"- mqar: 2-layer models trained from scratch by `longattn.train` on MQAR at {cfg.get('mqar_length')} tokens, "
+        f"{cfg.get('mqar_steps')} steps of {cfg.get('tokens_per_step')} tokens, lr {cfg.get('lr')}, pair counts "
+        f"{cfg.get('pairs')} drawn per step; accuracy = share of samples with every queried value right, on 64 fresh "
+        "samples per pair count. State: bytes per sequence a model carries to continue (attention: its KV cache at "
+        "that length; Zoology's convention).",
+    ])
+
+
+def _check(options) -> None:
+    for n in options["lengths"]:
+        if int(n) < GATE_TOKENS:
+            raise ValueError(f"--lengths: prefill lengths must be >= {GATE_TOKENS}, got {n}")
+    harness.check_dtypes(options["dtypes"])
+
+
+def _pairs_text(r: dict[str, Any]) -> str | None:
+    acc = r.get("accuracy_by_pairs")
+    return None if not acc else " ".join(f"{p}:{a:.2f}" for p, a in sorted(acc.items(), key=lambda kv: int(kv[0])))
+
+
+_METHOD = label("method", "method")
+
+SUITE = Suite(
+    name="recurrent",
+    title="longattn recurrent suite",
+    about=_about,
+    parts=(Part("prefill", _prefill_part, methods=lambda o: list(OPS)),
+           Part("decode", _decode_part, methods=lambda o: list(OPS)),
+           Part("mqar", _mqar_part, methods=lambda o: list(MQAR_MIXERS))),
+    quick={"lengths": (2048, 8192, 32768), "dtypes": ("float32", "bfloat16"), "repeats": 2, "max_seconds": 20.0,
+           "histories": (128, 131072), "steps": 12, "widths": (64,), "mqar_length": 64, "pairs": (2, 4, 8),
+           "mqar_steps": 150, "tokens_per_step": 4096, "lr": 1e-2},
+    full={"lengths": (1024, 4096, 16384, 32768, 65536, 131072), "dtypes": ("float32", "bfloat16"), "repeats": 3,
+          "max_seconds": 60.0, "histories": (128, 131072), "steps": 24, "widths": (64, 128), "mqar_length": 128,
+          "pairs": (4, 8, 16, 24), "mqar_steps": 1500, "tokens_per_step": 8192, "lr": 3e-3},
+    check=_check,
+    describe=lambda r: (f"{r.get('test')}: {r.get('method')}" + (f" {r['dtype']} {r['tokens']}" if r.get("tokens") else "")
+                        + (f" after {r['history']}" if r.get("history") else "")
+                        + (f" d={r['width']}" if r.get("width") else "")),
+    live=(Column("time", "time_s", lambda x: None if x is None else f"{x:.3f} s"),
+          Column("vs SDPA", "speedup", "ratio"),
+          Column("step", "step_ms", lambda x: None if x is None else f"{x:.3f} ms"),
+          Column("MQAR acc", "accuracy", ".3f")),
+    tables=(
+        Table("Prefill against SDPA causal (same dtype, same run)", part="prefill",
+              pivot=None, group=lambda r: r.get("dtype"),
+              columns=(_METHOD, Column("tokens", "tokens", "int"), Column("time s", "time_s", ".3f"),
+                       Column("vs SDPA", "speedup", "ratio"), Column("peak MiB", "peak_mem_bytes", "mib", keep=2),
+                       Column("gate rel RMSE", "gate_rel_rmse", ".1e", keep=3), status_column(keep=4))),
+        Table("Crossover length and speed-up at the longest length", source=_crossovers,
+              columns=(_METHOD, label("dtype", "dtype"), Column("crossover", "crossover", "int"),
+                       Column("at", "longest", "int"), Column("vs SDPA", "speedup", "ratio"),
+                       Column("peak MiB first", "peak_mem_first", "mib", keep=2),
+                       Column("peak MiB last", "peak_mem_last", "mib", keep=2))),
+        Table("Decode step: constant in the history", source=_decode_rows,
+              columns=(_METHOD, Column("short", "short", "int"), Column("ms", "short_ms", ".3f"),
+                       Column("long", "long", "int"), Column("ms ", "long_ms", ".3f"),
+                       Column("long / short", "ratio", ".2f"))),
+        Table("MQAR learned from scratch: accuracy against state size", part="mqar",
+              columns=(_METHOD, Column("width", "width", "int"), Column("state KiB", "state_bytes", "kib"),
+                       Column("params", "params", "int", keep=3), Column("accuracy", "accuracy", ".3f"),
+                       label("by pairs", _pairs_text, keep=1), Column("final loss", "final_loss", ".3f", keep=4),
+                       Column("train tok/s", "tokens_per_s", ",.0f", keep=2), status_column(keep=5))),
+    ),
+    panels=(
+        Panel("speedup_vs_length", lambda recs: "recurrent prefill vs SDPA causal (float32)", "tokens", "speedup",
+              lambda r: r["method"], where=lambda r: r.get("test") == "prefill" and r.get("dtype") == "float32"
+              and r.get("method") != "sdpa"),
+        Panel("memory_vs_length", lambda recs: "recurrent prefill: peak RSS growth (float32)", "tokens",
+              "peak_mem_bytes", lambda r: r["method"],
+              where=lambda r: r.get("test") == "prefill" and r.get("dtype") == "float32"),
+        Panel("accuracy_vs_state", lambda recs: "MQAR accuracy vs state size", "state_bytes", "accuracy",
+              lambda r: r["method"], where=lambda r: r.get("test") == "mqar", xlabel="state (bytes per sequence, log)"),
+    ),
+)
