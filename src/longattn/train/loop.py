@@ -198,6 +198,7 @@ def train(config: ModelConfig, task: Recipe, settings: TrainSettings = TrainSett
     record = {
         **settings_rec,
         "task": task.to_dict(),
+        "max_length": task.longest,
         "loss": "cross-entropy of answer tokens + lm_weight x next-token cross-entropy of all tokens",
         "data": "longattn.train.data: the batch of step s depends on (seed, s) only",
         "optimizer": "AdamW, linear warm-up, cosine decay",
