@@ -22,7 +22,7 @@ TINY = {
     "peers": {"lengths": [256]},
     "memory": {"parts": ("long_decode",), "lengths": [4096], "decode": 2},
     "recurrent": {"lengths": [256], "dtypes": ["float32"], "histories": [128, 256], "steps": 2, "widths": [32],
-                  "mqar_length": 64, "pairs": [2], "mqar_steps": 1, "tokens_per_step": 128, "repeats": 1},
+                  "mqar_length": 64, "pairs": [2], "mqar_steps": 1, "copy_steps": 0, "tokens_per_step": 128, "repeats": 1},
 }
 
 

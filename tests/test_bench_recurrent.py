@@ -14,7 +14,7 @@ from longattn.bench.suite import run_suite
 pytestmark = pytest.mark.cpu_only(reason="the benchmark is a CPU program (longattn.bench takes no device)")
 
 TINY = {"lengths": [256, 512], "dtypes": ["float32", "bfloat16"], "histories": [128, 512], "steps": 3,
-        "widths": [32], "mqar_length": 64, "pairs": [2, 4], "mqar_steps": 2, "tokens_per_step": 256, "repeats": 1}
+        "widths": [32], "mqar_length": 64, "pairs": [2, 4], "mqar_steps": 2, "copy_steps": 1, "tokens_per_step": 256, "repeats": 1}
 
 
 @pytest.fixture(scope="module")

@@ -92,14 +92,19 @@ def test_progress_lines_name_step_loss_and_speed():
     assert len(lines) == 3 and lines[-1].startswith("step     6/6") and "tok/s" in lines[-1]
 
 
+@pytest.mark.parametrize("short_conv", [0, 4])
 @pytest.mark.parametrize("mixer", ["attention", *sorted(LAYERS)])
-def test_every_mixer_trains_and_carries_its_state_across_calls(mixer):
+def test_every_mixer_trains_and_carries_its_state_across_calls(mixer, short_conv):
     """One optimiser step moves every parameter; prefill in two pieces and one-token decoding equal
     one pass over the whole sequence."""
     # RAT attends across chunks only: short chunks, so that q and k matter within 64 tokens
     options = {"rat": {"chunk_size": 16}}.get(mixer, {})
-    cfg = ModelConfig(**{**TINY.to_dict(), "mixer": mixer, "mixer_options": options})
+    cfg = ModelConfig(**{**TINY.to_dict(), "mixer": mixer, "mixer_options": options, "short_conv": short_conv})
     model = LanguageModel(cfg, seed=1)
+    if short_conv:  # trained taps, not the identity it starts as
+        with torch.no_grad():
+            for block in model.layers:
+                block.conv.add_(0.3 * torch.randn(block.conv.shape, generator=torch.Generator().manual_seed(2)))
     batch = mqar(64, 4, 2, seed=0)
     logits = model(batch.tokens)
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch.tokens[:, 1:].flatten())
@@ -113,6 +118,17 @@ def test_every_mixer_trains_and_carries_its_state_across_calls(mixer):
         b, state = model(batch.tokens[:, 37:63], state=state, return_state=True)
         c, _ = model(batch.tokens[:, 63:], state=state, return_state=True)
     torch.testing.assert_close(torch.cat([a, b, c], 1), full, atol=2e-5, rtol=2e-5)
+
+
+def test_short_conv_starts_as_the_identity_and_counts_in_the_state():
+    plain = LanguageModel(ModelConfig(**{**TINY.to_dict(), "mixer": "gla"}), seed=5)
+    conv = LanguageModel(ModelConfig(**{**TINY.to_dict(), "mixer": "gla", "short_conv": 4}), seed=5)
+    tokens = mqar(64, 4, 2, seed=1).tokens
+    with torch.no_grad():
+        torch.testing.assert_close(conv(tokens), plain(tokens), atol=1e-6, rtol=1e-6)
+    assert conv.state_size() == plain.state_size() + 2 * 3 * TINY.dim * 4
+    with pytest.raises(ValueError, match="short_conv must be"):
+        ModelConfig(short_conv=-1)
 
 
 def test_model_state_size_grows_with_tokens_only_for_attention():

@@ -6,11 +6,12 @@ with checkpoints and exact resumption (:mod:`longattn.train.loop`) and the check
 from longattn.train.checkpoint import load_model, read_config, save_model
 from longattn.train.data import Accuracy, MQARTask, RetrievalCurriculum, answer_loss, evaluate
 from longattn.train.loop import TrainSettings, train
-from longattn.train.model import ATTENTION, KVState, LanguageModel, ModelConfig
+from longattn.train.model import ATTENTION, ConvState, KVState, LanguageModel, ModelConfig
 
 __all__ = [
     "ATTENTION",
     "Accuracy",
+    "ConvState",
     "KVState",
     "LanguageModel",
     "MQARTask",

@@ -92,11 +92,15 @@ class MQARTask:
         length: tokens per sample (needs ``1 + 4 · max(pairs)``).
         pairs: key–value pair counts to draw from (each at most 64, the vocabulary's keys).
         power_a: the power-law exponent of the query gaps (``synthetic.mqar``).
+        copy_steps: the first steps train on the copy task (``synthetic.copy``) at ``length``
+            instead: every copied token needs an induction circuit, which MQAR's few answers per
+            sample take far longer to form (the retrieval model's recipe does the same).
     """
 
     length: int = 256
     pairs: tuple[int, ...] = (4, 8, 16, 32)
     power_a: float = 0.01
+    copy_steps: int = 0
 
     name = "mqar"
 
@@ -112,8 +116,10 @@ class MQARTask:
         return self.length
 
     def batch(self, step: int, seed: int, tokens_per_step: int) -> TaskBatch:
-        n_pairs = int(_step_rng(seed, step, 2).choice(np.asarray(self.pairs)))
         n = max(2, tokens_per_step // self.length)
+        if step < self.copy_steps:
+            return synthetic.copy(self.length, n, seed=seed * 1_000_003 + step)
+        n_pairs = int(_step_rng(seed, step, 2).choice(np.asarray(self.pairs)))
         return synthetic.mqar(self.length, n_pairs, n, seed=seed * 1_000_003 + step, power_a=self.power_a)
 
     def to_dict(self) -> dict[str, Any]:

@@ -78,6 +78,11 @@ class ModelConfig:
         mixer_options: keyword arguments of the recurrent layer (``{"feature_map": "elu"}``,
             ``{"chunk": 64}``, …); empty for attention.
         tie_embeddings: the output head is the embedding matrix (else a separate ``head``).
+        short_conv: kernel size of a depthwise causal convolution over each block's normalised
+            input, before the mixer (0: none). Based, Gated DeltaNet and Titans place one there: a
+            fixed-state mixer without positions cannot tell the previous token from the others,
+            and an induction circuit (what associative recall needs) starts with exactly that.
+            Initialised to the identity (last tap 1), so it starts as no convolution at all.
     """
 
     vocab_size: int = 512
@@ -92,6 +97,7 @@ class ModelConfig:
     mixer: str = ATTENTION
     mixer_options: dict[str, Any] = field(default_factory=dict)
     tie_embeddings: bool = True
+    short_conv: int = 0
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_train_length"):
@@ -102,6 +108,8 @@ class ModelConfig:
             raise ValueError(f"dim={self.dim} must be a multiple of n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if isinstance(self.short_conv, bool) or not isinstance(self.short_conv, int) or self.short_conv < 0:
+            raise ValueError(f"short_conv must be a non-negative int (a kernel size; 0: none), got {self.short_conv!r}")
         if not isinstance(self.mixer, str):
             raise TypeError(f"mixer must be a str, got {type(self.mixer).__name__}")
         if self.mixer == ATTENTION:
@@ -151,6 +159,14 @@ class KVState(NamedTuple):
     v: Tensor
 
 
+class ConvState(NamedTuple):
+    """A block's state when it has a short convolution: the last ``short_conv - 1`` normalised
+    inputs ``[B, short_conv - 1, dim]`` and the mixer's own state."""
+
+    tail: Tensor
+    mixer: Any
+
+
 class Block(nn.Module):
     """One pre-norm decoder block. Attention blocks hold ``wq wk wv wo`` themselves (the
     checkpoint names the retrieval model has always had); recurrent blocks hold ``mixer``."""
@@ -159,6 +175,11 @@ class Block(nn.Module):
         super().__init__()
         hd = cfg.head_dim
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if cfg.short_conv:
+            # depthwise causal taps [dim, 1, kernel]; the identity to start with
+            weight = torch.zeros(cfg.dim, 1, cfg.short_conv)
+            weight[..., -1] = 1.0
+            self.conv = nn.Parameter(weight)
         if cfg.mixer == ATTENTION:
             self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=False)
             self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
@@ -173,6 +194,16 @@ class Block(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+
+    def short_conv(self, h: Tensor, tail: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The causal depthwise convolution of ``h [B, T, dim]`` after ``tail`` (the previous
+        inputs; None: zeros, a fresh sequence); returns the output and the new tail."""
+        k = self.conv.shape[-1]
+        if tail is None:
+            tail = h.new_zeros(h.shape[0], k - 1, h.shape[2])
+        x = torch.cat([tail.to(h.dtype), h], 1)
+        y = torch.nn.functional.conv1d(x.transpose(1, 2), self.conv.to(h.dtype), groups=h.shape[2]).transpose(1, 2)
+        return y, x[:, x.shape[1] - (k - 1):]
 
     def feed_forward(self, x: Tensor) -> Tensor:
         h = self.ffn_norm(x)
@@ -212,7 +243,7 @@ class LanguageModel(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith(("norm.weight", ".conv")):
                 continue
             if ".mixer." in name and not name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
                                                         "o_proj.weight")):
@@ -232,6 +263,8 @@ class LanguageModel(nn.Module):
         total = 0
         width = next(self.parameters()).element_size()
         for block in self.layers:
+            if self.config.short_conv:
+                total += (self.config.short_conv - 1) * self.config.dim * width
             if hasattr(block, "mixer"):
                 size = block.mixer.state_size
                 total += size(tokens) if block.mixer.op_name == "rat" else size()
@@ -295,11 +328,18 @@ class LanguageModel(nn.Module):
         for i, (block, m) in enumerate(zip(self.layers, methods)):
             h = block.attn_norm(x)
             prev = None if state is None else state[i]
+            conv_tail = None
+            if cfg.short_conv:
+                if prev is not None and not isinstance(prev, ConvState):
+                    raise ValueError(f"state[{i}] must be a ConvState (the block has a short convolution), "
+                                     f"got {type(prev).__name__}")
+                h, conv_tail = block.short_conv(h, None if prev is None else prev.tail)
+                prev = None if prev is None else prev.mixer
             if hasattr(block, "mixer"):
                 y, s = block.mixer(h, prev)
             else:
                 y, s = self._attend(i, block, h, m, prev, attention, capture)
-            new_state.append(s)
+            new_state.append(s if conv_tail is None else ConvState(conv_tail, s))
             x = block.feed_forward(x + y)
         if logits_at is not None:
             x = x.gather(1, logits_at[..., None].expand(-1, -1, cfg.dim))
