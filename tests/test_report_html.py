@@ -129,12 +129,19 @@ def fake_results() -> dict:
     peers.append({"part": "kvpress", "peer": "kvpress", "case": "kv-cache compression", "tokens": None,
                   "causal": True, "median_s": None, "ratio_to_sdpa": None,
                   "status": "unsupported: kvpress is not installed"})
+    recurrent = []
+    for method, state, acc in (("attention", 131072, 1.0), ("gla", 16384, 0.4), ("based", 103056, 0.6),
+                               ("linear", 16896, 0.0)):
+        for width, scale in ((64, 1), (128, 4)):
+            recurrent.append({"test": "mqar", "method": method, "width": width, "state_bytes": state * scale,
+                              "accuracy": min(1.0, acc * (1 + 0.5 * (width == 128))), "status": "ok"})
     suites = {
         "kernels": _suite("kernels", kernels, 210.0, lengths=list(LENGTHS)),
         "sparse": _suite("sparse", frontier, 95.5),
         "decode": _suite("decode", decode, 60.0, lengths=[4096, 16384, 65536, 131072]),
         "tasks": _suite("tasks", tasks, 140.0),
         "peers": _suite("peers", peers, 30.0),
+        "recurrent": _suite("recurrent", recurrent, 300.0),
     }
     suites["kernels"]["status"] = suites["decode"]["status"] = "failed"
     return {"kind": "main", "machine": MACHINE, "config": {"mode": "quick", "seed": 0, "suites": list(suites)},
@@ -213,7 +220,7 @@ def test_html_is_self_contained_and_escaped(report, results):
     assert not re.search(r"https?://", html), "the report refers to the network"
     assert "<script" not in html.lower() and "<link" not in html.lower()
     srcs = re.findall(r"""\bsrc\s*=\s*["']?([^"'\s>]*)""", html, flags=re.I)
-    assert len(srcs) == len(written) == 4
+    assert len(srcs) == len(written) == 5
     assert all(s.startswith("data:image/png;base64,") for s in srcs)
     hrefs = re.findall(r"""\bhref\s*=\s*["']?([^"'\s>]*)""", html, flags=re.I)
     assert hrefs and all(h.startswith("#") for h in hrefs), "links must stay inside the page"
