@@ -20,8 +20,9 @@ buys on associative recall.
   each model's state size in bytes per sequence (attention: its KV cache at that length) is the
   x axis of the figure Zoology and Based report.
 
-Quick (the main job's sizes) runs prefill to 32k, the decode pair, and MQAR at one small width
-with short training; ``--full`` prefill to 128k and MQAR at two widths with longer training.
+Quick (the main job's sizes) runs prefill to 32k, the decode pair, and MQAR for six mixers at
+one small width with short training; ``--full`` prefill to 128k and MQAR for every mixer at two
+widths with longer training.
 """
 
 from __future__ import annotations
@@ -264,7 +265,7 @@ def run_mqar(mixer: str, width: int, *, length: int, pairs: tuple[int, ...], ste
 
 def _mqar_part(ctx: Context) -> Iterator[dict[str, Any]]:
     o = ctx.options
-    mixers = [m for m in MQAR_MIXERS if ctx.wants(m)]
+    mixers = [m for m in o["mqar_mixers"] if ctx.wants(m)]
     ctx.plan(len(mixers) * len(o["widths"]))
     for width in o["widths"]:
         for mixer in mixers:
@@ -350,10 +351,12 @@ SUITE = Suite(
            Part("mqar", _mqar_part, methods=lambda o: list(MQAR_MIXERS))),
     quick={"lengths": (2048, 8192, 32768), "dtypes": ("float32", "bfloat16"), "repeats": 3, "max_seconds": 20.0,
            "histories": (128, 131072), "steps": 64, "widths": (64,), "mqar_length": 64, "pairs": (2, 4, 8),
-           "mqar_steps": 400, "copy_steps": 150, "tokens_per_step": 4096, "lr": 3e-3},
+           "mqar_steps": 400, "copy_steps": 150, "tokens_per_step": 4096, "lr": 3e-3,
+           "mqar_mixers": ("attention", "linear", "based", "gla", "gated_deltanet", "rat")},
     full={"lengths": (1024, 4096, 16384, 32768, 65536, 131072), "dtypes": ("float32", "bfloat16"), "repeats": 3,
           "max_seconds": 60.0, "histories": (128, 131072), "steps": 128, "widths": (64, 128), "mqar_length": 128,
-          "pairs": (4, 8, 16, 24), "mqar_steps": 800, "copy_steps": 250, "tokens_per_step": 4096, "lr": 3e-3},
+          "pairs": (4, 8, 16, 24), "mqar_steps": 800, "copy_steps": 250, "tokens_per_step": 4096, "lr": 3e-3,
+          "mqar_mixers": MQAR_MIXERS},
     check=_check,
     describe=lambda r: (f"{r.get('test')}: {r.get('method')}" + (f" {r['dtype']} {r['tokens']}" if r.get("tokens") else "")
                         + (f" after {r['history']}" if r.get("history") else "")
