@@ -292,7 +292,8 @@ def _grid(plt, n: int):
 
 def line_figure(name: str, entries, results: dict[str, Any], styles: dict[str, dict[str, Any]],
                 path: str | Path) -> Path | None:
-    """Panels of lines (x: tokens, log 2; y: a ratio to SDPA or bytes, log), one legend."""
+    """Panels of lines (x: tokens, log 2; y: a ratio to SDPA or bytes, log; or for "state" x:
+    bytes of state, log 2, y: accuracy 0–1), one legend."""
     kind, title = FIGURES[name]
     plt = _mpl()
     fig, flat = _grid(plt, len(entries))
@@ -300,11 +301,18 @@ def line_figure(name: str, entries, results: dict[str, Any], styles: dict[str, d
         pts = [(str(panel.series(r)), float(r[panel.x]), float(r[panel.y])) for r in recs]
         for series, group in _group(pts, lambda p: p[0]).items():
             _line(ax, styles, series, [p[1] for p in group], [p[2] for p in group], zorder=3)
-        _token_axis(ax, [p[1] for p in pts], panel.xlabel)
-        if kind == "ratio":
+        if kind == "state":
+            ax.set_xscale("log", base=2)
+            _bytes_axis(ax, "x")
+            ax.set_xlabel(panel.xlabel)
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_ylabel("accuracy")
+        elif kind == "ratio":
+            _token_axis(ax, [p[1] for p in pts], panel.xlabel)
             _ratio_axis(ax, [p[2] for p in pts])
             ax.set_ylabel("speed-up over SDPA (×, log)")
         else:
+            _token_axis(ax, [p[1] for p in pts], panel.xlabel)
             ax.set_yscale("log", base=2)
             _bytes_axis(ax)
             ax.set_ylabel("bytes (log)")
@@ -450,35 +458,9 @@ def heatmap_figure(name: str, entries, results: dict[str, Any], styles: dict[str
     return _save(fig, path)
 
 
-def state_figure(name: str, entries, results: dict[str, Any], styles: dict[str, dict[str, Any]],
-                 path: str | Path) -> Path | None:
-    """Accuracy (0–1) against state bytes (log 2), a line per series through its points."""
-    _, title = FIGURES[name]
-    plt = _mpl()
-    fig, flat = _grid(plt, len(entries))
-    for ax, (panel, recs) in zip(flat, entries):
-        pts = [(str(panel.series(r)), float(r[panel.x]), float(r[panel.y])) for r in recs]
-        for series, group in _group(pts, lambda p: p[0]).items():
-            group = sorted(group, key=lambda p: p[1])
-            _line(ax, styles, series, [p[1] for p in group], [p[2] for p in group], zorder=3)
-        ax.set_xscale("log", base=2)
-        _bytes_axis(ax, "x")
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel(panel.xlabel)
-        ax.set_ylabel("accuracy")
-        ax.set_title(_panel_title(panel, recs), fontsize=11)
-        ax.grid(True, which="major", alpha=0.3)
-    for ax in flat[len(entries):]:
-        ax.set_visible(False)
-    fig.suptitle(f"{title} — {machine_line(results)}", fontsize=12)
-    fig.tight_layout()
-    _figure_legend(fig, flat[: len(entries)], flat[len(entries)] if len(flat) > len(entries) else None)
-    return _save(fig, path)
-
-
 _DRAW: dict[str, Callable[..., Path | None]] = {"ratio": line_figure, "bytes": line_figure,
                                                 "density": density_figure, "heatmap": heatmap_figure,
-                                                "state": state_figure}
+                                                "state": line_figure}
 
 
 def write_all(results: dict[str, Any], plot_dir: str | Path) -> dict[str, Path]:
