@@ -256,10 +256,10 @@ class LanguageModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def state_size(self, tokens: int = 0) -> int:
-        """Bytes of sequence state per sequence after ``tokens`` tokens (Zoology's convention):
-        an attention block keeps ``2 · n_kv_heads · head_dim`` numbers per token in float32 terms
-        of the compute dtype's width — its cache grows with the context; a recurrent block the
-        layer's fixed state."""
+        """Bytes of sequence state per sequence after ``tokens`` tokens (Zoology's convention): an
+        attention block keeps ``2 · n_kv_heads · head_dim`` numbers per token at the parameters'
+        width (its cache grows with the context); a recurrent block its layer's state (fixed, but
+        for RAT's one summary per chunk); a short convolution its last ``short_conv - 1`` inputs."""
         total = 0
         width = next(self.parameters()).element_size()
         for block in self.layers:
