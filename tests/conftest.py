@@ -125,6 +125,25 @@ def assert_close_to_oracle(out, ref, *, atol=2e-5, rtol=1e-4):
     torch.testing.assert_close(out.to(torch.float64), ref, atol=atol, rtol=rtol)
 
 
+#: log-gate draws for the recurrent ops: near 0 (almost no forgetting), strongly negative (−2.5 …
+#: −5 per step) and per-channel mixed (−exp(N(0, 2)): from ~−0.002 to ~−50 within one head)
+GATES = ("near0", "strong", "mixed")
+
+
+def draw_gate(shape, level, g):
+    """A float64 log gate of ``shape`` at one of ``GATES`` (or "grad": away from 0, so gradcheck's
+    perturbations stay in range)."""
+    if level == "near0":
+        return -0.01 * torch.rand(shape, generator=g, dtype=torch.float64)
+    if level == "strong":
+        return -2.5 - 2.5 * torch.rand(shape, generator=g, dtype=torch.float64)
+    if level == "mixed":
+        return -torch.exp(2.0 * torch.randn(shape, generator=g, dtype=torch.float64))
+    if level == "grad":
+        return -0.1 - 1.5 * torch.rand(shape, generator=g, dtype=torch.float64)
+    raise AssertionError(level)
+
+
 @pytest.fixture
 def qkv():
     return make_qkv()

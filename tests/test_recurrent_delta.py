@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import DEVICE, assert_close_scaled as assert_close, rel_rmse
+from conftest import DEVICE, GATES, assert_close_scaled as assert_close, draw_gate, rel_rmse
 from longattn.recurrent import delta, gated
 
 
@@ -38,22 +38,6 @@ GDELTA = Op("gated_deltanet", delta.gated_deltanet_attention, delta.gated_deltan
 OPS = [GLA, DELTA, GDELTA]
 IDS = [op.name for op in OPS]
 
-#: log-gate draws: near 0 (almost no forgetting), strongly negative (−2.5 … −5 per step) and
-#: per-channel mixed (−exp(N(0, 2)): from ~−0.002 to ~−50 within one head)
-GATES = ("near0", "strong", "mixed")
-
-
-def draw_gate(shape, level, g):
-    if level == "near0":
-        return -0.01 * torch.rand(shape, generator=g, dtype=torch.float64)
-    if level == "strong":
-        return -2.5 - 2.5 * torch.rand(shape, generator=g, dtype=torch.float64)
-    if level == "mixed":
-        return -torch.exp(2.0 * torch.randn(shape, generator=g, dtype=torch.float64))
-    if level == "grad":  # away from 0 so gradcheck's perturbations stay in range
-        return -0.1 - 1.5 * torch.rand(shape, generator=g, dtype=torch.float64)
-    raise AssertionError(level)
-
 
 def make(op, *, b=2, h=4, hkv=2, t=40, dk=8, dv=6, dtype=torch.float32, gate="near0", seed=0, state=True):
     """Seeded ``(q, k, v, extras, initial_state)`` on the test device (drawn on the CPU)."""
@@ -76,10 +60,6 @@ def make(op, *, b=2, h=4, hkv=2, t=40, dk=8, dv=6, dtype=torch.float32, gate="ne
 
     return (put(q), put(k), put(v), tuple(put(x) for x in extras),
             None if s0 is None else op.state(put(s0)))
-
-
-
-
 
 
 def run_steps(op, q, k, v, extras, state, **kw):

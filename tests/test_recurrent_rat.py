@@ -10,26 +10,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import DEVICE, assert_close_scaled as assert_close, rel_rmse
+from conftest import DEVICE, GATES, assert_close_scaled as assert_close, draw_gate, rel_rmse
 from longattn import reference_attention
 from longattn.recurrent import rat
 from longattn.recurrent.rat import RATState
-
-#: log-gate draws: near 0 (long memory), strongly negative (−2.5 … −5 per step), per-channel mixed
-#: (−exp(N(0, 2)): ~−0.002 to ~−50 within one head), and "grad" (away from 0 for gradcheck)
-GATES = ("near0", "strong", "mixed")
-
-
-def draw_gate(shape, level, g):
-    if level == "near0":
-        return -0.01 * torch.rand(shape, generator=g, dtype=torch.float64)
-    if level == "strong":
-        return -2.5 - 2.5 * torch.rand(shape, generator=g, dtype=torch.float64)
-    if level == "mixed":
-        return -torch.exp(2.0 * torch.randn(shape, generator=g, dtype=torch.float64))
-    if level == "grad":
-        return -0.1 - 1.5 * torch.rand(shape, generator=g, dtype=torch.float64)
-    raise AssertionError(level)
 
 
 def make(*, b=2, h=4, hkv=2, t=40, dk=8, dv=6, dtype=torch.float32, gate="mixed", seed=0, prefix=13, chunk=8):
@@ -52,10 +36,6 @@ def make(*, b=2, h=4, hkv=2, t=40, dk=8, dv=6, dtype=torch.float32, gate="mixed"
         _, s64 = rat.rat_attention_naive(*pre, chunk_size=chunk)
         state = RATState(*(x.to(torch.float32 if dtype != f64 else f64) for x in s64))
     return (*xs, state)
-
-
-
-
 
 
 def assert_states_close(s, ref, tol=1e-5):

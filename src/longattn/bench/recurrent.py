@@ -64,12 +64,7 @@ def op_call(name: str, tokens: int, dtype: torch.dtype, seed: int = 0, *, batch:
     for op ``name`` over ``tokens`` random tokens (gates in their papers' ranges): ``chunked`` runs
     the chunked form over the first ``tokens`` of them (all by default), ``step`` the step form on
     token ``i``."""
-    from types import SimpleNamespace
-
     from longattn.recurrent import aaren, based, delta, gated, lightning, linear, rat, titans
-
-    R = SimpleNamespace(**{n: getattr(m, n) for m in (aaren, based, delta, gated, lightning, linear, rat, titans)
-                           for n in dir(m) if n.endswith(("_attention", "_step", "_naive", "_memory"))})
     g = torch.Generator().manual_seed(seed)
     b, h, d = batch, HEADS, HEAD_DIM
 
@@ -84,32 +79,33 @@ def op_call(name: str, tokens: int, dtype: torch.dtype, seed: int = 0, *, batch:
     kw: dict[str, Any] = {}
     pos: tuple = ()
     if name == "linear":
-        fn, step, naive = R.linear_attention, R.linear_attention_step, R.linear_attention_naive
+        fn, step, naive = linear.linear_attention, linear.linear_attention_step, linear.linear_attention_naive
     elif name == "lightning":
-        fn, naive = R.lightning_attention, R.lightning_attention_naive
-        step = R.lightning_attention_step
+        fn, step, naive = (lightning.lightning_attention, lightning.lightning_attention_step,
+                           lightning.lightning_attention_naive)
     elif name == "gla":
         pos = (torch.nn.functional.logsigmoid(rnd(b, h, tokens, d) + 4).to(dtype) / 16,)
-        fn, step, naive = R.gla_attention, R.gla_attention_step, R.gla_attention_naive
+        fn, step, naive = gated.gla_attention, gated.gla_attention_step, gated.gla_attention_naive
     elif name == "deltanet":
         pos = (unit(b, h, tokens, low=0.1, high=0.9),)
-        fn, step, naive = R.deltanet_attention, R.deltanet_attention_step, R.deltanet_attention_naive
+        fn, step, naive = delta.deltanet_attention, delta.deltanet_attention_step, delta.deltanet_attention_naive
     elif name == "gated_deltanet":
         pos = (unit(b, h, tokens, low=0.1, high=0.9), -unit(b, h, tokens, low=0.0, high=0.1))
-        fn, step, naive = R.gated_deltanet_attention, R.gated_deltanet_attention_step, R.gated_deltanet_attention_naive
+        fn, step, naive = (delta.gated_deltanet_attention, delta.gated_deltanet_attention_step,
+                           delta.gated_deltanet_attention_naive)
     elif name == "aaren":
         q = rnd(h, d)
-        fn, step, naive = R.aaren_attention, R.aaren_attention_step, R.aaren_attention_naive
+        fn, step, naive = aaren.aaren_attention, aaren.aaren_attention_step, aaren.aaren_attention_naive
     elif name == "based":
         kw = dict(window=BASED_WINDOW, q_window=rnd(b, h, tokens, d), k_window=rnd(b, h, tokens, d))
-        fn, step, naive = R.based_attention, R.based_attention_step, R.based_attention_naive
+        fn, step, naive = based.based_attention, based.based_attention_step, based.based_attention_naive
     elif name == "rat":
         pos = (-unit(b, h, tokens, d, low=0.0, high=0.5), -unit(b, h, tokens, d, low=0.0, high=0.5))
-        fn, step, naive = R.rat_attention, R.rat_attention_step, R.rat_attention_naive
+        fn, step, naive = rat.rat_attention, rat.rat_attention_step, rat.rat_attention_naive
     elif name == "titans":
         pos = (unit(b, h, tokens, low=0.5, high=0.9), unit(b, h, tokens, low=0.0, high=0.1),
                unit(b, h, tokens, low=0.0, high=0.05))
-        fn, step, naive = R.titans_memory, R.titans_memory_step, R.titans_memory_naive
+        fn, step, naive = titans.titans_memory, titans.titans_memory_step, titans.titans_memory_naive
     else:
         raise ValueError(f"unknown op {name!r}; known: {', '.join(OPS)}")
 

@@ -181,6 +181,11 @@ class _RecurrentLayer(nn.Module):
     def _mix(self, x: torch.Tensor, state: Any, step: bool) -> tuple[torch.Tensor, Any]:  # pragma: no cover
         raise NotImplementedError
 
+    def state_size(self, tokens: int = 0) -> int:  # pragma: no cover
+        """Bytes of state per sequence after ``tokens`` tokens (Zoology's convention); fixed for
+        every layer but RAT, which keeps one summary per chunk."""
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}"
 
@@ -226,7 +231,7 @@ class LinearAttentionLayer(_RecurrentLayer):
             return linear_attention_step(q, k, v, state, **self._kw(x))
         return linear_attention(q, k, v, chunk=self.chunk, initial_state=state, **self._kw(x))
 
-    def state_size(self) -> int:
+    def state_size(self, tokens: int = 0) -> int:
         """Bytes of state per sequence: :func:`~longattn.recurrent.linear.linear_state_size`."""
         return linear_state_size(self.kv_heads, self.num_features, self.dv)
 
@@ -266,7 +271,7 @@ class LightningLayer(_RecurrentLayer):
         """The fixed per-head decays ``λ [heads]`` (float32)."""
         return transnormer_decays(self.heads, layer=self.layer, layers=self.layers, device=device)
 
-    def state_size(self) -> int:
+    def state_size(self, tokens: int = 0) -> int:
         """Bytes of state per sequence: :func:`~longattn.recurrent.lightning.lightning_state_size`."""
         return lightning_state_size(self.heads, self.dk, self.dv)
 
@@ -302,7 +307,7 @@ class GLALayer(_RecurrentLayer):
             return gla_attention_step(q, k, v, log_gate, state)
         return gla_attention(q, k, v, log_gate, chunk=self.chunk, initial_state=state)
 
-    def state_size(self) -> int:
+    def state_size(self, tokens: int = 0) -> int:
         """Bytes of state per sequence: :func:`~longattn.recurrent.gated.gla_state_size`."""
         return gla_state_size(self.kv_heads, self.dk, self.dv)
 
@@ -335,7 +340,7 @@ class DeltaNetLayer(_RecurrentLayer):
             return deltanet_attention_step(q, k, v, beta, state)
         return deltanet_attention(q, k, v, beta, chunk=self.chunk, initial_state=state)
 
-    def state_size(self) -> int:
+    def state_size(self, tokens: int = 0) -> int:
         """Bytes of state per sequence: :func:`~longattn.recurrent.delta.delta_state_size`."""
         return delta_state_size(self.kv_heads, self.dk, self.dv)
 
@@ -391,7 +396,7 @@ class AarenLayer(_RecurrentLayer):
             return aaren_attention_step(self.query, k, v, state)
         return aaren_attention(self.query, k, v, chunk=self.chunk, initial_state=state)
 
-    def state_size(self) -> int:
+    def state_size(self, tokens: int = 0) -> int:
         """Bytes of state per sequence: :func:`~longattn.recurrent.aaren.aaren_state_size`."""
         return aaren_state_size(self.heads, self.dv)
 
@@ -432,7 +437,7 @@ class BasedLayer(_RecurrentLayer):
             return based_attention_step(q, k, v, state, **kw)
         return based_attention(q, k, v, chunk=self.chunk, initial_state=state, **kw)
 
-    def state_size(self) -> int:
+    def state_size(self, tokens: int = 0) -> int:
         """Bytes of state per sequence: :func:`~longattn.recurrent.based.based_state_size`."""
         return based_state_size(self.kv_heads, self.feature_dim, self.dv, self.window, window_dim=self.head_dim)
 
@@ -518,7 +523,7 @@ class TitansLayer(_RecurrentLayer):
             return titans_memory_step(q, k, v, eta, theta, alpha, state, chunk_size=self.chunk_size)
         return titans_memory(q, k, v, eta, theta, alpha, chunk_size=self.chunk_size, initial_state=state)
 
-    def state_size(self) -> int:
+    def state_size(self, tokens: int = 0) -> int:
         """Bytes of state per sequence: :func:`~longattn.recurrent.titans.titans_state_size`."""
         return titans_state_size(self.kv_heads, self.dk, self.dv)
 
@@ -693,7 +698,7 @@ class TitansMAGLayer(_TitansCombined):
         m, memory = self._write_read(x, memory, step)
         return self._gate(y, m, x.dtype), TitansMAGState(memory, ck, cv)
 
-    def state_size(self) -> int:
+    def state_size(self, tokens: int = 0) -> int:
         """Bytes of state per sequence: :func:`~longattn.recurrent.titans_combined.titans_mag_state_size`
         (the memory's state and the window's cache)."""
         return titans_mag_state_size(self.kv_heads, self.head_dim, self.window, **self._memory_state_size())
@@ -789,7 +794,7 @@ class TitansMACLayer(_TitansCombined):
         out = torch.cat(outs, dim=2) if outs else q.new_zeros(b, self.heads, 0, self.head_dim)
         return out, TitansMACState(memory, held, kx_c, vx_c, kh_c, vh_c)
 
-    def state_size(self) -> int:
+    def state_size(self, tokens: int = 0) -> int:
         """Bytes of state per sequence at its largest:
         :func:`~longattn.recurrent.titans_combined.titans_mac_state_size` (the memory's state, its
         segment-start weights and the current segment's keys and values)."""

@@ -266,8 +266,7 @@ class LanguageModel(nn.Module):
             if self.config.short_conv:
                 total += (self.config.short_conv - 1) * self.config.dim * width
             if hasattr(block, "mixer"):
-                size = block.mixer.state_size
-                total += size(tokens) if block.mixer.op_name == "rat" else size()
+                total += block.mixer.state_size(tokens)
             else:
                 total += 2 * self.config.n_kv_heads * self.config.head_dim * tokens * width
         return total
