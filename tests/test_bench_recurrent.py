@@ -44,6 +44,10 @@ def test_mqar_records_carry_state_size_accuracy_and_speed(results):
     for r in mqar.values():
         assert r["state_bytes"] > 0 and 0.0 <= r["accuracy"] <= 1.0 and r["tokens_per_s"] > 0
         assert set(r["accuracy_by_pairs"]) == {2, 4}
+        # per-query accuracy (Zoology) is never below the all-values-right share of samples
+        assert 0.0 <= r["sample_accuracy"] <= r["accuracy"] + 1e-12
+    # only the attention model gets the copy warm-up
+    assert mqar["attention"]["copy_steps"] == 1 and all(r["copy_steps"] == 0 for m, r in mqar.items() if m != "attention")
     # attention's state is its KV cache at the task length; the fixed states do not grow with it
     assert mqar["attention"].get("state_bytes") == 2 * 2 * 1 * 32 * 64 * 4
 

@@ -71,6 +71,25 @@ def test_train_retrieval_command_writes_a_loadable_checkpoint(tmp_path, monkeypa
     assert cfg["training"]["seed"] == 5 and cfg["training"]["steps"] == 3 and model.config.dim == 32
 
 
+def test_train_command_trains_a_recurrent_mqar_model_with_conv_ramp_and_mixer_options(tmp_path):
+    from longattn.train import load_model, read_config
+
+    out = tmp_path / "gdn"
+    res = runner.invoke(app, ["train", "--out", str(out), "--mixer", "gated_deltanet", "--mixer-option",
+                              "output_gate=false", "--short-conv", "4", "--dim", "32", "--length", "64",
+                              "--pairs", "2,4", "--pairs-ramp", "2", "--steps", "3", "--tokens-per-step", "256",
+                              "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    cfg = read_config(out)
+    assert cfg["model"]["short_conv"] == 4 and cfg["model"]["mixer_options"] == {"output_gate": False}
+    assert cfg["training"]["task"]["pairs_ramp"] == 2
+    model = load_model(out)
+    assert model.layers[0].mixer.output_norm and not model.layers[0].mixer.output_gate
+    bad = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), "--mixer", "gla", "--mixer-option",
+                              "output_norm=3", "--steps", "1"])
+    assert bad.exit_code != 0 and "output_norm must be a bool" in bad.output
+
+
 def test_version_flag_prints_the_package_version():
     res = runner.invoke(app, ["--version"])
     assert res.exit_code == 0 and res.output.strip() == f"longattn {longattn.__version__}"

@@ -190,3 +190,73 @@ def test_lightning_decays_follow_depth_and_stay_float32():
     assert first.to(torch.bfloat16).decay().dtype == torch.float32
     with pytest.raises(ValueError, match="layer"):
         _layer("lightning", layer=4, layers=4)
+
+
+# -- the output stage (per-head RMSNorm, SiLU gate) ---------------------------------------------
+
+SIMPLE = [n for n in NAMES if not n.startswith("titans_")]  # the Titans combinations have their own gate
+
+
+def test_output_stage_defaults_follow_the_papers():
+    on = {n: (_layer(n).output_norm, _layer(n).output_gate) for n in SIMPLE}
+    assert on["gla"] == on["gated_deltanet"] == on["titans"] == (True, True)
+    assert on["deltanet"] == (True, False)
+    assert on["linear"] == on["lightning"] == on["aaren"] == on["based"] == on["rat"] == (False, False)
+    gla = _layer("gla")
+    assert gla.out_norm_weight.shape == (HEAD_DIM,) and gla.g_proj.out_features == HEADS * HEAD_DIM
+    assert not hasattr(_layer("linear"), "g_proj") and not hasattr(_layer("linear"), "out_norm_weight")
+
+
+@pytest.mark.parametrize("name", SIMPLE)
+@pytest.mark.parametrize("norm,gate", [(True, False), (False, True), (True, True), (False, False)])
+def test_output_stage_keeps_pieces_decode_and_gradients(name, norm, gate):
+    layer = _layer(name, output_norm=norm, output_gate=gate)
+    x = _x()
+    y, _ = layer(x)
+    y1, st = layer(x[:, :7])
+    y2, st = layer(x[:, 7:18], st)
+    y3, _ = layer(x[:, 18:], st)
+    torch.testing.assert_close(torch.cat([y1, y2, y3], 1), y, atol=2e-5, rtol=1e-4)
+    layer.train().zero_grad()
+    layer(x.requires_grad_(True))[0].square().sum().backward()
+    for pname, p in layer.named_parameters():
+        if pname in ("out_norm_weight", "g_proj.weight"):
+            assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "titans"])
+def test_output_norm_removes_the_value_scale(name):
+    # q and k are L2-normalised inside these ops, so the op's output is linear in v: the per-head
+    # norm must make the layer's output independent of v's scale (what lets small-init models learn)
+    # (from a scale where the norm's eps no longer counts: ×100 against ×1000)
+    layer = _layer(name, output_norm=True, output_gate=False)
+    x = _x()
+    with torch.no_grad():
+        layer.v_proj.weight.mul_(100.0)
+    y, _ = layer(x)
+    with torch.no_grad():
+        layer.v_proj.weight.mul_(10.0)
+    y_big, _ = layer(x)
+    torch.testing.assert_close(y_big, y, atol=1e-5, rtol=1e-4)
+    plain = _layer(name, output_norm=False, output_gate=False)
+    ref, _ = plain(x)
+    with torch.no_grad():
+        plain.v_proj.weight.mul_(1000.0)
+    assert not torch.allclose(plain(x)[0], ref, rtol=1e-2)
+
+
+def test_output_norm_computes_in_float32_for_bfloat16():
+    layer = _layer("gla")
+    x = _x()
+    ref, _ = layer(x.double().float())
+    y, _ = layer.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert (y.float() - ref).norm() / ref.norm() < 0.05
+
+
+@pytest.mark.parametrize("bad", [1, "yes", 0.0])
+def test_output_stage_flags_must_be_bools(bad):
+    with pytest.raises(TypeError, match="output_norm must be a bool"):
+        _layer("gla", output_norm=bad)
+    with pytest.raises(TypeError, match="output_gate must be a bool"):
+        _layer("linear", output_gate=bad)

@@ -164,3 +164,40 @@ def test_batches_depend_on_seed_and_step_only():
     assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, cur.batch(51, 7, 1024).tokens)
     assert cur.batch(3, 7, 1024).task == "mixture" and cur.batch(3, 7, 1024).length <= 64
     assert json.loads(json.dumps(cur.to_dict()))["name"] == "retrieval"
+
+
+class _HalfRight(torch.nn.Module):
+    """Answers every MQAR query of a sample right except the last one (a test double of the model's
+    ``logits_at`` call)."""
+
+    def forward(self, tokens, method=None, logits_at=None):
+        b, m = logits_at.shape
+        logits = torch.zeros(b, m, VOCAB.size)
+        nxt = tokens.gather(1, logits_at + 1)  # the value after each query position
+        logits.scatter_(2, nxt[..., None], 1.0)
+        logits[:, -1].zero_()
+        logits[:, -1, 0] = 1.0  # the last query of each sample: a wrong id
+        return logits
+
+
+def test_mqar_accuracy_per_query_and_per_sample():
+    from longattn.train.data import mqar_accuracy
+
+    task = MQARTask(length=64, pairs=(2, 4))
+    per_query = mqar_accuracy(_HalfRight(), task, n=8)
+    assert per_query == {"mqar@64/2pairs": 0.5, "mqar@64/4pairs": 0.75}
+    assert mqar_accuracy(_HalfRight(), task, n=8, per="sample") == {"mqar@64/2pairs": 0.0, "mqar@64/4pairs": 0.0}
+    with pytest.raises(ValueError, match="per must be"):
+        mqar_accuracy(_HalfRight(), task, per="token")
+
+
+def test_mqar_pairs_ramp_grows_from_the_easiest_count():
+    task = MQARTask(length=64, pairs=(8, 2, 12, 4), copy_steps=10, pairs_ramp=30)
+    assert task.pairs_at(0) == task.pairs_at(10) == (2,)
+    assert task.pairs_at(20) == (2, 4) and task.pairs_at(30) == (2, 4, 8)
+    assert task.pairs_at(40) == task.pairs_at(10_000) == (2, 4, 8, 12)
+    drawn = {task.batch(s, 0, 640).answer_mask.sum(-1)[0].item() for s in range(10, 15)}
+    assert drawn == {2}
+    assert MQARTask(length=64, pairs=(8, 2)).pairs_at(0) == (8, 2)  # no ramp: as given
+    with pytest.raises(ValueError, match="pairs_ramp"):
+        MQARTask(length=64, pairs=(2,), pairs_ramp=-1)

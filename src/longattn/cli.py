@@ -308,6 +308,11 @@ def train_cmd(
     hidden: Optional[int] = typer.Option(None, "--hidden", min=1, help="SwiGLU width (default 2 x --dim)"),
     length: int = typer.Option(256, "--length", min=32, help="mqar: tokens per sample; retrieval: longest length"),
     pairs: str = typer.Option("4,8,16,32", "--pairs", help="mqar: key-value pair counts drawn per step"),
+    pairs_ramp: int = typer.Option(0, "--pairs-ramp", min=0, help="mqar: steps over which the pair counts drawn "
+                                                                   "grow from the smallest to all (0: all at once)"),
+    short_conv: int = typer.Option(0, "--short-conv", min=0, help="kernel of a causal depthwise convolution "
+                                                                  "before each mixer (0: none; 4 helps recurrent "
+                                                                  "mixers learn recall)"),
     steps: int = typer.Option(1000, "--steps", min=1),
     lr: float = typer.Option(3e-3, "--lr"),
     tokens_per_step: int = typer.Option(8192, "--tokens-per-step", min=64),
@@ -330,7 +335,7 @@ def train_cmd(
         torch.set_num_threads(threads)
     try:
         if task == "mqar":
-            recipe = MQARTask(length=length, pairs=tuple(_int_list(pairs, "--pairs") or ()))
+            recipe = MQARTask(length=length, pairs=tuple(_int_list(pairs, "--pairs") or ()), pairs_ramp=pairs_ramp)
         elif task == "retrieval":
             recipe = RetrievalCurriculum(steps=steps, max_length=length)
         else:
@@ -339,7 +344,7 @@ def train_cmd(
 
         config = ModelConfig(vocab_size=VOCAB.size, dim=dim, n_layers=layers, n_heads=heads,
                              n_kv_heads=kv_heads or heads, hidden_dim=hidden or 2 * dim, max_train_length=length,
-                             mixer=mixer, mixer_options=_mixer_options(mixer_option))
+                             mixer=mixer, mixer_options=_mixer_options(mixer_option), short_conv=short_conv)
         settings = TrainSettings(seed=seed, steps=steps, lr=lr, tokens_per_step=tokens_per_step, method=method,
                                  checkpoint_every=checkpoint_every, warmup=min(100, steps // 10))
     except (ValueError, TypeError) as exc:

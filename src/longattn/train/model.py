@@ -122,6 +122,14 @@ class ModelConfig:
             raise ValueError(f"mixer must be {ATTENTION!r} or one of {sorted(_recurrent_layers())}, got {self.mixer!r}")
         if not isinstance(self.mixer_options, dict):
             raise TypeError(f"mixer_options must be a dict, got {type(self.mixer_options).__name__}")
+        if self.mixer != ATTENTION:
+            # build the layer once without memory (meta tensors), so a bad option is named here and not
+            # at the first forward or deep inside a training run
+            from longattn.recurrent.layers import make_layer
+
+            with torch.device("meta"):
+                make_layer(self.mixer, self.dim, self.n_heads, self.head_dim, kv_heads=self.n_kv_heads,
+                           **self.mixer_options)
 
     @property
     def head_dim(self) -> int:
