@@ -27,6 +27,7 @@ KW = {
     "titans": dict(chunk_size=4),
     "titans_mag": dict(window=5, persistent_tokens=2, chunk_size=4),
     "titans_mac": dict(segment=5, persistent_tokens=2, chunk_size=4),
+    "titans_mal": dict(window=5, persistent_tokens=2, chunk_size=4),
 }
 
 NAMES = sorted(LAYERS)
@@ -45,7 +46,7 @@ def _x(b: int = 2, t: int = 19, seed: int = 1) -> torch.Tensor:
 
 def test_registry_covers_every_op():
     assert set(LAYERS) == {"linear", "lightning", "gla", "deltanet", "gated_deltanet", "aaren", "based", "rat",
-                           "titans", "titans_mag", "titans_mac"}
+                           "titans", "titans_mag", "titans_mac", "titans_mal"}
     for name, cls in LAYERS.items():
         assert cls.op_name == name
 

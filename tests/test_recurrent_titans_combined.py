@@ -1,7 +1,9 @@
-"""Titans' memory combined with attention: :class:`TitansMAGLayer` (memory as a gate) and
-:class:`TitansMACLayer` (memory as a context), linear and MLP memory.
+"""Titans' memory combined with attention: :class:`TitansMAGLayer` (memory as a gate),
+:class:`TitansMACLayer` (memory as a context) and :class:`TitansMALLayer` (memory as a layer),
+linear and MLP memory.
 
-Each layer against its float64 reference (``titans_mag_naive`` / ``titans_mac_naive``: token by
+Each layer against its float64 reference (``titans_mag_naive`` / ``titans_mac_naive`` /
+``titans_mal_naive``: token by
 token, plain torch, the memory's gradient by autograd); prefill in pieces (mid-segment, mid-chunk,
 one-token pieces) and decoding equal one pass; bf16; gradients; batch invariance; causality; the
 state's layout and size; errors; and ``titans_memory_read``."""
@@ -12,15 +14,18 @@ import pytest
 import torch
 
 from conftest import DEVICE, assert_close_scaled, rel_rmse
-from longattn.recurrent.layers import LAYERS, TitansMACLayer, TitansMAGLayer, make_layer
+from longattn.recurrent.layers import LAYERS, TitansMACLayer, TitansMAGLayer, TitansMALLayer, make_layer
 from longattn.recurrent.titans import TitansMLPState, TitansState, titans_memory, titans_memory_read
 from longattn.recurrent.titans_combined import (
     TitansMACState,
     TitansMAGState,
+    TitansMALState,
     titans_mac_naive,
     titans_mac_state_size,
     titans_mag_naive,
     titans_mag_state_size,
+    titans_mal_naive,
+    titans_mal_state_size,
 )
 
 D_MODEL, HEADS, HEAD_DIM, KV_HEADS = 16, 4, 8, 2
@@ -28,7 +33,8 @@ WINDOW = SEGMENT = 5
 CHUNK = 3  # the memory's mini-batch: its grid crosses the segments' (5) at other tokens
 
 KINDS = {"titans_mag": (dict(window=WINDOW), titans_mag_naive),
-         "titans_mac": (dict(segment=SEGMENT), titans_mac_naive)}
+         "titans_mac": (dict(segment=SEGMENT), titans_mac_naive),
+         "titans_mal": (dict(window=WINDOW), titans_mal_naive)}
 CASES = [(name, memory) for name in KINDS for memory in ("linear", "mlp")]
 
 
@@ -108,7 +114,9 @@ def test_decode_after_prefill_equals_one_pass(name, memory, prefill):
 def test_bfloat16_against_the_reference(name, memory):
     """bf16 parameters and input, states in float32: within relative RMSE 0.005 of the float64
     reference of the same (bf16) parameters and input. The floor is the bf16 rounding of every
-    projection's output (about 0.003 measured here)."""
+    projection's output (about 0.003 measured here). MAL projects twice in a row (the memory's
+    read-out is rounded to bf16 and projected again for the attention): 0.010 (measured over 8
+    seeds: 0.0034–0.0049 linear memory, 0.0033–0.0061 MLP)."""
     layer = _layer(name, memory).to(torch.bfloat16)
     x = _x(dtype=torch.bfloat16)
     with torch.no_grad():
@@ -117,9 +125,10 @@ def test_bfloat16_against_the_reference(name, memory):
     tensors = [t for t in state.memory if t.is_floating_point()]
     tensors += [t for t in state[1:] if isinstance(t, torch.Tensor)]
     assert all(t.dtype == torch.float32 for t in tensors)
-    assert rel_rmse(y, KINDS[name][1](layer, x)) <= 0.005
+    tol = 0.010 if name == "titans_mal" else 0.005
+    assert rel_rmse(y, KINDS[name][1](layer, x)) <= tol
     pieces, _ = _pieces(layer, x, [7, 1, 9])
-    assert rel_rmse(pieces, y) <= 0.005
+    assert rel_rmse(pieces, y) <= tol
 
 
 @pytest.mark.parametrize("name, memory", CASES)
@@ -184,10 +193,11 @@ def test_state_layout_and_size(name, memory):
     kind = TitansMLPState if memory == "mlp" else TitansState
     assert isinstance(state.memory, kind)
     hidden = HEAD_DIM if memory == "mlp" else None
-    if name == "titans_mag":
-        assert isinstance(state, TitansMAGState)
+    if name in ("titans_mag", "titans_mal"):
+        assert isinstance(state, TitansMAGState if name == "titans_mag" else TitansMALState)
         assert state.k_window.shape == state.v_window.shape == (2, KV_HEADS, WINDOW - 1, HEAD_DIM)
-        expected = titans_mag_state_size(KV_HEADS, HEAD_DIM, WINDOW, hidden=hidden)
+        size = titans_mag_state_size if name == "titans_mag" else titans_mal_state_size
+        expected = size(KV_HEADS, HEAD_DIM, WINDOW, hidden=hidden)
     else:
         assert isinstance(state, TitansMACState)
         for cache in state[2:]:
@@ -209,11 +219,12 @@ def test_mac_segment_boundary_state():
 
 @pytest.mark.parametrize("name", sorted(KINDS))
 def test_registered_and_built_with_defaults(name):
-    assert LAYERS[name] is {"titans_mag": TitansMAGLayer, "titans_mac": TitansMACLayer}[name]
+    assert LAYERS[name] is {"titans_mag": TitansMAGLayer, "titans_mac": TitansMACLayer,
+                            "titans_mal": TitansMALLayer}[name]
     assert LAYERS[name].op_name == name
     layer = make_layer(name, 32, 4, 8).to(DEVICE)
     assert layer.memory == "mlp" and layer.persistent_tokens == 4 and layer.chunk_size == 16
-    assert (layer.window if name == "titans_mag" else layer.segment) == 64
+    assert (layer.segment if name == "titans_mac" else layer.window) == 64
     x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     with torch.no_grad():
         y, state = layer(x)
@@ -260,9 +271,9 @@ def test_bad_inputs_and_states(name):
         _, mlp_state = _layer(name, "mlp")(_x(t=7))
     with pytest.raises(TypeError, match="state.memory must be a TitansState"):
         layer(_x(t=2), state=state._replace(memory=mlp_state.memory))
-    cache = state[1] if name == "titans_mag" else state.k_tokens
+    cache = state.k_tokens if name == "titans_mac" else state.k_window
     too_long = torch.zeros(2, KV_HEADS, 9, HEAD_DIM, device=cache.device)
-    field = "k_window" if name == "titans_mag" else "k_tokens"
+    field = "k_tokens" if name == "titans_mac" else "k_window"
     with pytest.raises(ValueError, match=field):
         layer(_x(t=2), state=state._replace(**{field: too_long}))
     with pytest.raises(ValueError, match=field):

@@ -95,11 +95,14 @@ from longattn.recurrent.titans import (
 from longattn.recurrent.titans_combined import (
     TitansMACState,
     TitansMAGState,
+    TitansMALState,
     persistent_window_attention,
     segment_attention,
     titans_gate,
+    titans_norm,
     titans_mac_state_size,
     titans_mag_state_size,
+    titans_mal_state_size,
 )
 
 __all__ = [
@@ -115,6 +118,7 @@ __all__ = [
     "TitansLayer",
     "TitansMACLayer",
     "TitansMAGLayer",
+    "TitansMALLayer",
     "make_layer",
 ]
 
@@ -726,6 +730,7 @@ class TitansMAGLayer(_TitansCombined):
     """
 
     op_name = "titans_mag"
+    _state_type = TitansMAGState
 
     def __init__(self, d_model: int, heads: int, head_dim: int, *, window: int = 64, persistent_tokens: int = 4,
                  memory: str = "mlp", memory_hidden: int | None = None, chunk_size: int = 16,
@@ -739,8 +744,8 @@ class TitansMAGLayer(_TitansCombined):
         if state is None:
             empty = torch.zeros(b, self.kv_heads, 0, self.head_dim, dtype=cdt, device=device)
             return self._memory_initial(b, device, cdt), empty, empty
-        if not isinstance(state, TitansMAGState):
-            raise TypeError(f"state must be a TitansMAGState or None, got {type(state).__name__}")
+        if not isinstance(state, self._state_type):
+            raise TypeError(f"state must be a {self._state_type.__name__} or None, got {type(state).__name__}")
         self._check_memory_state(state.memory, "state")
         most = self.window - 1
         ck = self._cache("state.k_window", state.k_window, b, most, device, cdt, f"window={self.window}")
@@ -764,6 +769,46 @@ class TitansMAGLayer(_TitansCombined):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, window={self.window}"
+
+
+class TitansMALLayer(TitansMAGLayer):
+    """Titans' memory as a layer (MAL; Behrouz, Zhong, Mirrokni 2025, §4.3): the neural memory over
+    ``x``, then sliding-window softmax attention with persistent tokens over the memory's read-out
+    (normalised per head), then ``o_proj`` of the normalised attention output; no gate
+    (:mod:`longattn.recurrent.titans_combined`; float64 reference ``titans_mal_naive``).
+
+    Args: as :class:`TitansMAGLayer`. ``q_proj, k_proj, v_proj`` read the memory's read-out
+    (``heads · head_dim`` features), not ``x``. State: :class:`TitansMALState` (the memory's state
+    and the window's last keys and values).
+    """
+
+    op_name = "titans_mal"
+    _state_type = TitansMALState
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, *, window: int = 64, persistent_tokens: int = 4,
+                 memory: str = "mlp", memory_hidden: int | None = None, chunk_size: int = 16,
+                 theta_scale: float = 0.1, kv_heads: int | None = None, bias: bool = False):
+        super().__init__(d_model, heads, head_dim, window=window, persistent_tokens=persistent_tokens,
+                         memory=memory, memory_hidden=memory_hidden, chunk_size=chunk_size,
+                         theta_scale=theta_scale, kv_heads=kv_heads, bias=bias)
+        hd = self.heads * self.head_dim
+        self.q_proj = nn.Linear(hd, hd, bias=bias)
+        self.k_proj = nn.Linear(hd, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hd, self.kv_heads * self.head_dim, bias=bias)
+
+    def _mix(self, x, state, step):
+        b, t, _ = x.shape
+        memory, ck, cv = self._state(state, b, x.device, compute_dtype(x.dtype))
+        m, memory = self._write_read(x, memory, step)  # [B, H, T, D] float32 (float64 for float64 x)
+        h, d = self.heads, self.head_dim
+        u = titans_norm(m, self.memory_norm_weight).transpose(1, 2).reshape(b, t, h * d).to(x.dtype)
+        q, k, v = self._qkv(u)
+        y, ck, cv = persistent_window_attention(q, k, v, self.persistent_k, self.persistent_v, ck, cv, self.window)
+        return titans_norm(y, self.attn_norm_weight).to(x.dtype), TitansMALState(memory, ck, cv)
+
+    def state_size(self, tokens: int = 0) -> int:
+        """Bytes of state per sequence: :func:`~longattn.recurrent.titans_combined.titans_mal_state_size`."""
+        return titans_mal_state_size(self.kv_heads, self.head_dim, self.window, **self._memory_state_size())
 
 
 class TitansMACLayer(_TitansCombined):
@@ -867,14 +912,14 @@ class TitansMACLayer(_TitansCombined):
 LAYERS: dict[str, type[_RecurrentLayer]] = {
     cls.op_name: cls
     for cls in (LinearAttentionLayer, LightningLayer, GLALayer, DeltaNetLayer, GatedDeltaNetLayer, AarenLayer,
-                BasedLayer, RATLayer, TitansLayer, TitansMAGLayer, TitansMACLayer)
+                BasedLayer, RATLayer, TitansLayer, TitansMAGLayer, TitansMACLayer, TitansMALLayer)
 }
 
 
 def make_layer(name: str, d_model: int, heads: int, head_dim: int, **kw: Any) -> _RecurrentLayer:
     """Build the layer registered as ``name`` in :data:`LAYERS` (``"linear"``, ``"lightning"``,
     ``"gla"``, ``"deltanet"``, ``"gated_deltanet"``, ``"aaren"``, ``"based"``, ``"rat"``,
-    ``"titans"``, ``"titans_mag"``, ``"titans_mac"``); ``kw`` are the class's keyword arguments
+    ``"titans"``, ``"titans_mag"``, ``"titans_mac"``, ``"titans_mal"``); ``kw`` are the class's keyword arguments
     (``kv_heads``, ``chunk``, …)."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, one of {sorted(LAYERS)}, got {type(name).__name__}")

@@ -1,8 +1,9 @@
 """Titans' memory combined with attention — Behrouz, Zhong, Mirrokni 2025, "Titans: Learning to
-Memorize at Test Time", §4.1 (memory as a context, MAC) and §4.2 (memory as a gate, MAG).
+Memorize at Test Time", §4.1 (memory as a context, MAC), §4.2 (memory as a gate, MAG) and §4.3
+(memory as a layer, MAL).
 
-The layers are :class:`longattn.recurrent.layers.TitansMAGLayer` and
-:class:`longattn.recurrent.layers.TitansMACLayer`; this module holds their states, the attention
+The layers are :class:`longattn.recurrent.layers.TitansMAGLayer`,
+:class:`longattn.recurrent.layers.TitansMACLayer` and :class:`~longattn.recurrent.layers.TitansMALLayer`; this module holds their states, the attention
 and gating pieces they share, their state sizes and the float64 references the tests compare them
 with. The neural memory itself is :mod:`longattn.recurrent.titans` (linear or two-layer MLP memory,
 gradient of ``‖M(k) − v‖²`` with momentum and forgetting, mini-batches of ``chunk_size`` tokens).
@@ -29,6 +30,16 @@ layers end with the paper's gate — normalised outputs, a sigmoid on the memory
 The persistent tokens feed the attention only (the paper also runs the memory over them; a learned
 initial memory plays that part here). State :class:`TitansMAGState`: the memory state and the last
 ``window − 1`` keys and values (all a query's window needs besides its own token).
+
+**MAL** (memory as a layer, §4.3). The two in sequence: the neural memory over ``x`` (as in MAG:
+written with token ``t``, read after it, ``m_t``), then the same sliding-window attention over the
+memory's read-out::
+
+    u = merge(norm_m(m)),   q, k, v = W_q u, W_k u, W_v u,   o = W_o merge(norm_y(SW-Attn*(q, k, v)))
+
+(the RMS norms, gains ``memory_norm_weight`` and ``attn_norm_weight``, keep the memory's read-out
+and the attention output of order 1 whatever the memory's scale). No gate. State
+:class:`TitansMALState`: as MAG's — the memory state and the window's last keys and values.
 
 **MAC** (memory as a context). The sequence is cut into segments of ``segment`` tokens on a grid
 from its first token. For a token ``i`` of the segment that starts at ``s``:
@@ -78,13 +89,17 @@ __all__ = [
     "NORM_EPS",
     "TitansMACState",
     "TitansMAGState",
+    "TitansMALState",
     "persistent_window_attention",
     "segment_attention",
     "titans_gate",
+    "titans_norm",
     "titans_mac_naive",
     "titans_mac_state_size",
     "titans_mag_naive",
     "titans_mag_state_size",
+    "titans_mal_naive",
+    "titans_mal_state_size",
 ]
 
 #: added to the mean square in the RMS norms of the gate
@@ -103,6 +118,16 @@ class TitansMAGState(NamedTuple):
             the last ``n = min(window − 1, tokens so far)`` tokens, oldest first.
         v_window: ``[B, Hkv, n, D]``: their values.
     """
+
+    memory: TitansState | TitansMLPState
+    k_window: torch.Tensor
+    v_window: torch.Tensor
+
+
+class TitansMALState(NamedTuple):
+    """The state of :class:`~longattn.recurrent.layers.TitansMALLayer`: the fields of
+    :class:`TitansMAGState` (the memory's state; the window's keys and values, here projections of
+    the memory's read-out)."""
 
     memory: TitansState | TitansMLPState
     k_window: torch.Tensor
@@ -146,6 +171,12 @@ def titans_mag_state_size(heads_kv: int, head_dim: int, window: int, *, hidden: 
     return memory + 4 * heads_kv * (window - 1) * 2 * head_dim
 
 
+def titans_mal_state_size(heads_kv: int, head_dim: int, window: int, *, hidden: int | None = None) -> int:
+    """Bytes of :class:`TitansMALState` per sequence: the same as MAG's
+    (:func:`titans_mag_state_size`)."""
+    return titans_mag_state_size(heads_kv, head_dim, window, hidden=hidden)
+
+
 def titans_mac_state_size(heads_kv: int, head_dim: int, segment: int, *, hidden: int | None = None) -> int:
     """Bytes of :class:`TitansMACState` per sequence at its largest (one layer): the memory's state,
     the segment-start weights (``heads_kv · D²`` float32 values for the linear memory,
@@ -178,6 +209,14 @@ def titans_gate(y: torch.Tensor, m: torch.Tensor, y_weight: torch.Tensor, m_weig
     cdt = torch.float64 if torch.float64 in (y.dtype, dtype) else torch.float32
     wy, wm = y_weight.to(cdt).view(h, 1, d), m_weight.to(cdt).view(h, 1, d)
     return (_rms(y.to(cdt), wy) * torch.sigmoid(_rms(m.to(cdt), wm))).to(dtype)
+
+
+def titans_norm(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The per-head RMS norm of MAL: ``z [B, H, T, D]``, ``weight [H·D]`` (head-major) -> float32
+    (float64 for float64 ``z``), ``[B, H, T, D]``."""
+    b, h, t, d = z.shape
+    cdt = torch.float64 if z.dtype == torch.float64 else torch.float32
+    return _rms(z.to(cdt), weight.to(cdt).view(h, 1, d))
 
 
 def _persistent(p: torch.Tensor | None, b: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -379,6 +418,41 @@ def titans_mag_naive(layer, x: torch.Tensor) -> torch.Tensor:
                   *_gates(layer, xi))
         m = mem.read(mem.w, _lin(xi, layer.mem_q_proj).view(b, h, d))
         outs.append(_gate_naive(layer, y, m))
+    return torch.stack(outs, dim=1) if outs else x64.new_zeros(b, 0, layer.d_model)
+
+
+def titans_mal_naive(layer, x: torch.Tensor) -> torch.Tensor:
+    """The specification of :class:`~longattn.recurrent.layers.TitansMALLayer`, one token at a time in
+    float64 with plain torch ops: the memory written with token ``t`` and read after it; the read-out
+    normalised per head; its projections attend over the persistent tokens and the last ``window``
+    tokens' keys; the attention output normalised per head and projected. ``x [B, T, d_model]`` (a
+    fresh sequence); returns ``y [B, T, d_model]`` float64."""
+    b, t, _ = x.shape
+    h, hkv, d = layer.heads, layer.kv_heads, layer.head_dim
+    x64 = x.detach().double()
+    wm = layer.memory_norm_weight.detach().double().view(h, d)
+    wy = layer.attn_norm_weight.detach().double().view(h, d)
+
+    def norm(z, w):
+        return z / torch.sqrt(z.square().mean(-1, keepdim=True) + NORM_EPS) * w
+
+    mem = _NaiveMemory(layer, b)
+    pk, pv = _persistent_naive(layer, b)
+    keys, values, outs = [], [], []
+    for i in range(t):
+        xi = x64[:, i]
+        mem.write(_lin(xi, layer.mem_k_proj).view(b, hkv, d), _lin(xi, layer.mem_v_proj).view(b, hkv, d),
+                  *_gates(layer, xi))
+        u = norm(mem.read(mem.w, _lin(xi, layer.mem_q_proj).view(b, h, d)), wm).flatten(1)  # [B, H·D]
+        q = _lin(u, layer.q_proj).view(b, h, d)
+        keys.append(_lin(u, layer.k_proj).view(b, hkv, 1, d))
+        values.append(_lin(u, layer.v_proj).view(b, hkv, 1, d))
+        lo = max(0, i - layer.window + 1)
+        kk, vv = torch.cat(keys[lo:], dim=2), torch.cat(values[lo:], dim=2)
+        if pk is not None:
+            kk, vv = torch.cat([pk, kk], dim=2), torch.cat([pv, vv], dim=2)
+        y = _attend(q, kk, vv, h // hkv)
+        outs.append(_lin(norm(y, wy).flatten(1), layer.o_proj))
     return torch.stack(outs, dim=1) if outs else x64.new_zeros(b, 0, layer.d_model)
 
 
