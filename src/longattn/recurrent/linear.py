@@ -203,25 +203,31 @@ def _prepare_lazy(q, k, v, feature_map, features, scale, normalize, eps, initial
 def _chunks(fq, fk, v, s0, z0, length, normalize, eps):
     """``N`` whole chunks of ``length`` tokens at once (``T = N · length``): per chunk the masked
     product ``(φ(Q) φ(K)ᵀ ⊙ M) V`` within it plus ``φ(Q) S`` from the state before it; the states
-    before each chunk are a prefix sum (``cumsum``) over the chunks' ``φ(K)ᵀ V``."""
+    before each chunk are a prefix sum (``cumsum``) over the chunks' ``φ(K)ᵀ V``.
+
+    Normalised, the denominator rides along as one more value column: ``[V, 1]`` makes the same
+    products give ``[numerator, φ(q)·z]`` and the states ``[S, z]``, so there is one prefix sum and
+    one pass of each product instead of two (measured on the EPYC VM at 32k tokens: about 10%
+    of the op's time)."""
     b, hkv, g, t, f = fq.shape
     dv = v.shape[-1]
     n = t // length
     fq = fq.reshape(b, hkv, g, n, length, f)
     fk = fk.reshape(b, hkv, n, length, f)
     v = v.reshape(b, hkv, n, length, dv)
-    kv = fk.transpose(-1, -2) @ v  # [B, Hkv, N, F, Dv]
+    if normalize:
+        v = torch.cat([v, v.new_ones(b, hkv, n, length, 1)], -1)
+        s0 = torch.cat([s0, z0[..., None]], -1)
+    kv = fk.transpose(-1, -2) @ v  # [B, Hkv, N, F, Dv(+1)]
     # states before chunk 0..N-1 and after the last: s0, s0+kv0, (s0+kv0)+kv1, ... in token order
     states = torch.cat([s0[:, :, None], kv], 2).cumsum(2)
-    zs = torch.cat([z0[:, :, None], fk.sum(-2)], 2).cumsum(2)
-    scores = fq @ fk[:, :, None].transpose(-1, -2)  # [B, Hkv, G, N, L, L]
-    causal = torch.ones(length, length, dtype=torch.bool, device=fq.device).tril()
-    scores = scores.masked_fill(~causal, 0.0)
-    num = fq @ states[:, :, None, :-1] + scores @ v[:, :, None]  # [B, Hkv, G, N, L, Dv]
+    scores = fq @ fk[:, :, None].transpose(-1, -2)  # [B, Hkv, G, N, L, L], a fresh tensor: masked in place
+    scores.tril_()
+    num = fq @ states[:, :, None, :-1] + scores @ v[:, :, None]  # [B, Hkv, G, N, L, Dv(+1)]
     if normalize:
-        den = (fq * zs[:, :, None, :-1, None, :]).sum(-1) + scores.sum(-1)
-        num = num / (den[..., None] + eps)
-    return num.reshape(b, hkv, g, t, dv), states[:, :, -1], zs[:, :, -1]
+        out = num[..., :dv] / (num[..., dv:] + eps)
+        return out.reshape(b, hkv, g, t, dv), states[:, :, -1, :, :dv], states[:, :, -1, :, dv]
+    return num.reshape(b, hkv, g, t, dv), states[:, :, -1], z0 + fk.sum((2, 3))
 
 
 def linear_attention(
