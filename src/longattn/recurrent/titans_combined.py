@@ -373,16 +373,33 @@ def _attend(q, keys, values, group: int) -> torch.Tensor:
     return (p[..., None, :] @ values)[..., 0, :]
 
 
+def _norm_naive(z: torch.Tensor, weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Per-head RMS norm of ``z [B, H, D]`` with the gain ``weight [H·D]``."""
+    w = weight.detach().double().view(heads, -1)
+    return z / torch.sqrt(z.square().mean(-1, keepdim=True) + NORM_EPS) * w
+
+
 def _gate_naive(layer, y, m) -> torch.Tensor:
     """``y, m [B, H, D]`` -> ``o_proj(merge(norm(y) ⊙ σ(norm(m))))`` ``[B, d_model]``."""
-    h, d = layer.heads, layer.head_dim
-    wy = layer.attn_norm_weight.detach().double().view(h, d)
-    wm = layer.memory_norm_weight.detach().double().view(h, d)
+    h = layer.heads
+    gated = _norm_naive(y, layer.attn_norm_weight, h) * torch.sigmoid(_norm_naive(m, layer.memory_norm_weight, h))
+    return _lin(gated.flatten(1), layer.o_proj)
 
-    def norm(z, w):
-        return z / torch.sqrt(z.square().mean(-1, keepdim=True) + NORM_EPS) * w
 
-    return _lin((norm(y, wy) * torch.sigmoid(norm(m, wm))).flatten(1), layer.o_proj)
+def _window_attend_naive(layer, z: torch.Tensor, keys: list, values: list, persistent) -> torch.Tensor:
+    """MAG's and MAL's attention for the newest token: ``q, k, v`` projected from ``z [B, in]``
+    (its key and value appended to ``keys`` / ``values``), attending over the persistent tokens and
+    the last ``window`` keys: ``[B, H, D]``."""
+    b, h, hkv, d = z.shape[0], layer.heads, layer.kv_heads, layer.head_dim
+    q = _lin(z, layer.q_proj).view(b, h, d)
+    keys.append(_lin(z, layer.k_proj).view(b, hkv, 1, d))
+    values.append(_lin(z, layer.v_proj).view(b, hkv, 1, d))
+    lo = max(0, len(keys) - layer.window)
+    kk, vv = torch.cat(keys[lo:], dim=2), torch.cat(values[lo:], dim=2)
+    pk, pv = persistent
+    if pk is not None:
+        kk, vv = torch.cat([pk, kk], dim=2), torch.cat([pv, vv], dim=2)
+    return _attend(q, kk, vv, h // hkv)
 
 
 def _persistent_naive(layer, b: int):
@@ -402,18 +419,11 @@ def titans_mag_naive(layer, x: torch.Tensor) -> torch.Tensor:
     h, hkv, d = layer.heads, layer.kv_heads, layer.head_dim
     x64 = x.detach().double()
     mem = _NaiveMemory(layer, b)
-    pk, pv = _persistent_naive(layer, b)
+    persistent = _persistent_naive(layer, b)
     keys, values, outs = [], [], []
     for i in range(t):
         xi = x64[:, i]
-        q = _lin(xi, layer.q_proj).view(b, h, d)
-        keys.append(_lin(xi, layer.k_proj).view(b, hkv, 1, d))
-        values.append(_lin(xi, layer.v_proj).view(b, hkv, 1, d))
-        lo = max(0, i - layer.window + 1)
-        kk, vv = torch.cat(keys[lo:], dim=2), torch.cat(values[lo:], dim=2)
-        if pk is not None:
-            kk, vv = torch.cat([pk, kk], dim=2), torch.cat([pv, vv], dim=2)
-        y = _attend(q, kk, vv, h // hkv)
+        y = _window_attend_naive(layer, xi, keys, values, persistent)
         mem.write(_lin(xi, layer.mem_k_proj).view(b, hkv, d), _lin(xi, layer.mem_v_proj).view(b, hkv, d),
                   *_gates(layer, xi))
         m = mem.read(mem.w, _lin(xi, layer.mem_q_proj).view(b, h, d))
@@ -430,29 +440,17 @@ def titans_mal_naive(layer, x: torch.Tensor) -> torch.Tensor:
     b, t, _ = x.shape
     h, hkv, d = layer.heads, layer.kv_heads, layer.head_dim
     x64 = x.detach().double()
-    wm = layer.memory_norm_weight.detach().double().view(h, d)
-    wy = layer.attn_norm_weight.detach().double().view(h, d)
-
-    def norm(z, w):
-        return z / torch.sqrt(z.square().mean(-1, keepdim=True) + NORM_EPS) * w
-
     mem = _NaiveMemory(layer, b)
-    pk, pv = _persistent_naive(layer, b)
+    persistent = _persistent_naive(layer, b)
     keys, values, outs = [], [], []
     for i in range(t):
         xi = x64[:, i]
         mem.write(_lin(xi, layer.mem_k_proj).view(b, hkv, d), _lin(xi, layer.mem_v_proj).view(b, hkv, d),
                   *_gates(layer, xi))
-        u = norm(mem.read(mem.w, _lin(xi, layer.mem_q_proj).view(b, h, d)), wm).flatten(1)  # [B, H·D]
-        q = _lin(u, layer.q_proj).view(b, h, d)
-        keys.append(_lin(u, layer.k_proj).view(b, hkv, 1, d))
-        values.append(_lin(u, layer.v_proj).view(b, hkv, 1, d))
-        lo = max(0, i - layer.window + 1)
-        kk, vv = torch.cat(keys[lo:], dim=2), torch.cat(values[lo:], dim=2)
-        if pk is not None:
-            kk, vv = torch.cat([pk, kk], dim=2), torch.cat([pv, vv], dim=2)
-        y = _attend(q, kk, vv, h // hkv)
-        outs.append(_lin(norm(y, wy).flatten(1), layer.o_proj))
+        m = mem.read(mem.w, _lin(xi, layer.mem_q_proj).view(b, h, d))
+        u = _norm_naive(m, layer.memory_norm_weight, h).flatten(1)  # [B, H·D]
+        y = _window_attend_naive(layer, u, keys, values, persistent)
+        outs.append(_lin(_norm_naive(y, layer.attn_norm_weight, h).flatten(1), layer.o_proj))
     return torch.stack(outs, dim=1) if outs else x64.new_zeros(b, 0, layer.d_model)
 
 
