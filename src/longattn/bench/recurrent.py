@@ -30,7 +30,6 @@ widths with longer training.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -256,7 +255,7 @@ def run_mqar(mixer: str, width: int, *, length: int, pairs: tuple[int, ...], ste
     """Train one MQAR model and score it: a record with the state size, accuracy per pair count,
     their mean, tokens per second and the final loss."""
     from longattn.train import LanguageModel, MQARTask, TrainSettings, train
-    from longattn.train.data import mqar_accuracy
+    from longattn.train.data import mqar_scores
 
     cfg = mqar_config(mixer, width, length)
     task = MQARTask(length=length, pairs=pairs, copy_steps=copy_steps if cfg.mixer == "attention" else 0,
@@ -264,11 +263,9 @@ def run_mqar(mixer: str, width: int, *, length: int, pairs: tuple[int, ...], ste
     settings = TrainSettings(seed=seed, steps=steps, lr=lr, warmup=max(1, steps // 10), tokens_per_step=tokens_per_step,
                              log_every=max(1, steps // 4))
     model, record = train(cfg, task, settings, log=lambda line: say(f"  {mixer} d={width}: {line}"), model_cls=LanguageModel)
-    def by_pairs(acc: dict[str, float]) -> dict[int, float]:
-        return {int(k.split("/")[1].removesuffix("pairs")): v for k, v in acc.items()}
-
-    per_pairs = by_pairs(mqar_accuracy(model, task, n=64, seed=seed + 77_777))
-    per_sample = by_pairs(mqar_accuracy(model, task, n=64, seed=seed + 77_777, per="sample"))
+    scores = mqar_scores(model, task, n=64, seed=seed + 77_777)
+    per_pairs = {p: acc.token_accuracy for p, acc in scores.items()}
+    per_sample = {p: acc.accuracy for p, acc in scores.items()}
     return {"test": "mqar", "method": mixer, "width": width, "length": length, "steps": steps,
             "state_bytes": model.state_size(length), "params": model.n_params(),
             "accuracy": sum(per_pairs.values()) / len(per_pairs), "accuracy_by_pairs": per_pairs,

@@ -163,12 +163,15 @@ class _RecurrentLayer(nn.Module):
                                 f"{type(getattr(self, name)).__name__}")
         self.dk = self.dv = self.head_dim
 
-    def _build_projections(self, *, query: bool = True) -> None:
+    def _build_projections(self, *, query: bool = True, d_in: int | None = None) -> None:
+        """q/k/v projections from ``d_in`` features (default ``d_model``), ``o_proj`` back to
+        ``d_model``, and the output stage's parameters."""
         d, b = self.d_model, self.bias
+        d_in = d if d_in is None else d_in
         if query:
-            self.q_proj = nn.Linear(d, self.heads * self.dk, bias=b)
-        self.k_proj = nn.Linear(d, self.kv_heads * self.dk, bias=b)
-        self.v_proj = nn.Linear(d, self.kv_heads * self.dv, bias=b)
+            self.q_proj = nn.Linear(d_in, self.heads * self.dk, bias=b)
+        self.k_proj = nn.Linear(d_in, self.kv_heads * self.dk, bias=b)
+        self.v_proj = nn.Linear(d_in, self.kv_heads * self.dv, bias=b)
         self.o_proj = nn.Linear(self.heads * self.dv, d, bias=b)
         if self.output_norm:
             self.out_norm_weight = nn.Parameter(torch.ones(self.dv))
@@ -636,9 +639,13 @@ class _TitansCombined(_RecurrentLayer):
         else:
             self.persistent_k = self.persistent_v = None
         if self.memory == "mlp":
-            # W1 q̂ of a unit query has unit-variance entries; W2 keeps the read-out of order 1
+            # W1 k̂ of a unit key has entries of variance 1/Dh, so |silu(W1 k̂)|² ≈ 1/4: the curvature
+            # of the inner loss in W2 (2 |silu(W1 k̂)|²) stays well under what a step of θ with
+            # momentum tolerates. With unit-variance entries it is about 0.7 · Dh (22 at Dh = 32),
+            # and the memory's weights ran away to 1e20 within 64 tokens at some initialisations
+            # (non-finite outputs, found by the model tests). W2 keeps the read-out of order 1.
             dh = self.memory_hidden
-            self.memory_w1 = nn.Parameter(torch.randn(self.kv_heads, dh, self.head_dim))
+            self.memory_w1 = nn.Parameter(torch.randn(self.kv_heads, dh, self.head_dim) / math.sqrt(dh))
             self.memory_w2 = nn.Parameter(torch.randn(self.kv_heads, self.head_dim, dh) / math.sqrt(dh))
         self.attn_norm_weight = nn.Parameter(torch.ones(hd))
         self.memory_norm_weight = nn.Parameter(torch.ones(hd))
@@ -791,10 +798,10 @@ class TitansMALLayer(TitansMAGLayer):
         super().__init__(d_model, heads, head_dim, window=window, persistent_tokens=persistent_tokens,
                          memory=memory, memory_hidden=memory_hidden, chunk_size=chunk_size,
                          theta_scale=theta_scale, kv_heads=kv_heads, bias=bias)
-        hd = self.heads * self.head_dim
-        self.q_proj = nn.Linear(hd, hd, bias=bias)
-        self.k_proj = nn.Linear(hd, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hd, self.kv_heads * self.head_dim, bias=bias)
+
+    def _build_projections(self, *, query: bool = True, d_in: int | None = None) -> None:
+        # the attention reads the memory's read-out (heads · head_dim features), not x
+        super()._build_projections(query=query, d_in=self.heads * self.head_dim)
 
     def _mix(self, x, state, step):
         b, t, _ = x.shape

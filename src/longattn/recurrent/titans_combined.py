@@ -345,6 +345,14 @@ class _NaiveMemory:
         """Query heads ``q [B, H, D]`` (normalised here) read their key/value head: ``[B, H, Dv]``."""
         return self.apply([w.repeat_interleave(self.group, dim=1) for w in weights], _l2(q))
 
+    def write_read(self, layer, z: torch.Tensor) -> torch.Tensor:
+        """Write the memory with the token ``z [B, in]`` (keys, values and gates from the layer's
+        memory projections of ``z``) and read it after the write: ``[B, H, Dv]``."""
+        b, h, hkv, d = z.shape[0], layer.heads, layer.kv_heads, layer.head_dim
+        self.write(_lin(z, layer.mem_k_proj).view(b, hkv, d), _lin(z, layer.mem_v_proj).view(b, hkv, d),
+                   *_gates(layer, z))
+        return self.read(self.w, _lin(z, layer.mem_q_proj).view(b, h, d))
+
     def write(self, k, v, eta, theta, alpha) -> None:
         """``k, v [B, Hkv, D]``, gates ``[B, Hkv]``."""
         if self.count % self.chunk == 0:
@@ -416,7 +424,6 @@ def titans_mag_naive(layer, x: torch.Tensor) -> torch.Tensor:
     with token ``t`` and read after it; the gate. ``x [B, T, d_model]`` (a fresh sequence);
     returns ``y [B, T, d_model]`` float64."""
     b, t, _ = x.shape
-    h, hkv, d = layer.heads, layer.kv_heads, layer.head_dim
     x64 = x.detach().double()
     mem = _NaiveMemory(layer, b)
     persistent = _persistent_naive(layer, b)
@@ -424,10 +431,7 @@ def titans_mag_naive(layer, x: torch.Tensor) -> torch.Tensor:
     for i in range(t):
         xi = x64[:, i]
         y = _window_attend_naive(layer, xi, keys, values, persistent)
-        mem.write(_lin(xi, layer.mem_k_proj).view(b, hkv, d), _lin(xi, layer.mem_v_proj).view(b, hkv, d),
-                  *_gates(layer, xi))
-        m = mem.read(mem.w, _lin(xi, layer.mem_q_proj).view(b, h, d))
-        outs.append(_gate_naive(layer, y, m))
+        outs.append(_gate_naive(layer, y, mem.write_read(layer, xi)))
     return torch.stack(outs, dim=1) if outs else x64.new_zeros(b, 0, layer.d_model)
 
 
@@ -438,17 +442,14 @@ def titans_mal_naive(layer, x: torch.Tensor) -> torch.Tensor:
     tokens' keys; the attention output normalised per head and projected. ``x [B, T, d_model]`` (a
     fresh sequence); returns ``y [B, T, d_model]`` float64."""
     b, t, _ = x.shape
-    h, hkv, d = layer.heads, layer.kv_heads, layer.head_dim
+    h = layer.heads
     x64 = x.detach().double()
     mem = _NaiveMemory(layer, b)
     persistent = _persistent_naive(layer, b)
     keys, values, outs = [], [], []
     for i in range(t):
         xi = x64[:, i]
-        mem.write(_lin(xi, layer.mem_k_proj).view(b, hkv, d), _lin(xi, layer.mem_v_proj).view(b, hkv, d),
-                  *_gates(layer, xi))
-        m = mem.read(mem.w, _lin(xi, layer.mem_q_proj).view(b, h, d))
-        u = _norm_naive(m, layer.memory_norm_weight, h).flatten(1)  # [B, H·D]
+        u = _norm_naive(mem.write_read(layer, xi), layer.memory_norm_weight, h).flatten(1)  # [B, H·D]
         y = _window_attend_naive(layer, u, keys, values, persistent)
         outs.append(_lin(_norm_naive(y, layer.attn_norm_weight, h).flatten(1), layer.o_proj))
     return torch.stack(outs, dim=1) if outs else x64.new_zeros(b, 0, layer.d_model)
@@ -480,9 +481,5 @@ def titans_mac_naive(layer, x: torch.Tensor) -> torch.Tensor:
         if pk is not None:
             kk, vv = torch.cat([pk, kk], dim=2), torch.cat([pv, vv], dim=2)
         y = _attend(_lin(xi, layer.q_proj).view(b, h, d), kk, vv, h // hkv)
-        ym = y.flatten(1)
-        mem.write(_lin(ym, layer.mem_k_proj).view(b, hkv, d), _lin(ym, layer.mem_v_proj).view(b, hkv, d),
-                  *_gates(layer, ym))
-        m = mem.read(mem.w, _lin(ym, layer.mem_q_proj).view(b, h, d))
-        outs.append(_gate_naive(layer, y, m))
+        outs.append(_gate_naive(layer, y, mem.write_read(layer, y.flatten(1))))
     return torch.stack(outs, dim=1) if outs else x64.new_zeros(b, 0, layer.d_model)

@@ -214,19 +214,24 @@ def evaluate(model, batch: TaskBatch, method=None, *, batch_size: int = 1) -> Ac
     return Accuracy(float(correct.float().mean()), hits_all / max(1, int(batch.answer_mask.sum())), correct, batch.n)
 
 
+def mqar_scores(model, task: MQARTask, *, n: int = 64, seed: int = 99_991, batch_size: int = 64) -> dict[int, Accuracy]:
+    """The :class:`Accuracy` of ``model`` per pair count of ``task`` at its length, on ``n`` fresh
+    samples each (``seed`` differs from every training batch's): ``{8: Accuracy(...), …}``. Its
+    ``token_accuracy`` is Zoology's measure (the share of queried values recalled), its
+    ``accuracy`` the share of samples with every queried value right."""
+    return {p: evaluate(model, synthetic.mqar(task.length, p, n, seed=seed + p, power_a=task.power_a),
+                        batch_size=batch_size)
+            for p in task.pairs}
+
+
 def mqar_accuracy(model, task: MQARTask, *, n: int = 64, seed: int = 99_991, batch_size: int = 64,
                   per: str = "query") -> dict[str, float]:
-    """MQAR accuracy per pair count of ``task`` at its length, on ``n`` fresh samples each (``seed``
-    differs from every training batch's): ``{"mqar@256/8pairs": 0.97, …}``.
+    """MQAR accuracy per pair count (:func:`mqar_scores`) keyed ``"mqar@256/8pairs"``.
 
     ``per="query"`` (default) is Zoology's measure: the share of queried values predicted right
     (each key–value query counts once). ``per="sample"`` is stricter: the share of samples whose
     every queried value is right (with 12 queries per sample and 90% per query, about 28%)."""
     if per not in ("query", "sample"):
         raise ValueError(f"per must be 'query' or 'sample', got {per!r}")
-    out = {}
-    for p in task.pairs:
-        acc = evaluate(model, synthetic.mqar(task.length, p, n, seed=seed + p, power_a=task.power_a),
-                       batch_size=batch_size)
-        out[f"mqar@{task.length}/{p}pairs"] = acc.token_accuracy if per == "query" else acc.accuracy
-    return out
+    return {f"mqar@{task.length}/{p}pairs": acc.token_accuracy if per == "query" else acc.accuracy
+            for p, acc in mqar_scores(model, task, n=n, seed=seed, batch_size=batch_size).items()}
