@@ -21,32 +21,36 @@ Head = tuple[int, int]
 
 @dataclass
 class Captured:
-    """One layer's q ``[B, Hq, Tq, D]`` and k ``[B, Hkv, Tk, D]`` (float32, after RoPE) and its
-    ``site`` (scale, causal, key padding)."""
+    """One layer's q ``[B, Hq, Tq, D]`` and k ``[B, Hkv, Tk, D]`` (float32, after RoPE), its
+    ``site`` (scale, causal, key padding) and, when asked for, v ``[B, Hkv, Tk, Dv]``."""
 
     q: Tensor
     k: Tensor
     site: Site
+    v: Tensor | None = None
 
 
 class Recorder:
     """An ``Attend`` that records q/k of ``layers`` (default: all) and returns ``inner``'s output
     (default: exact attention), so the model runs unchanged."""
 
-    def __init__(self, layers: Iterable[int] | None = None, inner: Attend = dense_attend):
+    def __init__(self, layers: Iterable[int] | None = None, inner: Attend = dense_attend, *, values: bool = False):
         self.layers = None if layers is None else set(int(x) for x in layers)
-        self.inner = inner
+        self.inner, self.values = inner, values
         self.records: dict[int, Captured] = {}
 
     def __call__(self, site: Site, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if self.layers is None or site.layer in self.layers:
-            self.records[site.layer] = Captured(q.detach().float(), k.detach().float(), site)
+            self.records[site.layer] = Captured(q.detach().float(), k.detach().float(), site,
+                                                v.detach().float() if self.values else None)
         return self.inner(site, q, k, v)
 
 
-def capture(subject: Subject, tokens: Tensor, layers: Iterable[int] | None = None, **run_kwargs) -> dict[int, Captured]:
-    """``{layer: Captured}`` for ``tokens [B, T]`` from one forward of ``subject``."""
-    rec = Recorder(layers)
+def capture(subject: Subject, tokens: Tensor, layers: Iterable[int] | None = None, *, values: bool = False,
+            **run_kwargs) -> dict[int, Captured]:
+    """``{layer: Captured}`` for ``tokens [B, T]`` from one forward of ``subject`` (with v when
+    ``values``)."""
+    rec = Recorder(layers, values=values)
     subject.run(tokens, rec, **run_kwargs)
     missing = set(range(subject.n_layers) if layers is None else layers) - set(rec.records)
     if missing:

@@ -27,7 +27,7 @@ from longattn.analysis import studies
 from longattn.analysis.flow import MAX_FLOW_TOKENS, attention_flow, layer_attentions, rollout
 from longattn.analysis.retrieval_heads import RETRIEVAL_THRESHOLD, CopyProbe, RetrievalScores, retrieval_scores
 from longattn.analysis.subject import HFSubject, LanguageModelSubject, Subject, load_subject
-from longattn.files import atomic_write, atomic_write_json, atomic_write_text, output_dir
+from longattn.files import atomic_write_json, atomic_write_text, output_dir
 
 Tensor = torch.Tensor
 Say = Callable[[str], None]

@@ -128,21 +128,19 @@ class MemoryLayer(CacheLayerMixin):
         raise NotImplementedError("LongattnCache cannot select batch rows")
 
 
-def _head_map(head_map, n_layers: int, n_kv: int) -> list[list[bool]]:
-    """``[layer][kv head]`` True = retrieval head, from a dict / list or a JSON file written by
-    ``longattn calibrate-heads``."""
+def _head_map(head_map, n_layers: int, n_kv: int) -> list[list[bool | int]]:
+    """``[layer][kv head]``: True = retrieval head (full cache), False = streaming head (sinks + the
+    policy's window), an int = streaming with that head's own window (a MoA map from
+    ``longattn.calibrate.heads.moa_windows``); from a dict / list or a JSON file written by
+    ``longattn calibrate-heads`` or ``longattn analyze``."""
     if head_map is None:
         raise ValueError("policy 'heads' needs head_map= (a JSON file from `longattn calibrate-heads`, or "
                          "[[bool per key head] per layer])")
     if isinstance(head_map, (str, os.PathLike)):
         head_map = json.loads(Path(head_map).read_text())
-    if isinstance(head_map, dict):
-        head_map = head_map.get("retrieval", head_map)
-    rows = [list(map(bool, r)) for r in head_map]
-    if len(rows) != n_layers or any(len(r) != n_kv for r in rows):
-        raise ValueError(f"head_map must be {n_layers} layers × {n_kv} key heads, got "
-                         f"{len(rows)} × {sorted({len(r) for r in rows})}")
-    return rows
+    from longattn.calibrate.heads import check_head_map
+
+    return check_head_map(head_map, n_layers, n_kv)
 
 
 def fingerprint(model: torch.nn.Module) -> dict[str, Any]:
@@ -215,8 +213,10 @@ class LongattnCache(Cache):
             if params:
                 raise TypeError(f"policy {policy!r} got unknown parameters {sorted(params)}")
             for row in rows:
-                groups = [([h for h in heads if row[h]], FullKV()),
-                          ([h for h in heads if not row[h]], StreamingLLM(sinks=sinks, window=window))]
+                widths = sorted({window if c is False else c for c in row if c is not True})
+                groups = [([h for h in heads if row[h] is True], FullKV())]
+                groups += [([h for h in heads if row[h] is not True and (window if row[h] is False else row[h]) == w],
+                            StreamingLLM(sinks=sinks, window=w)) for w in widths]
                 memories.append(EvictingMemory(groups, n_kv, rotation, positions))
             self.spec = {"policy": "heads", "sinks": sinks, "window": window, "head_map": rows}
         else:
