@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 
-from longattn.analysis import LanguageModelSubject, dense_attend
+from longattn.analysis import LanguageModelSubject
 from longattn.calibrate.heads import (allocate_windows, check_head_map, head_scores, kept_keys, policy_attend,
                                       window_coverage)
 

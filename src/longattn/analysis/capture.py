@@ -88,3 +88,34 @@ def ablate(heads: Iterable[Head], inner: Attend = dense_attend) -> Attend:
         return out
 
     return attend
+
+
+class RowRecorder:
+    """An ``Attend`` that keeps, per layer, the attention probabilities of chosen query rows,
+    ``rows [B, m]`` (positions in the queries): ``self.probs[layer]`` is float32 ``[B, Hq, m, Tk]``.
+    The model runs ``inner`` (default: exact attention) unchanged."""
+
+    def __init__(self, rows: Tensor, inner: Attend = dense_attend):
+        self.rows, self.inner = rows.to(torch.long), inner
+        self.probs: dict[int, Tensor] = {}
+
+    def __call__(self, site: Site, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        from longattn.analysis.stats import visible_keys
+
+        b, hq, tq, d = q.shape
+        hk, tk = k.shape[1], k.shape[2]
+        qs = q.float().gather(2, self.rows[:, None, :, None].expand(b, hq, -1, d))
+        s = torch.matmul(qs, k.float().repeat_interleave(hq // hk, dim=1).transpose(-1, -2)) * site.scale
+        vis = visible_keys(tq, tk, site.causal, q.device)[self.rows]            # [B, m, Tk]
+        if site.key_padding_mask is not None:
+            vis = vis & site.key_padding_mask.to(torch.bool)[:, None, :]
+        s = s.masked_fill(~vis[:, None], float("-inf"))
+        self.probs[site.layer] = torch.softmax(s, -1).nan_to_num(0.0)
+        return self.inner(site, q, k, v)
+
+
+def attention_rows(subject: Subject, tokens: Tensor, rows: Tensor, **run_kwargs) -> dict[int, Tensor]:
+    """``{layer: [B, Hq, m, Tk]}``: the attention of query rows ``rows [B, m]`` in every layer."""
+    rec = RowRecorder(rows)
+    subject.run(tokens, rec, **run_kwargs)
+    return rec.probs

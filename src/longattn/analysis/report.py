@@ -45,10 +45,14 @@ class Sizes:
     act_lengths: tuple[int, ...] = (512, 2048)
     ablation_draws: int = 5
     flow_tokens: int = 40
+    moa_uniforms: tuple[int, ...] = (64, 128, 192, 256)
+    #: lost in the middle: (documents, tokens per document) settings, and samples per gold position
+    middle: tuple[tuple[int, int], ...] = ((30, 16), (32, 20))
+    middle_n: int = 16
 
 
 QUICK = Sizes(stat_inputs=1, stat_tokens=128, probe_samples=3, sentences=12, act_calibration=1, act_lengths=(128,),
-              ablation_draws=1, flow_tokens=12)
+              ablation_draws=1, flow_tokens=12, moa_uniforms=(32,), middle=((6, 16),), middle_n=2)
 
 
 def _is_synthetic(subject: Subject) -> bool:
@@ -104,7 +108,9 @@ def plan(subject: Subject) -> list[str]:
     """The analyses ``analyze`` runs on ``subject``, in order."""
     steps = ["statistics", "relevance"]
     if subject.causal:
-        steps += ["retrieval_heads", "ablation", "act"]
+        steps += ["retrieval_heads", "ablation", "act", "head_maps"]
+        if _is_synthetic(subject):
+            steps += ["middle"]
     elif getattr(getattr(subject, "tokenizer", None), "cls_token_id", None) is not None:
         steps += ["bert_look"]
     return steps
@@ -177,6 +183,31 @@ def analyze(model: str | Path | Subject, out: str | Path, *, quick: bool = False
             calib = [_text_tokens(subject, sizes.stat_tokens, seed + 500 + i) for i in range(sizes.act_calibration)]
             evaluation = {f"text@{n}": _text_tokens(subject, n, seed + 600) for n in sizes.act_lengths}
             res["act"] = studies.act_perplexity(subject, calib, evaluation, say=say)
+    if "head_maps" in steps:
+        say("head maps at equal KV budget (retrieval score, Razor, Duo; MoA vs uniform)")
+        if _is_synthetic(subject):
+            evalset = _passkeys(sizes.stat_tokens, sizes.probe_samples, seed + 700)
+            calib = _passkeys(sizes.stat_tokens, sizes.probe_samples, seed + 800)
+            res["head_maps"] = studies.head_map_comparison(
+                subject, scores, score=lambda a: studies.task_accuracy(subject, evalset, a), higher_is_better=True,
+                calibration=[b.tokens for b in calib], calibration_rows=[b.answer_pos - 1 for b in calib],
+                length=sizes.stat_tokens, uniforms=sizes.moa_uniforms, calib_samples=sizes.probe_samples, say=say)
+            res["head_maps"]["task"] = f"passkey accuracy at {sizes.stat_tokens} tokens"
+        else:
+            text = _text_tokens(subject, sizes.stat_tokens, seed + 700)
+            calib = [_text_tokens(subject, sizes.stat_tokens, seed + 800 + i) for i in range(sizes.act_calibration)]
+            res["head_maps"] = studies.head_map_comparison(
+                subject, scores, score=lambda a: studies.mean_nll(subject, text, a), higher_is_better=False,
+                calibration=calib, length=sizes.stat_tokens, uniforms=sizes.moa_uniforms,
+                calib_samples=sizes.probe_samples, say=say)
+            res["head_maps"]["task"] = f"mean NLL (nats) of {sizes.stat_tokens} tokens of text"
+    if "middle" in steps:
+        res["middle"] = []
+        for n_docs, doc_len in sizes.middle:
+            positions = sorted({round(i * (n_docs - 1) / 7) for i in range(8)})
+            res["middle"].append(studies.lost_in_the_middle(subject, n_docs=n_docs, doc_len=doc_len,
+                                                            positions=positions, n=sizes.middle_n, seed=seed,
+                                                            say=say))
     res["wall_s"] = time.perf_counter() - t0
     figures = write_figures(res, out)
     atomic_write_json(out / "analysis.json", res)
@@ -307,6 +338,20 @@ def write_figures(res: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.legend(fontsize=8)
         figs["ablation"] = _save(fig, out / "ablation.png")
 
+    if res.get("middle"):
+        fig, axes = plt.subplots(1, len(res["middle"]), figsize=(4.6 * len(res["middle"]), 3.3), squeeze=False)
+        for ax, m in zip(axes[0], res["middle"]):
+            for key, label in (("dense", "as is"), ("found_in_the_middle", "Found-in-the-Middle calibration"),
+                               ("attention_sorting", f"attention sorting ({m['sort_rounds']} rounds)")):
+                ax.plot(m["positions"], m[key], "o-", label=label)
+            ax.set_xlabel("gold document position")
+            ax.set_ylabel("accuracy")
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_title(f"{m['n_docs']} documents, {m['length']} tokens", fontsize=9)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"{res['model']}: accuracy by the answering document's position", fontsize=10)
+        figs["middle"] = _save(fig, out / "middle.png")
+
     if "bert_look" in res:
         pl = res["bert_look"]["per_layer"]
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
@@ -402,6 +447,34 @@ def render_html(res: dict[str, Any], figures: dict[str, Path]) -> str:
         else:
             parts.append(_table(["task", "accuracy", "with ACT"],
                                 [[k, _f(v["accuracy"]), _f(v["act_accuracy"])] for k, v in ev.items()]))
+    if "head_maps" in res:
+        hm = res["head_maps"]
+        better = "higher" if hm["higher_is_better"] else "lower"
+        parts += ["<h2>Head maps at one KV budget</h2>",
+                  f"<p>The <code>heads</code> cache policy: {hm['share']:.0%} of the key heads keep every key, the "
+                  f"rest the first {hm['sinks']} and the last {hm['window']}; maps from retrieval scores, "
+                  f"RazorAttention and DuoAttention scores. Measure: {_e(hm['task'])} ({better} is better).</p>",
+                  _table(["map", "kept keys (all layers and heads)", "score"],
+                         [[r["map"], r["kept_keys"], _f(r["score"], ".4f")] for r in hm["maps"]]),
+                  "<p>MoA-style elastic windows (per-head window chosen to keep the most attention mass, profiled on "
+                  "calibration inputs) against one window for every head, at the same total:</p>",
+                  _table(["keys per head (uniform)", "uniform", "elastic (MoA)", "windows [layer][key head]"],
+                         [[r["uniform"], _f(r["uniform_score"], ".4f"), _f(r["moa_score"], ".4f"), r["windows"]]
+                          for r in hm["moa"]])]
+    if res.get("middle"):
+        parts += ["<h2>Lost in the middle, then found</h2>",
+                  "<p>Multi-document key–value retrieval (<code>tasks.synthetic.documents</code>): accuracy with the "
+                  "answering document at each position, as is, with Found-in-the-Middle's attention calibration "
+                  "(Hsieh et al. 2024; positional bias measured on separate samples) and after attention sorting "
+                  "(Peysakhovich &amp; Lerer 2023).</p>", _img(figures["middle"], "accuracy by gold position")]
+        for m in res["middle"]:
+            parts.append(_table(["gold position"] + [str(p) for p in m["positions"]],
+                                [[label] + [_f(x, ".2f") for x in m[key]] for key, label in
+                                 (("dense", "as is"), ("found_in_the_middle", "calibrated"),
+                                  ("attention_sorting", "sorted"))]))
+            parts.append(f"<p>{m['n_docs']} documents × {m['doc_len']} tokens ({m['length']} tokens), {m['n']} samples "
+                         f"per position. Gold document ranked first by raw attention: {m['recall_at_1_raw']:.3f}; by "
+                         f"calibrated attention: {m['recall_at_1_calibrated']:.3f}.</p>")
     if "bert_look" in res:
         bl = res["bert_look"]
         pl = bl["per_layer"]

@@ -192,3 +192,85 @@ def act_task(subject: Subject, calibration: Sequence, evaluation: dict[str, Sequ
 def heads_text(heads: Sequence[Head]) -> str:
     """``"L1H0, L1H2"``."""
     return ", ".join(f"L{h[0]}H{h[1]}" for h in heads) or "none"
+
+
+# --------------------------------------------------------------------------------------------
+# head maps at equal KV budget
+
+
+def head_map_comparison(subject: Subject, retrieval: RetrievalScores, *, score: Callable[[Attend | None], float],
+                        higher_is_better: bool, calibration: Sequence[Tensor], calibration_rows: Sequence | None = None,
+                        length: int, share: float = 0.25, sinks: int = 4, window: int = 64,
+                        uniforms: Sequence[int] = (64, 128, 256), calib_samples: int = 8,
+                        say: Say | None = None) -> dict[str, Any]:
+    """The ``heads`` KV policy under head maps from retrieval scores, RazorAttention and DuoAttention
+    scores (``share`` of key heads full, the rest sinks + ``window``: one budget for all three), and
+    MoA-style per-head windows against one uniform window at the same total (each of ``uniforms``).
+    ``score(attend)`` is the task measure (accuracy, or NLL)."""
+    from longattn.calibrate.heads import head_scores, kept_keys, moa_windows, policy_attend, top_share
+
+    say = say or (lambda msg: None)
+    n_l, n_kv = subject.n_layers, subject.n_kv_heads
+    maps = {"retrieval score": retrieval.head_map(n_kv, share)["retrieval"]}
+    calib_len = min(384, length)
+    for method in ("razor", "duo"):
+        maps[method] = top_share(head_scores(subject, method, n_samples=calib_samples, length=calib_len,
+                                             span=min(16, calib_len // 8), window=min(64, calib_len // 4)), share)
+    rows = [{"map": "dense (all full)", "kept_keys": n_l * n_kv * length, "score": score(None)}]
+    for name, m in maps.items():
+        rows.append({"map": name, "head_map": m, "kept_keys": kept_keys(m, n_l, n_kv, length, sinks=sinks, window=window),
+                     "score": score(policy_attend(m, n_l, n_kv, sinks=sinks, window=window))})
+        say(f"head map {name}: {rows[-1]['score']:.4f} at {rows[-1]['kept_keys']} kept keys")
+    moa_rows = []
+    for u in uniforms:
+        moa = moa_windows(subject, calibration, uniform=u, sinks=sinks, rows=calibration_rows)
+        uni = score(policy_attend([[u] * n_kv] * n_l, n_l, n_kv, sinks=sinks))
+        got = score(policy_attend(moa["windows"], n_l, n_kv, sinks=sinks))
+        moa_rows.append({"uniform": u, "uniform_score": uni, "moa_score": got, "windows": moa["windows"],
+                         "uniform_coverage": moa["uniform_coverage"], "moa_coverage": moa["moa_coverage"]})
+        say(f"MoA at {u} keys per head: uniform {uni:.4f}, elastic {got:.4f} (windows {moa['windows']})")
+    return {"share": share, "sinks": sinks, "window": window, "length": length, "maps": rows, "moa": moa_rows,
+            "higher_is_better": higher_is_better}
+
+
+# --------------------------------------------------------------------------------------------
+# lost in the middle, then found
+
+
+def lost_in_the_middle(subject: Subject, *, n_docs: int, doc_len: int, values: int = 2, positions: Sequence[int],
+                       n: int = 16, calib_every: int = 3, calib_n: int = 4, rounds: int = 2, seed: int = 0,
+                       say: Say | None = None) -> dict[str, Any]:
+    """Accuracy against the gold document's position on ``tasks.synthetic.documents``: the model as
+    it is, with Found-in-the-Middle's attention calibration (bias measured on separate samples),
+    and after attention sorting (``rounds``); plus the gold document's recall@1 when documents are
+    ranked by raw and by calibrated attention."""
+    from longattn.calibrate.middle import PositionCalibration, accuracy_by_position, calibrated_relevance, positional_bias
+    from longattn.calibrate.sorting import attention_sort
+    from longattn.tasks.synthetic import documents
+
+    say = say or (lambda msg: None)
+
+    def make(gold: int):
+        return documents(n_docs, gold, n, seed=seed + 10_000 + gold, doc_len=doc_len, values=values)
+
+    calib = [documents(n_docs, g, calib_n, seed=seed + 20_000 + g, doc_len=doc_len, values=values)
+             for g in range(0, n_docs, calib_every)]
+    bias = positional_bias(subject, calib)
+    length = 1 + n_docs * doc_len + 3 + values
+    say(f"lost in the middle: {n_docs} documents of {doc_len} tokens ({length} tokens)")
+    dense = accuracy_by_position(subject, make, positions)
+    fitm = accuracy_by_position(subject, make, positions, PositionCalibration(bias, n_docs, doc_len))
+    sort = accuracy_by_position(subject, make, positions, transform=lambda b: attention_sort(subject, b, rounds))
+    raw_hits = cal_hits = total = 0
+    for g in positions:
+        b = make(g)
+        raw, cal = calibrated_relevance(subject, b, bias)
+        raw_hits += int((raw.argmax(1) == b.gold).sum())
+        cal_hits += int((cal.argmax(1) == b.gold).sum())
+        total += b.n
+    say(f"  accuracy by gold position: as is {[round(a, 2) for a in dense]}, calibrated "
+        f"{[round(a, 2) for a in fitm]}, sorted {[round(a, 2) for a in sort]}")
+    return {"n_docs": n_docs, "doc_len": doc_len, "values": values, "length": length, "positions": list(positions),
+            "n": n, "dense": dense, "found_in_the_middle": fitm, "attention_sorting": sort, "sort_rounds": rounds,
+            "bias": bias.mean((0, 1)).tolist(), "recall_at_1_raw": raw_hits / total,
+            "recall_at_1_calibrated": cal_hits / total}

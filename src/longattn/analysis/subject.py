@@ -126,6 +126,7 @@ class HFSubject(Subject):
         self.n_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
         self.causal = bool(getattr(cfg, "is_decoder", False)) or not getattr(cfg, "model_type", "") in _ENCODERS
+        self.vocab_size = int(cfg.vocab_size)
         if len(_attention_modules(model)) == 0:
             raise ValueError(f"{type(model).__name__} has no attention layers that transformers' AttentionInterface "
                              "dispatches to")

@@ -121,7 +121,7 @@ assert len(VOCAB.words()) == VOCAB.size and len(set(PASSAGE)) + len(_MORE_FILLER
 
 _FILLER_MODES = ("repeat", "random")
 # one stream per task, so passkey(…, seed=0) and needle(…, seed=0) do not share draws
-_TASK_TAG = {"passkey": 1, "needle": 2, "mqar": 3, "mixture": 4, "copy": 5}
+_TASK_TAG = {"passkey": 1, "needle": 2, "mqar": 3, "mixture": 4, "copy": 5, "documents": 6}
 
 
 @dataclass
@@ -308,6 +308,81 @@ def needle(length: int, depth: float, n: int, seed: int = 0, *, values: int = 3,
         answers.append(np.arange(length - values, length))
         needle_pos.append(start)
     return _batch("needle", rows, answers, needle_pos, depth)
+
+
+@dataclass
+class DocumentsBatch(TaskBatch):
+    """A ``documents`` batch: ``n_docs`` documents of ``doc_len`` tokens each starting at token 1
+    (document ``i`` spans ``1 + i·doc_len … 1 + (i+1)·doc_len − 1``), the question after them;
+    ``gold [n]`` is the index of the document the question asks about."""
+
+    n_docs: int = 0
+    doc_len: int = 0
+    gold: Tensor | None = None
+
+    def take(self, i0: int, i1: int) -> "DocumentsBatch":
+        return DocumentsBatch(self.task, self.tokens[i0:i1], self.answer_pos[i0:i1], self.answer_mask[i0:i1],
+                              self.needle_pos[i0:i1], self.depth, self.n_docs, self.doc_len, self.gold[i0:i1])
+
+    def doc_start(self, i: int) -> int:
+        """First token of document ``i``."""
+        return 1 + i * self.doc_len
+
+    def permuted(self, order: Tensor) -> "DocumentsBatch":
+        """The same samples with their documents in ``order [n, n_docs]`` (``order[s, j]`` = the old
+        index of the document placed at slot ``j``); the question and answers are unchanged."""
+        tokens = self.tokens.clone()
+        gold = torch.empty_like(self.gold)
+        for s in range(self.n):
+            perm = order[s].tolist()
+            if sorted(perm) != list(range(self.n_docs)):
+                raise ValueError(f"order[{s}] must be a permutation of 0..{self.n_docs - 1}, got {perm}")
+            for j, old in enumerate(perm):
+                tokens[s, self.doc_start(j):self.doc_start(j + 1)] = self.tokens[s, self.doc_start(old):self.doc_start(old + 1)]
+            gold[s] = perm.index(int(self.gold[s]))
+        return DocumentsBatch(self.task, tokens, self.answer_pos, self.answer_mask,
+                              torch.tensor([self.doc_start(int(g)) for g in gold]), self.depth, self.n_docs,
+                              self.doc_len, gold)
+
+
+def documents(n_docs: int, gold: int, n: int, seed: int = 0, *, doc_len: int = 24, values: int = 2,
+              filler: str = "random") -> DocumentsBatch:
+    """Multi-document key–value retrieval, the synthetic form of Liu et al. 2023 ("Lost in the
+    Middle"): ``n_docs`` documents, one of which answers the question, at document index ``gold``.
+
+    Layout: ``<bos>``, then ``n_docs`` documents of ``doc_len`` tokens, each
+    ``<needle> key v1 … vm <end>`` followed by filler words (distinct keys and values across the
+    documents), then the question ``<question> <needle> key_gold v1 … vm``; the ``m`` values are
+    scored. Length: ``1 + n_docs·doc_len + 3 + values``.
+
+    Args:
+        n_docs: documents (1 … 64). gold: index of the answering document, ``0 … n_docs − 1``.
+        n, seed: samples and the draw. doc_len: tokens per document (``>= values + 3``).
+        values: value tokens per document. filler: "random" or "repeat" (the passkey passage).
+    """
+    n_docs, n = _check_int("n_docs", n_docs, 1), _check_int("n", n, 1)
+    values = _check_int("values", values, 1)
+    doc_len = _check_int("doc_len", doc_len, values + 3)
+    filler = _check_filler(filler)
+    if isinstance(gold, bool) or not isinstance(gold, numbers.Integral) or not 0 <= gold < n_docs:
+        raise ValueError(f"gold must be a document index in [0, {n_docs - 1}], got {gold!r}")
+    if n_docs > VOCAB.n_keys or n_docs * values > VOCAB.n_values:
+        raise ValueError(f"{n_docs} documents of {values} values need distinct keys and values: at most "
+                         f"{VOCAB.n_keys} keys and {VOCAB.n_values} values exist")
+    rng = _rng("documents", seed)
+    rows, answers, needles = [], [], []
+    for _ in range(n):
+        keys = rng.choice(VOCAB.keys(), size=n_docs, replace=False)
+        vals = rng.choice(VOCAB.values(), size=(n_docs, values), replace=False)
+        docs = [np.concatenate([[VOCAB.needle, keys[i]], vals[i], [VOCAB.end],
+                                _filler(rng, doc_len - values - 3, filler)]) for i in range(n_docs)]
+        row = np.concatenate([[VOCAB.bos], *docs, [VOCAB.question, VOCAB.needle, keys[gold]], vals[gold]])
+        rows.append(row)
+        answers.append(np.arange(len(row) - values, len(row)))
+        needles.append(1 + gold * doc_len)
+    base = _batch("documents", rows, answers, needles, gold / max(1, n_docs - 1))
+    return DocumentsBatch(base.task, base.tokens, base.answer_pos, base.answer_mask, base.needle_pos, base.depth,
+                          n_docs, doc_len, torch.full((n,), int(gold), dtype=torch.int64))
 
 
 def mqar(length: int, n_pairs: int, n: int, seed: int = 0, *, power_a: float = 0.01) -> TaskBatch:
