@@ -338,3 +338,26 @@ def test_minilm_encoder_loads_offline_and_runs_unchanged():
     look = bert_look(subject, stdlib_sentences(5))
     for name in ("[CLS]", "[SEP]", "punctuation", "previous", "next"):
         assert len(look["per_layer"][name]) == 6 and all(0.0 <= x <= 1.0 for x in look["per_layer"][name])
+
+
+def test_bad_inputs_get_errors_that_name_them():
+    with pytest.raises(ValueError, match="non-finite"):
+        next(attention_tiles(torch.full((1, 1, 2, 4), float("nan")), torch.zeros(1, 1, 2, 4), scale=1.0, causal=True))
+    tokens = torch.zeros(1, 10, dtype=torch.int64)
+    with pytest.raises(ValueError, match="answer_pos"):
+        CopyProbe(tokens, torch.tensor([[0]]), torch.tensor([[True]]), torch.tensor([[0, 2]]))
+    with pytest.raises(ValueError, match="span"):
+        CopyProbe(tokens, torch.tensor([[5]]), torch.tensor([[True]]), torch.tensor([[3, 3]]))
+
+
+def test_a_decoder_without_its_lm_head_is_refused_for_retrieval_scores():
+    transformers = pytest.importorskip("transformers")
+    from longattn.analysis import HFSubject
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    subject = HFSubject(transformers.LlamaModel(cfg), "base llama")
+    assert subject.causal and not subject.has_logits
+    probe = CopyProbe.repeat(torch.arange(3, 20), torch.tensor([30, 31, 32]), [0.5])
+    with pytest.raises(ValueError, match="LM head"):
+        retrieval_scores(subject, probe)

@@ -106,3 +106,10 @@ def test_positional_bias_is_the_mean_attention_on_documents_that_do_not_answer()
     gold = torch.cat([b.gold for b in batches])
     manual = torch.stack([att[gold != d, :, :, d].mean(0) for d in range(5)], -1)
     assert torch.allclose(bias, manual, atol=1e-6)
+
+
+def test_position_calibration_checks_its_bias():
+    with pytest.raises(ValueError, match="n_docs=4"):
+        PositionCalibration(torch.zeros(2, 4, 3), 4, 8)
+    with pytest.raises(ValueError, match="strength"):
+        PositionCalibration(torch.zeros(2, 4, 4), 4, 8, strength=2.0)

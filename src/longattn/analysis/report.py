@@ -107,7 +107,7 @@ def _copy_probe(subject: Subject, sizes: Sizes, seed: int) -> CopyProbe:
 def plan(subject: Subject) -> list[str]:
     """The analyses ``analyze`` runs on ``subject``, in order."""
     steps = ["statistics", "relevance"]
-    if subject.causal:
+    if subject.causal and subject.has_logits:
         steps += ["retrieval_heads", "ablation", "act", "head_maps"]
         if _is_synthetic(subject):
             steps += ["middle"]

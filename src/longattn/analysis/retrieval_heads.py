@@ -45,6 +45,19 @@ class CopyProbe:
     answer_mask: Tensor
     span: Tensor
 
+    def __post_init__(self):
+        if self.tokens.dim() != 2 or self.tokens.dtype != torch.int64:
+            raise ValueError(f"tokens must be int64 [B, T], got {self.tokens.dtype} {tuple(self.tokens.shape)}")
+        b, t = self.tokens.shape
+        if self.answer_pos.shape[0] != b or self.answer_mask.shape != self.answer_pos.shape or self.span.shape != (b, 2):
+            raise ValueError(f"answer_pos / answer_mask must be [B, m] and span [B, 2] with B = {b}, got "
+                             f"{tuple(self.answer_pos.shape)}, {tuple(self.answer_mask.shape)}, {tuple(self.span.shape)}")
+        if self.answer_pos.numel() and (int(self.answer_pos.min()) < 1 or int(self.answer_pos.max()) >= t):
+            raise ValueError(f"answer_pos must lie in [1, {t - 1}] (the logits at answer_pos - 1 predict them), got "
+                             f"[{int(self.answer_pos.min())}, {int(self.answer_pos.max())}]")
+        if bool((self.span[:, 0] < 0).any() | (self.span[:, 1] > t).any() | (self.span[:, 0] >= self.span[:, 1]).any()):
+            raise ValueError(f"span must hold [start, end) with 0 <= start < end <= {t}, got {self.span.tolist()}")
+
     @classmethod
     def from_passkey(cls, batch, digits: int) -> "CopyProbe":
         """A probe from a ``tasks.synthetic.passkey`` batch: the needle is the ``digits`` passkey
@@ -143,8 +156,9 @@ class RetrievalScores:
 def retrieval_scores(subject: Subject, probe: CopyProbe, *, batch_size: int = 4) -> RetrievalScores:
     """Wu et al.'s retrieval score of every head of ``subject`` on ``probe`` (see the module
     docstring), ``batch_size`` samples per forward."""
-    if not subject.causal:
-        raise ValueError(f"retrieval scores need a causal language model; {subject.name} is an encoder")
+    if not subject.causal or not subject.has_logits:
+        raise ValueError(f"retrieval scores need a causal language model with its LM head; {subject.name} is "
+                         f"{'an encoder' if not subject.causal else 'a decoder without an LM head (load it as …ForCausalLM)'}")
     hits = torch.zeros(subject.n_layers, subject.n_heads)
     copied = total = 0
     for i0 in range(0, probe.tokens.shape[0], batch_size):

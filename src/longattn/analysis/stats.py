@@ -103,6 +103,10 @@ def attention_tiles(q: Tensor, k: Tensor, *, scale: float, causal: bool, key_pad
         raise ValueError(f"k has {hk} heads but q has {hq}: heads_q must be a multiple of heads_kv")
     if tile < 1:
         raise ValueError(f"tile must be >= 1, got {tile}")
+    for name, t in (("q", q), ("k", k)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} holds non-finite values (NaN or inf): attention statistics of such a layer "
+                             "would be NaN; check the model's activations")
     kf = k.float().repeat_interleave(hq // hk, dim=1) if hq != hk else k.float()
     tq, tk = q.shape[2], k.shape[2]
     vis = visible_keys(tq, tk, causal, q.device)

@@ -72,6 +72,8 @@ class Subject:
     head_dim: int
     causal: bool
     model: Any
+    #: whether ``run`` returns next-token logits (a language-model head), not hidden states
+    has_logits: bool = True
 
     def run(self, tokens: Tensor, attend: Attend | None = None) -> Tensor:
         """The model's output for ``tokens [B, T]`` (int64) with every attention layer computed by
@@ -127,6 +129,8 @@ class HFSubject(Subject):
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
         self.causal = bool(getattr(cfg, "is_decoder", False)) or not getattr(cfg, "model_type", "") in _ENCODERS
         self.vocab_size = int(cfg.vocab_size)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.has_logits = head is not None
         if len(_attention_modules(model)) == 0:
             raise ValueError(f"{type(model).__name__} has no attention layers that transformers' AttentionInterface "
                              "dispatches to")
@@ -224,7 +228,11 @@ def load_subject(name: str | Path) -> Subject:
             from longattn.hf import require_transformers
 
             transformers = require_transformers()
-            model = transformers.AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+            # a decoder loads with its language-model head (retrieval scores and ACT need logits)
+            decoder = data.get("model_type") not in _ENCODERS or any(
+                str(a).endswith("ForCausalLM") for a in data.get("architectures") or [])
+            auto = transformers.AutoModelForCausalLM if decoder else transformers.AutoModel
+            model = auto.from_pretrained(path, local_files_only=True, dtype=torch.float32)
             try:
                 tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
             except Exception:  # a model folder without a tokenizer still analyses token ids

@@ -89,6 +89,15 @@ class PositionCalibration:
     strength: float = 1.0
     inner: Attend = dense_attend
 
+    def __post_init__(self):
+        if not isinstance(self.bias, torch.Tensor) or self.bias.dim() != 3 or self.bias.shape[-1] != self.n_docs:
+            got = tuple(self.bias.shape) if isinstance(self.bias, torch.Tensor) else type(self.bias).__name__
+            raise ValueError(f"bias must be [layers, heads, n_docs={self.n_docs}] (positional_bias), got {got}")
+        if not bool(torch.isfinite(self.bias).all()):
+            raise ValueError("bias holds non-finite values")
+        if not 0.0 <= float(self.strength) <= 1.0:
+            raise ValueError(f"strength must lie in [0, 1], got {self.strength}")
+
     def __call__(self, site: Site, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         out = self.inner(site, q, k, v)
         if self.strength == 0.0:
