@@ -57,3 +57,19 @@ def test_flex_refuses_content_bias_when_asked_explicitly():
     call = Call(causal=True, scale=0.3, row_bias=lambda a, b: torch.zeros(1, 2, b - a, 8))
     with pytest.raises(ValueError, match="backend='flex' cannot take a content-dependent bias"):
         m.run(q, k, v, call)
+
+
+def test_flex_refuses_blocks_it_computes_wrongly_and_auto_falls_back(monkeypatch):
+    # FlexAttention with BLOCK_SIZE 8 returned outputs off by ~3 (or NaN) with no error on torch 2.13's CPU
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    with pytest.raises(ValueError, match="block >= 16"):
+        longattn.attention(q, k, v, causal=True, method=longattn.method("streaming", sinks=2, window=9, block=8,
+                                                                        backend="flex"))
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("longattn.methods.masked"), "FLEX_MIN_TOKENS", 1)  # auto: flex here
+    m = longattn.method("streaming", sinks=2, window=9, block=8)
+    out, stats = longattn.attention(q, k, v, causal=True, method=m, return_stats=True)
+    assert stats.path == "tiled"
+    ref, _ = longattn.reference_attention(q, k, v, mask=m.visible_mask(64, 64, True).dense(1, 2, 64, 64))
+    assert (out - ref).abs().max() < 1e-5

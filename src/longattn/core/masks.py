@@ -266,6 +266,50 @@ class Sinks(Mask):
         return khi < self.sinks
 
 
+#: a head whose window is 0 sees every key: its reach is this (beyond any length)
+_UNBOUNDED_REACH = 1 << 40
+
+
+@dataclass(frozen=True)
+class HeadWindow(Mask):
+    """A sliding window whose width differs per query head (MoA's elastic windows, Fu et al. 2024).
+
+    ``reach`` is int64 ``[heads]``: head ``h`` sees keys within ``reach[h]`` positions on either side
+    (``window − 1``; combined with causality, its last ``window`` keys). Build it with
+    :meth:`of` from the windows themselves (0 = the whole context). The mask's heads must be the
+    query heads of the inputs (the method checks; a mask of one head applies to all)."""
+
+    reach: Tensor
+
+    @classmethod
+    def of(cls, windows) -> "HeadWindow":
+        """From one window per query head (ints >= 0; 0 = every key)."""
+        ws = list(windows)
+        if not ws or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 0 for w in ws):
+            raise ValueError(f"windows must be ints >= 0 (0 = the whole context), one per head, got {windows!r}")
+        return cls(torch.tensor([_UNBOUNDED_REACH if w == 0 else int(w) - 1 for w in ws], dtype=torch.int64))
+
+    @property
+    def heads(self) -> int:
+        return int(self.reach.numel())
+
+    def mask_mod(self, b, h, q_pos, k_pos):
+        r = self.reach[h] if self.reach.numel() > 1 else self.reach[0]
+        d = q_pos - k_pos
+        return (d <= r) & (d >= -r)
+
+    def _r(self, like: Tensor) -> Tensor:
+        return self.reach.to(like.device).view(1, -1, 1, 1)
+
+    def block_any(self, qlo, qhi, klo, khi):
+        r = self._r(qlo)
+        return (qlo - khi <= r) & (qhi - klo >= -r)
+
+    def block_all(self, qlo, qhi, klo, khi):
+        r = self._r(qlo)
+        return (qhi - klo <= r) & (qlo - khi >= -r)
+
+
 @dataclass(frozen=True)
 class QueryRows(Mask):
     """The last ``rows`` query positions (``q_pos >= start``) see every key: the dense bottom rows

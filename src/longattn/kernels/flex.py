@@ -98,6 +98,12 @@ def structure_key(mask: Mask | None, has_bias: bool) -> str:
     return walk(mask) + ("+bias" if has_bias else "")
 
 
+#: the smallest block FlexAttention computes correctly: with BLOCK_SIZE 8 torch 2.13's CPU kernel
+#: returned outputs off by ~3 (40 tokens) or NaN (4,096 tokens) against the float64 oracle, with no
+#: error; 16 and up matched it (1e-7)
+FLEX_MIN_BLOCK = 16
+
+
 def flex_attention_path(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -113,6 +119,9 @@ def flex_attention_path(
     Raises ``FlexCompileError`` when inductor cannot compile this mask structure (torch 2.13's CPU
     template fails on some combinations, e.g. a window mask and ``key_padding_mask`` together).
     """
+    if layout.block < FLEX_MIN_BLOCK:
+        raise ValueError(f"FlexAttention needs blocks of at least {FLEX_MIN_BLOCK} tokens (smaller ones give wrong "
+                         f"results), got block={layout.block}; use a larger block or backend='tiled' / 'gather'")
     per_row = bias is not None and takes_batch(bias)
     key = structure_key(mask, bias is not None) + ("(per batch row)" if per_row else "")
     if key in _FAILED:

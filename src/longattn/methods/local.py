@@ -1,12 +1,14 @@
-"""Exact local attention: sliding / dilated window, and attention sinks + window (StreamingLLM)."""
+"""Exact local attention: sliding / dilated window, attention sinks + window (StreamingLLM), and
+sinks + a window per head (MoA)."""
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass
 
 from longattn.core import validate
-from longattn.core.masks import Band, Sinks, Window
+from longattn.core.masks import Band, HeadWindow, Sinks, Window
 from longattn.methods.base import Capabilities, register
 from longattn.methods.masked import MaskedMethod
 
@@ -108,3 +110,64 @@ class Streaming(MaskedMethod):
 
     def method_mask(self, tokens_q, tokens_k, causal):
         return Sinks(self.sinks) | Window(self.window)
+
+
+@register
+@dataclass(frozen=True)
+class HeadWindows(MaskedMethod):
+    """Attention sinks + a recent window whose width is chosen per head (MoA, Fu et al. 2024,
+    "Mixture of Sparse Attention for Automatic Large Language Model Compression"; DuoAttention's
+    full / streaming split is the special case of windows 0 and ``w``).
+
+    ``windows`` holds one entry per query head, one per key/value head (each applies to its
+    query heads), or a single entry for all; 0 means the whole context. Each query of head ``h``
+    sees the first ``sinks`` keys and its last ``windows[h]`` keys. Exact on that mask. A MoA head
+    map (``longattn.calibrate.heads.moa_windows``) gives one row per layer: run it in a
+    transformers model with ``longattn.hf.apply_head_map``.
+    """
+
+    windows: tuple[int, ...] = (1024,)
+    sinks: int = 4
+    backend: str = "auto"
+    block: int | None = None
+    name = "head_windows"
+    capabilities = Capabilities(
+        half_compute=True,
+        exact=True, non_causal=False,
+        paper="Fu et al. 2024, MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression",
+        cost="O(N·(sinks+window per head))",
+    )
+
+    def __post_init__(self):
+        ws = tuple(self.windows) if isinstance(self.windows, (tuple, list)) else self.windows
+        if not isinstance(ws, tuple) or not ws or any(
+                isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 0 for w in ws):
+            raise ValueError(f"windows must be a non-empty tuple of ints >= 0 (0 = the whole context), got "
+                             f"{self.windows!r}")
+        object.__setattr__(self, "windows", tuple(int(w) for w in ws))
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, numbers.Integral) or self.sinks < 0:
+            raise ValueError(f"sinks must be an int >= 0, got {self.sinks!r}")
+        self._check_backend()
+        self._check_block()
+
+    def per_query_head(self, heads_q: int, heads_kv: int) -> tuple[int, ...]:
+        """``windows`` as one entry per query head, or a ValueError naming the mismatch."""
+        ws = self.windows
+        if len(ws) == heads_q:
+            return ws
+        if len(ws) == 1:
+            return ws * heads_q
+        if len(ws) == heads_kv:
+            return tuple(w for w in ws for _ in range(heads_q // heads_kv))
+        raise ValueError(f"head_windows has {len(ws)} windows but the inputs have {heads_q} query heads and "
+                         f"{heads_kv} key/value heads: give one window per query head, per key/value head, or one")
+
+    def method_mask(self, tokens_q, tokens_k, causal):
+        win = HeadWindow.of(self.windows)
+        return win if self.sinks == 0 else (Sinks(self.sinks) | win)
+
+    def run(self, q, k, v, call):
+        ws = self.per_query_head(q.shape[1], k.shape[1])
+        if ws != self.windows and len(self.windows) != 1:
+            return dataclasses.replace(self, windows=ws).run(q, k, v, call)
+        return super().run(q, k, v, call)

@@ -92,6 +92,11 @@ class MaskedMethod(Method):
         layout = build_layout(mask if mask is not None else Full(), tq, tk, block, q.device)
         t1 = time.perf_counter()
         path = self.choose_backend(q, k, v, call)
+        if path == "flex" and block < flex.FLEX_MIN_BLOCK:
+            if self.backend == "flex":
+                raise ValueError(f"{self.name}: backend='flex' needs block >= {flex.FLEX_MIN_BLOCK} (FlexAttention "
+                                 f"computes smaller blocks wrongly), got block={block}; use backend='tiled'")
+            path = "tiled"  # auto: the exact eager kernel takes any block
         stats: dict = {}
         if path == "flex":
             try:
