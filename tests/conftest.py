@@ -187,6 +187,7 @@ FULL: dict[str, dict] = {
     "recycled": dict(stride=4, budget=4096),
     "routing": dict(clusters=1, chunk=32),
     "streaming": dict(sinks=4, window=12, block=8),
+    "head_windows": dict(windows=(12,), sinks=4, block=8),
     "tokenselect": dict(budget=4096),
     "window": dict(window=9, block=8),
     "xattention": dict(budget=4096, threshold=1.0, **SMALL_BLOCKS),

@@ -60,7 +60,7 @@ ZERO_OK = {
     ("linformer", "seed"): True,
     ("longheads", "local"): True,
     ("minference", "sinks"): True, ("minference", "window"): True, ("minference", "layer"): True,
-    ("recycled", "sinks"): True,
+    ("recycled", "sinks"): True, ("head_windows", "sinks"): True,
     ("routing", "iters"): True, ("routing", "window"): True, ("routing", "sinks"): True, ("routing", "seed"): True,
     ("linear", "seed"): True, ("lightning", "layer"): True, ("based", "window"): True,
 }

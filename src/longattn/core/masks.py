@@ -287,7 +287,9 @@ class HeadWindow(Mask):
         ws = list(windows)
         if not ws or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 0 for w in ws):
             raise ValueError(f"windows must be ints >= 0 (0 = the whole context), one per head, got {windows!r}")
-        return cls(torch.tensor([_UNBOUNDED_REACH if w == 0 else int(w) - 1 for w in ws], dtype=torch.int64))
+        # built on the host like every mask; MaskedMethod.run moves it to the inputs' device (Mask.to)
+        reach = [_UNBOUNDED_REACH if w == 0 else int(w) - 1 for w in ws]
+        return cls(torch.tensor(reach, dtype=torch.int64, device="cpu"))
 
     @property
     def heads(self) -> int:

@@ -27,9 +27,9 @@ def require_transformers():
 
 require_transformers()
 
-from longattn.hf.attention import ATTN_IMPLEMENTATION, Applied, Intercepted, apply, intercept  # noqa: E402
+from longattn.hf.attention import ATTN_IMPLEMENTATION, Applied, Intercepted, apply, apply_head_map, intercept  # noqa: E402
 from longattn.hf.cache import LongattnCache  # noqa: E402
 from longattn.hf.llama2c import Llama2cTokenizer, load_llama2c  # noqa: E402
 
-__all__ = ["ATTN_IMPLEMENTATION", "Applied", "Intercepted", "Llama2cTokenizer", "LongattnCache", "apply", "intercept",
-           "load_llama2c"]
+__all__ = ["ATTN_IMPLEMENTATION", "Applied", "Intercepted", "Llama2cTokenizer", "LongattnCache", "apply",
+           "apply_head_map", "intercept", "load_llama2c"]

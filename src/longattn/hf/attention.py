@@ -345,6 +345,8 @@ class Applied:
             raise ValueError(f"model ({type(model).__name__}) has no attention modules that transformers' "
                              "AttentionInterface dispatches to (none with a layer_idx)")
         self.previous = getattr(model.config, "_attn_implementation", None)
+        #: set by ``apply_head_map``: the per-layer windows (``new_cache`` gives the heads policy)
+        self.head_map: dict | None = None
         self._previous_methods = {m: _ACTIVE.get(m) for m in self.modules}
         _register()
         if self.previous != ATTN_IMPLEMENTATION:  # first, so that a refusal leaves nothing half-applied
@@ -376,7 +378,10 @@ class Applied:
         from longattn.hf.cache import LongattnCache
 
         m = self.method
-        if m.name in ("dense", "dense_chunked"):
+        if getattr(self, "head_map", None) is not None:  # apply_head_map: the heads policy, same map
+            hm = self.head_map
+            spec = {"policy": "heads", "head_map": hm["rows"], "sinks": hm["sinks"], "window": hm["window"]}
+        elif m.name in ("dense", "dense_chunked"):
             spec = {"policy": "full"}
         elif m.name == "streaming":
             spec = {"policy": "streaming", "sinks": m.sinks, "window": m.window}
@@ -449,6 +454,45 @@ def intercept(model: torch.nn.Module, fn) -> Intercepted:
     touching its weights. Layers that need a 4-D mask, a softcap or attention sinks are refused.
     Returns an ``Intercepted``: ``with intercept(model, fn): model(...)``."""
     return Intercepted(model, fn)
+
+
+def apply_head_map(model: torch.nn.Module, head_map: Any, *, sinks: int = 4, window: int = 64) -> Applied:
+    """Run each attention layer of a transformers ``model`` with its own per-head windows: layer
+    ``i`` runs ``head_windows`` with the windows of row ``i`` of ``head_map``.
+
+    ``head_map`` is ``[layer][key head]`` (or a dict / JSON file from ``longattn calibrate-heads``,
+    ``longattn analyze`` or ``longattn.calibrate.heads.moa_windows``): True = the whole context,
+    False = ``sinks`` + ``window`` recent keys, an int = ``sinks`` + that many recent keys. This is
+    the prefill form of the ``heads`` KV policy; ``applied.new_cache()`` gives that policy with the
+    same map for generation.
+
+    Returns:
+        ``Applied``, already in effect (a context manager that switches back on exit).
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    from longattn.calibrate.heads import check_head_map
+    from longattn.methods.local import HeadWindows
+
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    n_layers = cfg.num_hidden_layers
+    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    if isinstance(head_map, (str, os.PathLike)):
+        head_map = json.loads(Path(head_map).read_text())
+    rows = check_head_map(head_map, n_layers, n_kv)
+    methods = [HeadWindows(windows=tuple(0 if c is True else (window if c is False else c) for c in row), sinks=sinks)
+               for row in rows]
+    applied = apply(model, methods[0])
+    for m in applied.modules:
+        layer = getattr(m, "layer_idx", None)
+        if not isinstance(layer, int) or not 0 <= layer < n_layers:
+            applied.remove()
+            raise ValueError(f"{type(m).__name__} has layer_idx {layer!r}, outside the head map's {n_layers} layers")
+        _ACTIVE[m] = methods[layer]
+    applied.head_map = {"rows": rows, "sinks": sinks, "window": window}
+    return applied
 
 
 def apply(model: torch.nn.Module, method: str | Method = "dense", **config: Any) -> Applied:

@@ -145,8 +145,7 @@ class HeadWindows(MaskedMethod):
             raise ValueError(f"windows must be a non-empty tuple of ints >= 0 (0 = the whole context), got "
                              f"{self.windows!r}")
         object.__setattr__(self, "windows", tuple(int(w) for w in ws))
-        if isinstance(self.sinks, bool) or not isinstance(self.sinks, numbers.Integral) or self.sinks < 0:
-            raise ValueError(f"sinks must be an int >= 0, got {self.sinks!r}")
+        validate.check_positive_int("sinks", self.sinks, allow_zero=True)
         self._check_backend()
         self._check_block()
 
