@@ -1,0 +1,11 @@
+"""Context parallelism on torch.distributed: a sequence split across ranks, attended exactly.
+
+* ``ring_attention`` — Ring Attention: key/value parts travel around the ring, partials merge by
+  log-sum-exp (the merge every part of longattn uses); zigzag or contiguous layout.
+* ``layout`` — the helpers that split a full sequence into each rank's part and join it back.
+"""
+
+from longattn.distributed.layout import LAYOUTS, Piece, pieces, positions, shard, unshard
+from longattn.distributed.ring import Shifted, ring_attention
+
+__all__ = ["LAYOUTS", "Piece", "Shifted", "pieces", "positions", "ring_attention", "shard", "unshard"]

@@ -1,0 +1,182 @@
+"""longattn.distributed: Ring Attention over gloo (CPU) at world 2 and 4 equals one process —
+output and LSE, causal and not, GQA, lengths that do not divide evenly, window / streaming /
+document masks, zigzag and contiguous — and ranks that disagree or fail make every rank raise
+instead of hanging."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+import longattn
+from longattn import masks
+from longattn.distributed import pieces, positions, shard, unshard
+
+pytestmark = pytest.mark.cpu_only(reason="gloo process groups on the CPU")
+
+
+# -- layouts (no processes) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("total,world", [(37, 2), (64, 4), (5, 4), (3, 2)])
+def test_shard_and_unshard_are_inverse_and_cover_every_token_once(layout, total, world):
+    x = torch.arange(total).view(1, 1, total, 1).float()
+    parts = [shard(x, r, world, layout) for r in range(world)]
+    assert torch.equal(unshard(parts, layout), x)
+    seen = torch.cat([positions(total, world, r, layout) for r in range(world)])
+    assert sorted(seen.tolist()) == list(range(total))
+    for r in range(world):
+        assert torch.equal(parts[r].flatten(), positions(total, world, r, layout).float())
+
+
+def test_zigzag_balances_causal_work_and_contiguous_does_not():
+    def causal_pairs(own):  # query-key pairs a rank computes under a causal mask
+        return sum(sum(p.start + i + 1 for i in range(p.length)) for p in own)
+
+    for layout, worst in (("zigzag", 1.1), ("contiguous", None)):
+        work = [causal_pairs(own) for own in pieces(4096, 4, layout)]
+        ratio = max(work) / min(work)
+        if worst:
+            assert ratio <= worst
+        else:
+            assert ratio > 3
+
+
+# -- ring attention across processes ------------------------------------------------------------
+
+
+def _cases():
+    out = []
+    for layout in ("zigzag", "contiguous"):
+        for causal in (True, False):
+            out += [(layout, causal, 37, "dense", {}), (layout, causal, 64, "dense", {})]
+        out += [(layout, True, 50, "window", {"window": 7}), (layout, True, 50, "streaming", {"sinks": 3, "window": 5}),
+                (layout, False, 45, "document", {})]
+    return out
+
+
+def _method(name, kw, total):
+    if name == "document":
+        return longattn.method("pattern", mask=masks.document(torch.arange(total) // 13))
+    return longattn.method(name, **kw)
+
+
+def _equivalence_worker(rank, world, store, out_dir):
+    import torch.distributed as dist
+
+    from longattn.distributed import ring_attention
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    worst = {"out": 0.0, "lse": 0.0}
+    try:
+        for layout, causal, total, name, kw in _cases():
+            g = torch.Generator().manual_seed(total)
+            q = torch.randn(2, 4, total, 8, generator=g)
+            k = torch.randn(2, 2, total, 8, generator=g)
+            v = torch.randn(2, 2, total, 8, generator=g)
+            m = _method(name, kw, total)
+            mask = m.visible_mask(total, total, causal)
+            ref, ref_lse = longattn.reference_attention(q, k, v, mask=None if mask is None else mask.dense(2, 4, total, total))
+            out, lse = ring_attention(shard(q, rank, world, layout), shard(k, rank, world, layout),
+                                      shard(v, rank, world, layout), causal=causal, method=m, layout=layout,
+                                      return_lse=True, timeout_s=60)
+            worst["out"] = max(worst["out"], float((out.double() - shard(ref, rank, world, layout)).abs().max()))
+            diff = (lse.double() - shard(ref_lse, rank, world, layout))
+            worst["lse"] = max(worst["lse"], float(diff.nan_to_num(0.0, 0.0, 0.0).abs().max()))
+            same_inf = torch.isneginf(lse) == torch.isneginf(shard(ref_lse, rank, world, layout))
+            assert bool(same_inf.all()), (layout, causal, total, name)
+        result = {"ok": True, **worst}
+    except Exception as exc:  # reported to the parent, which asserts
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def _spawn(fn, world, tmp_path, *extra):
+    store = tmp_path / "store"
+    torch.multiprocessing.spawn(fn, args=(world, str(store), str(tmp_path), *extra), nprocs=world, join=True)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_attention_equals_one_process(world, tmp_path):
+    results = _spawn(_equivalence_worker, world, tmp_path)
+    for r, res in enumerate(results):
+        assert res["ok"], f"rank {r}: {res.get('error')}"
+        assert res["out"] <= 1e-5 and res["lse"] <= 1e-5, (r, res)
+
+
+def _mismatch_worker(rank, world, store, out_dir):
+    import torch.distributed as dist
+
+    from longattn.distributed import ring_attention
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    d = 8 if rank == 0 else 16                                   # rank 1 calls with another head_dim
+    q = torch.randn(1, 2, 8, d)
+    try:
+        ring_attention(q, q, q, causal=True, timeout_s=30)
+        result = {"raised": None}
+    except Exception as exc:
+        result = {"raised": type(exc).__name__, "message": str(exc)}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_on_shapes_all_get_a_clear_error(tmp_path):
+    results = _spawn(_mismatch_worker, 2, tmp_path)
+    for res in results:
+        assert res["raised"] == "ValueError" and "head_dim" in res["message"], res
+
+
+def _dead_peer_worker(rank, world, store, out_dir, timeout_s):
+    import torch.distributed as dist
+
+    from longattn.distributed import ring_attention
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    if rank == 1:
+        os._exit(0)                                              # a rank that dies before the call
+    t0 = time.perf_counter()
+    try:
+        q = torch.randn(1, 2, 8, 8)
+        ring_attention(q, q, q, causal=True, timeout_s=timeout_s)
+        result = {"raised": None}
+    except Exception as exc:
+        result = {"raised": type(exc).__name__, "message": str(exc)}
+    result["seconds"] = time.perf_counter() - t0
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    os._exit(0)
+
+
+def test_a_dead_peer_makes_the_other_rank_raise_within_the_timeout(tmp_path):
+    store = tmp_path / "store"
+    ctx = torch.multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_dead_peer_worker, args=(r, 2, str(store), str(tmp_path), 5.0)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert not p.is_alive(), "a rank hung"
+    res = json.loads((tmp_path / "rank0.json").read_text())
+    assert res["raised"] == "RuntimeError", res
+    assert res["seconds"] < 5.0 + 10.0, res
+
+
+def test_ring_attention_needs_a_process_group_and_an_exact_method():
+    from longattn.distributed import ring_attention
+
+    q = torch.randn(1, 2, 8, 8)
+    with pytest.raises(RuntimeError, match="process group"):
+        ring_attention(q, q, q)
+    with pytest.raises(ValueError, match="layout"):
+        ring_attention(q, q, q, layout="spiral")
