@@ -180,3 +180,67 @@ def test_ring_attention_needs_a_process_group_and_an_exact_method():
         ring_attention(q, q, q)
     with pytest.raises(ValueError, match="layout"):
         ring_attention(q, q, q, layout="spiral")
+
+
+def _ulysses_worker(rank, world, store, out_dir):
+    import torch.distributed as dist
+
+    from longattn.distributed import ulysses_attention
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    worst = {"out": 0.0, "lse": 0.0}
+    try:
+        cases = [(layout, causal, total, name, kw) for layout, causal, total, name, kw in _cases()]
+        cases.append(("contiguous", True, 61, "landmark", {"budget": 48, "block": 8, "q_block": 8, "sinks": 8,
+                                                           "window": 8}))   # sparse: every key is local
+        for layout, causal, total, name, kw in cases:
+            g = torch.Generator().manual_seed(total)
+            q = torch.randn(2, 4, total, 8, generator=g)
+            k = torch.randn(2, 4 if world == 4 else 2, total, 8, generator=g)
+            v = torch.randn(*k.shape, generator=g)
+            m = _method(name, kw, total)
+            ref, st = longattn.attention(q, k, v, causal=causal, method=m, return_stats=True)
+            out, lse = ulysses_attention(shard(q, rank, world, layout), shard(k, rank, world, layout),
+                                         shard(v, rank, world, layout), causal=causal, method=m, layout=layout,
+                                         return_lse=True, timeout_s=60)
+            worst["out"] = max(worst["out"], float((out - shard(ref, rank, world, layout)).abs().max()))
+            diff = lse - shard(st.lse.float(), rank, world, layout)
+            worst["lse"] = max(worst["lse"], float(diff.nan_to_num(0.0, 0.0, 0.0).abs().max()))
+        result = {"ok": True, **worst}
+    except Exception as exc:
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ulysses_attention_equals_one_process(world, tmp_path):
+    results = _spawn(_ulysses_worker, world, tmp_path)
+    for r, res in enumerate(results):
+        assert res["ok"], f"rank {r}: {res.get('error')}"
+        assert res["out"] <= 1e-5 and res["lse"] <= 1e-5, (r, res)
+
+
+def _heads_worker(rank, world, store, out_dir):
+    import torch.distributed as dist
+
+    from longattn.distributed import ulysses_attention
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    q = torch.randn(1, 4, 8, 8)
+    kv = torch.randn(1, 1, 8, 8)                                 # one key/value head, two ranks
+    try:
+        ulysses_attention(q, kv, kv, causal=True, timeout_s=30)
+        result = {"raised": None}
+    except Exception as exc:
+        result = {"raised": type(exc).__name__, "message": str(exc)}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def test_ulysses_names_heads_that_do_not_divide(tmp_path):
+    for res in _spawn(_heads_worker, 2, tmp_path):
+        assert res["raised"] == "ValueError" and "multiples of 2" in res["message"], res
