@@ -244,3 +244,43 @@ def _heads_worker(rank, world, store, out_dir):
 def test_ulysses_names_heads_that_do_not_divide(tmp_path):
     for res in _spawn(_heads_worker, 2, tmp_path):
         assert res["raised"] == "ValueError" and "multiples of 2" in res["message"], res
+
+
+def _hybrid_worker(rank, world, store, out_dir):
+    import torch.distributed as dist
+
+    from longattn.distributed import hybrid_attention, hybrid_shard, make_grid
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    worst = {"out": 0.0, "lse": 0.0}
+    try:
+        ug, rg = make_grid(2, 2)
+        for layout, causal, total, name, kw in _cases():
+            g = torch.Generator().manual_seed(total)
+            q = torch.randn(2, 4, total, 8, generator=g)
+            k = torch.randn(2, 2, total, 8, generator=g)
+            v = torch.randn(2, 2, total, 8, generator=g)
+            m = _method(name, kw, total)
+            mask = m.visible_mask(total, total, causal)
+            ref, ref_lse = longattn.reference_attention(q, k, v, mask=None if mask is None else mask.dense(2, 4, total, total))
+            cut = lambda x: hybrid_shard(x, rank, 2, 2, layout)  # noqa: E731
+            out, lse = hybrid_attention(cut(q), cut(k), cut(v), ulysses_group=ug, ring_group=rg, causal=causal,
+                                        method=m, layout=layout, return_lse=True, timeout_s=60)
+            worst["out"] = max(worst["out"], float((out.double() - cut(ref)).abs().max()))
+            worst["lse"] = max(worst["lse"], float((lse.double() - cut(ref_lse)).nan_to_num(0.0, 0.0, 0.0).abs().max()))
+        result = {"ok": True, **worst}
+    except Exception as exc:
+        import traceback
+
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def test_hybrid_ulysses_by_ring_equals_one_process(tmp_path):
+    results = _spawn(_hybrid_worker, 4, tmp_path)
+    for r, res in enumerate(results):
+        assert res["ok"], f"rank {r}: {res.get('error')}"
+        assert res["out"] <= 1e-5 and res["lse"] <= 1e-5, (r, res)

@@ -4,12 +4,14 @@
   log-sum-exp (the merge every part of longattn uses); zigzag or contiguous layout.
 * ``ulysses_attention`` — DeepSpeed-Ulysses: all-to-all from sequence parts to head groups, any
   longattn method (sparse ones included) on the whole sequence, all-to-all back.
+* ``hybrid_attention`` — the two together on a 2-D grid (``make_grid``): Ulysses within a group,
+  Ring Attention across groups.
 * ``layout`` — the helpers that split a full sequence into each rank's part and join it back.
 """
 
 from longattn.distributed.layout import LAYOUTS, Piece, pieces, positions, shard, unshard
 from longattn.distributed.ring import Shifted, ring_attention
-from longattn.distributed.ulysses import ulysses_attention
+from longattn.distributed.ulysses import hybrid_attention, hybrid_shard, make_grid, ulysses_attention
 
-__all__ = ["LAYOUTS", "Piece", "Shifted", "pieces", "positions", "ring_attention", "shard", "ulysses_attention",
-           "unshard"]
+__all__ = ["LAYOUTS", "Piece", "Shifted", "hybrid_attention", "hybrid_shard", "make_grid", "pieces", "positions",
+           "ring_attention", "shard", "ulysses_attention", "unshard"]

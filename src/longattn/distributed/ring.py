@@ -175,6 +175,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool 
     partial: list[list[tuple[Tensor, Tensor]]] = [[] for _ in mine]
     k_cur, v_cur = k.contiguous(), v.contiguous()
     nxt, prv = (rank + 1) % world, (rank - 1) % world
+    # P2POp takes global ranks: map the ring neighbours out of a subgroup
+    to_next = nxt if group is None else dist.get_global_rank(group, nxt)
+    from_prev = prv if group is None else dist.get_global_rank(group, prv)
     for step in range(world):
         src = (rank - step) % world
         pending = None
@@ -183,8 +186,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool 
             n_in = sum(p.length for p in layout_pieces[incoming])
             k_next = k_cur.new_empty(k_cur.shape[:2] + (n_in, k_cur.shape[3]))
             v_next = v_cur.new_empty(k_next.shape)
-            ops = [dist.P2POp(dist.isend, k_cur, nxt, group), dist.P2POp(dist.isend, v_cur, nxt, group),
-                   dist.P2POp(dist.irecv, k_next, prv, group), dist.P2POp(dist.irecv, v_next, prv, group)]
+            ops = [dist.P2POp(dist.isend, k_cur, to_next, group), dist.P2POp(dist.isend, v_cur, to_next, group),
+                   dist.P2POp(dist.irecv, k_next, from_prev, group), dist.P2POp(dist.irecv, v_next, from_prev, group)]
             pending = dist.batch_isend_irecv(ops)
         at = 0
         for kp in layout_pieces[src]:

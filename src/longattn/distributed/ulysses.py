@@ -31,7 +31,7 @@ def _pad_tokens(x: Tensor, length: int) -> Tensor:
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = False, method="dense",
                       scale: float | None = None, layout: str = "contiguous", timeout_s: float = 60.0,
-                      return_lse: bool = False, **config) -> Tensor | tuple[Tensor, Tensor]:
+                      return_lse: bool = False, inner=None, **config) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of a sequence split across ``group``, computed head-parallel (Ulysses).
 
     Args:
@@ -40,6 +40,8 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bo
         method: any longattn softmax method (name or object; ``**config`` its parameters when a
             name), run on the whole sequence of each rank's heads.
         causal, scale, layout, timeout_s, return_lse: as for ``ring_attention``.
+        inner: ``(q, k, v) -> (out, lse)`` run on the gathered head groups instead of ``method``
+            (the hybrid passes ring attention over the other axis of its grid).
 
     Returns:
         this rank's output ``[B, Hq, S_r, D]`` in q's dtype, and its float32 LSE when
@@ -85,11 +87,15 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bo
             at += p.length
     full = torch.cat([c for _, c in sorted(chunks, key=lambda sc: sc[0])], 2)
     qf, kf, vf = full[:, :gq], full[:, gq:gq + gk], full[:, gq + gk:]
-    out, stats = longattn.attention(qf, kf, vf, causal=causal, method=m, scale=scale, return_stats=True)
-    if return_lse and stats.lse is None:
-        raise ValueError(f"method {m.name!r} ran on path {stats.path!r}, which gives no log-sum-exp; call without "
-                         "return_lse")
-    lse = stats.lse.float() if stats.lse is not None else torch.zeros(out.shape[:-1])
+    if inner is not None:  # the hybrid: these tokens are one part of a longer sequence (ring over it)
+        out, lse = inner(qf, kf, vf)
+    else:
+        out, stats = longattn.attention(qf, kf, vf, causal=causal, method=m, scale=scale, return_stats=True)
+        if return_lse and stats.lse is None:
+            raise ValueError(f"method {m.name!r} ran on path {stats.path!r}, which gives no log-sum-exp; call "
+                             "without return_lse")
+        lse = stats.lse if stats.lse is not None else torch.zeros(out.shape[:-1])
+    lse = lse.float()
     # 2. head groups → sequence parts: rank i gets its tokens of my head group, with the LSE
     both = torch.cat([out.float(), lse[..., None]], -1)                    # [B, gq, T, D + 1]
     back = []
@@ -101,3 +107,55 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bo
     mine = torch.cat([h[:, :, :counts[rank]] for h in home], 1)             # [B, Hq, S_r, D + 1]
     result = mine[..., :-1].to(q.dtype)
     return (result, mine[..., -1]) if return_lse else result
+
+
+def make_grid(ulysses: int, ring: int, *, timeout_s: float = 60.0):
+    """The 2-D process grid of the hybrid (USP: Fang & Zhao 2024): the world's ranks as
+    ``ring × ulysses``, rank ``= ring_index · ulysses + ulysses_index``. Returns
+    ``(ulysses_group, ring_group)`` for this rank. Every rank must call it (``new_group`` is
+    collective)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if ulysses < 1 or ring < 1 or ulysses * ring != world:
+        raise ValueError(f"ulysses × ring must equal the world size {world}, got {ulysses} × {ring}")
+    mine_u = mine_r = None
+    for r in range(ring):  # every rank creates every group, in the same order
+        g = dist.new_group([r * ulysses + u for u in range(ulysses)], timeout=timedelta(seconds=timeout_s))
+        if rank // ulysses == r:
+            mine_u = g
+    for u in range(ulysses):
+        g = dist.new_group([r * ulysses + u for r in range(ring)], timeout=timedelta(seconds=timeout_s))
+        if rank % ulysses == u:
+            mine_r = g
+    return mine_u, mine_r
+
+
+def hybrid_shard(x: Tensor, rank: int, ulysses: int, ring: int, layout: str = "zigzag", dim: int = 2) -> Tensor:
+    """Rank ``rank``'s tokens under the hybrid: the sequence split over the ring axis by ``layout``,
+    each ring part split contiguously over the Ulysses axis."""
+    from longattn.distributed.layout import shard
+
+    part = shard(x, rank // ulysses, ring, layout, dim)
+    return shard(part, rank % ulysses, ulysses, "contiguous", dim)
+
+
+def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, *, ulysses_group, ring_group, causal: bool = False,
+                     method="dense", scale: float | None = None, layout: str = "zigzag", timeout_s: float = 60.0,
+                     return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Ulysses inside, Ring Attention across (USP's hybrid): an all-to-all within ``ulysses_group``
+    gathers each ring part's tokens for ``1/U`` of the heads, ring attention over ``ring_group`` runs
+    them against every other ring part, and an all-to-all returns each rank its tokens.
+
+    q/k/v are this rank's tokens from :func:`hybrid_shard`; ``method`` must be an exact positional
+    one (ring attention's condition). Heads must divide by the Ulysses degree."""
+    from longattn.distributed.ring import ring_attention
+
+    def across(qf, kf, vf):
+        return ring_attention(qf, kf, vf, group=ring_group, causal=causal, method=method, scale=scale,
+                              layout=layout, timeout_s=timeout_s, return_lse=True)
+
+    return ulysses_attention(q, k, v, group=ulysses_group, causal=causal, method=method, scale=scale,
+                             layout="contiguous", timeout_s=timeout_s, return_lse=return_lse, inner=across)
