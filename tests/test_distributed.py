@@ -284,3 +284,43 @@ def test_hybrid_ulysses_by_ring_equals_one_process(tmp_path):
     for r, res in enumerate(results):
         assert res["ok"], f"rank {r}: {res.get('error')}"
         assert res["out"] <= 1e-5 and res["lse"] <= 1e-5, (r, res)
+
+
+def _decode_worker(rank, world, store, out_dir):
+    import torch.distributed as dist
+
+    from longattn.distributed import ShardedKVCache
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(7)
+        k = torch.randn(2, 2, 300, 16, generator=g)
+        v = torch.randn(2, 2, 300, 16, generator=g)
+        cache = ShardedKVCache(page=16)
+        worst, held = 0.0, []
+        at = 0
+        for n in (100, 1, 1, 57, 1, 140):              # a prefill, decode steps, another chunk …
+            cache.append(k[:, :, at:at + n], v[:, :, at:at + n])
+            at += n
+            q = torch.randn(2, 4, 1, 16, generator=g)
+            got = cache.attend(q)
+            want = longattn.attention(q, k[:, :, :at], v[:, :, :at], causal=False)
+            worst = max(worst, float((got - want).abs().max()))
+            held.append(cache.local_tokens)
+        result = {"ok": True, "worst": worst, "held": held, "seen": cache.seen}
+    except Exception as exc:
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_decode_equals_one_process_over_the_whole_cache(world, tmp_path):
+    results = _spawn(_decode_worker, world, tmp_path)
+    for r, res in enumerate(results):
+        assert res["ok"], f"rank {r}: {res.get('error')}"
+        assert res["worst"] <= 1e-5, (r, res)
+    assert sum(res["held"][-1] for res in results) == 300          # every token on exactly one rank
+    assert max(res["held"][-1] for res in results) <= 300 // world + 16
