@@ -324,3 +324,58 @@ def test_sharded_decode_equals_one_process_over_the_whole_cache(world, tmp_path)
         assert res["worst"] <= 1e-5, (r, res)
     assert sum(res["held"][-1] for res in results) == 300          # every token on exactly one rank
     assert max(res["held"][-1] for res in results) <= 300 // world + 16
+
+
+def _gradient_worker(rank, world, store, out_dir, kind):
+    import torch.distributed as dist
+
+    from longattn.distributed import hybrid_attention, hybrid_shard, make_grid, ring_attention, ulysses_attention
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    worst = 0.0
+    try:
+        grid = make_grid(2, world // 2) if kind == "hybrid" else None
+        cases = [c for c in _cases() if c[3] != "dense" or c[2] == 37]
+        for layout, causal, total, name, kw in cases:
+            if kind == "ulysses" and layout == "zigzag" and name != "dense":
+                continue
+            g = torch.Generator().manual_seed(total + 1)
+            q = torch.randn(2, 4, total, 8, generator=g)
+            k = torch.randn(2, 2 if kind != "ulysses" or world == 2 else 4, total, 8, generator=g)
+            v = torch.randn(*k.shape, generator=g)
+            w = torch.randn(2, 4, total, 8, generator=g)                # the loss: <out, w>
+            m = _method(name, kw, total)
+            ref_in = [t.clone().requires_grad_(True) for t in (q, k, v)]
+            (longattn.attention(*ref_in, causal=causal, method=m) * w).sum().backward()
+            if kind == "hybrid":
+                cut = lambda x: hybrid_shard(x, rank, 2, world // 2, layout)  # noqa: E731
+            else:
+                cut = lambda x: shard(x, rank, world, layout)  # noqa: E731
+            mine = [cut(t).clone().requires_grad_(True) for t in (q, k, v)]
+            if kind == "ring":
+                out = ring_attention(*mine, causal=causal, method=m, layout=layout)
+            elif kind == "ulysses":
+                out = ulysses_attention(*mine, causal=causal, method=m, layout=layout)
+            else:
+                out = hybrid_attention(*mine, ulysses_group=grid[0], ring_group=grid[1], causal=causal, method=m,
+                                       layout=layout)
+            (out * cut(w)).sum().backward()
+            for a, b in zip(mine, ref_in):
+                worst = max(worst, float((a.grad - cut(b.grad)).abs().max()))
+        result = {"ok": True, "worst": worst}
+    except Exception as exc:
+        import traceback
+
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind,world", [("ring", 2), ("ring", 4), ("ulysses", 2), ("ulysses", 4), ("hybrid", 4)])
+def test_gradients_through_context_parallelism_equal_one_process(kind, world, tmp_path):
+    results = _spawn(_gradient_worker, world, tmp_path, kind)
+    for r, res in enumerate(results):
+        assert res["ok"], f"rank {r}: {res.get('error')}"
+        assert res["worst"] <= 1e-5, (r, res)

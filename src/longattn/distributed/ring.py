@@ -167,51 +167,167 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool 
     gmask = m.visible_mask(total, total, causal)
     if gmask is not None:
         gmask = gmask.for_sizes(total, total)
-    mine = layout_pieces[rank]
-    q_parts, at = [], 0
-    for p in mine:
-        q_parts.append(q[:, :, at:at + p.length])
-        at += p.length
-    partial: list[list[tuple[Tensor, Tensor]]] = [[] for _ in mine]
-    k_cur, v_cur = k.contiguous(), v.contiguous()
-    nxt, prv = (rank + 1) % world, (rank - 1) % world
-    # P2POp takes global ranks: map the ring neighbours out of a subgroup
-    to_next = nxt if group is None else dist.get_global_rank(group, nxt)
-    from_prev = prv if group is None else dist.get_global_rank(group, prv)
-    for step in range(world):
-        src = (rank - step) % world
-        pending = None
-        if step < world - 1:  # post the next transfer before computing on the current part
-            incoming = (rank - step - 1) % world
-            n_in = sum(p.length for p in layout_pieces[incoming])
-            k_next = k_cur.new_empty(k_cur.shape[:2] + (n_in, k_cur.shape[3]))
-            v_next = v_cur.new_empty(k_next.shape)
-            ops = [dist.P2POp(dist.isend, k_cur, to_next, group), dist.P2POp(dist.isend, v_cur, to_next, group),
-                   dist.P2POp(dist.irecv, k_next, from_prev, group), dist.P2POp(dist.irecv, v_next, from_prev, group)]
-            pending = dist.batch_isend_irecv(ops)
-        at = 0
-        for kp in layout_pieces[src]:
-            ks, vs = k_cur[:, :, at:at + kp.length], v_cur[:, :, at:at + kp.length]
-            at += kp.length
-            for i, (qp, qs) in enumerate(zip(mine, q_parts)):
-                if qp.length == 0 or kp.length == 0:
-                    continue
-                kind = _pair_class(gmask, qp, kp)
-                if kind != "empty":
-                    partial[i].append(_pair_attention(qs, ks, vs, gmask, qp, kp, kind, scale))
-        if pending is not None:
-            for work in pending:
-                _wait(work, timeout_s, f"ring step {step + 1}/{world - 1} (send to {nxt}, receive from {prv})", rank)
-            k_cur, v_cur = k_next, v_next
-    outs, lses = [], []
-    for qp, qs, parts in zip(mine, q_parts, partial):
-        if parts:
-            o, lse = merge_partials([p[0] for p in parts], [p[1] for p in parts])
-        else:  # no key visible to any query of this piece
-            o = torch.zeros(qs.shape, dtype=torch.float32, device=qs.device)
-            lse = torch.full(qs.shape[:-1], float("-inf"), device=qs.device)
-        outs.append(o)
-        lses.append(lse)
-    out = torch.cat(outs, 2).to(q.dtype)
-    lse = torch.cat(lses, 2)
+    ring = _Ring(group, world, rank, layout_pieces, gmask, scale, timeout_s)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        out, lse = _RingFunction.apply(q, k, v, ring)
+    else:
+        out, lse = ring.forward(q, k, v)
+    out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+@dataclass
+class _Ring:
+    """One call's ring: the group, this rank, every rank's pieces, the global mask, the scale."""
+
+    group: object
+    world: int
+    rank: int
+    layout_pieces: list
+    gmask: Mask | None
+    scale: float
+    timeout_s: float
+
+    def neighbours(self) -> tuple[int, int]:
+        """The global ranks to send to and receive from (P2POp takes global ranks)."""
+        import torch.distributed as dist
+
+        nxt, prv = (self.rank + 1) % self.world, (self.rank - 1) % self.world
+        if self.group is None:
+            return nxt, prv
+        return dist.get_global_rank(self.group, nxt), dist.get_global_rank(self.group, prv)
+
+    def pass_along(self, tensors: list[Tensor], incoming_tokens: int, step: int):
+        """Post sending ``tensors`` ([B, H, S, D] each) to the next rank and receiving the previous
+        rank's (``incoming_tokens`` long); returns ``(works, received)``."""
+        import torch.distributed as dist
+
+        to_next, from_prev = self.neighbours()
+        received = [t.new_empty(t.shape[:2] + (incoming_tokens, t.shape[3])) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), to_next, self.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, from_prev, self.group) for r in received]
+        return dist.batch_isend_irecv(ops), received
+
+    def wait(self, works, what: str) -> None:
+        for work in works:
+            _wait(work, self.timeout_s, what, self.rank)
+
+    def q_pieces(self, x: Tensor) -> list[tuple[Piece, Tensor]]:
+        out, at = [], 0
+        for p in self.layout_pieces[self.rank]:
+            out.append((p, x[:, :, at:at + p.length]))
+            at += p.length
+        return out
+
+    def kv_pieces(self, src: int) -> list[tuple[Piece, int]]:
+        out, at = [], 0
+        for p in self.layout_pieces[src]:
+            out.append((p, at))
+            at += p.length
+        return out
+
+    def tokens(self, rank: int) -> int:
+        return sum(p.length for p in self.layout_pieces[rank])
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """``(out float32, lse float32)`` of this rank's queries over the whole ring."""
+        mine = self.q_pieces(q)
+        partial: list[list[tuple[Tensor, Tensor]]] = [[] for _ in mine]
+        k_cur, v_cur = k.contiguous(), v.contiguous()
+        for step in range(self.world):
+            src = (self.rank - step) % self.world
+            works = None
+            if step < self.world - 1:  # post the next transfer before computing on the current part
+                works, (k_next, v_next) = self.pass_along([k_cur, v_cur], self.tokens((self.rank - step - 1) % self.world),
+                                                          step)
+            for kp, at in self.kv_pieces(src):
+                ks, vs = k_cur[:, :, at:at + kp.length], v_cur[:, :, at:at + kp.length]
+                for i, (qp, qs) in enumerate(mine):
+                    if qp.length == 0 or kp.length == 0:
+                        continue
+                    kind = _pair_class(self.gmask, qp, kp)
+                    if kind != "empty":
+                        partial[i].append(_pair_attention(qs, ks, vs, self.gmask, qp, kp, kind, self.scale))
+            if works is not None:
+                self.wait(works, f"ring step {step + 1}/{self.world - 1}")
+                k_cur, v_cur = k_next, v_next
+        outs, lses = [], []
+        for (qp, qs), parts in zip(mine, partial):
+            if parts:
+                o, lse = merge_partials([p[0] for p in parts], [p[1] for p in parts])
+            else:  # no key visible to any query of this piece
+                o = torch.zeros(qs.shape, dtype=torch.float32, device=qs.device)
+                lse = torch.full(qs.shape[:-1], float("-inf"), device=qs.device)
+            outs.append(o.float())
+            lses.append(lse.float())
+        return torch.cat(outs, 2), torch.cat(lses, 2)
+
+    def backward(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                 dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The backward ring: key/value parts travel as in the forward, each with the gradient
+        accumulated for it so far; after the last step the gradients take one more hop home.
+        Per pair, flash attention's backward with the forward's LSE (``P = exp(S − lse)``)."""
+        hq, hk = q.shape[1], k.shape[1]
+        g = hq // hk
+        qf, dof = q.float(), dout.float()
+        delta = (dof * out).sum(-1)                                         # [B, Hq, S]
+        dq = torch.zeros_like(qf)
+        k_cur, v_cur = k.float().contiguous(), v.float().contiguous()
+        dk_cur, dv_cur = torch.zeros_like(k_cur), torch.zeros_like(v_cur)
+        mine = self.q_pieces(qf)
+        starts = [0]
+        for p, _ in mine[:-1]:
+            starts.append(starts[-1] + p.length)
+        for step in range(self.world):
+            src = (self.rank - step) % self.world
+            for kp, at in self.kv_pieces(src):
+                if kp.length == 0:
+                    continue
+                ks = k_cur[:, :, at:at + kp.length].repeat_interleave(g, 1)
+                vs = v_cur[:, :, at:at + kp.length].repeat_interleave(g, 1)
+                for (qp, qs), q0 in zip(mine, starts):
+                    if qp.length == 0:
+                        continue
+                    kind = _pair_class(self.gmask, qp, kp)
+                    if kind == "empty":
+                        continue
+                    rows = slice(q0, q0 + qp.length)
+                    s = (qs @ ks.transpose(-1, -2)) * self.scale
+                    p = torch.exp(s - lse[:, :, rows, None])
+                    if kind == "partial":
+                        seen = Shifted(self.gmask, qp.start, kp.start).dense(q.shape[0], hq, qp.length, kp.length,
+                                                                             device=q.device)
+                        p = p * seen
+                    p = torch.nan_to_num(p, nan=0.0, posinf=0.0)                # rows with lse = -inf
+                    do = dof[:, :, rows]
+                    dp = do @ vs.transpose(-1, -2)
+                    ds = p * (dp - delta[:, :, rows, None])
+                    dq[:, :, rows] += (ds @ ks) * self.scale
+                    dkp = (ds.transpose(-1, -2) @ qs) * self.scale               # [B, Hq, n, D]
+                    dvp = p.transpose(-1, -2) @ do
+                    dk_cur[:, :, at:at + kp.length] += dkp.view(dkp.shape[0], hk, g, *dkp.shape[2:]).sum(2)
+                    dv_cur[:, :, at:at + kp.length] += dvp.view(dvp.shape[0], hk, g, *dvp.shape[2:]).sum(2)
+            incoming = self.tokens((self.rank - step - 1) % self.world)
+            if step < self.world - 1:
+                works, (k_cur, v_cur, dk_cur, dv_cur) = self.pass_along([k_cur, v_cur, dk_cur, dv_cur], incoming, step)
+                self.wait(works, f"backward ring step {step + 1}/{self.world - 1}")
+            elif self.world > 1:  # the gradients of the part held now go home: one more hop
+                works, (dk_cur, dv_cur) = self.pass_along([dk_cur, dv_cur], self.tokens(self.rank), step)
+                self.wait(works, "backward ring, gradients home")
+        return dq, dk_cur, dv_cur
+
+
+class _RingFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, ring: _Ring):
+        out, lse = ring.forward(q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring = ring
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.ring.backward(q, k, v, out, lse, dout)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None

@@ -23,6 +23,40 @@ from longattn.distributed.ring import _handshake, _wait
 Tensor = torch.Tensor
 
 
+def _exchange(send: list[Tensor], group, timeout_s: float, what: str, rank: int) -> list[Tensor]:
+    import torch.distributed as dist
+
+    recv = [torch.empty_like(send[0]) for _ in send]
+    _wait(dist.all_to_all(recv, [t.contiguous() for t in send], group=group, async_op=True), timeout_s, what, rank)
+    return recv
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all`` with its backward: the gradient of what came from rank ``j`` goes back to ``j``
+    (another all-to-all). torch.distributed.nn's version scatters by global rank on gloo and fails
+    in subgroups (the hybrid's grid)."""
+
+    @staticmethod
+    def forward(ctx, group, timeout_s, what, rank, *send):
+        ctx.args = (group, timeout_s, what, rank)
+        ctx.like = send[0]
+        return tuple(_exchange(list(send), group, timeout_s, what, rank))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        group, timeout_s, what, rank = ctx.args
+        back = _exchange([g if g is not None else torch.zeros_like(ctx.like) for g in grads], group, timeout_s,
+                         f"{what} (backward)", rank)
+        return (None, None, None, None, *back)
+
+
+def _all_to_all(send: list[Tensor], group, timeout_s: float, what: str, rank: int) -> list[Tensor]:
+    """``all_to_all`` of equal-shaped tensors with ``timeout_s`` on every wait; differentiable."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in send):
+        return list(_AllToAll.apply(group, timeout_s, what, rank, *send))
+    return _exchange(send, group, timeout_s, what, rank)
+
+
 def _pad_tokens(x: Tensor, length: int) -> Tensor:
     if x.shape[2] == length:
         return x.contiguous()
@@ -76,8 +110,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bo
     send = [_pad_tokens(torch.cat([packed[:, j * gq:(j + 1) * gq], packed[:, hq + j * gk:hq + (j + 1) * gk],
                                    packed[:, hq + hk + j * gk:hq + hk + (j + 1) * gk]], 1), longest)
             for j in range(world)]
-    recv = [torch.empty_like(send[0]) for _ in range(world)]
-    _wait(dist.all_to_all(recv, send, group=group, async_op=True), timeout_s, "the all-to-all to head groups", rank)
+    recv = _all_to_all(send, group, timeout_s, "the all-to-all to head groups", rank)
     # every token of my head group, in global order (rank i's part holds its layout pieces)
     chunks = []
     for i, part in enumerate(recv):
@@ -102,8 +135,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bo
     for i in range(world):
         idx = torch.cat([torch.arange(p.start, p.start + p.length) for p in layout_pieces[i]])
         back.append(_pad_tokens(both.index_select(2, idx.to(both.device)), longest))
-    home = [torch.empty_like(back[0]) for _ in range(world)]
-    _wait(dist.all_to_all(home, back, group=group, async_op=True), timeout_s, "the all-to-all back to tokens", rank)
+    home = _all_to_all(back, group, timeout_s, "the all-to-all back to tokens", rank)
     mine = torch.cat([h[:, :, :counts[rank]] for h in home], 1)             # [B, Hq, S_r, D + 1]
     result = mine[..., :-1].to(q.dtype)
     return (result, mine[..., -1]) if return_lse else result
