@@ -8,6 +8,8 @@
   Ring Attention across groups.
 * ``ShardedKVCache`` — a decode cache dealt page by page across ranks; each step attends over every
   rank's slice and merges by LSE in one collective.
+* ``hf.context_parallel`` — a transformers model's attention layers through ring / Ulysses, each
+  rank running the model on its tokens.
 * ``layout`` — the helpers that split a full sequence into each rank's part and join it back.
 """
 
