@@ -472,3 +472,14 @@ def test_collectives_per_call_are_the_designs_and_bf16_meets_torchs_tolerance(wo
         # the same inputs attended in one process
         for name, excess in res["bf16"].items():
             assert excess <= 1e-3 * world, (name, excess)
+
+
+def test_the_distributed_bench_suite_runs_and_checks_itself(tmp_path):
+    from longattn.bench import get_suite
+    from longattn.bench.suite import run_suite
+
+    res = run_suite(get_suite("distributed"), tmp_path, full=False, lengths=(256,), worlds=(1, 2), repeats=1)
+    recs = {(r["method"], r["world"]): r for r in res["records"]}
+    assert all(r["status"] == "ok" for r in recs.values()), recs
+    assert recs[("ring zigzag", 2)]["bytes_ratio"] == pytest.approx(1.0)
+    assert recs[("ring zigzag", 2)]["balance"] < recs[("ring contiguous", 2)]["balance"]

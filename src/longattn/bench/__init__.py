@@ -23,10 +23,12 @@ SUITES: dict[str, str] = {
     "peers": "longattn.bench.peers",
     "memory": "longattn.bench.memory",
     "recurrent": "longattn.bench.recurrent",
+    "distributed": "longattn.bench.distributed",
 }
 
-#: the suites of the main job, in the order they run
-MAIN_SUITES: tuple[str, ...] = tuple(SUITES)
+#: the suites of the main job, in the order they run (``distributed`` spawns process groups and runs
+#: on its own: ``longattn bench --suite distributed``)
+MAIN_SUITES: tuple[str, ...] = tuple(n for n in SUITES if n != "distributed")
 
 
 def get_suite(name: str) -> Suite:

@@ -18,13 +18,14 @@ receive of ``(k, v)``. Every wait has a timeout: a rank that fails makes the oth
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
 import longattn
-from longattn.core.masks import Mask
+from longattn.core.masks import Causal, Mask
 from longattn.core.merge import merge_partials
 from longattn.distributed.layout import Piece, check_layout, pieces
 
@@ -77,6 +78,8 @@ def _pair_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, qp: Piec
     """Exact attention of a query piece over a key piece: ``(out float32, lse float32)``."""
     if kind == "full":
         out, stats = longattn.attention(q, k, v, scale=scale, return_stats=True)
+    elif isinstance(mask, Causal) and qp == kp:  # a piece against itself under plain causality: the fused causal kernel
+        out, stats = longattn.attention(q, k, v, causal=True, scale=scale, return_stats=True)
     else:
         m = longattn.method("pattern", mask=Shifted(mask, qp.start, kp.start), backend="tiled")
         out, stats = longattn.attention(q, k, v, scale=scale, method=m, return_stats=True)
@@ -123,7 +126,7 @@ def _handshake(q: Tensor, k: Tensor, v: Tensor, causal: bool, layout: str, group
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = False, method="dense",
                    scale: float | None = None, layout: str = "zigzag", timeout_s: float = 60.0,
-                   return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                   return_lse: bool = False, stats: dict | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention of a sequence split across the ranks of ``group`` (Ring Attention).
 
     Args:
@@ -138,6 +141,10 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool 
         layout: ``"zigzag"`` (balanced causal work) or ``"contiguous"``.
         timeout_s: limit for every wait; a rank that fails makes the others raise within it.
         return_lse: also return the float32 log-sum-exp ``[B, Hq, S_r]``.
+        stats: a dict to fill with this rank's forward figures: ``compute_s`` and ``compute_cpu_s``
+            (wall and thread CPU time in the pair kernels), ``wait_s`` (time blocked on transfers
+            after computing: communication not hidden), ``bytes_sent``, ``bytes_received``,
+            ``pairs`` (query–key pairs in the non-empty piece pairs computed), ``steps``.
 
     Returns:
         this rank's output ``[B, Hq, S_r, D]`` in q's dtype (partials merged in float32), and its
@@ -167,7 +174,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool 
     gmask = m.visible_mask(total, total, causal)
     if gmask is not None:
         gmask = gmask.for_sizes(total, total)
-    ring = _Ring(group, world, rank, layout_pieces, gmask, scale, timeout_s)
+    ring = _Ring(group, world, rank, layout_pieces, gmask, scale, timeout_s, stats)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         out, lse = _RingFunction.apply(q, k, v, ring)
     else:
@@ -187,6 +194,11 @@ class _Ring:
     gmask: Mask | None
     scale: float
     timeout_s: float
+    stats: dict | None = None
+
+    def _add(self, key: str, value) -> None:
+        if self.stats is not None:
+            self.stats[key] = self.stats.get(key, 0) + value
 
     def neighbours(self) -> tuple[int, int]:
         """The global ranks to send to and receive from (P2POp takes global ranks)."""
@@ -206,11 +218,15 @@ class _Ring:
         received = [t.new_empty(t.shape[:2] + (incoming_tokens, t.shape[3])) for t in tensors]
         ops = [dist.P2POp(dist.isend, t.contiguous(), to_next, self.group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, r, from_prev, self.group) for r in received]
+        self._add("bytes_sent", sum(t.numel() * t.element_size() for t in tensors))
+        self._add("bytes_received", sum(r.numel() * r.element_size() for r in received))
         return dist.batch_isend_irecv(ops), received
 
     def wait(self, works, what: str) -> None:
+        t0 = time.perf_counter()
         for work in works:
             _wait(work, self.timeout_s, what, self.rank)
+        self._add("wait_s", time.perf_counter() - t0)
 
     def q_pieces(self, x: Tensor) -> list[tuple[Piece, Tensor]]:
         out, at = [], 0
@@ -247,7 +263,12 @@ class _Ring:
                         continue
                     kind = _pair_class(self.gmask, qp, kp)
                     if kind != "empty":
+                        t0, c0 = time.perf_counter(), time.thread_time()
                         partial[i].append(_pair_attention(qs, ks, vs, self.gmask, qp, kp, kind, self.scale))
+                        self._add("compute_s", time.perf_counter() - t0)
+                        self._add("compute_cpu_s", time.thread_time() - c0)
+                        self._add("pairs", qp.length * kp.length)
+            self._add("steps", 1)
             if works is not None:
                 self.wait(works, f"ring step {step + 1}/{self.world - 1}")
                 k_cur, v_cur = k_next, v_next
@@ -329,5 +350,6 @@ class _RingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
+        ctx.ring.stats = None  # the caller's stats are the forward's
         dq, dk, dv = ctx.ring.backward(q, k, v, out, lse, dout)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
