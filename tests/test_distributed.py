@@ -307,6 +307,9 @@ def _decode_worker(rank, world, store, out_dir):
             got = cache.attend(q)
             want = longattn.attention(q, k[:, :, :at], v[:, :, :at], causal=False)
             worst = max(worst, float((got - want).abs().max()))
+            # block retrieval over each rank's own pages: at a budget covering a slice, exact too
+            got_quest = cache.attend(q, method="quest", budget=512, block=16, q_block=16, sinks=0, window=16)
+            worst = max(worst, float((got_quest - want).abs().max()))
             held.append(cache.local_tokens)
         result = {"ok": True, "worst": worst, "held": held, "seen": cache.seen}
     except Exception as exc:
@@ -455,10 +458,20 @@ def _count_worker(rank, world, store, out_dir):
         out = fn(*(shard(t, rank, world, "zigzag") for t in (qb, kb, vb)), causal=True, layout="zigzag").double()
         # torch.testing's closeness: |out - ref| <= atol + rtol·|ref|; the excess over rtol·|ref| is what atol must cover
         bf[name] = float(((out - ref).abs() - 1.6e-2 * ref.abs()).max())
+    # gradients in bf16 against one process in bf16 (torch's CP tests: atol 8e-3 · world)
+    grads = {}
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (qb, kb, vb))
+    (longattn.attention(qg, kg, vg, causal=True).float() * 0.1).sum().backward()
+    for name, fn in (("ring", ring_attention), ("ulysses", ulysses_attention)):
+        mine = [shard(t, rank, world, "zigzag").detach().clone().requires_grad_(True) for t in (qb, kb, vb)]
+        (fn(*mine, causal=True, layout="zigzag").float() * 0.1).sum().backward()
+        grads[name] = max(float(((a.grad.double() - shard(b.grad, rank, world, "zigzag").double()).abs()
+                                 - 1.6e-2 * shard(b.grad, rank, world, "zigzag").double().abs()).max())
+                          for a, b in zip(mine, (qg, kg, vg)))
     for name, fn in originals.items():
         setattr(dist, name, fn)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"counts": counts, "bf16": bf}, f)
+        json.dump({"counts": counts, "bf16": bf, "bf16_grads": grads}, f)
     dist.destroy_process_group()
 
 
@@ -472,6 +485,8 @@ def test_collectives_per_call_are_the_designs_and_bf16_meets_torchs_tolerance(wo
         # the same inputs attended in one process
         for name, excess in res["bf16"].items():
             assert excess <= 1e-3 * world, (name, excess)
+        for name, excess in res["bf16_grads"].items():
+            assert excess <= 8e-3 * world, (name, excess)
 
 
 def test_the_distributed_bench_suite_runs_and_checks_itself(tmp_path):
