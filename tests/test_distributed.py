@@ -498,3 +498,39 @@ def test_the_distributed_bench_suite_runs_and_checks_itself(tmp_path):
     assert all(r["status"] == "ok" for r in recs.values()), recs
     assert recs[("ring zigzag", 2)]["bytes_ratio"] == pytest.approx(1.0)
     assert recs[("ring zigzag", 2)]["balance"] < recs[("ring contiguous", 2)]["balance"]
+
+
+def _killed_mid_call_worker(rank, world, store, out_dir, timeout_s):
+    import torch.distributed as dist
+
+    import longattn.distributed.ring as ring_mod
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    if rank == 1:  # dies inside the ring, after the shape check, at its first pair kernel
+        ring_mod._pair_attention = lambda *a, **kw: os._exit(0)
+    t0 = time.perf_counter()
+    try:
+        q = torch.randn(1, 2, 64, 8)
+        ring_mod.ring_attention(q, q, q, causal=True, timeout_s=timeout_s)
+        result = {"raised": None}
+    except Exception as exc:
+        result = {"raised": type(exc).__name__, "message": str(exc)}
+    result["seconds"] = time.perf_counter() - t0
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    os._exit(0)
+
+
+def test_a_rank_killed_mid_call_ends_the_others_within_the_timeout(tmp_path):
+    store = tmp_path / "store"
+    ctx = torch.multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_killed_mid_call_worker, args=(r, 3, str(store), str(tmp_path), 5.0)) for r in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert not p.is_alive(), "a rank hung"
+    for r in (0, 2):
+        res = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert res["raised"] == "RuntimeError" and "ring" in res["message"], res
+        assert res["seconds"] < 5.0 + 10.0, res
