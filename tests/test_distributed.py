@@ -50,6 +50,28 @@ def test_zigzag_balances_causal_work_and_contiguous_does_not():
 # -- ring attention across processes ------------------------------------------------------------
 
 
+def _start(rank, world, store):
+    """A gloo process group over a file store, one torch thread per rank."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+
+
+def _failed(exc):
+    import traceback
+
+    return {"ok": False, "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
+
+
+def _finish(out_dir, rank, result):
+    """Write this rank's result for the parent, which asserts, and leave the group."""
+    import torch.distributed as dist
+
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
 def _cases():
     out = []
     for layout in ("zigzag", "contiguous"):
@@ -67,12 +89,9 @@ def _method(name, kw, total):
 
 
 def _equivalence_worker(rank, world, store, out_dir):
-    import torch.distributed as dist
-
     from longattn.distributed import ring_attention
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    _start(rank, world, store)
     worst = {"out": 0.0, "lse": 0.0}
     try:
         for layout, causal, total, name, kw in _cases():
@@ -93,10 +112,8 @@ def _equivalence_worker(rank, world, store, out_dir):
             assert bool(same_inf.all()), (layout, causal, total, name)
         result = {"ok": True, **worst}
     except Exception as exc:  # reported to the parent, which asserts
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.destroy_process_group()
+        result = _failed(exc)
+    _finish(out_dir, rank, result)
 
 
 def _spawn(fn, world, tmp_path, *extra):
@@ -114,11 +131,9 @@ def test_ring_attention_equals_one_process(world, tmp_path):
 
 
 def _mismatch_worker(rank, world, store, out_dir):
-    import torch.distributed as dist
-
     from longattn.distributed import ring_attention
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    _start(rank, world, store)
     d = 8 if rank == 0 else 16                                   # rank 1 calls with another head_dim
     q = torch.randn(1, 2, 8, d)
     try:
@@ -126,9 +141,7 @@ def _mismatch_worker(rank, world, store, out_dir):
         result = {"raised": None}
     except Exception as exc:
         result = {"raised": type(exc).__name__, "message": str(exc)}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.destroy_process_group()
+    _finish(out_dir, rank, result)
 
 
 def test_ranks_that_disagree_on_shapes_all_get_a_clear_error(tmp_path):
@@ -138,11 +151,9 @@ def test_ranks_that_disagree_on_shapes_all_get_a_clear_error(tmp_path):
 
 
 def _dead_peer_worker(rank, world, store, out_dir, timeout_s):
-    import torch.distributed as dist
-
     from longattn.distributed import ring_attention
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    _start(rank, world, store)
     if rank == 1:
         os._exit(0)                                              # a rank that dies before the call
     t0 = time.perf_counter()
@@ -183,12 +194,9 @@ def test_ring_attention_needs_a_process_group_and_an_exact_method():
 
 
 def _ulysses_worker(rank, world, store, out_dir):
-    import torch.distributed as dist
-
     from longattn.distributed import ulysses_attention
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    _start(rank, world, store)
     worst = {"out": 0.0, "lse": 0.0}
     try:
         cases = [(layout, causal, total, name, kw) for layout, causal, total, name, kw in _cases()]
@@ -208,11 +216,9 @@ def _ulysses_worker(rank, world, store, out_dir):
             diff = lse - shard(st.lse.float(), rank, world, layout)
             worst["lse"] = max(worst["lse"], float(diff.nan_to_num(0.0, 0.0, 0.0).abs().max()))
         result = {"ok": True, **worst}
-    except Exception as exc:
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.destroy_process_group()
+    except Exception as exc:  # reported to the parent, which asserts
+        result = _failed(exc)
+    _finish(out_dir, rank, result)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -224,11 +230,9 @@ def test_ulysses_attention_equals_one_process(world, tmp_path):
 
 
 def _heads_worker(rank, world, store, out_dir):
-    import torch.distributed as dist
-
     from longattn.distributed import ulysses_attention
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    _start(rank, world, store)
     q = torch.randn(1, 4, 8, 8)
     kv = torch.randn(1, 1, 8, 8)                                 # one key/value head, two ranks
     try:
@@ -236,9 +240,7 @@ def _heads_worker(rank, world, store, out_dir):
         result = {"raised": None}
     except Exception as exc:
         result = {"raised": type(exc).__name__, "message": str(exc)}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.destroy_process_group()
+    _finish(out_dir, rank, result)
 
 
 def test_ulysses_names_heads_that_do_not_divide(tmp_path):
@@ -247,12 +249,9 @@ def test_ulysses_names_heads_that_do_not_divide(tmp_path):
 
 
 def _hybrid_worker(rank, world, store, out_dir):
-    import torch.distributed as dist
-
     from longattn.distributed import hybrid_attention, hybrid_shard, make_grid
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    _start(rank, world, store)
     worst = {"out": 0.0, "lse": 0.0}
     try:
         ug, rg = make_grid(2, 2)
@@ -270,13 +269,9 @@ def _hybrid_worker(rank, world, store, out_dir):
             worst["out"] = max(worst["out"], float((out.double() - cut(ref)).abs().max()))
             worst["lse"] = max(worst["lse"], float((lse.double() - cut(ref_lse)).nan_to_num(0.0, 0.0, 0.0).abs().max()))
         result = {"ok": True, **worst}
-    except Exception as exc:
-        import traceback
-
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.destroy_process_group()
+    except Exception as exc:  # reported to the parent, which asserts
+        result = _failed(exc)
+    _finish(out_dir, rank, result)
 
 
 def test_hybrid_ulysses_by_ring_equals_one_process(tmp_path):
@@ -287,12 +282,9 @@ def test_hybrid_ulysses_by_ring_equals_one_process(tmp_path):
 
 
 def _decode_worker(rank, world, store, out_dir):
-    import torch.distributed as dist
-
     from longattn.distributed import ShardedKVCache
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    _start(rank, world, store)
     try:
         g = torch.Generator().manual_seed(7)
         k = torch.randn(2, 2, 300, 16, generator=g)
@@ -312,11 +304,9 @@ def _decode_worker(rank, world, store, out_dir):
             worst = max(worst, float((got_quest - want).abs().max()))
             held.append(cache.local_tokens)
         result = {"ok": True, "worst": worst, "held": held, "seen": cache.seen}
-    except Exception as exc:
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.destroy_process_group()
+    except Exception as exc:  # reported to the parent, which asserts
+        result = _failed(exc)
+    _finish(out_dir, rank, result)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -330,12 +320,9 @@ def test_sharded_decode_equals_one_process_over_the_whole_cache(world, tmp_path)
 
 
 def _gradient_worker(rank, world, store, out_dir, kind):
-    import torch.distributed as dist
-
     from longattn.distributed import hybrid_attention, hybrid_shard, make_grid, ring_attention, ulysses_attention
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    _start(rank, world, store)
     worst = 0.0
     try:
         grid = make_grid(2, world // 2) if kind == "hybrid" else None
@@ -367,13 +354,9 @@ def _gradient_worker(rank, world, store, out_dir, kind):
             for a, b in zip(mine, ref_in):
                 worst = max(worst, float((a.grad - cut(b.grad)).abs().max()))
         result = {"ok": True, "worst": worst}
-    except Exception as exc:
-        import traceback
-
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.destroy_process_group()
+    except Exception as exc:  # reported to the parent, which asserts
+        result = _failed(exc)
+    _finish(out_dir, rank, result)
 
 
 @pytest.mark.parametrize("kind,world", [("ring", 2), ("ring", 4), ("ulysses", 2), ("ulysses", 4), ("hybrid", 4)])
@@ -385,14 +368,11 @@ def test_gradients_through_context_parallelism_equal_one_process(kind, world, tm
 
 
 def _hf_worker(rank, world, store, out_dir, scheme, layout):
-    import torch.distributed as dist
-
     import longattn.hf as hf
     from longattn.distributed import positions
     from longattn.distributed.hf import context_parallel
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    _start(rank, world, store)
     try:
         model, _ = hf.load_llama2c()
         ids = torch.randint(3, 512, (1, 4096), generator=torch.Generator().manual_seed(0))
@@ -403,13 +383,9 @@ def _hf_worker(rank, world, store, out_dir, scheme, layout):
                              position_ids=positions(4096, world, rank, layout)[None]).logits
         err = float((mine - shard(full, rank, world, layout, dim=1)).abs().max())
         result = {"ok": True, "err": err}
-    except Exception as exc:
-        import traceback
-
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.destroy_process_group()
+    except Exception as exc:  # reported to the parent, which asserts
+        result = _failed(exc)
+    _finish(out_dir, rank, result)
 
 
 @pytest.mark.parametrize("scheme,layout,world", [("ring", "zigzag", 2), ("ring", "zigzag", 4),
@@ -427,7 +403,7 @@ def _count_worker(rank, world, store, out_dir):
 
     from longattn.distributed import ShardedKVCache, ring_attention, ulysses_attention
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    _start(rank, world, store)
     calls = {}
     originals = {}
     for name in ("all_gather", "all_to_all", "batch_isend_irecv", "broadcast", "all_reduce", "send", "recv"):
@@ -470,9 +446,7 @@ def _count_worker(rank, world, store, out_dir):
                           for a, b in zip(mine, (qg, kg, vg)))
     for name, fn in originals.items():
         setattr(dist, name, fn)
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"counts": counts, "bf16": bf, "bf16_grads": grads}, f)
-    dist.destroy_process_group()
+    _finish(out_dir, rank, {"counts": counts, "bf16": bf, "bf16_grads": grads})
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -501,11 +475,9 @@ def test_the_distributed_bench_suite_runs_and_checks_itself(tmp_path):
 
 
 def _killed_mid_call_worker(rank, world, store, out_dir, timeout_s):
-    import torch.distributed as dist
-
     import longattn.distributed.ring as ring_mod
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    _start(rank, world, store)
     if rank == 1:  # dies inside the ring, after the shape check, at its first pair kernel
         ring_mod._pair_attention = lambda *a, **kw: os._exit(0)
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ import torch
 
 from longattn.analysis import studies
 from longattn.analysis.flow import MAX_FLOW_TOKENS, attention_flow, layer_attentions, rollout
-from longattn.analysis.retrieval_heads import RETRIEVAL_THRESHOLD, CopyProbe, RetrievalScores, retrieval_scores
+from longattn.analysis.retrieval_heads import RETRIEVAL_THRESHOLD, CopyProbe, retrieval_scores
 from longattn.analysis.subject import HFSubject, LanguageModelSubject, Subject, load_subject
 from longattn.files import atomic_write_json, atomic_write_text, output_dir
 
@@ -171,10 +171,12 @@ def analyze(model: str | Path | Subject, out: str | Path, *, quick: bool = False
             "samples": int(probe.tokens.shape[0]), "length": int(probe.tokens.shape[1])}
         if _is_synthetic(subject):
             evalset = _passkeys(sizes.stat_tokens, sizes.probe_samples, seed + 200)
-            res["ablation"] = studies.ablation_curves(subject, scores, evalset, draws=sizes.ablation_draws, seed=seed,
-                                                      say=say) | {"task": f"passkey at {sizes.stat_tokens} tokens"}
+            measure, task = (lambda a: studies.task_accuracy(subject, evalset, a)), f"passkey at {sizes.stat_tokens} tokens"
         else:
-            res["ablation"] = _copy_ablation(subject, scores, _copy_probe(subject, sizes, seed + 200), sizes, seed, say)
+            held_out = _copy_probe(subject, sizes, seed + 200)
+            measure, task = (lambda a: studies.copy_accuracy(subject, held_out, a)), "copy accuracy of a repeated segment"
+        res["ablation"] = studies.ablation_curves(subject, scores, measure, draws=sizes.ablation_draws, seed=seed,
+                                                  say=say) | {"task": task}
         if _is_synthetic(subject):
             calib = _passkeys(sizes.stat_tokens, sizes.probe_samples, seed + 300)
             evaluation = {f"passkey@{n}": _passkeys(n, sizes.probe_samples, seed + 400) for n in sizes.act_lengths}
@@ -214,32 +216,6 @@ def analyze(model: str | Path | Subject, out: str | Path, *, quick: bool = False
     atomic_write_text(out / "report.html", render_html(res, figures))
     say(f"wrote {out / 'report.html'}, analysis.json and {len(figures)} figures in {res['wall_s']:.1f} s")
     return res
-
-
-def _copy_ablation(subject, scores: RetrievalScores, probe: CopyProbe, sizes: Sizes, seed: int, say: Say) -> dict:
-    """The masking experiment for a text model: copy accuracy (share of the repeated segment's tokens
-    predicted) with the top-k heads by retrieval score masked, against k random other heads."""
-    import random
-
-    from longattn.analysis.capture import ablate
-
-    def copy_accuracy(attend=None) -> float:
-        logits = subject.run(probe.tokens, attend)
-        pred = logits.gather(1, (probe.answer_pos - 1)[..., None].expand(-1, -1, logits.shape[-1])).argmax(-1)
-        return float((pred == probe.tokens.gather(1, probe.answer_pos)).float().mean())
-
-    ranked, ret = scores.ranked(), set(scores.retrieval_heads())
-    others = [h for h in subject.heads() if h not in ret]
-    rng = random.Random(seed)
-    rows = []
-    for k in sorted({0, 1, 2, 4, 8} & set(range(len(ranked) + 1))):
-        top = copy_accuracy(ablate(ranked[:k]) if k else None)
-        rand = [copy_accuracy(ablate(rng.sample(others, k))) for _ in range(sizes.ablation_draws if k else 0)]
-        rows.append({"k": k, "top": top, "masked": [list(h) for h in ranked[:k]], "random": rand,
-                     "random_mean": sum(rand) / len(rand) if rand else top})
-        say(f"ablation k={k}: top-k heads masked {top:.3f}, random {rows[-1]['random_mean']:.3f}")
-    return {"rows": rows, "retrieval_heads": [list(h) for h in sorted(ret)], "non_retrieval": len(others),
-            "task": "copy accuracy of a repeated segment"}
 
 
 def _labels(subject: Subject, tokens: Tensor) -> list[str]:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from longattn.analysis.subject import Attend, Site, Subject, dense_attend
-from longattn.analysis.stats import visible_keys
+from longattn.analysis.capture import RowRecorder
+from longattn.analysis.subject import Subject
 
 Tensor = torch.Tensor
 
@@ -93,28 +93,6 @@ class CopyProbe:
         return cls(tokens, pos, torch.ones_like(pos, dtype=torch.bool), torch.tensor(spans))
 
 
-class _TopKey:
-    """An ``Attend`` that records, per layer, each head's argmax key at the answer-predicting
-    queries (``[B, H, m]``) and returns ``inner``'s output."""
-
-    def __init__(self, rows: Tensor, inner: Attend = dense_attend):
-        self.rows, self.inner = rows, inner
-        self.top: dict[int, Tensor] = {}
-
-    def __call__(self, site: Site, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        b, hq, tq, d = q.shape
-        hk, tk = k.shape[1], k.shape[2]
-        qs = q.float().gather(2, self.rows[:, None, :, None].expand(b, hq, -1, d))
-        kf = k.float().repeat_interleave(hq // hk, dim=1)
-        s = torch.matmul(qs, kf.transpose(-1, -2)) * site.scale
-        vis = visible_keys(tq, tk, site.causal, q.device)[self.rows]        # [B, m, Tk]
-        if site.key_padding_mask is not None:
-            vis = vis & site.key_padding_mask.to(torch.bool)[:, None, :]
-        s = s.masked_fill(~vis[:, None], float("-inf"))
-        self.top[site.layer] = s.argmax(-1)
-        return self.inner(site, q, k, v)
-
-
 @dataclass
 class RetrievalScores:
     """``scores [layers, heads]`` (Wu et al.'s retrieval score), the model's copy accuracy on the
@@ -166,13 +144,14 @@ def retrieval_scores(subject: Subject, probe: CopyProbe, *, batch_size: int = 4)
         pos = probe.answer_pos[i0:i0 + batch_size]
         mask = probe.answer_mask[i0:i0 + batch_size]
         span = probe.span[i0:i0 + batch_size]
-        rec = _TopKey(pos - 1)
+        rec = RowRecorder(pos - 1)
         logits = subject.run(tokens, rec)
         target = tokens.gather(1, pos)
         right = (logits.gather(1, (pos - 1)[..., None].expand(-1, -1, logits.shape[-1])).argmax(-1) == target) & mask
         copied += int(right.sum())
         total += int(mask.sum())
-        for layer, top in rec.top.items():                                  # top [B, H, m]
+        for layer, probs in rec.probs.items():
+            top = probs.argmax(-1)                                          # [B, H, m]: each head's top key
             in_span = (top >= span[:, None, None, 0]) & (top < span[:, None, None, 1])
             same = tokens.gather(1, top.flatten(1)).view_as(top) == target[:, None, :]
             hits[layer] += (in_span & same & right[:, None, :]).sum((0, 2)).float()

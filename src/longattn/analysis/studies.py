@@ -105,11 +105,12 @@ def task_accuracy(subject: Subject, batches: Sequence, attend: Attend | None = N
     return right / max(1, total)
 
 
-def ablation_curves(subject: Subject, scores: RetrievalScores, batches: Sequence, *, ks: Sequence[int] | None = None,
-                    draws: int = 5, seed: int = 0, say: Say | None = None) -> dict[str, Any]:
-    """Accuracy on ``batches`` with the ``k`` highest-scoring heads masked, and with ``k`` heads
-    drawn at random from the non-retrieval heads (score ≤ the threshold; ``draws`` draws, mean and
-    each), for each ``k``."""
+def ablation_curves(subject: Subject, scores: RetrievalScores, score: Callable[[Attend | None], float], *,
+                    ks: Sequence[int] | None = None, draws: int = 5, seed: int = 0,
+                    say: Say | None = None) -> dict[str, Any]:
+    """``score(attend)`` (an accuracy) with the ``k`` highest-scoring heads masked, and with ``k``
+    heads drawn at random from the non-retrieval heads (score ≤ the threshold; ``draws`` draws,
+    mean and each), for each ``k`` (default 0, 1, 2, 4, 8, 16 and the number of retrieval heads)."""
     say = say or (lambda msg: None)
     ranked = scores.ranked()
     retrieval = set(scores.retrieval_heads())
@@ -118,15 +119,21 @@ def ablation_curves(subject: Subject, scores: RetrievalScores, batches: Sequence
     rng = random.Random(seed)
     rows = []
     for k in ks:
-        top = task_accuracy(subject, batches, ablate(ranked[:k])) if k else task_accuracy(subject, batches)
-        rand = []
-        for _ in range(draws if 0 < k <= len(others) else 0):
-            rand.append(task_accuracy(subject, batches, ablate(rng.sample(others, k))))
+        top = score(ablate(ranked[:k]) if k else None)
+        rand = [score(ablate(rng.sample(others, k))) for _ in range(draws if 0 < k <= len(others) else 0)]
         rows.append({"k": k, "top": top, "masked": [list(h) for h in ranked[:k]], "random": rand,
                      "random_mean": sum(rand) / len(rand) if rand else (top if k == 0 else None)})
         say(f"ablation k={k}: top-k retrieval heads masked {top:.3f}, random non-retrieval "
             + (f"{rows[-1]['random_mean']:.3f}" if rows[-1]["random_mean"] is not None else "n/a"))
     return {"rows": rows, "retrieval_heads": [list(h) for h in sorted(retrieval)], "non_retrieval": len(others)}
+
+
+def copy_accuracy(subject: Subject, probe, attend: Attend | None = None) -> float:
+    """Share of a ``CopyProbe``'s answer tokens the model predicts (teacher-forced argmax)."""
+    logits = subject.run(probe.tokens, attend)
+    pred = logits.gather(1, (probe.answer_pos - 1)[..., None].expand(-1, -1, logits.shape[-1])).argmax(-1)
+    hit = (pred == probe.tokens.gather(1, probe.answer_pos)) & probe.answer_mask
+    return float(hit.sum()) / max(1, int(probe.answer_mask.sum()))
 
 
 # --------------------------------------------------------------------------------------------
