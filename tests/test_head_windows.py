@@ -60,7 +60,9 @@ def test_head_windows_on_flexattention_match_the_oracle():
     q, k, v = make_qkv(b=1, hq=4, hk=2, tq=160, tk=160, d=16, seed=2)
     m = longattn.method("head_windows", windows=(5, 0, 40, 3), sinks=2, block=16, backend="flex")
     out, stats = longattn.attention(q, k, v, causal=True, method=m, return_stats=True)
-    assert stats.path == "flex"
+    assert stats.path == "by_width"   # each width its own run: the windows on FlexAttention, 0 on SDPA
+    one = longattn.method("head_windows", windows=(40,), sinks=2, block=16, backend="flex")
+    assert longattn.attention(q, k, v, causal=True, method=one, return_stats=True)[1].path == "flex"
     torch.testing.assert_close(out.double(), per_head_oracle(q, k, v, (5, 0, 40, 3), 2), atol=2e-6, rtol=0)
 
 
@@ -95,3 +97,19 @@ def test_apply_head_map_runs_a_map_like_policy_attend_on_stories260k():
     assert not torch.allclose(dense, got, atol=1e-3)
     with pytest.raises(ValueError, match="5 layers"):
         hf.apply_head_map(model, [[True] * 4])
+
+
+def test_grouped_widths_give_the_gradients_of_one_masked_run():
+    from longattn.core.masks import Sinks
+
+    q, k, v = make_qkv(b=1, hq=4, hk=2, tq=48, tk=48, d=8, seed=5)
+    ws = (6, 0, 20, 3)
+    one_mask = longattn.method("pattern", mask=Sinks(2) | HeadWindow.of(ws), backend="tiled")
+    grads = []
+    for m in (longattn.method("head_windows", windows=ws, sinks=2), one_mask):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = longattn.attention(*leaves, causal=True, method=m)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -167,6 +167,46 @@ class HeadWindows(MaskedMethod):
 
     def run(self, q, k, v, call):
         ws = self.per_query_head(q.shape[1], k.shape[1])
-        if ws != self.windows and len(self.windows) != 1:
-            return dataclasses.replace(self, windows=ws).run(q, k, v, call)
-        return super().run(q, k, v, call)
+        if len(set(ws)) == 1 or call.bias is not None or call.row_bias is not None:
+            # one window for all (or a per-head score bias that would need slicing): one masked run
+            same = ws[:1] if len(set(ws)) == 1 else ws
+            return super().run(q, k, v, call) if same == self.windows else \
+                dataclasses.replace(self, windows=same).run(q, k, v, call)
+        return self._run_by_width(q, k, v, call, ws)
+
+    def _run_by_width(self, q, k, v, call, ws):
+        """Heads that share a width run together on that width's own fast path — the whole context
+        on the fused causal kernel (``dense``), a window on ``streaming``'s block layout — instead
+        of one layout holding the union of every head's blocks (which computes the widest head's
+        work for all of them). Outputs and LSEs are put back in head order."""
+        import torch
+
+        from longattn.methods.base import Result
+        from longattn.methods.dense import Dense
+
+        g = q.shape[1] // k.shape[1]
+        out = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+        lse, lse_missing = None, False
+        stats: dict = {"groups": {}}
+        pairs = 0.0
+        for w in sorted(set(ws)):
+            heads = [h for h, x in enumerate(ws) if x == w]
+            idx = torch.tensor(heads, device=q.device)
+            qs, ks, vs = q.index_select(1, idx), k.index_select(1, idx // g), v.index_select(1, idx // g)
+            if w == 0:
+                res = Dense().run(qs, ks, vs, call)
+            else:
+                res = Streaming(sinks=max(1, self.sinks), window=w, backend=self.backend, block=self.block).run(
+                    qs, ks, vs, call) if self.sinks else SlidingWindow(window=w, backend=self.backend,
+                                                                        block=self.block).run(qs, ks, vs, call)
+            out[:, idx] = res.out.to(out.dtype)
+            lse_missing = lse_missing or res.lse is None
+            if res.lse is not None:
+                if lse is None:
+                    lse = torch.empty(q.shape[:3], dtype=res.lse.dtype, device=q.device)
+                lse[:, idx] = res.lse
+            stats["groups"][w] = {"heads": heads, "path": res.path}
+            pairs += res.stats.get("density", 0.0) * len(heads)
+        if call.want_stats:
+            stats["density"] = pairs / len(ws)
+        return Result(out, None if lse_missing else lse, "by_width", stats)
