@@ -172,20 +172,29 @@ FULL: dict[str, dict] = {
     "cca": dict(group=1, window=4, chunk=32),
     "dense": {},
     "dense_chunked": dict(chunk=16, block=8),
-    "flexprefill": dict(budget=4096, **SMALL_BLOCKS),
+    "dsa_indexer": dict(budget=4096),
+    "flexprefill": dict(budget=4096, gamma=1.0, **SMALL_BLOCKS),  # gamma < 1 may stop short of every block
     "hip": dict(budget=4096, **SMALL_BLOCKS),
     "hyper": dict(block=128, samples=8, min_seq=128),
     "infllm": dict(budget=4096, **SMALL_BLOCKS),
     "landmark": dict(budget=4096, **SMALL_BLOCKS),
+    # one block longer than every test input: the grouped softmax is then causal softmax
+    "landmark_trained": dict(block=256),
     "linformer": dict(proj=500),
     "loki": dict(budget=4096, rank_dims=16),
     "longheads": dict(window=512, chunk=16, local=16),
     "minference": dict(budget=4096, block=16, sinks=16, window=16, last_q=16),
+    "moba": dict(block=16, top_k=64, q_block=16),
+    # every block selected and only the selected branch on: dense attention
+    "nsa": dict(block=16, top_n=64, local=1, compress_block=8, compress_stride=4, window=4, q_block=16,
+                gates=(0.0, 1.0, 0.0)),
     "pattern": dict(mask=masks.a_shape(4, 12), block=8),
     "pbs": dict(budget=4096, segment=32, **SMALL_BLOCKS),
     "quest": dict(budget=4096, **SMALL_BLOCKS),
     "recycled": dict(stride=4, budget=4096),
     "routing": dict(clusters=1, chunk=32),
+    "shaw": {},  # zero relative embeddings: softmax attention
+    "lowrank_mha": {},  # the query as context, U = V = I: softmax attention
     "streaming": dict(sinks=4, window=12, block=8),
     "head_windows": dict(windows=(12,), sinks=4, block=8),
     "tokenselect": dict(budget=4096),

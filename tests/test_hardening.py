@@ -300,11 +300,29 @@ def test_a_decode_step_does_not_read_the_whole_cache_to_screen_it(monkeypatch):
     monkeypatch.setattr(nonfinite, "all_finite", lambda *ts: read.extend(t.numel() for t in ts) or real(*ts))
     m = longattn.method("landmark", budget=256, block=32, q_block=32, sinks=32, window=64)
     longattn.attention(q, k, v, causal=True, method=m, summaries=BlockSummaries.build(k, 32))
-    longattn.attention(q, k, v, causal=True, method="dense")
     assert read and max(read) < k.numel(), read  # q, the summaries and the output: never k or v
+    read.clear()
+    # an exact decode step reads the keys once (its kernel would turn a NaN/Inf score into a finite
+    # row), never the values (a bad value always reaches its output)
+    longattn.attention(q, k, v, causal=True, method="dense")
+    assert read.count(k.numel()) == 1 and sum(read) < k.numel() + v.numel(), read
     read.clear()
     longattn.attention(q, k, v, causal=True, method=m)  # no summaries: the keys are screened first
     assert k.numel() in read
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf])
+@pytest.mark.parametrize("tk", [1, 5])
+def test_an_exact_decode_step_never_turns_a_bad_score_into_a_finite_row(poison, tk):
+    """Regression: torch's fused CPU kernel gives 0 (LSE 0) for a row whose every visible key scores
+    NaN or ±inf and a finite row when one key scores +inf; a one-query dense call returned that
+    without a NaN. A row that may see a non-finite key is NaN (longattn.core.nonfinite)."""
+    q, k, v = make_qkv(b=1, hq=2, hk=1, tq=1, tk=tk, d=16, seed=21)
+    q = q.abs()  # every score against an inf channel is +inf
+    kb = k.clone()
+    kb[0, 0, 0, 0] = poison
+    out, st = longattn.attention(q, kb, v, causal=True, method="dense", return_stats=True)
+    assert torch.isnan(out).all() and torch.isnan(st.lse).all()
 
 
 @pytest.mark.parametrize("method", ["dense", "window"])

@@ -116,3 +116,22 @@ def test_flex_backend_refuses_what_it_cannot_do():
     m = longattn.method("quest", backend="flex", block=16, q_block=16, budget=64, sinks=16, window=0)
     with pytest.raises(ValueError, match="key_padding_mask"):
         longattn.attention(q, k, v, causal=True, method=m, key_padding_mask=torch.ones(1, 64, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("m,n", [(4, 8), (3, 7), (64, 130), (33, 300)])
+def test_fused_flash_reads_a_float32_mask_right_in_every_input_dtype(dtype, m, n):
+    """Regression: torch's CPU flash op took a float32 mask with float64 inputs and read it as
+    float64 (4 queries over 8 keys: off by 0.45), which made the sparse kernel's per-block path
+    silently wrong on float64 inputs."""
+    from longattn.kernels.sdpa import fused_flash
+
+    g = torch.Generator().manual_seed(m * n)
+    q, k, v = (torch.randn(2, 2, t, 16, generator=g).to(dtype) for t in (m, n, n))
+    vis = torch.arange(n)[None, :] <= torch.arange(m)[:, None] + (n - m)
+    add = torch.zeros(1, 1, m, n).masked_fill(~vis, -math.inf)
+    out, _ = fused_flash(q, k, v, scale=0.4, attn_mask=add)
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.4
+    ref = torch.softmax(s.masked_fill(~vis, -math.inf), -1) @ v.double()
+    tol = {torch.float32: 2e-6, torch.float64: 1e-12, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)

@@ -190,7 +190,8 @@ def attention(
     # keys and values are screened before the kernel only when that costs little next to it; a
     # few-query call (a decode step over a long cache) checks its result instead (nonfinite)
     eager_screen = nonfinite.screen_before(tq, m.capabilities.exact, summaries)
-    poison = nonfinite.find(qc, kc, vc, keys=eager_screen)
+    keys_first = nonfinite.screen_keys_before(tq, m.capabilities.exact, summaries)
+    poison = nonfinite.find(qc, kc, vc, keys=eager_screen or keys_first, values=eager_screen)
     if poison is not None:
         qc, kc, vc = poison.cleaned(qc, kc, vc)
     own = position if (position is not None and m.capabilities.own_positions) else None

@@ -300,7 +300,10 @@ def train_cmd(
                                                            "based, rat, titans, ..."),
     mixer_option: list[str] = typer.Option([], "--mixer-option", help="KEY=VALUE for the recurrent layer, "
                                                                       "repeatable (e.g. chunk_size=32)"),
-    method: Optional[str] = typer.Option(None, "--method", help="attention method while training (default dense)"),
+    method: Optional[str] = typer.Option(None, "--method", help="attention method while training (default dense); "
+                                                                "nsa and dsa_indexer give every block their learned parts"),
+    method_option: list[str] = typer.Option([], "--method-option", help="KEY=VALUE for the training method, "
+                                                                        "repeatable (e.g. top_k=3)"),
     dim: int = typer.Option(64, "--dim", min=8, help="model width"),
     layers: int = typer.Option(2, "--layers", min=1),
     heads: int = typer.Option(2, "--heads", min=1),
@@ -310,6 +313,9 @@ def train_cmd(
     pairs: str = typer.Option("4,8,16,32", "--pairs", help="mqar: key-value pair counts drawn per step"),
     pairs_ramp: int = typer.Option(0, "--pairs-ramp", min=0, help="mqar: steps over which the pair counts drawn "
                                                                    "grow from the smallest to all (0: all at once)"),
+    landmarks: int = typer.Option(0, "--landmarks", min=0, help="insert a landmark token every BLOCK tokens and "
+                                                               "train with landmark_trained (Landmark Attention's "
+                                                               "grouped softmax); 0: none"),
     short_conv: int = typer.Option(0, "--short-conv", min=0, help="kernel of a causal depthwise convolution "
                                                                   "before each mixer (0: none; 4 helps recurrent "
                                                                   "mixers learn recall)"),
@@ -342,14 +348,35 @@ def train_cmd(
             raise typer.BadParameter(f"expected mqar or retrieval, got {task!r}", param_hint="--task")
         from longattn.tasks import VOCAB
 
-        config = ModelConfig(vocab_size=VOCAB.size, dim=dim, n_layers=layers, n_heads=heads,
-                             n_kv_heads=kv_heads or heads, hidden_dim=hidden or 2 * dim, max_train_length=length,
-                             mixer=mixer, mixer_options=_mixer_options(mixer_option), short_conv=short_conv)
+        vocab, longest, method_options = VOCAB.size, length, _mixer_options(method_option)
+        learned, learned_options = "", {}
+        if method == "nsa":
+            learned, learned_options = "nsa", {"compress_block": method_options.get("compress_block", 32)}
+        elif method == "dsa_indexer":
+            learned = "dsa_indexer"
+        if landmarks:
+            from longattn.train.landmarks import LANDMARK_ID, WithLandmarks
+
+            if mixer != "attention" or method not in (None, "landmark_trained"):
+                raise typer.BadParameter("--landmarks trains the attention mixer with method landmark_trained",
+                                         param_hint="--landmarks")
+            recipe = WithLandmarks(recipe.to_dict(), block=landmarks)
+            vocab, longest, method = LANDMARK_ID + 1, recipe.longest, "landmark_trained"
+            method_options = {"block": landmarks, **method_options}
+        config = ModelConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads,
+                             n_kv_heads=kv_heads or heads, hidden_dim=hidden or 2 * dim, max_train_length=longest,
+                             mixer=mixer, mixer_options=_mixer_options(mixer_option), short_conv=short_conv,
+                             learned_attention=learned, learned_options=learned_options)
         settings = TrainSettings(seed=seed, steps=steps, lr=lr, tokens_per_step=tokens_per_step, method=method,
-                                 checkpoint_every=checkpoint_every, warmup=min(100, steps // 10))
+                                 method_options=method_options, checkpoint_every=checkpoint_every,
+                                 warmup=min(100, steps // 10))
     except (ValueError, TypeError) as exc:
         raise typer.BadParameter(str(exc)) from None
-    if task == "mqar":
+    if landmarks:
+        from longattn.train.landmarks import landmark_evaluation
+
+        evaluate = lambda m: landmark_evaluation(m, block=landmarks)  # noqa: E731
+    elif task == "mqar":
         evaluate = lambda m: mqar_accuracy(m, recipe)  # noqa: E731
     else:
         from longattn.models import train_retrieval

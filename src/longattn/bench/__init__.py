@@ -24,11 +24,13 @@ SUITES: dict[str, str] = {
     "memory": "longattn.bench.memory",
     "recurrent": "longattn.bench.recurrent",
     "distributed": "longattn.bench.distributed",
+    "trainable": "longattn.bench.trainable",
 }
 
 #: the suites of the main job, in the order they run (``distributed`` spawns process groups and runs
-#: on its own: ``longattn bench --suite distributed``)
-MAIN_SUITES: tuple[str, ...] = tuple(n for n in SUITES if n != "distributed")
+#: on its own: ``longattn bench --suite distributed``; ``trainable`` trains models: ``longattn bench
+#: --suite trainable``)
+MAIN_SUITES: tuple[str, ...] = tuple(n for n in SUITES if n not in ("distributed", "trainable"))
 
 
 def get_suite(name: str) -> Suite:

@@ -68,6 +68,14 @@ def accuracy_methods(block: int = BLOCK, blocks: int = BLOCKS_PER_QUERY_BLOCK) -
         "minference": longattn.method("minference", budget=budget, block=block, sinks=block, window=block),
         "longheads": longattn.method("longheads", window=budget, chunk=block, local=0),
         "tokenselect": longattn.method("tokenselect", budget=budget),
+        # trainable selectors, parameter-free here (they are trained in `longattn bench --suite
+        # trainable`): MoBA's mean-key router (own block counted in top_k), NSA's selection from its
+        # mean-pooled compressed branch (selected branch only: the output is then attention over
+        # the chosen blocks), DSA with the identity indexer (sum over the group of ReLU(q·k))
+        "moba": longattn.method("moba", block=block, top_k=blocks, q_block=block),
+        "nsa (selected branch)": longattn.method("nsa", block=block, top_n=blocks, local=1, compress_block=block,
+                                                 compress_stride=block // 2, q_block=block, gates=(0.0, 1.0, 0.0)),
+        "dsa_indexer (identity)": longattn.method("dsa_indexer", budget=budget),
         "loki": longattn.method("loki", budget=budget, rank_dims=4),
         "recycled": longattn.method("recycled", stride=16, budget=budget),
         "routing": longattn.method("routing", clusters=8, window=block),

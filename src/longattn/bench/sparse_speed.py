@@ -112,6 +112,12 @@ def prefill_methods(budget: int, block: int = PREFILL_BLOCK, q_block: int = PREF
         # (pbs with estimate="rows" is in the accuracy table: its exact row estimate costs a third of
         # SDPA's time at 32k here, 0.68x SDPA in all)
         "streaming": longattn.method("streaming", sinks=block, window=budget - block, backend="tiled"),
+        # trainable selectors at the same budget: MoBA's router, NSA's selected branch (its
+        # compressed branch's scores choose the blocks)
+        "moba": longattn.method("moba", block=block, top_k=budget // block, q_block=q_block),
+        "nsa (selected branch)": longattn.method("nsa", block=block, top_n=budget // block, local=max(1, q_block // block),
+                                                 compress_block=block, compress_stride=block // 2, q_block=q_block,
+                                                 gates=(0.0, 1.0, 0.0)),
     }
 
 

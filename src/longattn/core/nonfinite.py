@@ -15,12 +15,15 @@ only when something is not finite:
    see a non-finite key or value by the method's pattern (causality, window, ...) and padding.
 
 A call with fewer than ``EAGER_MIN_QUERIES`` queries (a decode step, which may read a few blocks
-of a long cache) by an exact method, or by a block method with the caller's block summaries (the
-keys checked through them), does not read every key up front (``screen_before``): q is screened,
-the kernel runs, and only when its result holds NaN/Inf (or an LSE of NaN/+inf) are k and v
-screened and the call answered as above. NaN/Inf a query may not see still never reach it; what
-such a call does not see is a bad value in a block the method did not read, and an infinite key
-scoring exactly ``-inf``, which then gets weight 0 as IEEE gives it.
+of a long cache) by a block method with the caller's block summaries (the keys checked through
+them) does not read every key up front (``screen_before``): q is screened, the kernel runs, and
+only when its result holds NaN/Inf (or an LSE of NaN/+inf) are k and v screened and the call
+answered as above. An exact method's few-query call screens q and k first and only its values
+through the result (``screen_keys_before``): torch's fused CPU kernel does not pass a bad *score*
+on — a row whose every visible key scores NaN or ±inf comes back 0 with LSE 0, and a key scoring
++inf among finite ones gives a finite, wrong row — while a bad value always reaches the output
+(``p · inf`` and ``0 · inf`` are not finite). NaN/Inf a query may not see still never reach it; what
+a block decode step does not see is a bad value in a block it did not read.
 
 "May see" is the method's pattern, not its content-based selection: an approximate method that
 happened to skip the bad key still answers NaN there, as its exact counterpart would. The rule is
@@ -138,6 +141,14 @@ def screen_before(tokens_q: int, exact: bool, summaries) -> bool:
     return not (isinstance(summaries, BlockSummaries) and summaries.keys_finite)
 
 
+def screen_keys_before(tokens_q: int, exact: bool, summaries) -> bool:
+    """Whether a call that does not screen everything first (``screen_before`` False) screens its
+    keys first: an exact method's few-query call does (its kernel can turn a NaN/Inf score into a
+    finite row, see the module docstring), a block decode step whose summaries vouch for every key
+    does not."""
+    return not screen_before(tokens_q, exact, summaries) and exact
+
+
 def result_finite(out: torch.Tensor, lse: torch.Tensor | None) -> bool:
     """True when a kernel's result shows no NaN/Inf reached it: ``out`` finite and the LSE finite
     or ``-inf`` (a row that saw no key) — O(output), whatever the number of keys."""
@@ -148,10 +159,13 @@ def result_finite(out: torch.Tensor, lse: torch.Tensor | None) -> bool:
     return bool(torch.isfinite(out.sum() + lse.clamp_min(0).sum()))
 
 
-def find(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keys: bool = True) -> NonFinite | None:
+def find(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keys: bool = True,
+         values: bool | None = None) -> NonFinite | None:
     """None when ``q, k, v`` (``[B, H, T, D]``) are all finite, else where they are not. With
-    ``keys=False`` only ``q`` is checked (a finite ``q`` gives None without reading k or v)."""
-    if all_finite(q, k, v) if keys else all_finite(q):
+    ``keys=False`` only ``q`` is checked (a finite ``q`` gives None without reading k or v); with
+    ``values=False`` (default: as ``keys``) q and k are (a finite pair gives None without reading v)."""
+    checked = [q] + ([k] if keys else []) + ([v] if (keys if values is None else values) else [])
+    if all_finite(*checked):
         return None
     bad_q = ~torch.isfinite(q).all(-1)
     bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))

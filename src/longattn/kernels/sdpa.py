@@ -58,6 +58,7 @@ def fused_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
       silently wrong output, or reads past the tensor (a segfault before a guard page). Such
       inputs are copied contiguous first; every other stride (views of a larger cache, expanded
       batch/head/token axes) is fine and is passed as it is.
+    * A float32 mask with float64 inputs is read as float64 (garbage): it is converted first.
     * Empty inputs: ``tokens_q = 0`` or ``tokens_k = 0`` divide by zero inside (SIGFPE kills the
       interpreter). Any empty input is answered here: an empty output, or zeros with LSE ``-inf``
       for rows that see no key.
@@ -86,6 +87,11 @@ def fused_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
         return _eager_flash(q, k, v, scale, causal, attn_mask)
     q, k, v = _unit_stride_last(q), _unit_stride_last(k), _unit_stride_last(v)
     if attn_mask is not None:
+        if q.dtype == torch.float64 and attn_mask.dtype != torch.float64:
+            # the CPU op accepts a float32 mask with float64 inputs and reads it as float64: silently
+            # wrong output (torch 2.13, e.g. 4 queries over 8 keys off by 0.45). Half and float32
+            # inputs read a float32 mask correctly (their accumulation type)
+            attn_mask = attn_mask.to(torch.float64)
         attn_mask = _unit_stride_last(attn_mask)
     if needs_grad(q, k, v):
         out, lse = _FusedFlashWithLse.apply(q, k, v, scale, causal, attn_mask)

@@ -7,6 +7,7 @@
   ``$LONGATTN_STORIES260K`` may point at another copy of the same files.
 * ``retrieval_tiny()`` — the folder of the tiny retrieval model trained by this project
   (``longattn.models.retrieval``).
+* ``landmark_tiny()`` — the same model trained with landmark tokens (Landmark Attention).
 
 Every file of stories260K is checked against its recorded size and SHA-256 before it is
 returned, so a truncated download, a corrupted install or a different checkpoint under the same
@@ -98,3 +99,11 @@ def retrieval_tiny() -> Path:
     """The folder of the tiny retrieval model trained by this project (``model.safetensors`` and
     ``config.json``; ``longattn.models.retrieval.load`` reads it)."""
     return WEIGHTS / "retrieval-tiny"
+
+
+def landmark_tiny() -> Path:
+    """The folder of the tiny landmark model trained by this project: the retrieval model's size
+    and recipe with a landmark token every 64 tokens, trained with ``landmark_trained``
+    (``longattn.train.load_model`` reads it; inputs go through
+    ``longattn.train.landmarks.with_landmarks``)."""
+    return WEIGHTS / "landmark-tiny"

@@ -148,16 +148,23 @@ class MQARTask:
 RECIPES = {"retrieval": RetrievalCurriculum, "mqar": MQARTask}
 
 
+def _recipes() -> dict[str, type]:
+    from longattn.train.landmarks import WithLandmarks
+
+    return {**RECIPES, WithLandmarks.name: WithLandmarks}
+
+
 def recipe_from_dict(data: dict[str, Any]):
     """The recipe a checkpoint's ``training.task`` describes."""
     data = dict(data)
     name = data.pop("name", None)
-    if name not in RECIPES:
-        raise ValueError(f"unknown task recipe {name!r}; known: {sorted(RECIPES)}")
+    recipes = _recipes()
+    if name not in recipes:
+        raise ValueError(f"unknown task recipe {name!r}; known: {sorted(recipes)}")
     for key in ("pairs", "mixture_weights"):
         if key in data:
             data[key] = tuple(data[key])
-    return RECIPES[name](**data)
+    return recipes[name](**data)
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,6 +50,8 @@ class TrainSettings:
         lm_weight: weight of a next-token loss on every token (0: answers only).
         method: the attention method of attention mixers during training (must be
             differentiable; recurrent mixers ignore it). None: "dense".
+        method_options: the method's parameters (``longattn.method(method, **method_options)``),
+            e.g. ``{"block": 64}`` for ``landmark_trained``.
         checkpoint_every: write the resume file every this many steps (0: only at the end).
         log_every: a progress line (and a history row) every this many steps.
     """
@@ -65,6 +67,7 @@ class TrainSettings:
     betas: tuple[float, float] = (0.9, 0.98)
     lm_weight: float = 0.0
     method: str | None = None
+    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     checkpoint_every: int = 0
     log_every: int = 50
 
@@ -79,6 +82,18 @@ class TrainSettings:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not isinstance(self.method_options, dict):
+            raise TypeError(f"method_options must be a dict, got {type(self.method_options).__name__}")
+        if self.method_options:
+            self.training_method()  # a bad option is named now, not at the first step
+
+    def training_method(self):
+        """The method attention mixers train with: a name, or the method built with its options."""
+        if not self.method_options:
+            return self.method
+        import longattn
+
+        return longattn.method(self.method or "dense", **self.method_options)
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up to ``lr``, then cosine decay to ``lr · final_lr_ratio``."""
@@ -153,7 +168,7 @@ def train(config: ModelConfig, task: Recipe, settings: TrainSettings = TrainSett
             raise ValueError(f"{Path(out) / checkpoint.TRAINER_FILE} was written by a run with other settings, "
                              "task or model; resume it with the same ones")
     progress.update(settings=_plain(settings_rec), task=_plain(task.to_dict()), model=_plain(config.to_dict()))
-    method = settings.method
+    method = settings.training_method()
     t0 = time.perf_counter() - float(progress["elapsed_s"])
     run_loss, run_acc = progress["window"]
     model.train()

@@ -83,6 +83,12 @@ class ModelConfig:
             fixed-state mixer without positions cannot tell the previous token from the others,
             and an induction circuit (what associative recall needs) starts with exactly that.
             Initialised to the identity (last tap 1), so it starts as no convolution at all.
+        learned_attention: learned parts of a sparse attention method held by every attention
+            block: ``"nsa"`` (NSA's compression maps and gates, ``longattn.methods.nsa.NSAParams``)
+            or ``"dsa_indexer"`` (DSA's lightning indexer, ``longattn.methods.dsa.DSAIndexer``);
+            "" for none. Running the model with that method binds each block's own parameters.
+        learned_options: keyword arguments of those parts (``{"compress_block": 32}``,
+            ``{"index_heads": 4, "index_dim": 16}``).
     """
 
     vocab_size: int = 512
@@ -98,6 +104,8 @@ class ModelConfig:
     mixer_options: dict[str, Any] = field(default_factory=dict)
     tie_embeddings: bool = True
     short_conv: int = 0
+    learned_attention: str = ""
+    learned_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_train_length"):
@@ -122,6 +130,18 @@ class ModelConfig:
             raise ValueError(f"mixer must be {ATTENTION!r} or one of {sorted(_recurrent_layers())}, got {self.mixer!r}")
         if not isinstance(self.mixer_options, dict):
             raise TypeError(f"mixer_options must be a dict, got {type(self.mixer_options).__name__}")
+        if self.learned_attention not in LEARNED:
+            raise ValueError(f"learned_attention must be one of {sorted(LEARNED)}, got {self.learned_attention!r}")
+        if self.learned_attention and self.mixer != ATTENTION:
+            raise ValueError(f"learned_attention={self.learned_attention!r} needs the attention mixer, got "
+                             f"mixer={self.mixer!r}")
+        if not isinstance(self.learned_options, dict):
+            raise TypeError(f"learned_options must be a dict, got {type(self.learned_options).__name__}")
+        if self.learned_options and not self.learned_attention:
+            raise ValueError("learned_options were given without learned_attention")
+        if self.learned_attention:
+            with torch.device("meta"):  # a bad option is named now
+                _learned_parts(self)
         if self.mixer != ATTENTION:
             # build the layer once without memory (meta tensors), so a bad option is named here and not
             # at the first forward or deep inside a training run
@@ -145,6 +165,20 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config field(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+
+#: the learned parts an attention block can hold (``ModelConfig.learned_attention``)
+LEARNED = ("", "nsa", "dsa_indexer")
+
+
+def _learned_parts(cfg: ModelConfig) -> nn.Module:
+    if cfg.learned_attention == "nsa":
+        from longattn.methods.nsa import NSAParams
+
+        return NSAParams(cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, **cfg.learned_options)
+    from longattn.methods.dsa import DSAIndexer
+
+    return DSAIndexer(cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, **cfg.learned_options)
 
 
 class RMSNorm(nn.Module):
@@ -193,6 +227,8 @@ class Block(nn.Module):
             self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
             self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
             self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+            if cfg.learned_attention:
+                self.learned = _learned_parts(cfg)
         else:
             from longattn.recurrent.layers import make_layer
 
@@ -251,8 +287,8 @@ class LanguageModel(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
-            if name.endswith(("norm.weight", ".conv")):
-                continue
+            if name.endswith(("norm.weight", ".conv")) or ".learned." in name:
+                continue  # norms at 1, convolutions at the identity, learned attention parts as built
             if ".mixer." in name and not name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
                                                         "o_proj.weight")):
                 continue
@@ -368,6 +404,7 @@ class LanguageModel(nn.Module):
                                  f"got {type(prev).__name__}")
             k, v = torch.cat([prev.k, k], 2), torch.cat([prev.v, v], 2)
         rope = RoPE(hd, cfg.rope_theta)
+        method = _bind_learned(block, method)
         if attention is None and capture is None:
             # q/k unrotated: attention rotates them (queries after the cached keys), or hands RoPE
             # to a method that places positions itself (own_positions)
@@ -381,6 +418,18 @@ class LanguageModel(nn.Module):
                 longattn.attention(qr, kr, v, causal=True, method=method).to(h.dtype)
         y = block.wo(o.transpose(1, 2).reshape(b, t, cfg.n_heads * hd))
         return y, KVState(k, v)
+
+
+def _bind_learned(block: Block, method):
+    """``method`` with the block's learned attention parts when it takes them (a ``learned`` field
+    left None): ``model(tokens, method="nsa")`` runs each layer with its own parameters."""
+    parts = getattr(block, "learned", None)
+    if parts is None:
+        return method
+    m = longattn.method(method) if isinstance(method, str) else method
+    if isinstance(m, Method) and dataclasses.is_dataclass(m) and getattr(m, "learned", "absent") is None:
+        return dataclasses.replace(m, learned=parts)
+    return method
 
 
 def _rotate(rope: RoPE, x: Tensor, first: int) -> Tensor:
