@@ -464,3 +464,20 @@ def test_lowrank_mha_matches_its_formula(context, causal):
     torch.testing.assert_close(out, torch.softmax(s, -1) @ vv, atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="rank=9"):
         LowRankParams(8, 4, rank=9)
+
+
+@settings(max_examples=15, deadline=None)
+@given(t=st.integers(2, 40), cut=st.integers(0, 39), budget=st.integers(1, 12), seed=st.integers(0, 999))
+def test_dsa_is_causal_with_a_learned_indexer(t, cut, budget, seed):
+    """The indexer ranks only keys a query may see: changing later keys changes no earlier row."""
+    from longattn.methods.dsa import DSAIndexer
+
+    cut = min(cut, t - 1)
+    q, k, v = _qkv(1, 4, 2, t, t, 8, seed, dtype=torch.float32)
+    m = longattn.method("dsa_indexer", budget=budget, learned=DSAIndexer(8, 4, 2, index_heads=2, index_dim=4, seed=seed))
+    out = longattn.attention(q, k, v, causal=True, method=m)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, cut + 1:] *= 5.0
+    v2[:, :, cut + 1:] -= 1.0
+    out2 = longattn.attention(q, k2, v2, causal=True, method=m)
+    torch.testing.assert_close(out2[:, :, :cut + 1], out[:, :, :cut + 1], atol=1e-6, rtol=0)
