@@ -191,7 +191,10 @@ def attention(
     # few-query call (a decode step over a long cache) checks its result instead (nonfinite)
     eager_screen = nonfinite.screen_before(tq, m.capabilities.exact, summaries)
     keys_first = nonfinite.screen_keys_before(tq, m.capabilities.exact, summaries)
-    poison = nonfinite.find(qc, kc, vc, keys=eager_screen or keys_first, values=eager_screen)
+    # an exact few-query call screens only the keys its queries may see (a window, sinks, ...)
+    cols = nonfinite.visible_key_columns(m.visible_mask(tq, tk, causal), q.shape[0], q.shape[1], tq, tk,
+                                         q.device) if keys_first else None
+    poison = nonfinite.find(qc, kc, vc, keys=eager_screen or keys_first, values=eager_screen, key_columns=cols)
     if poison is not None:
         qc, kc, vc = poison.cleaned(qc, kc, vc)
     own = position if (position is not None and m.capabilities.own_positions) else None

@@ -159,12 +159,26 @@ def result_finite(out: torch.Tensor, lse: torch.Tensor | None) -> bool:
     return bool(torch.isfinite(out.sum() + lse.clamp_min(0).sum()))
 
 
+def visible_key_columns(mask: Mask | None, batch: int, heads: int, tokens_q: int, tokens_k: int,
+                        device=None) -> torch.Tensor | None:
+    """The keys some query of a few-query call may see under ``mask``: bool ``[Tk]``, or None when
+    that is every key (or there is no mask). ``O(batch · heads · tokens_q · tokens_k)`` booleans:
+    for the few queries of a decode step, far less than reading the keys."""
+    if mask is None:
+        return None
+    cols = mask.dense(batch, heads, tokens_q, tokens_k, device=device).any(dim=(0, 1, 2))
+    return None if bool(cols.all()) else cols
+
+
 def find(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keys: bool = True,
-         values: bool | None = None) -> NonFinite | None:
+         values: bool | None = None, key_columns: torch.Tensor | None = None) -> NonFinite | None:
     """None when ``q, k, v`` (``[B, H, T, D]``) are all finite, else where they are not. With
     ``keys=False`` only ``q`` is checked (a finite ``q`` gives None without reading k or v); with
-    ``values=False`` (default: as ``keys``) q and k are (a finite pair gives None without reading v)."""
-    checked = [q] + ([k] if keys else []) + ([v] if (keys if values is None else values) else [])
+    ``values=False`` (default: as ``keys``) q and k are (a finite pair gives None without reading v);
+    ``key_columns`` (bool ``[Tk]``) limits that first check of k to those keys (the ones the call's
+    queries may see: a streaming decode step reads its sinks and window, not the whole cache)."""
+    k_checked = k if key_columns is None else k[:, :, key_columns]
+    checked = [q] + ([k_checked] if keys else []) + ([v] if (keys if values is None else values) else [])
     if all_finite(*checked):
         return None
     bad_q = ~torch.isfinite(q).all(-1)
