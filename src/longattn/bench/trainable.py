@@ -26,10 +26,10 @@ from longattn.bench.suite import Column, Context, Part, Pivot, Suite, Table, gua
 
 QUICK = {"lengths": (512, 2048, 8192), "depths": (0.1, 0.5, 0.9), "n": 3,
          "retrofit_train": 4, "retrofit_eval": 2, "retrofit_steps": 100, "budget": 64,
-         "train_steps": 60, "train_eval": (512, 2048), "train_n": 8, "use_bundled": False}
+         "train_steps": 60, "train_eval": (512, 2048), "train_n": 8}
 FULL = {"lengths": (512, 2048, 8192, 32768), "depths": (0.0, 0.25, 0.5, 0.75, 1.0), "n": 8,
         "retrofit_train": 8, "retrofit_eval": 4, "retrofit_steps": 300, "budget": 64,
-        "train_steps": 1000, "train_eval": (512, 2048, 8192), "train_n": 16, "use_bundled": False}
+        "train_steps": 1000, "train_eval": (512, 2048, 8192), "train_n": 16}
 
 
 # -- landmark: passkey by length and depth ----------------------------------------------------------
@@ -155,17 +155,15 @@ def _retrofit_part(ctx: Context) -> Iterator[dict[str, Any]]:
 
 
 def trained_setups() -> dict[str, dict[str, Any]]:
-    """name -> the training method, its options, learned parts, landmark block and the bundled
-    checkpoint trained with that setup and the same recipe (3,000 steps of 4,096 tokens), if any.
-    MoBA and NSA keep about a quarter of a 512-token sequence's keys per query."""
+    """name -> the training method, its options, learned parts and landmark block. MoBA and NSA
+    keep about a quarter of a 512-token sequence's keys per query."""
     return {
-        "dense": {"method": None, "bundled": "retrieval"},
+        "dense": {"method": None},
         "moba": {"method": "moba", "options": {"block": 32, "top_k": 4, "q_block": 32}},
         "nsa": {"method": "nsa", "options": {"block": 32, "top_n": 4, "local": 1, "compress_block": 16,
                                              "compress_stride": 8, "window": 64, "q_block": 32},
                 "learned": "nsa"},
-        "landmark_trained": {"method": "landmark_trained", "options": {"block": 64}, "landmarks": 64,
-                             "bundled": "landmark"},
+        "landmark_trained": {"method": "landmark_trained", "options": {"block": 64}, "landmarks": 64},
     }
 
 
@@ -220,27 +218,19 @@ def training_throughput(setup: dict[str, Any], *, length: int = 512, steps: int 
 
 
 def run_trained(name: str, setup: dict[str, Any], *, steps: int, eval_lengths, n: int, seed: int = 0,
-                use_bundled: bool = False, say=print) -> dict[str, Any]:
-    """Train the retrieval model's architecture with one method on the retrieval curriculum (or,
-    with ``use_bundled``, load the bundled checkpoint trained that way) and score it: passkey (depth
+                say=print) -> dict[str, Any]:
+    """Train the retrieval model's architecture with one method on the retrieval curriculum and
+    score it: passkey (depth
     0.5) and MQAR (8 pairs) at each length with the same method, and its density at 512 tokens."""
     from longattn.tasks import synthetic
-    from longattn.train import load_model, train
+    from longattn.train import train
     from longattn.train.data import evaluate
     from longattn.train.landmarks import with_landmarks
 
     cfg, recipe, settings = _setup_model(setup, steps)
     rec: dict[str, Any] = {"part": "trained", "method": name}
-    if use_bundled and setup.get("bundled"):
-        from longattn.models import landmark_tiny, retrieval_tiny
-
-        folder = {"retrieval": retrieval_tiny, "landmark": landmark_tiny}[setup["bundled"]]()
-        model = load_model(folder)
-        rec.update(source=f"bundled {folder.name}", steps=3000)
-    else:
-        model, record = train(cfg, recipe, settings, log=lambda line: say(f"  {name}: {line}"))
-        rec.update(source="trained here", steps=steps, train_s=record["wall_s"],
-                   final_loss=record["history"][-1]["loss"])
+    model, record = train(cfg, recipe, settings, log=lambda line: say(f"  {name}: {line}"))
+    rec.update(steps=steps, train_s=record["wall_s"], final_loss=record["history"][-1]["loss"])
     block = setup.get("landmarks")
     method = settings.training_method() or "dense"
     if block:
@@ -272,8 +262,7 @@ def _trained_part(ctx: Context) -> Iterator[dict[str, Any]]:
         yield guarded_record({"part": "trained", "method": name},
                              lambda name=name, setup=setup: run_trained(
                                  name, setup, steps=int(o["train_steps"]), eval_lengths=tuple(o["train_eval"]),
-                                 n=int(o["train_n"]), seed=ctx.seed, use_bundled=bool(o.get("use_bundled")),
-                                 say=ctx.say))
+                                 n=int(o["train_n"]), seed=ctx.seed, say=ctx.say))
 
 
 def _throughput_part(ctx: Context) -> Iterator[dict[str, Any]]:
@@ -306,8 +295,7 @@ def _about(results: dict[str, Any]) -> str:
         f"stories: the share of each head's dense attention mass on the {o.get('budget')} keys kept, over queries "
         "with more earlier keys than that, and the next-token NLL of those stories with the selector in every layer",
         f"- trained: the retrieval model's architecture trained {o.get('train_steps')} steps on the retrieval "
-        "curriculum with each method (with `use_bundled`, dense and landmark are the bundled checkpoints trained by "
-        "that same recipe); passkey at depth 0.5 and MQAR (8 pairs) at and past the trained length, with the method "
+        "curriculum with each method; passkey at depth 0.5 and MQAR (8 pairs) at and past the trained length, with the method "
         "it was trained with (landmark: top-4 retrieval)",
         "- throughput: training steps at 512 tokens (4,096 per step, next-token loss on every token), the median of "
         "6 after a warm-up, every method in the same run",
@@ -347,7 +335,7 @@ SUITE = Suite(
                        Column("KL before", "kl_before", ".3f"), Column("KL after", "kl_after", ".3f"),
                        status_column())),
         Table("Trained from scratch in the same budget", part="trained",
-              columns=(label("method", "method"), label("model", "source"),
+              columns=(label("method", "method"), Column("steps", "steps", ".0f"),
                        Column("density@512", "density@512", ".2f"), Column("passkey@512", "passkey@512", ".2f"),
                        Column("passkey@2k", "passkey@2048", ".2f"), Column("passkey@8k", "passkey@8192", ".2f"),
                        Column("mqar@512", "mqar@512", ".2f"), Column("mqar@2k", "mqar@2048", ".2f"),

@@ -56,6 +56,27 @@ def _softmax_rows(s: Tensor) -> tuple[Tensor, Tensor]:
     return p, lse
 
 
+def _attend_in_chunks(call: Call, shape: tuple[int, int, int, int], device, scores, read) -> Result:
+    """Softmax attention a query block (``CHUNK`` rows) at a time from a method's own scores:
+    ``scores(q0, q1) -> [B, Hq, m, Tk]`` (scaled), ``read(q0, q1, p) -> [B, Hq, m, D]`` from the
+    probabilities; causality and key padding are applied here, with the density for the stats."""
+    b, hq, tq, tk = shape
+    outs, lses, pairs = [], [], 0.0
+    for q0 in range(0, tq, CHUNK):
+        q1 = min(q0 + CHUNK, tq)
+        visible = visible_rows(q0, q1, tq, tk, call.causal, call.key_padding_mask, device)
+        p, lse = _softmax_rows(scores(q0, q1).masked_fill(~visible, -math.inf))
+        outs.append(read(q0, q1, p))
+        lses.append(lse)
+        if call.want_stats:
+            pairs += float(visible.expand(b, hq, q1 - q0, tk).sum()) / (b * hq)
+    stats = {}
+    if call.want_stats:
+        dense = dense_pairs(tq, tk, call.causal)
+        stats["density"] = pairs / dense if dense else 0.0
+    return Result(torch.cat(outs, 2), torch.cat(lses, 2), "eager", stats)
+
+
 @register
 @dataclass(frozen=True, eq=False)
 class Shaw(Method):
@@ -99,35 +120,30 @@ class Shaw(Method):
         if self.learned is not None:
             emb_k, emb_v = self.learned.emb_k.float(), self.learned.emb_v.float()
         k_pos = torch.arange(tk, device=q.device)
-        outs, lses, pairs = [], [], 0.0
-        for q0 in range(0, tq, CHUNK):
-            q1 = min(q0 + CHUNK, tq)
-            m = q1 - q0
-            rows = q[:, :, q0:q1]
-            s = torch.matmul(rows.reshape(b, hk, g * m, d), k.transpose(-1, -2)).view(b, hq, m, tk)
+
+        def distances(q0: int, q1: int) -> Tensor:
+            """Clipped relative distance of keys to queries ``q0 … q1-1`` as an index ``[m, Tk]`` in 0 … 2K."""
             q_pos = torch.arange(q0, q1, device=q.device) + (tk - tq)
-            rel = (k_pos[None, :] - q_pos[:, None]).clamp(-K, K) + K  # [m, Tk] in 0 … 2K
+            return (k_pos[None, :] - q_pos[:, None]).clamp(-K, K) + K
+
+        def scores(q0: int, q1: int) -> Tensor:
+            m, rows = q1 - q0, q[:, :, q0:q1]
+            s = torch.matmul(rows.reshape(b, hk, g * m, d), k.transpose(-1, -2)).view(b, hq, m, tk)
             if emb_k is not None:
                 qa = torch.matmul(rows, emb_k.T)  # [B, Hq, m, 2K+1]
-                s = s + torch.gather(qa, 3, rel[None, None].expand(b, hq, m, tk))
-            s = s * call.scale
-            visible = visible_rows(q0, q1, tq, tk, call.causal, call.key_padding_mask, q.device)
-            s = s.masked_fill(~visible, -math.inf)
-            p, lse = _softmax_rows(s)
+                s = s + torch.gather(qa, 3, distances(q0, q1)[None, None].expand(b, hq, m, tk))
+            return s * call.scale
+
+        def read(q0: int, q1: int, p: Tensor) -> Tensor:
+            m = q1 - q0
             out = torch.matmul(p.reshape(b, hk, g * m, tk), v).view(b, hq, m, d)
             if emb_v is not None:
                 buckets = torch.zeros(b, hq, m, 2 * K + 1, device=q.device, dtype=p.dtype)
-                buckets = buckets.scatter_add(3, rel[None, None].expand(b, hq, m, tk), p)
+                buckets = buckets.scatter_add(3, distances(q0, q1)[None, None].expand(b, hq, m, tk), p)
                 out = out + torch.matmul(buckets, emb_v)
-            outs.append(out)
-            lses.append(lse)
-            if call.want_stats:
-                pairs += float(visible.expand(b, hq, m, tk).sum()) / (b * hq)
-        stats = {}
-        if call.want_stats:
-            dense = dense_pairs(tq, tk, call.causal)
-            stats["density"] = pairs / dense if dense else 0.0
-        return Result(torch.cat(outs, 2), torch.cat(lses, 2), "eager", stats)
+            return out
+
+        return _attend_in_chunks(call, (b, hq, tq, tk), q.device, scores, read)
 
 
 class LowRankParams(nn.Module):
@@ -195,19 +211,6 @@ class LowRankMHA(Method):
             q = torch.einsum("bhtd,hdr->bhtr", q, lr.u.float())
             kk = torch.einsum("bhtd,hdr->bhtr", kk, lr.v.float())
         vv = v.repeat_interleave(g, 1)
-        outs, lses, pairs = [], [], 0.0
-        for q0 in range(0, tq, CHUNK):
-            q1 = min(q0 + CHUNK, tq)
-            s = torch.matmul(q[:, :, q0:q1], kk.transpose(-1, -2)) * call.scale
-            visible = visible_rows(q0, q1, tq, tk, call.causal, call.key_padding_mask, q.device)
-            s = s.masked_fill(~visible, -math.inf)
-            p, lse = _softmax_rows(s)
-            outs.append(torch.matmul(p, vv))
-            lses.append(lse)
-            if call.want_stats:
-                pairs += float(visible.expand(b, hq, q1 - q0, tk).sum()) / (b * hq)
-        stats = {}
-        if call.want_stats:
-            dense = dense_pairs(tq, tk, call.causal)
-            stats["density"] = pairs / dense if dense else 0.0
-        return Result(torch.cat(outs, 2), torch.cat(lses, 2), "eager", stats)
+        return _attend_in_chunks(call, (b, hq, tq, tk), q.device,
+                                 lambda q0, q1: torch.matmul(q[:, :, q0:q1], kk.transpose(-1, -2)) * call.scale,
+                                 lambda q0, q1, p: torch.matmul(p, vv))
