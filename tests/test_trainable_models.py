@@ -170,11 +170,15 @@ def test_trainable_suite_runs_tiny(tmp_path):
                     train_n=1, methods=["landmark_trained (top-4)", "dense", "moba"])
     assert res["status"] == "ok", [r for r in res["records"] if r["status"] != "ok"][:3]
     parts = {r["part"] for r in res["records"]}
-    assert parts == {"landmark", "retrofit", "trained", "throughput"}
+    assert parts == {"landmark", "memory", "retrofit", "trained", "throughput"}
+    # the memory reads a block per step and retrieves what the method over the whole sequence does
+    (mem,) = [r for r in res["records"] if r["part"] == "memory"]
+    (whole,) = [r for r in res["records"] if r["part"] == "landmark" and r["method"] == "landmark_trained (top-4)"]
+    assert mem["accuracy"] == whole["accuracy"] and 0 < mem["peak_hot_tokens"] < mem["context_tokens"]
     retro = {r["method"]: r for r in res["records"] if r["part"] == "retrofit"}
     assert 0.0 < retro["tokenselect (exact per-head top-k)"]["recall"] <= 1.0
     assert retro["dense"]["nll"] > 0 and retro["dsa_indexer, distilled"]["nll"] > 0
     trained = {r["method"]: r for r in res["records"] if r["part"] == "trained"}
     assert set(trained) == {"dense", "moba"} and 0.0 < trained["moba"]["density@512"] < 1.0
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "DSA indexer retrofit" in report and "Trained from scratch" in report
+    assert "DSA indexer retrofit" in report and "Trained from scratch" in report and "LandmarkMemory" in report

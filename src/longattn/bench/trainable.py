@@ -5,6 +5,8 @@
   lengths by landmark retrieval (``landmark_trained``, top-k blocks per head), against the retrieval
   model (same size and recipe, no landmarks) with dense attention, training-free ``landmark`` and
   ``longheads`` (Quest's bound), by length and depth;
+* ``memory`` — the same retrieval with the context in a ``LandmarkMemory`` (one per layer): only
+  landmark keys, the open block and the fetched blocks hot, closed blocks on the host and disk;
 * ``retrofit`` — DSA's lightning indexer distilled onto frozen stories260K: attention-mass recall of
   its top-k before and after, against ``tokenselect`` (exact per-head top-k), ``quest`` and the
   parameter-free indexer at the same k;
@@ -87,6 +89,61 @@ def _landmark_part(ctx: Context) -> Iterator[dict[str, Any]]:
     for rec in run_landmark(settings, entries=entries, seed=ctx.seed, say=ctx.say):
         ctx.step(rec["method"])
         yield rec
+
+
+# -- memory: the same retrieval with the context in a LandmarkMemory --------------------------------
+
+
+def run_memory(settings: dict[str, Any], *, top_k: int = 4, host_tokens: int = 8192, seed: int = 0,
+               say=print) -> Iterator[dict[str, Any]]:
+    """The bundled landmark model reading each passkey sample through one ``LandmarkMemory`` per
+    layer, a block per step: only the landmark keys, the open block and the fetched blocks are hot,
+    closed blocks sit on the host and, past ``host_tokens`` per layer, on disk."""
+    from longattn.models import landmark_tiny
+    from longattn.tasks import synthetic
+    from longattn.train import load_model, read_config
+    from longattn.train.landmarks import memory_evaluation, with_landmarks
+
+    lm_dir = landmark_tiny()
+    model = load_model(lm_dir)
+    block = int(read_config(lm_dir)["training"]["method_options"]["block"])
+    name = f"landmark_trained (top-{top_k}) over LandmarkMemory"
+    for length in settings["lengths"]:
+        for depth in settings["depths"]:
+            say(f"memory: passkey {length} tokens, depth {depth}")
+            rec = {"part": "memory", "method": name, "length": length, "depth": depth, "n": settings["n"],
+                   "top_k": top_k, "host_tokens": host_tokens}
+
+            def run(length=length, depth=depth, rec=rec):
+                batch = with_landmarks(synthetic.passkey(length, depth, settings["n"], seed), block=block)
+                return {**rec, **memory_evaluation(model, batch, block=block, top_k=top_k, host_tokens=host_tokens),
+                        "status": "ok"}
+
+            yield guarded_record(rec, run)
+
+
+def _memory_part(ctx: Context) -> Iterator[dict[str, Any]]:
+    o = ctx.options
+    settings = {"lengths": tuple(o["lengths"]), "depths": tuple(o["depths"]), "n": int(o["n"])}
+    ctx.plan(len(settings["lengths"]) * len(settings["depths"]))
+    for rec in run_memory(settings, seed=ctx.seed, say=ctx.say):
+        ctx.step(f"memory {rec['length']}")
+        yield rec
+
+
+def _memory_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    recs = [r for r in results["records"] if r.get("part") == "memory" and r.get("accuracy") is not None]
+    rows = []
+    for length in dict.fromkeys(r["length"] for r in recs):
+        at = [r for r in recs if r["length"] == length]
+        rows.append({"method": at[0]["method"], "length": length,
+                     "accuracy": sum(r["accuracy"] for r in at) / len(at),
+                     "context_tokens": max(r["context_tokens"] for r in at),
+                     "peak_hot_tokens": max(r["peak_hot_tokens"] for r in at),
+                     "host_mib": max(r["host_bytes"] for r in at) / 2**20,
+                     "disk_mib": max(r["disk_bytes"] for r in at) / 2**20,
+                     "ms_per_token": sum(r["ms_per_token"] for r in at) / len(at), "status": "ok"})
+    return rows
 
 
 # -- retrofit: DSA's indexer on stories260K -----------------------------------------------------------
@@ -297,6 +354,10 @@ def _about(results: dict[str, Any]) -> str:
         f"- trained: the retrieval model's architecture trained {o.get('train_steps')} steps on the retrieval "
         "curriculum with each method; passkey at depth 0.5 and MQAR (8 pairs) at and past the trained length, with the method "
         "it was trained with (landmark: top-4 retrieval)",
+        "- memory: the landmark model reads each passkey sample a block (64 tokens) per step through one "
+        "LandmarkMemory per layer (top-4 retrieval; closed blocks on the host, past 8,192 tokens per layer on "
+        "disk); peak hot tokens = the most k/v tokens one step of one layer held (fetched blocks + open block + "
+        "chunk), host/disk MiB per layer at the end of a sample",
         "- throughput: training steps at 512 tokens (4,096 per step, next-token loss on every token), the median of "
         "6 after a warm-up, every method in the same run",
     ])
@@ -316,6 +377,7 @@ SUITE = Suite(
     title="longattn trainable sparse attention suite",
     about=_about,
     parts=(Part("landmark", _landmark_part, methods=lambda o: list(landmark_entries())),
+           Part("memory", _memory_part),
            Part("retrofit", _retrofit_part),
            Part("trained", _trained_part, methods=lambda o: list(trained_setups())),
            Part("throughput", _throughput_part, methods=lambda o: list(trained_setups()))),
@@ -329,6 +391,12 @@ SUITE = Suite(
         Table("Passkey accuracy by depth", part="landmark", console=False, html=False,
               pivot=Pivot(label("method · length", lambda r: f"{r['method']} · {r['length']}"), "depth",
                           Column("", "accuracy", ".2f"), col_header=lambda d: f"depth {d}")),
+        Table("Landmark retrieval with the context in a LandmarkMemory (per layer)", source=_memory_rows,
+              columns=(label("method", "method"), Column("length", "length", ".0f"),
+                       Column("tokens with landmarks", "context_tokens", ",.0f"),
+                       Column("accuracy", "accuracy", ".2f"), Column("peak hot tokens", "peak_hot_tokens", ",.0f"),
+                       Column("host MiB", "host_mib", ".2f"), Column("disk MiB", "disk_mib", ".2f"),
+                       Column("ms / token", "ms_per_token", ".3f"), status_column())),
         Table("DSA indexer retrofit on stories260K (attention-mass recall)", part="retrofit",
               columns=(label("selector", "method"), Column("keys kept", "budget", ".0f"), Column("recall", "recall", ".3f"),
                        Column("NLL (nats)", "nll", ".4f"),

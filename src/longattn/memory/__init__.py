@@ -6,6 +6,8 @@ finds them again (the ``memory`` layer).
   (DuoAttention/RazorAttention head maps are two groups).
 * ``paged`` — ``PagedMemory``: every token kept in pages with live summaries, across device, host
   and disk tiers, with per-head block retrieval (Quest/InfLLM, LongHeads).
+* ``landmark`` — ``LandmarkMemory``: Landmark Attention's memory for a model trained with landmark
+  tokens; only landmark keys and the open block stay hot, blocks are fetched by landmark retrieval.
 * ``tiers`` — the disk tier (memory-mapped safetensors segments).
 * ``rotation`` — moving RoPE keys to positions within the kept layout.
 * ``kernel`` — exact attention of a chunk over a layout.
@@ -17,9 +19,10 @@ transformers models use these through ``longattn.hf.LongattnCache``.
 """
 
 from longattn.memory.evicting import EvictingMemory
+from longattn.memory.landmark import LandmarkMemory, landmark_memories
 from longattn.memory.paged import PagedMemory
 from longattn.memory.policies import H2O, TOVA, EvictionPolicy, FullKV, SnapKV, StreamingLLM, make_policy
 from longattn.memory.rotation import KeyRotation
 
-__all__ = ["EvictingMemory", "EvictionPolicy", "FullKV", "H2O", "KeyRotation", "PagedMemory", "SnapKV",
-           "StreamingLLM", "TOVA", "make_policy"]
+__all__ = ["EvictingMemory", "EvictionPolicy", "FullKV", "H2O", "KeyRotation", "LandmarkMemory", "PagedMemory", "SnapKV",
+           "StreamingLLM", "TOVA", "landmark_memories", "make_policy"]

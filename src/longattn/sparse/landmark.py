@@ -67,15 +67,30 @@ def landmark_scores(q: Tensor, k: Tensor, *, block: int, scale: float, position=
         ``first_block + c``), the highest log-softmax share over its queries of each complete
         earlier block's landmark (``-inf`` for blocks that are not earlier).
     """
+    tk = k.shape[2]
+    lm_idx = torch.arange(tk // block, device=q.device) * block + (block - 1)
+    return score_landmarks(q, k[:, :, lm_idx], tk=tk, block=block, scale=scale, position=position)
+
+
+def score_landmarks(q: Tensor, landmarks: Tensor, *, tk: int, block: int, scale: float, position=None) -> Tensor:
+    """:func:`landmark_scores` from the landmark keys alone (what a memory keeps hot).
+
+    Args:
+        q: ``[B, Hq, Tq, D]`` (unrotated when ``position`` is given), the last ``Tq`` of ``tk``
+            positions; landmarks: ``[B, Hkv, tk // block, D]``, the key at position ``b·block+block-1``
+            of every complete block ``b``, unrotated.
+    """
     b, hq, tq, d = q.shape
-    hk, tk = k.shape[1], k.shape[2]
+    hk = landmarks.shape[1]
     L = block
     off = tk - tq
     first = off // L
     n_blocks = tk // L  # complete blocks (those with a landmark)
+    if landmarks.shape[2] != n_blocks:
+        raise ValueError(f"landmarks must hold the {n_blocks} complete blocks' keys of {tk} positions, "
+                         f"got {landmarks.shape[2]}")
     n_qb = (tk - 1) // L - first + 1
-    lm_idx = torch.arange(n_blocks, device=q.device) * L + (L - 1)
-    lm = k[:, :, lm_idx].float()  # [B, Hkv, nb, D]
+    lm = landmarks.float()  # [B, Hkv, nb, D]
     q_off = torch.arange(off, tk, device=q.device) % L
     # the previous block's landmark sits at (L-1), the block's query t at (L-1) + t (module docstring)
     lm = _rotate(lm, position, torch.full((n_blocks,), L - 1, device=q.device))
@@ -134,8 +149,12 @@ def select_landmark_blocks(scores: Tensor, *, first_block: int, top_k: int | Non
         key = scores.masked_fill(~earlier[None, None], -math.inf)
         # forced blocks first (+inf), then by score; blocks with no score stay out (-inf)
         key = torch.where(forced[None, None], torch.full_like(key, math.inf), key)
-        top = key.topk(n, dim=-1)
-        idx = torch.where(top.values > -math.inf, top.indices, -1)
+        # ties (common: in a first layer every landmark key is the same token's) go to the later
+        # block, by a stable sort over the blocks in reverse, so that the choice does not depend on
+        # how many query blocks one call holds (topk's tie order does)
+        values, order = key.flip(-1).sort(dim=-1, descending=True, stable=True)
+        values, top = values[..., :n], n_blocks - 1 - order[..., :n]
+        idx = torch.where(values > -math.inf, top, -1)
     idx = idx.sort(-1).values  # -1 first, then increasing
     return idx[..., idx.shape[-1] - n:].contiguous()
 

@@ -120,3 +120,46 @@ def landmark_evaluation(model, *, block: int, seed: int = 12345, n: int = 32,
     out["mqar@512/8pairs"] = acc(synthetic.mqar(512, 8, n, seed))
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+def memory_evaluation(model, batch: TaskBatch, *, block: int, top_k: int = 4, local: int = 1,
+                      chunk: int | None = None, host_tokens: int | None = None, disk_dir=None) -> dict[str, Any]:
+    """A landmark model reading ``batch`` (landmarks already inserted) through one
+    ``LandmarkMemory`` per layer, ``chunk`` tokens per step (default: one block), one sample at a
+    time: teacher-forced answer accuracy (as :func:`longattn.train.data.evaluate`) and what the
+    memory kept hot.
+
+    Returns:
+        ``accuracy``; ``peak_hot_tokens`` (most k/v tokens one step of one layer held on the fast
+        tier: the fetched blocks, the open block and the chunk), ``context_tokens`` (the sequence
+        length), ``host_bytes`` / ``disk_bytes`` (per layer, last sample) and ``ms_per_token``.
+    """
+    import time
+
+    from longattn.memory.landmark import landmark_memories
+
+    chunk = block if chunk is None else chunk
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    correct, peak, tiers = [], 0, {}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(batch.n):
+            tokens = batch.tokens[i:i + 1]
+            memories = landmark_memories(model.config.n_layers, block=block, top_k=top_k, local=local,
+                                         host_tokens=host_tokens, disk_dir=disk_dir)
+            try:
+                logits = torch.cat([model(tokens[:, s:s + chunk], state=memories)
+                                    for s in range(0, tokens.shape[1], chunk)], 1)
+                peak = max(peak, *(m.peak_hot_tokens for m in memories))
+                tiers = memories[0].nbytes()
+            finally:
+                for m in memories:
+                    m.close()
+            pos, mask = batch.answer_pos[i], batch.answer_mask[i]
+            hits = (logits[0, pos - 1].argmax(-1) == tokens[0, pos]) | ~mask
+            correct.append(bool(hits.all()))
+    wall = time.perf_counter() - t0
+    return {"accuracy": sum(correct) / max(1, len(correct)), "peak_hot_tokens": peak,
+            "context_tokens": int(batch.tokens.shape[1]), "host_bytes": tiers.get("host", 0),
+            "disk_bytes": tiers.get("disk", 0), "ms_per_token": 1e3 * wall / max(1, batch.tokens.numel())}

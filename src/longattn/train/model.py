@@ -351,7 +351,10 @@ class LanguageModel(nn.Module):
             logits_at: int64 ``[B, m]``: only the logits at these positions (the head is the
                 largest tensor at long lengths).
             state: the list :meth:`forward` returned with ``return_state=True`` (one entry per
-                block), to continue that sequence.
+                block), to continue that sequence; or, for a model trained with landmark tokens,
+                ``longattn.memory.landmark_memories(n_layers, ...)``: each attention block then runs
+                ``landmark_trained`` over its memory, which keeps only retrieved blocks hot (the
+                memories are updated in place and returned as the state).
             return_state: also return the state after the last token.
 
         Returns:
@@ -380,6 +383,10 @@ class LanguageModel(nn.Module):
                 prev = None if prev is None else prev.mixer
             if hasattr(block, "mixer"):
                 y, s = block.mixer(h, prev)
+            elif _is_landmark_memory(prev):
+                _check_memory_method(i, prev, method if method is None or isinstance(method, (str, Method))
+                                     else method[i], attention, capture)
+                y, s = self._attend_memory(block, h, prev)
             else:
                 y, s = self._attend(i, block, h, m, prev, attention, capture)
             new_state.append(s if conv_tail is None else ConvState(conv_tail, s))
@@ -389,6 +396,17 @@ class LanguageModel(nn.Module):
         x = self.norm(x)
         logits = x @ (self.embed.weight if cfg.tie_embeddings else self.head.weight).T
         return (logits, new_state) if return_state else logits
+
+    def _attend_memory(self, block: Block, h: Tensor, memory) -> tuple[Tensor, Any]:
+        """One attention block over a ``LandmarkMemory`` (the memory appends the chunk)."""
+        cfg = self.config
+        b, t, _ = h.shape
+        hd = cfg.head_dim
+        q = block.wq(h).view(b, t, cfg.n_heads, hd).transpose(1, 2)
+        k = block.wk(h).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
+        v = block.wv(h).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
+        o = memory.attend(q, k, v, position=RoPE(hd, cfg.rope_theta)).to(h.dtype)
+        return block.wo(o.transpose(1, 2).reshape(b, t, cfg.n_heads * hd)), memory
 
     def _attend(self, index: int, block: Block, h: Tensor, method, prev: KVState | None,
                 attention: AttentionFn | None, capture: list | None) -> tuple[Tensor, KVState]:
@@ -418,6 +436,27 @@ class LanguageModel(nn.Module):
                 longattn.attention(qr, kr, v, causal=True, method=method).to(h.dtype)
         y = block.wo(o.transpose(1, 2).reshape(b, t, cfg.n_heads * hd))
         return y, KVState(k, v)
+
+
+def _is_landmark_memory(state) -> bool:
+    from longattn.memory.landmark import LandmarkMemory
+
+    return isinstance(state, LandmarkMemory)
+
+
+def _check_memory_method(index: int, memory, method, attention, capture) -> None:
+    """A layer whose state is a ``LandmarkMemory`` runs the memory's ``landmark_trained``: a method
+    given for it must be that method with the memory's settings (or None)."""
+    if attention is not None or capture is not None:
+        raise ValueError(f"state[{index}] is a LandmarkMemory: attention= and capture= need the whole k/v, "
+                         "which the memory keeps off the fast tier")
+    if method is None:
+        return
+    m = longattn.method(method) if isinstance(method, str) else method
+    want = (memory.block, memory.top_k, memory.local)
+    if getattr(m, "name", None) != "landmark_trained" or (m.block, m.top_k, m.local) != want:
+        raise ValueError(f"state[{index}] is a LandmarkMemory (landmark_trained with block, top_k, local = {want}); "
+                         f"method must be None or that method, got {method!r}")
 
 
 def _bind_learned(block: Block, method):
