@@ -151,3 +151,18 @@ def test_memory_evaluation_matches_evaluate_with_the_method():
     assert got["disk_bytes"] > 0
     with pytest.raises(ValueError, match="chunk"):
         memory_evaluation(model, batch, block=16, chunk=0)
+
+
+def test_tied_landmark_scores_choose_alike_in_whole_and_chunked_calls():
+    """Every landmark key the same (a first layer's: one token, no position): the choice among
+    tied blocks goes to the later ones whatever the number of query blocks in the call (topk's own
+    tie order depended on it, and chunked reads then differed from one pass)."""
+    q, k, v = _qkv(1, 4, 2, 320, 8, 5)
+    k[:, :, 15::16] = k[:, :, 15:16]
+    method = longattn.method("landmark_trained", block=16, top_k=3)
+    whole, st = longattn.attention(q, k, v, causal=True, method=method, return_stats=True)
+    parts = [longattn.attention(q[:, :, s:s + 16], k[:, :, :s + 16], v[:, :, :s + 16], causal=True, method=method)
+             for s in range(0, 320, 16)]
+    torch.testing.assert_close(torch.cat(parts, 2), whole, atol=1e-5, rtol=1e-5)
+    # the last query block: its forced nearest block and the two nearest of the tied others
+    assert st.extra["selected_blocks"][0, 0, -1].tolist() == [16, 17, 18]
