@@ -86,3 +86,21 @@ def test_the_mqar_figure_is_drawn(results, tmp_path):
     combined = {"kind": "main", "machine": res["machine"], "config": {}, "suites": {"recurrent": res}}
     written = plots.write_all(json.loads(json.dumps(combined)), tmp_path)
     assert "accuracy_vs_state" in written and written["accuracy_vs_state"].stat().st_size > 10_000
+
+
+def test_mqar_in_worker_processes_repeats_the_one_thread_runs(tmp_path):
+    """``mqar_jobs=2`` trains in one-thread worker processes and gives the records a one-thread run
+    in this process gives, in the same order."""
+    opts = {**TINY, "dtypes": ["float32"], "mqar_steps": 3}
+    res = run_suite(get_suite("recurrent"), tmp_path / "o", console=Console(file=open(tmp_path / "c.txt", "w")),
+                    methods=["linear", "gla"], parts=("mqar",), mqar_jobs=2, **opts)
+    got = [(r["method"], r["final_loss"], r["accuracy"]) for r in res["records"]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = [(m, r["final_loss"], r["accuracy"]) for m in ("linear", "gla")
+                for r in [recurrent.run_mqar(m, 32, length=64, pairs=(2, 4), steps=3, tokens_per_step=256, lr=3e-3,
+                                             seed=0, copy_steps=1, say=lambda line: None)]]
+    finally:
+        torch.set_num_threads(threads)
+    assert got == want

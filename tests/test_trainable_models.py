@@ -167,10 +167,15 @@ def test_trainable_suite_runs_tiny(tmp_path):
     con = Console(file=open(tmp_path / "console.txt", "w"), width=100)
     res = run_suite(get_suite("trainable"), tmp_path / "out", console=con, lengths=[512], depths=[0.5], n=1,
                     retrofit_train=1, retrofit_eval=1, retrofit_steps=2, budget=64, train_steps=2, train_eval=[128],
-                    train_n=1, methods=["landmark_trained (top-4)", "dense", "moba"])
+                    train_n=1, stories_steps=2, stories_corpus=600, stories_held_out=520, stories_eval=[256],
+                    methods=["landmark_trained (top-4)", "dense", "moba"])
     assert res["status"] == "ok", [r for r in res["records"] if r["status"] != "ok"][:3]
     parts = {r["part"] for r in res["records"]}
-    assert parts == {"landmark", "memory", "retrofit", "trained", "throughput"}
+    assert parts == {"landmark", "memory", "retrofit", "stories", "trained", "throughput"}
+    stories = {r["method"]: r for r in res["records"] if r["part"] == "stories"}
+    assert set(stories) == {"dense", "moba"}
+    # two fine-tuning steps barely move a pretrained model: its NLL stays near where it started
+    assert all(abs(r["nll@256"] - r["nll_before@256"]) < 0.5 and r["tokens_per_s"] > 0 for r in stories.values())
     # the memory reads a block per step and retrieves what the method over the whole sequence does
     (mem,) = [r for r in res["records"] if r["part"] == "memory"]
     (whole,) = [r for r in res["records"] if r["part"] == "landmark" and r["method"] == "landmark_trained (top-4)"]

@@ -24,12 +24,14 @@ buys on associative recall.
   (attention: its KV cache at that length) is the x axis of the figure Zoology and Based report.
 
 Quick (the main job's sizes) runs prefill to 32k, the decode pair, and MQAR for six mixers at
-one small width with short training; ``--full`` prefill to 128k and MQAR for every mixer at two
-widths with longer training.
+one small width with short training; ``--full`` prefill to 128k and MQAR for every mixer at three
+widths (32, 64, 128) with 2,000 steps each, trained ``mqar_jobs`` at a time (default: one per CPU
+core) in one-thread worker processes — about 3 hours of one core in all on a 2-core VM.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -275,18 +277,47 @@ def run_mqar(mixer: str, width: int, *, length: int, pairs: tuple[int, ...], ste
             "train_s": record["wall_s"], "status": "ok"}
 
 
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _mqar_in_worker(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``run_mqar`` in a worker process (one thread: the run is bit-identical to a one-thread run
+    in the main process)."""
+    return run_mqar(**kwargs, say=lambda line: None)
+
+
 def _mqar_part(ctx: Context) -> Iterator[dict[str, Any]]:
+    """One model per (width, mixer). ``mqar_jobs`` > 1 trains that many at once in worker
+    processes of one thread each (the ``--full`` sweep is hours of one core); records come back in
+    the same order either way."""
+    import concurrent.futures
+    import multiprocessing
+
     o = ctx.options
     mixers = [m for m in o["mqar_mixers"] if ctx.wants(m)]
-    ctx.plan(len(mixers) * len(o["widths"]))
-    for width in o["widths"]:
-        for mixer in mixers:
+    runs = [(mixer, width) for width in o["widths"] for mixer in mixers]
+    ctx.plan(len(runs))
+
+    def kwargs(mixer, width):
+        return dict(mixer=mixer, width=width, length=o["mqar_length"], pairs=tuple(o["pairs"]),
+                    steps=o["mqar_steps"], tokens_per_step=o["tokens_per_step"], lr=o["lr"], seed=ctx.seed,
+                    copy_steps=o["copy_steps"])
+
+    jobs = int(o.get("mqar_jobs", 1))
+    if jobs <= 1 or len(runs) <= 1:
+        for mixer, width in runs:
             ctx.step(f"mqar {mixer} d={width}")
-            rec = {"test": "mqar", "method": mixer, "width": width}
-            yield guarded_record(rec, lambda mixer=mixer, width=width: run_mqar(
-                mixer, width, length=o["mqar_length"], pairs=tuple(o["pairs"]), steps=o["mqar_steps"],
-                tokens_per_step=o["tokens_per_step"], lr=o["lr"], seed=ctx.seed, copy_steps=o["copy_steps"],
-                say=ctx.say))
+            yield guarded_record({"test": "mqar", "method": mixer, "width": width},
+                                 lambda mixer=mixer, width=width: run_mqar(**kwargs(mixer, width), say=ctx.say))
+        return
+    ctx.say(f"mqar: {len(runs)} models, {jobs} at a time in worker processes of one thread each")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_one_thread) as pool:
+        futures = [pool.submit(_mqar_in_worker, kwargs(mixer, width)) for mixer, width in runs]
+        for (mixer, width), fut in zip(runs, futures):
+            ctx.step(f"mqar {mixer} d={width}")
+            yield guarded_record({"test": "mqar", "method": mixer, "width": width}, fut.result)
 
 
 # -- derived figures ----------------------------------------------------------------------------
@@ -366,9 +397,9 @@ SUITE = Suite(
            "mqar_steps": 500, "copy_steps": 150, "tokens_per_step": 4096, "lr": 3e-3,
            "mqar_mixers": ("attention", "linear", "based", "gla", "gated_deltanet", "rat")},
     full={"lengths": (1024, 4096, 16384, 32768, 65536, 131072), "dtypes": ("float32", "bfloat16"), "repeats": 3,
-          "max_seconds": 60.0, "histories": (128, 131072), "steps": 128, "widths": (64, 128), "mqar_length": 64,
-          "pairs": (2, 4, 8, 12), "mqar_steps": 800, "copy_steps": 250, "tokens_per_step": 4096, "lr": 3e-3,
-          "mqar_mixers": MQAR_MIXERS},
+          "max_seconds": 60.0, "histories": (128, 131072), "steps": 128, "widths": (32, 64, 128), "mqar_length": 64,
+          "pairs": (2, 4, 8, 12), "mqar_steps": 2000, "copy_steps": 250, "tokens_per_step": 4096, "lr": 3e-3,
+          "mqar_mixers": MQAR_MIXERS, "mqar_jobs": max(1, os.cpu_count() or 1)},
     check=_check,
     describe=lambda r: (f"{r.get('test')}: {r.get('method')}" + (f" {r['dtype']} {r['tokens']}" if r.get("tokens") else "")
                         + (f" after {r['history']}" if r.get("history") else "")

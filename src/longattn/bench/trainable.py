@@ -10,6 +10,8 @@
 * ``retrofit`` — DSA's lightning indexer distilled onto frozen stories260K: attention-mass recall of
   its top-k before and after, against ``tokenselect`` (exact per-head top-k), ``quest`` and the
   parameter-free indexer at the same k;
+* ``stories`` — stories260K fine-tuned on its own sampled stories with dense, ``moba`` and ``nsa``
+  attention in the same budget: held-out NLL at and past its 512-token context, before and after;
 * ``trained`` — small models trained from scratch in the same budget (steps, tokens, recipe) with
   dense, ``moba``, ``nsa`` and ``landmark_trained`` attention: training tokens/s, their accuracy at
   and past the trained length, their density.
@@ -17,6 +19,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,10 +31,12 @@ from longattn.bench.suite import Column, Context, Part, Pivot, Suite, Table, gua
 
 QUICK = {"lengths": (512, 2048, 8192), "depths": (0.1, 0.5, 0.9), "n": 3,
          "retrofit_train": 4, "retrofit_eval": 2, "retrofit_steps": 100, "budget": 64,
-         "train_steps": 60, "train_eval": (512, 2048), "train_n": 8}
+         "train_steps": 60, "train_eval": (512, 2048), "train_n": 8,
+         "stories_steps": 20, "stories_corpus": 8192, "stories_held_out": 2048, "stories_eval": (512,)}
 FULL = {"lengths": (512, 2048, 8192, 32768), "depths": (0.0, 0.25, 0.5, 0.75, 1.0), "n": 8,
         "retrofit_train": 8, "retrofit_eval": 4, "retrofit_steps": 300, "budget": 64,
-        "train_steps": 1000, "train_eval": (512, 2048, 8192), "train_n": 16}
+        "train_steps": 1000, "train_eval": (512, 2048, 8192), "train_n": 16,
+        "stories_steps": 300, "stories_corpus": 65536, "stories_held_out": 8192, "stories_eval": (512, 2048)}
 
 
 # -- landmark: passkey by length and depth ----------------------------------------------------------
@@ -310,6 +315,67 @@ def run_trained(name: str, setup: dict[str, Any], *, steps: int, eval_lengths, n
     return rec
 
 
+# -- stories: stories260K fine-tuned with each method, perplexity on held-out stories ----------------
+
+
+def stories_model(learned: str = "", learned_options: dict[str, Any] | None = None):
+    """stories260K as a float32 :class:`~longattn.train.LanguageModel`, trainable, with fresh learned
+    attention parts (``learned``: ``"nsa"`` …) in every block when asked for."""
+    import dataclasses
+
+    from longattn.models import stories260k
+    from longattn.models.llama2c import as_language_model, load_checkpoint
+    from longattn.train import LanguageModel
+
+    base = as_language_model(load_checkpoint(stories260k() / "stories260K.bin"), torch.float32)
+    cfg = dataclasses.replace(base.config, learned_attention=learned, learned_options=dict(learned_options or {}))
+    model = LanguageModel(cfg, seed=0)
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    if unexpected or any(".learned." not in k for k in missing):
+        raise RuntimeError(f"stories260K's weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def run_stories(name: str, setup: dict[str, Any], *, steps: int, corpus: torch.Tensor, held_out: torch.Tensor,
+                eval_lengths, seed: int = 0, say=print) -> dict[str, Any]:
+    """Fine-tune stories260K ``steps`` steps on ``corpus`` (its own sampled stories) with the setup's
+    method at 512 tokens (its trained length) and measure the held-out NLL at each length before and
+    after, with that method."""
+    from longattn.train.text import finetune_text, text_nll
+
+    learned = setup.get("learned", "")
+    model = stories_model(learned, {"compress_block": setup["options"]["compress_block"]} if learned else None)
+    method = longattn.method(setup["method"], **setup.get("options", {})) if setup["method"] else "dense"
+    rec: dict[str, Any] = {"part": "stories", "method": name, "steps": steps, "corpus_tokens": int(corpus.shape[1])}
+    for length in eval_lengths:
+        rec[f"nll_before@{length}"] = text_nll(model, held_out, method, length=length)
+    fit = finetune_text(model, corpus, method, steps=steps, length=512, seed=seed,
+                        log=lambda line: say(f"  stories {name}: {line}"))
+    for length in eval_lengths:
+        rec[f"nll@{length}"] = text_nll(model, held_out, method, length=length)
+        rec[f"ppl@{length}"] = math.exp(rec[f"nll@{length}"])
+    rec.update(train_s=fit["wall_s"], tokens_per_s=fit["tokens_per_s"], final_loss=fit["losses"][-1], status="ok")
+    return rec
+
+
+def _stories_part(ctx: Context) -> Iterator[dict[str, Any]]:
+    from longattn.bench.tasks import stories_text
+
+    o = ctx.options
+    setups = {k: v for k, v in trained_setups().items() if ctx.wants(k) and not v.get("landmarks")}
+    ctx.plan(len(setups) + 1)
+    ctx.step("sampling stories")
+    ctx.say(f"stories: sampling {o['stories_corpus']} + {o['stories_held_out']} tokens of stories260K text")
+    corpus = stories_text(int(o["stories_corpus"]), ctx.seed + 2000)[1]
+    held_out = stories_text(int(o["stories_held_out"]), ctx.seed + 3000)[1]
+    for name, setup in setups.items():
+        ctx.step(f"stories {name}")
+        yield guarded_record({"part": "stories", "method": name},
+                             lambda name=name, setup=setup: run_stories(
+                                 name, setup, steps=int(o["stories_steps"]), corpus=corpus, held_out=held_out,
+                                 eval_lengths=tuple(o["stories_eval"]), seed=ctx.seed, say=ctx.say))
+
+
 def _trained_part(ctx: Context) -> Iterator[dict[str, Any]]:
     o = ctx.options
     setups = {k: v for k, v in trained_setups().items() if ctx.wants(k)}
@@ -358,6 +424,10 @@ def _about(results: dict[str, Any]) -> str:
         "LandmarkMemory per layer (top-4 retrieval; closed blocks on the host, past 8,192 tokens per layer on "
         "disk); peak hot tokens = the most k/v tokens one step of one layer held (fetched blocks + open block + "
         "chunk), host/disk MiB per layer at the end of a sample",
+        f"- stories: stories260K (float32) fine-tuned {o.get('stories_steps')} AdamW steps (4,096 tokens each, "
+        f"512-token windows, lr 1e-3) on {o.get('stories_corpus')} tokens of its own sampled stories with each method "
+        "(MoBA and NSA as in `trained`; NSA's learned parts start fresh), next-token NLL of "
+        f"{o.get('stories_held_out')} other tokens read in windows of each length, before and after",
         "- throughput: training steps at 512 tokens (4,096 per step, next-token loss on every token), the median of "
         "6 after a warm-up, every method in the same run",
     ])
@@ -380,6 +450,8 @@ SUITE = Suite(
            Part("memory", _memory_part),
            Part("retrofit", _retrofit_part),
            Part("trained", _trained_part, methods=lambda o: list(trained_setups())),
+           Part("stories", _stories_part,
+                methods=lambda o: [k for k, v in trained_setups().items() if not v.get("landmarks")]),
            Part("throughput", _throughput_part, methods=lambda o: list(trained_setups()))),
     quick=QUICK,
     full=FULL,
@@ -408,6 +480,11 @@ SUITE = Suite(
                        Column("passkey@2k", "passkey@2048", ".2f"), Column("passkey@8k", "passkey@8192", ".2f"),
                        Column("mqar@512", "mqar@512", ".2f"), Column("mqar@2k", "mqar@2048", ".2f"),
                        Column("mqar@8k", "mqar@8192", ".2f"), status_column())),
+        Table("stories260K fine-tuned with each method (held-out NLL, nats)", part="stories",
+              columns=(label("method", "method"), Column("steps", "steps", ".0f"),
+                       Column("NLL@512 before", "nll_before@512", ".4f"), Column("NLL@512 after", "nll@512", ".4f"),
+                       Column("NLL@2k before", "nll_before@2048", ".4f"), Column("NLL@2k after", "nll@2048", ".4f"),
+                       Column("tokens/s", "tokens_per_s", ",.0f"), status_column())),
         Table("Training throughput at 512 tokens (same run)", part="throughput",
               columns=(label("method", "method"), Column("tokens/s", "tokens_per_s", ",.0f"), status_column())),
     ),
