@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from longattn.models import stories260k
-from longattn.models.llama2c import Tokenizer, forward, generate, load_checkpoint
+from longattn.models.llama2c import Tokenizer, forward, generate, load_checkpoint, sample_windows
 
 pytestmark = pytest.mark.cpu_only(reason="the llama2.c reader's float64 model lives on the CPU")
 
@@ -64,3 +64,19 @@ def test_truncated_checkpoint_is_refused(tmp_path):
     bad.write_bytes((MODEL_DIR / "stories260K.bin").read_bytes()[:5000])
     with pytest.raises(ValueError, match="ends inside"):
         load_checkpoint(bad)
+
+
+def test_sampled_windows_are_the_models_own_and_repeat_at_a_seed(model):
+    """Batched sampling: each row starts at BOS, is what the model samples (greedy rows equal
+    ``generate``'s first story), and a seed repeats it."""
+    greedy = sample_windows(model, 2, length=40, temperature=0.0, batch=2)
+    story = generate(model, 39, temperature=0.0)
+    cut = story.index(1) if 1 in story else 39  # generate restarts its cache at a story's end
+    assert greedy[:, 0].tolist() == [1, 1] and greedy[0, 1:1 + cut].tolist() == story[:cut]
+    a = sample_windows(model, 5, length=24, seed=3, batch=5)
+    assert a.shape == (5, 24) and a.dtype == torch.int64
+    assert torch.equal(a, sample_windows(model, 5, length=24, seed=3, batch=5))
+    with pytest.raises(ValueError, match="exceeds the model's trained context"):
+        sample_windows(model, 1, length=10_000)
+    with pytest.raises(ValueError, match="batch"):
+        sample_windows(model, 1, length=8, batch=0)

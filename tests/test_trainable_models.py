@@ -167,7 +167,7 @@ def test_trainable_suite_runs_tiny(tmp_path):
     con = Console(file=open(tmp_path / "console.txt", "w"), width=100)
     res = run_suite(get_suite("trainable"), tmp_path / "out", console=con, lengths=[512], depths=[0.5], n=1,
                     retrofit_train=1, retrofit_eval=1, retrofit_steps=2, budget=64, train_steps=2, train_eval=[128],
-                    train_n=1, stories_steps=2, stories_corpus=600, stories_held_out=520, stories_eval=[256],
+                    train_n=1, stories_steps=2, stories_corpus=512, stories_held_out=512, stories_eval=[256],
                     methods=["landmark_trained (top-4)", "dense", "moba"])
     assert res["status"] == "ok", [r for r in res["records"] if r["status"] != "ok"][:3]
     parts = {r["part"] for r in res["records"]}

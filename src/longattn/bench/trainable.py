@@ -346,7 +346,7 @@ def run_stories(name: str, setup: dict[str, Any], *, steps: int, corpus: torch.T
     learned = setup.get("learned", "")
     model = stories_model(learned, {"compress_block": setup["options"]["compress_block"]} if learned else None)
     method = longattn.method(setup["method"], **setup.get("options", {})) if setup["method"] else "dense"
-    rec: dict[str, Any] = {"part": "stories", "method": name, "steps": steps, "corpus_tokens": int(corpus.shape[1])}
+    rec: dict[str, Any] = {"part": "stories", "method": name, "steps": steps, "corpus_tokens": int(corpus.numel())}
     for length in eval_lengths:
         rec[f"nll_before@{length}"] = text_nll(model, held_out, method, length=length)
     fit = finetune_text(model, corpus, method, steps=steps, length=512, seed=seed,
@@ -358,16 +358,27 @@ def run_stories(name: str, setup: dict[str, Any], *, steps: int, corpus: torch.T
     return rec
 
 
-def _stories_part(ctx: Context) -> Iterator[dict[str, Any]]:
-    from longattn.bench.tasks import stories_text
+def stories_windows(n_tokens: int, seed: int, *, row: int = 512) -> torch.Tensor:
+    """``[n_tokens // row, row]``: stories260K's own 512-token windows (sampled from BOS through the
+    story boundaries, as it was trained), consecutive windows joined into rows of ``row`` tokens."""
+    from longattn.models import stories260k
+    from longattn.models.llama2c import load_checkpoint, sample_windows
 
+    if row % 512 or n_tokens < row:
+        raise ValueError(f"row must be a multiple of 512 and n_tokens >= row, got row={row}, n_tokens={n_tokens}")
+    windows = sample_windows(load_checkpoint(stories260k() / "stories260K.bin"), n_tokens // 512, length=512,
+                             seed=seed)
+    return windows[: (windows.shape[0] * 512 // row) * row // 512].reshape(-1, row)
+
+
+def _stories_part(ctx: Context) -> Iterator[dict[str, Any]]:
     o = ctx.options
     setups = {k: v for k, v in trained_setups().items() if ctx.wants(k) and not v.get("landmarks")}
     ctx.plan(len(setups) + 1)
     ctx.step("sampling stories")
     ctx.say(f"stories: sampling {o['stories_corpus']} + {o['stories_held_out']} tokens of stories260K text")
-    corpus = stories_text(int(o["stories_corpus"]), ctx.seed + 2000)[1]
-    held_out = stories_text(int(o["stories_held_out"]), ctx.seed + 3000)[1]
+    corpus = stories_windows(int(o["stories_corpus"]), ctx.seed + 2000)
+    held_out = stories_windows(int(o["stories_held_out"]), ctx.seed + 3000, row=-(-max(512, *o["stories_eval"]) // 512) * 512)
     for name, setup in setups.items():
         ctx.step(f"stories {name}")
         yield guarded_record({"part": "stories", "method": name},
@@ -425,9 +436,10 @@ def _about(results: dict[str, Any]) -> str:
         "disk); peak hot tokens = the most k/v tokens one step of one layer held (fetched blocks + open block + "
         "chunk), host/disk MiB per layer at the end of a sample",
         f"- stories: stories260K (float32) fine-tuned {o.get('stories_steps')} AdamW steps (4,096 tokens each, "
-        f"512-token windows, lr 1e-3) on {o.get('stories_corpus')} tokens of its own sampled stories with each method "
+        f"512-token windows, lr 1e-3) on {o.get('stories_corpus')} tokens of its own sampled 512-token windows with each method "
         "(MoBA and NSA as in `trained`; NSA's learned parts start fresh), next-token NLL of "
-        f"{o.get('stories_held_out')} other tokens read in windows of each length, before and after",
+        f"{o.get('stories_held_out')} other sampled tokens (consecutive windows joined) read in windows of each length, "
+        "before and after",
         "- throughput: training steps at 512 tokens (4,096 per step, next-token loss on every token), the median of "
         "6 after a warm-up, every method in the same run",
     ])

@@ -222,6 +222,39 @@ def generate(model: Llama2cModel, n_tokens: int, *, seed: int = 0, temperature: 
     return out[:n_tokens]
 
 
+def sample_windows(model: Llama2cModel, n: int, *, length: int | None = None, seed: int = 0,
+                   temperature: float = 1.0, batch: int = 64, bos: int = 1) -> torch.Tensor:
+    """``[n, length]`` int64: ``n`` windows sampled at once, ``batch`` at a time, each from BOS with a
+    KV cache and continuing through the BOS tokens the model emits between stories — the shape of
+    the model's own training windows (default ``length``: its ``seq_len``). Many streams per step
+    make this ~``batch``× faster than :func:`generate`, whose cost is per call, not per token."""
+    cfg = model.config
+    length = cfg.seq_len if length is None else length
+    for name, value in (("n", n), ("length", length), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if length > cfg.seq_len:
+        raise ValueError(f"length={length} exceeds the model's trained context ({cfg.seq_len})")
+    lm = as_language_model(model, torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for start in range(0, n, batch):
+            rows = min(batch, n - start)
+            seq = torch.full((rows, 1), bos, dtype=torch.int64)
+            logits, state = lm(seq, state=None, return_state=True)
+            for _ in range(length - 1):
+                last = logits[:, -1].float()
+                if temperature == 0:
+                    nxt = last.argmax(-1, keepdim=True)
+                else:
+                    nxt = torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=gen)
+                seq = torch.cat([seq, nxt], 1)
+                logits, state = lm(nxt, state=state, return_state=True)
+            out.append(seq)
+    return torch.cat(out)
+
+
 class Tokenizer:
     """The llama2.c tokenizer file (``tok512.bin``): int32 max piece length, then per token a
     float32 merge score, an int32 byte length and the bytes. Tokens ``<0xXX>`` are byte fallbacks.

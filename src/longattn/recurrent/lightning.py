@@ -178,7 +178,11 @@ def _chunks(q, k, v, logl, s, length):
     states = torch.einsum("hij,bhjkv->bhikv", weights, kv) + carried[None, :, :, None, None] * s[:, :, None]
     last = torch.exp(logl[:, None] * length * (n - 1 - blk[None, :n]))  # λ^(C·(N-1-j))  [H, N]
     s = torch.exp(logl * length * n)[None, :, None, None] * s + torch.einsum("hj,bhjkv->bhkv", last, kv)
-    out = ((q @ k.transpose(-1, -2)) * mask[None, :, None]) @ v + (q * q_decay[None, :, None, :, None]) @ states
+    # fresh products are scaled and summed in place: at 32k tokens the temporaries are tens of MB
+    scores = q @ k.transpose(-1, -2)  # [B, H, N, L, L]
+    scores.mul_(mask[None, :, None])
+    out = scores @ v
+    out.addcmul_(q @ states, q_decay[None, :, None, :, None])  # Λ_i q_i S = λ^(i+1) (q_i S)
     return out.reshape(b, h, t, dv), s
 
 

@@ -21,34 +21,35 @@ from longattn.train.model import LanguageModel
 Tensor = torch.Tensor
 
 
-def _stream(tokens: Tensor, name: str) -> Tensor:
-    if not isinstance(tokens, Tensor) or tokens.dtype != torch.int64 or tokens.dim() != 2 or tokens.shape[0] != 1:
-        raise ValueError(f"{name} must be an int64 tensor [1, N], got "
+def _rows(tokens: Tensor, name: str) -> Tensor:
+    if not isinstance(tokens, Tensor) or tokens.dtype != torch.int64 or tokens.dim() != 2 or tokens.shape[0] < 1:
+        raise ValueError(f"{name} must be an int64 tensor [M, N] (M rows of text), got "
                          f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
     return tokens
 
 
 def text_nll(model: LanguageModel, tokens: Tensor, method=None, *, length: int) -> float:
-    """Mean next-token NLL (nats) of ``tokens [1, N]`` read in consecutive windows of ``length``
-    tokens (each window from its start; the last, shorter one dropped), with ``method`` in every
-    attention layer. No gradients."""
-    tokens = _stream(tokens, "tokens")
-    n = tokens.shape[1] // length
-    if n == 0:
-        raise ValueError(f"tokens hold {tokens.shape[1]} tokens, fewer than one window of length={length}")
-    windows = tokens[0, :n * length].view(n, length)
+    """Mean next-token NLL (nats) of ``tokens [M, N]`` (rows of text) read in consecutive windows of
+    ``length`` tokens per row (each window from its start; a row's shorter tail dropped), with
+    ``method`` in every attention layer. No gradients."""
+    tokens = _rows(tokens, "tokens")
+    per_row = tokens.shape[1] // length
+    if per_row == 0:
+        raise ValueError(f"rows of {tokens.shape[1]} tokens hold no window of length={length}")
+    windows = tokens[:, :per_row * length].reshape(-1, length)
     with torch.no_grad():
         total = 0.0
         for w in windows:
             logits = model(w[None], method=method)
             total += float(torch.nn.functional.cross_entropy(logits[0, :-1], w[1:]))
-    return total / n
+    return total / windows.shape[0]
 
 
 def finetune_text(model: LanguageModel, corpus: Tensor, method=None, *, steps: int, length: int = 512,
                   tokens_per_step: int = 4096, lr: float = 1e-3, seed: int = 0,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Fine-tune ``model`` in place on random ``length``-token windows of ``corpus [1, N]`` with
+    """Fine-tune ``model`` in place on random ``length``-token windows of ``corpus [M, N]`` (rows of
+    text, ``N >= length``; a window lies within one row) with
     next-token cross-entropy, attention by ``method`` (its learned parts, if the model holds them,
     train too). AdamW with the harness's warm-up and cosine decay; the windows of step ``s`` depend
     on ``(seed, s)`` only.
@@ -56,9 +57,9 @@ def finetune_text(model: LanguageModel, corpus: Tensor, method=None, *, steps: i
     Returns:
         ``{"steps", "wall_s", "tokens_per_s", "losses"}``.
     """
-    corpus = _stream(corpus, "corpus")
-    if corpus.shape[1] <= length:
-        raise ValueError(f"corpus holds {corpus.shape[1]} tokens; need more than length={length}")
+    corpus = _rows(corpus, "corpus")
+    if corpus.shape[1] < length:
+        raise ValueError(f"corpus rows hold {corpus.shape[1]} tokens; need at least length={length}")
     settings = TrainSettings(seed=seed, steps=steps, lr=lr, warmup=max(1, steps // 10),
                              tokens_per_step=tokens_per_step)
     per = max(1, tokens_per_step // length)
@@ -68,8 +69,9 @@ def finetune_text(model: LanguageModel, corpus: Tensor, method=None, *, steps: i
     t0 = time.perf_counter()
     for step in range(steps):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        starts = torch.randint(0, corpus.shape[1] - length, (per,), generator=gen)
-        batch = torch.stack([corpus[0, s:s + length] for s in starts.tolist()])
+        rows = torch.randint(0, corpus.shape[0], (per,), generator=gen)
+        starts = torch.randint(0, corpus.shape[1] - length + 1, (per,), generator=gen)
+        batch = torch.stack([corpus[r, s:s + length] for r, s in zip(rows.tolist(), starts.tolist())])
         for g in opt.param_groups:
             g["lr"] = settings.lr_at(step)
         logits = model(batch, method=method)
