@@ -32,11 +32,13 @@ from longattn.bench.suite import Column, Context, Part, Pivot, Suite, Table, gua
 QUICK = {"lengths": (512, 2048, 8192), "depths": (0.1, 0.5, 0.9), "n": 3,
          "retrofit_train": 4, "retrofit_eval": 2, "retrofit_steps": 100, "budget": 64,
          "train_steps": 60, "train_eval": (512, 2048), "train_n": 8,
-         "stories_steps": 20, "stories_corpus": 8192, "stories_held_out": 2048, "stories_eval": (512,)}
+         "stories_steps": 20, "stories_corpus": 16384, "stories_held_out": 2048, "stories_eval": (512,),
+         "stories_lr": 3e-4}
 FULL = {"lengths": (512, 2048, 8192, 32768), "depths": (0.0, 0.25, 0.5, 0.75, 1.0), "n": 8,
         "retrofit_train": 8, "retrofit_eval": 4, "retrofit_steps": 300, "budget": 64,
         "train_steps": 1000, "train_eval": (512, 2048, 8192), "train_n": 16,
-        "stories_steps": 300, "stories_corpus": 65536, "stories_held_out": 8192, "stories_eval": (512, 2048)}
+        "stories_steps": 150, "stories_corpus": 262144, "stories_held_out": 16384, "stories_eval": (512, 2048),
+        "stories_lr": 3e-4}
 
 
 # -- landmark: passkey by length and depth ----------------------------------------------------------
@@ -337,7 +339,7 @@ def stories_model(learned: str = "", learned_options: dict[str, Any] | None = No
 
 
 def run_stories(name: str, setup: dict[str, Any], *, steps: int, corpus: torch.Tensor, held_out: torch.Tensor,
-                eval_lengths, seed: int = 0, say=print) -> dict[str, Any]:
+                eval_lengths, lr: float = 3e-4, seed: int = 0, say=print) -> dict[str, Any]:
     """Fine-tune stories260K ``steps`` steps on ``corpus`` (its own sampled stories) with the setup's
     method at 512 tokens (its trained length) and measure the held-out NLL at each length before and
     after, with that method."""
@@ -349,7 +351,7 @@ def run_stories(name: str, setup: dict[str, Any], *, steps: int, corpus: torch.T
     rec: dict[str, Any] = {"part": "stories", "method": name, "steps": steps, "corpus_tokens": int(corpus.numel())}
     for length in eval_lengths:
         rec[f"nll_before@{length}"] = text_nll(model, held_out, method, length=length)
-    fit = finetune_text(model, corpus, method, steps=steps, length=512, seed=seed,
+    fit = finetune_text(model, corpus, method, steps=steps, length=512, lr=lr, seed=seed,
                         log=lambda line: say(f"  stories {name}: {line}"))
     for length in eval_lengths:
         rec[f"nll@{length}"] = text_nll(model, held_out, method, length=length)
@@ -384,7 +386,8 @@ def _stories_part(ctx: Context) -> Iterator[dict[str, Any]]:
         yield guarded_record({"part": "stories", "method": name},
                              lambda name=name, setup=setup: run_stories(
                                  name, setup, steps=int(o["stories_steps"]), corpus=corpus, held_out=held_out,
-                                 eval_lengths=tuple(o["stories_eval"]), seed=ctx.seed, say=ctx.say))
+                                 eval_lengths=tuple(o["stories_eval"]), lr=float(o["stories_lr"]), seed=ctx.seed,
+                                 say=ctx.say))
 
 
 def _trained_part(ctx: Context) -> Iterator[dict[str, Any]]:
@@ -436,7 +439,7 @@ def _about(results: dict[str, Any]) -> str:
         "disk); peak hot tokens = the most k/v tokens one step of one layer held (fetched blocks + open block + "
         "chunk), host/disk MiB per layer at the end of a sample",
         f"- stories: stories260K (float32) fine-tuned {o.get('stories_steps')} AdamW steps (4,096 tokens each, "
-        f"512-token windows, lr 1e-3) on {o.get('stories_corpus')} tokens of its own sampled 512-token windows with each method "
+        f"512-token windows, lr {o.get('stories_lr')}) on {o.get('stories_corpus')} tokens of its own sampled 512-token windows with each method "
         "(MoBA and NSA as in `trained`; NSA's learned parts start fresh), next-token NLL of "
         f"{o.get('stories_held_out')} other sampled tokens (consecutive windows joined) read in windows of each length, "
         "before and after",
