@@ -88,6 +88,9 @@ def test_train_command_trains_a_recurrent_mqar_model_with_conv_ramp_and_mixer_op
     bad = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), "--mixer", "gla", "--mixer-option",
                               "output_norm=3", "--steps", "1"])
     assert bad.exit_code != 0 and "output_norm must be a bool" in bad.output
+    # a malformed KEY=VALUE is blamed on the option it came from
+    bad = runner.invoke(app, ["train", "--out", str(tmp_path / "y"), "--method", "moba", "--method-option", "top_k"])
+    assert bad.exit_code != 0 and "--method-option" in bad.output and "--mixer-option" not in bad.output
 
 
 def test_version_flag_prints_the_package_version():

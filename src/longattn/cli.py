@@ -273,16 +273,16 @@ def train_retrieval_cmd(
     raise typer.Exit(train_retrieval.main(["--out", str(out), "--seed", str(seed), "--steps", str(steps)]))
 
 
-def _mixer_options(items: list[str]) -> dict:
+def _key_values(items: list[str], option: str) -> dict:
     """``["chunk=32", "feature_map=relu"]`` -> ``{"chunk": 32, "feature_map": "relu"}`` (JSON
-    values where they parse: numbers, true/false, lists)."""
+    values where they parse: numbers, true/false, lists); errors name ``option``."""
     import json
 
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--mixer-option")
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint=option)
         try:
             out[key] = json.loads(value)
         except ValueError:
@@ -348,7 +348,7 @@ def train_cmd(
             raise typer.BadParameter(f"expected mqar or retrieval, got {task!r}", param_hint="--task")
         from longattn.tasks import VOCAB
 
-        vocab, longest, method_options = VOCAB.size, length, _mixer_options(method_option)
+        vocab, longest, method_options = VOCAB.size, length, _key_values(method_option, "--method-option")
         learned, learned_options = "", {}
         if method == "nsa":
             learned, learned_options = "nsa", {"compress_block": method_options.get("compress_block", 32)}
@@ -365,7 +365,7 @@ def train_cmd(
             method_options = {"block": landmarks, **method_options}
         config = ModelConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads,
                              n_kv_heads=kv_heads or heads, hidden_dim=hidden or 2 * dim, max_train_length=longest,
-                             mixer=mixer, mixer_options=_mixer_options(mixer_option), short_conv=short_conv,
+                             mixer=mixer, mixer_options=_key_values(mixer_option, "--mixer-option"), short_conv=short_conv,
                              learned_attention=learned, learned_options=learned_options)
         settings = TrainSettings(seed=seed, steps=steps, lr=lr, tokens_per_step=tokens_per_step, method=method,
                                  method_options=method_options, checkpoint_every=checkpoint_every,
