@@ -166,3 +166,17 @@ def test_tied_landmark_scores_choose_alike_in_whole_and_chunked_calls():
     torch.testing.assert_close(torch.cat(parts, 2), whole, atol=1e-5, rtol=1e-5)
     # the last query block: its forced nearest block and the two nearest of the tied others
     assert st.extra["selected_blocks"][0, 0, -1].tolist() == [16, 17, 18]
+
+
+def test_capture_does_not_change_what_a_position_placing_method_computes():
+    """``capture=`` records rotated q/k but runs the method as a plain forward does: with RoPE
+    handed over, so ``landmark_trained`` lays out its positions (it ran without them before)."""
+    model = _tiny_landmark_model()
+    tokens = with_landmarks(synthetic.passkey(200, 0.5, 1, 2), block=16).tokens
+    method = longattn.method("landmark_trained", block=16, top_k=2)
+    with torch.no_grad():
+        plain = model(tokens, method=method)
+        cap: list = []
+        captured = model(tokens, method=method, capture=cap)
+    torch.testing.assert_close(captured, plain, atol=0, rtol=0)
+    assert len(cap) == 2 and cap[0][0].shape == (1, 4, tokens.shape[1], 8)

@@ -423,17 +423,18 @@ class LanguageModel(nn.Module):
             k, v = torch.cat([prev.k, k], 2), torch.cat([prev.v, v], 2)
         rope = RoPE(hd, cfg.rope_theta)
         method = _bind_learned(block, method)
-        if attention is None and capture is None:
-            # q/k unrotated: attention rotates them (queries after the cached keys), or hands RoPE
-            # to a method that places positions itself (own_positions)
-            o = longattn.attention(q, k, v, causal=True, method=method, position=rope).to(h.dtype)
-        else:
+        if capture is not None or attention is not None:
             tk = k.shape[2]
             qr, kr = _rotate(rope, q, tk - t), _rotate(rope, k, 0)
             if capture is not None:
                 capture.append((qr, kr, v))
-            o = attention(index, qr, kr, v) if attention is not None else \
-                longattn.attention(qr, kr, v, causal=True, method=method).to(h.dtype)
+        if attention is None:
+            # q/k unrotated: attention rotates them (queries after the cached keys), or hands RoPE
+            # to a method that places positions itself (own_positions) — also while capturing, so
+            # that capture never changes what a method computes
+            o = longattn.attention(q, k, v, causal=True, method=method, position=rope).to(h.dtype)
+        else:
+            o = attention(index, qr, kr, v)
         y = block.wo(o.transpose(1, 2).reshape(b, t, cfg.n_heads * hd))
         return y, KVState(k, v)
 
