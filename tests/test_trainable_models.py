@@ -171,7 +171,10 @@ def test_trainable_suite_runs_tiny(tmp_path):
                     methods=["landmark_trained (top-4)", "dense", "moba"])
     assert res["status"] == "ok", [r for r in res["records"] if r["status"] != "ok"][:3]
     parts = {r["part"] for r in res["records"]}
-    assert parts == {"landmark", "memory", "retrofit", "stories", "trained", "throughput"}
+    assert parts == {"landmark", "memory", "retrofit", "stories", "trained", "throughput", "prefill"}
+    prefill = {r["method"]: r for r in res["records"] if r["part"] == "prefill"}
+    assert set(prefill) == {"sdpa", "moba"} and prefill["moba"]["ratio_to_sdpa"] > 0
+    assert 0 < prefill["moba"]["density"] < 1 and prefill["moba"]["rel_err"] < 1
     stories = {r["method"]: r for r in res["records"] if r["part"] == "stories"}
     assert set(stories) == {"dense", "moba"}
     # two fine-tuning steps barely move a pretrained model: its NLL stays near where it started

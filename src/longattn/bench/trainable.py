@@ -12,6 +12,7 @@
   parameter-free indexer at the same k;
 * ``stories`` — stories260K fine-tuned on its own sampled stories with dense, ``moba`` and ``nsa``
   attention in the same budget: held-out NLL at and past its 512-token context, before and after;
+* ``prefill`` — the methods' prefill time at ~10% density against SDPA in the same run;
 * ``trained`` — small models trained from scratch in the same budget (steps, tokens, recipe) with
   dense, ``moba``, ``nsa`` and ``landmark_trained`` attention: training tokens/s, their accuracy at
   and past the trained length, their density.
@@ -33,12 +34,12 @@ QUICK = {"lengths": (512, 2048, 8192), "depths": (0.1, 0.5, 0.9), "n": 3,
          "retrofit_train": 4, "retrofit_eval": 2, "retrofit_steps": 100, "budget": 64,
          "train_steps": 60, "train_eval": (512, 2048), "train_n": 8,
          "stories_steps": 20, "stories_corpus": 16384, "stories_held_out": 2048, "stories_eval": (512,),
-         "stories_lr": 3e-4}
+         "stories_lr": 3e-4, "prefill_tokens": 8192, "prefill_repeats": 2}
 FULL = {"lengths": (512, 2048, 8192, 32768), "depths": (0.0, 0.25, 0.5, 0.75, 1.0), "n": 8,
         "retrofit_train": 8, "retrofit_eval": 4, "retrofit_steps": 300, "budget": 64,
         "train_steps": 1000, "train_eval": (512, 2048, 8192), "train_n": 16,
         "stories_steps": 150, "stories_corpus": 262144, "stories_held_out": 16384, "stories_eval": (512, 2048),
-        "stories_lr": 3e-4}
+        "stories_lr": 3e-4, "prefill_tokens": 32768, "prefill_repeats": 3}
 
 
 # -- landmark: passkey by length and depth ----------------------------------------------------------
@@ -415,6 +416,48 @@ def _throughput_part(ctx: Context) -> Iterator[dict[str, Any]]:
                                                              "status": "ok"})
 
 
+# -- prefill: the trainable methods' speed against SDPA in one run -----------------------------------
+
+
+#: entries that compute another function than softmax attention over kept keys (the grouped
+#: softmax; NSA's gated mix of three branches): their error and mass recall against dense
+#: attention say nothing about them (each is tested against its own float64 formula)
+OWN_FUNCTION = ("landmark_trained", "nsa (three branches)")
+
+
+def prefill_entries(budget: int, block: int = 64) -> dict[str, Any]:
+    """The trainable methods at ``budget`` keys per query (``block``-token blocks; their learned
+    parts absent: NSA with fixed gates, the DSA indexer parameter-free) — what their kernels cost."""
+    n = max(1, budget // block)
+    return {
+        "moba": longattn.method("moba", block=block, top_k=n, q_block=block),
+        "nsa (selected branch)": longattn.method("nsa", block=block, top_n=n, local=1, compress_block=block,
+                                                 compress_stride=block // 2, q_block=block, gates=(0.0, 1.0, 0.0)),
+        "nsa (three branches)": longattn.method("nsa", block=block, top_n=n, local=1, compress_block=block,
+                                                compress_stride=block // 2, q_block=block, window=block,
+                                                gates=(1 / 3, 1 / 3, 1 / 3)),
+        "dsa_indexer (identity)": longattn.method("dsa_indexer", budget=budget),
+        "landmark_trained": longattn.method("landmark_trained", block=block, top_k=max(1, n - 1)),
+    }
+
+
+def _prefill_part(ctx: Context) -> Iterator[dict[str, Any]]:
+    """Causal prefill of random clustered q/k/v (the sparse suite's inputs) at ~10% density:
+    SDPA first, every method after it in the same run (``sparse_speed.run_prefill``)."""
+    from longattn.bench.sparse_speed import budget_for_density, run_prefill
+
+    o = ctx.options
+    tokens = int(o["prefill_tokens"])
+    entries = {k: v for k, v in prefill_entries(budget_for_density(tokens, 0.10)).items() if ctx.wants(k)}
+    ctx.plan(len(entries) + 1)
+    for rec in run_prefill(tokens, 0.10, methods=entries, repeats=int(o["prefill_repeats"]), seed=ctx.seed,
+                           progress=ctx.say):
+        ctx.step(f"prefill {rec['method']}")
+        if rec["method"] in OWN_FUNCTION:
+            rec["recall"] = rec["rel_err"] = None
+        yield {"part": "prefill", **rec}
+
+
 # -- the declaration ------------------------------------------------------------------------------
 
 
@@ -443,6 +486,10 @@ def _about(results: dict[str, Any]) -> str:
         "(MoBA and NSA as in `trained`; NSA's learned parts start fresh), next-token NLL of "
         f"{o.get('stories_held_out')} other sampled tokens (consecutive windows joined) read in windows of each length, "
         "before and after",
+        f"- prefill: causal prefill of {o.get('prefill_tokens')} random clustered tokens (8 heads × 64) at ~10% "
+        "density, each method against torch SDPA timed in the same run (learned parts absent: NSA with fixed gates, "
+        "the DSA indexer parameter-free); `landmark_trained` and NSA's three branches compute their own functions, "
+        "so no error or recall against dense attention is given for them",
         "- throughput: training steps at 512 tokens (4,096 per step, next-token loss on every token), the median of "
         "6 after a warm-up, every method in the same run",
     ])
@@ -467,7 +514,8 @@ SUITE = Suite(
            Part("trained", _trained_part, methods=lambda o: list(trained_setups())),
            Part("stories", _stories_part,
                 methods=lambda o: [k for k, v in trained_setups().items() if not v.get("landmarks")]),
-           Part("throughput", _throughput_part, methods=lambda o: list(trained_setups()))),
+           Part("throughput", _throughput_part, methods=lambda o: list(trained_setups())),
+           Part("prefill", _prefill_part, methods=lambda o: list(prefill_entries(1024)))),
     quick=QUICK,
     full=FULL,
     describe=lambda r: f"{r.get('part')} / {r.get('method')}" + (f", {r['length']} tokens" if r.get("length") else ""),
@@ -500,6 +548,11 @@ SUITE = Suite(
                        Column("NLL@512 before", "nll_before@512", ".4f"), Column("NLL@512 after", "nll@512", ".4f"),
                        Column("NLL@2k before", "nll_before@2048", ".4f"), Column("NLL@2k after", "nll@2048", ".4f"),
                        Column("tokens/s", "tokens_per_s", ",.0f"), status_column())),
+        Table("Prefill at ~10% causal density against SDPA (same run)", part="prefill",
+              columns=(label("method", "method"), Column("tokens", "tokens", ".0f"), Column("density", "density", ".3f"),
+                       Column("recall", "recall", ".3f"), Column("rel. error", "rel_err", ".3f"),
+                       Column("median s", "median_s", ".3f"), Column("× SDPA", "ratio_to_sdpa", ".2f"),
+                       status_column())),
         Table("Training throughput at 512 tokens (same run)", part="throughput",
               columns=(label("method", "method"), Column("tokens/s", "tokens_per_s", ",.0f"), status_column())),
     ),
