@@ -190,3 +190,5 @@ def test_trainable_suite_runs_tiny(tmp_path):
     assert set(trained) == {"dense", "moba"} and 0.0 < trained["moba"]["density@512"] < 1.0
     report = (tmp_path / "out" / "report.md").read_text()
     assert "DSA indexer retrofit" in report and "Trained from scratch" in report and "LandmarkMemory" in report
+    page = (tmp_path / "out" / "report.html").read_text()  # a suite run on its own gets its page
+    assert "Trained from scratch" in page and "LandmarkMemory" in page and "Suites not run" not in page

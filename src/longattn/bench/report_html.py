@@ -201,7 +201,8 @@ def _header(results: dict[str, Any]) -> str:
     from longattn.bench import MAIN_SUITES
 
     ran = [n for n in MAIN_SUITES if n in suites] + [n for n in suites if n not in MAIN_SUITES]
-    missing = [n for n in MAIN_SUITES if n not in suites]
+    # one suite's own page lists no "suites not run"
+    missing = [n for n in MAIN_SUITES if n not in suites] if results.get("kind") != "suite" else []
     items.append(("Suites", ", ".join(ran) + (f" — not run: {', '.join(missing)}" if missing else "")
                   if ran else f"none (not run: {', '.join(missing)})"))
     dl = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items if v not in (None, ""))
@@ -376,7 +377,8 @@ def render_html(results: dict[str, Any], plots: dict[str, Path], markdown: str |
 
     suites = results.get("suites") or {}
     ran = [n for n in MAIN_SUITES if n in suites] + [n for n in suites if n not in MAIN_SUITES]
-    missing = [n for n in MAIN_SUITES if n not in suites]
+    # one suite's own page lists no "suites not run"
+    missing = [n for n in MAIN_SUITES if n not in suites] if results.get("kind") != "suite" else []
     body = [_header(results), _status_box(results), _nav([n for n in plots], ran)]
     if plots:
         body.append(_plots_section(results, plots))

@@ -11,7 +11,8 @@ comes from that declaration through the shared code here:
   recorded as skipped with the reason; a part that raises is recorded as failed with a one-line
   reason while its traceback goes to ``errors.log``, and the other parts still run); prints a live
   line per record; rewrites ``results.json`` atomically after each record, so an interrupted run
-  keeps what it measured; then writes ``report.md`` and prints the tables and a status line.
+  keeps what it measured; then writes ``report.md`` (and, run on its own, ``report.html``) and
+  prints the tables and a status line.
 * ``markdown_tables`` / ``console_tables`` / ``html_tables`` — the same table declarations as
   markdown, as rich tables that fit the console (lower-priority columns are dropped first, names
   are never cut), and as HTML (``report_html``).
@@ -464,11 +465,18 @@ def run_suite(suite: Suite, out: str | Path, *, full: bool = False, lengths: Seq
     results["machine"]["load_average_at_end"] = harness.load_average()
     results["status"] = suite_status(results)
     atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "report.md", render_markdown(suite, results))
+    markdown = render_markdown(suite, results)
+    atomic_write_text(out / "report.md", markdown)
     if not part_of_main:
+        # a suite run on its own gets its page too (the main job writes one page for all suites)
+        from longattn.bench import report_html
+
+        report_html.write_html(out / "report.html", {"kind": KIND_SUITE, "machine": results["machine"],
+                                                     "status": results["status"], "suites": {suite.name: results}},
+                               {}, markdown)
         for t in console_tables(suite, results, console.width):
             console.print(t)
-        console.print(f"wrote {out / 'results.json'} and {out / 'report.md'}"
+        console.print(f"wrote {out / 'results.json'}, {out / 'report.md'} and {out / 'report.html'}"
                       + (f" (tracebacks in {log})" if log.exists() else ""))
         console.print(status_line(suite.name, results))
     return results
