@@ -397,25 +397,32 @@ class LanguageModel(nn.Module):
         logits = x @ (self.embed.weight if cfg.tie_embeddings else self.head.weight).T
         return (logits, new_state) if return_state else logits
 
-    def _attend_memory(self, block: Block, h: Tensor, memory) -> tuple[Tensor, Any]:
-        """One attention block over a ``LandmarkMemory`` (the memory appends the chunk)."""
+    def _project(self, block: Block, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Unrotated ``q [B, Hq, T, hd]``, ``k, v [B, Hkv, T, hd]`` of an attention block."""
         cfg = self.config
         b, t, _ = h.shape
         hd = cfg.head_dim
-        q = block.wq(h).view(b, t, cfg.n_heads, hd).transpose(1, 2)
-        k = block.wk(h).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
-        v = block.wv(h).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
-        o = memory.attend(q, k, v, position=RoPE(hd, cfg.rope_theta)).to(h.dtype)
-        return block.wo(o.transpose(1, 2).reshape(b, t, cfg.n_heads * hd)), memory
+        return (block.wq(h).view(b, t, cfg.n_heads, hd).transpose(1, 2),
+                block.wk(h).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2),
+                block.wv(h).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2))
+
+    def _output(self, block: Block, o: Tensor, h: Tensor) -> Tensor:
+        """``o [B, Hq, T, hd]`` through the block's output projection, in ``h``'s dtype."""
+        b, t, _ = h.shape
+        return block.wo(o.to(h.dtype).transpose(1, 2).reshape(b, t, self.config.n_heads * self.config.head_dim))
+
+    def _attend_memory(self, block: Block, h: Tensor, memory) -> tuple[Tensor, Any]:
+        """One attention block over a ``LandmarkMemory`` (the memory appends the chunk)."""
+        q, k, v = self._project(block, h)
+        o = memory.attend(q, k, v, position=RoPE(self.config.head_dim, self.config.rope_theta))
+        return self._output(block, o, h), memory
 
     def _attend(self, index: int, block: Block, h: Tensor, method, prev: KVState | None,
                 attention: AttentionFn | None, capture: list | None) -> tuple[Tensor, KVState]:
         cfg = self.config
-        b, t, _ = h.shape
+        t = h.shape[1]
         hd = cfg.head_dim
-        q = block.wq(h).view(b, t, cfg.n_heads, hd).transpose(1, 2)
-        k = block.wk(h).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
-        v = block.wv(h).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
+        q, k, v = self._project(block, h)
         if prev is not None:
             if not isinstance(prev, KVState):
                 raise ValueError(f"state[{index}] must be a KVState (an attention block's cache), "
@@ -432,11 +439,10 @@ class LanguageModel(nn.Module):
             # q/k unrotated: attention rotates them (queries after the cached keys), or hands RoPE
             # to a method that places positions itself (own_positions) — also while capturing, so
             # that capture never changes what a method computes
-            o = longattn.attention(q, k, v, causal=True, method=method, position=rope).to(h.dtype)
+            o = longattn.attention(q, k, v, causal=True, method=method, position=rope)
         else:
             o = attention(index, qr, kr, v)
-        y = block.wo(o.transpose(1, 2).reshape(b, t, cfg.n_heads * hd))
-        return y, KVState(k, v)
+        return self._output(block, o, h), KVState(k, v)
 
 
 def _is_landmark_memory(state) -> bool:
