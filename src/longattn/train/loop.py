@@ -112,6 +112,23 @@ def make_optimizer(model: LanguageModel, s: TrainSettings) -> torch.optim.AdamW:
                               {"params": rest, "weight_decay": 0.0}], lr=s.lr, betas=s.betas, foreach=False)
 
 
+def optimizer_step(model: LanguageModel, opt: torch.optim.Optimizer, loss: torch.Tensor, s: TrainSettings,
+                   step: int) -> float:
+    """One update from ``loss`` at ``step`` (0-based): the schedule's learning rate, gradients
+    clipped to ``s.clip``; returns the loss value. A non-finite loss raises ``FloatingPointError``
+    before anything is updated."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"the loss became {value} at step {step + 1}; lower lr (now {s.lr}) or raise clip")
+    for g in opt.param_groups:
+        g["lr"] = s.lr_at(step)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip, foreach=False)
+    opt.step()
+    return value
+
+
 def _plain(x: Any) -> Any:
     """``x`` as it comes back from JSON (tuples become lists), for comparing with a checkpoint."""
     return json.loads(json.dumps(x))
@@ -175,17 +192,8 @@ def train(config: ModelConfig, task: Recipe, settings: TrainSettings = TrainSett
     step = int(progress["step"])
     while step < stop:
         batch = task.batch(step, settings.seed, settings.tokens_per_step)
-        for g in opt.param_groups:
-            g["lr"] = settings.lr_at(step)
         loss, hits = answer_loss(model, batch, method, lm_weight=settings.lm_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip, foreach=False)
-        opt.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"the loss became {value} at step {step + 1}; lower lr (now {settings.lr}) "
-                                     "or raise clip")
+        value = optimizer_step(model, opt, loss, settings, step)
         progress["losses"].append(value)
         progress["tokens"] += batch.tokens.numel()
         run_loss += value

@@ -8,14 +8,13 @@ fine-tunes an existing :class:`~longattn.train.model.LanguageModel` (stories260K
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from longattn.train.loop import TrainSettings, make_optimizer
+from longattn.train.loop import TrainSettings, make_optimizer, optimizer_step
 from longattn.train.model import LanguageModel
 
 Tensor = torch.Tensor
@@ -72,20 +71,11 @@ def finetune_text(model: LanguageModel, corpus: Tensor, method=None, *, steps: i
         rows = torch.randint(0, corpus.shape[0], (per,), generator=gen)
         starts = torch.randint(0, corpus.shape[1] - length + 1, (per,), generator=gen)
         batch = torch.stack([corpus[r, s:s + length] for r, s in zip(rows.tolist(), starts.tolist())])
-        for g in opt.param_groups:
-            g["lr"] = settings.lr_at(step)
         logits = model(batch, method=method)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip, foreach=False)
-        opt.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"the loss became {value} at step {step + 1}; lower lr (now {lr})")
-        losses.append(value)
+        losses.append(optimizer_step(model, opt, loss, settings, step))
         if log is not None and ((step + 1) % max(1, steps // 5) == 0 or step + 1 == steps):
-            log(f"step {step + 1}/{steps}  loss {value:.4f}")
+            log(f"step {step + 1}/{steps}  loss {losses[-1]:.4f}")
     wall = time.perf_counter() - t0
     model.eval().requires_grad_(False)
     return {"steps": steps, "wall_s": wall, "tokens_per_s": steps * per * length / max(wall, 1e-9), "losses": losses}
