@@ -481,3 +481,24 @@ def test_dsa_is_causal_with_a_learned_indexer(t, cut, budget, seed):
     v2[:, :, cut + 1:] -= 1.0
     out2 = longattn.attention(q, k2, v2, causal=True, method=m)
     torch.testing.assert_close(out2[:, :, :cut + 1], out[:, :, :cut + 1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", [longattn.method("landmark_trained", block=8, top_k=2),
+                                    longattn.method("longheads", chunk=8, window=32, local=8)])
+def test_methods_placing_rotary_positions_refuse_other_position_kinds(method):
+    """A bias or content encoding never reaches them (the API refuses it, naming it); behind the API
+    ``methods.base.rotary_position`` (shared by both) refuses any kind but rotary by name."""
+    from types import SimpleNamespace
+
+    from longattn.methods.base import rotary_position
+
+    q = torch.randn(1, 2, 32, 8)
+    for position, name in ((longattn.positions.ALiBi(heads=2), "ALiBi"), (longattn.positions.CoPE(8, 2), "CoPE")):
+        with pytest.raises(ValueError, match=f"score bias \\({name}\\)"):
+            longattn.attention(q, q, q, causal=True, method=method, position=position)
+        call = SimpleNamespace(bias=None, row_bias=None, position=position)
+        with pytest.raises(ValueError, match=f"{method.name}.*rotary positions only.*kind '{position.kind}'"):
+            rotary_position(call, method.name, "it places rotary positions")
+    rope = longattn.positions.RoPE(8)
+    assert rotary_position(SimpleNamespace(bias=None, row_bias=None, position=rope), method.name, "") is rope
+    assert rotary_position(SimpleNamespace(bias=None, row_bias=None, position=None), method.name, "") is None

@@ -371,7 +371,8 @@ def stories_windows(n_tokens: int, seed: int, *, row: int = 512) -> torch.Tensor
         raise ValueError(f"row must be a multiple of 512 and n_tokens >= row, got row={row}, n_tokens={n_tokens}")
     windows = sample_windows(load_checkpoint(stories260k() / "stories260K.bin"), n_tokens // 512, length=512,
                              seed=seed)
-    return windows[: (windows.shape[0] * 512 // row) * row // 512].reshape(-1, row)
+    per_row = row // 512
+    return windows[: windows.shape[0] // per_row * per_row].reshape(-1, row)
 
 
 def _stories_part(ctx: Context) -> Iterator[dict[str, Any]]:

@@ -135,6 +135,21 @@ class Method:
 _REGISTRY: dict[str, type[Method]] = {}
 
 
+def rotary_position(call: Call, name: str, why: str):
+    """The call's rotary encoding (None without one) for a method that places rotary positions
+    itself (``own_positions``): a score bias or another kind of position is refused, ``why`` saying
+    what the method does with positions."""
+    if call.bias is not None or call.row_bias is not None:
+        raise ValueError(f"method {name!r} does not take a score bias ({why})")
+    position = call.position
+    if position is None or position.kind == "none":
+        return None
+    if position.kind != "rotary":
+        raise ValueError(f"method {name!r} {why}: rotary positions only, got position {position!r} of kind "
+                         f"{position.kind!r}")
+    return position
+
+
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make ``cls`` available under ``cls.name``."""
     if not cls.name:

@@ -17,7 +17,7 @@ import torch
 
 from longattn.core import validate
 from longattn.kernels.layout import dense_pairs
-from longattn.methods.base import Call, Capabilities, Method, Result, register
+from longattn.methods.base import Call, Capabilities, Method, Result, register, rotary_position
 from longattn.sparse.landmark import grouped_attention, landmark_scores, select_landmark_blocks
 
 
@@ -62,13 +62,7 @@ class LandmarkTrained(Method):
             raise ValueError(f"local={self.local} nearest blocks do not fit in top_k={self.top_k}")
 
     def run(self, q, k, v, call: Call) -> Result:
-        if call.bias is not None or call.row_bias is not None:
-            raise ValueError("method 'landmark_trained' does not take a score bias (it places rotary positions itself)")
-        position = call.position
-        if position is not None and position.kind == "none":
-            position = None
-        if position is not None and not hasattr(position, "cos_sin"):
-            raise ValueError(f"method 'landmark_trained' lays out rotary (RoPE) positions only, got {position!r}")
+        position = rotary_position(call, self.name, "it lays out rotary positions over the kept blocks")
         tq, tk = q.shape[2], k.shape[2]
         # a block longer than the keys holds all of them and no landmark: one block, whose size
         # then does not matter (capped so that nothing is sized by the configured block)

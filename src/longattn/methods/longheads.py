@@ -30,7 +30,7 @@ from longattn.core import validate
 from longattn.kernels.layout import dense_pairs
 from longattn.kernels.eager import attend_visible, gather_tokens
 from longattn.kernels.sdpa import fused_available
-from longattn.methods.base import Call, Capabilities, Method, Result, register
+from longattn.methods.base import Call, Capabilities, Method, Result, register, rotary_position
 from longattn.sparse.kernel import sparse_attention
 from longattn.sparse.select import Selection, estimated_mass_scores, quest_bound_estimate, select_blocks
 from longattn.sparse.summaries import BlockSummaries, check_summaries
@@ -210,15 +210,7 @@ class LongHeads(Method):
                              sinks=chunk, window=max(self.local, 1), causal=call.causal)
 
     def run(self, q, k, v, call: Call) -> Result:
-        if call.bias is not None or call.row_bias is not None:
-            raise ValueError("method 'longheads' does not take a score bias (it re-maps rotary positions only)")
-        position = call.position
-        if position is not None and position.kind == "none":
-            position = None
-        if position is not None and position.kind != "rotary":
-            raise ValueError(
-                f"method 'longheads' re-maps rotary positions only, got position {position!r} of kind {position.kind!r}"
-            )
+        position = rotary_position(call, self.name, "it re-maps rotary positions")
         tq, tk = q.shape[2], k.shape[2]
         t0 = time.perf_counter()
         selection = self.select(q, k, call)
