@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from longattn.kernels import native_linear
 from longattn.recurrent.lightning import (
     LightningState,
     lightning_attention,
@@ -30,6 +31,15 @@ from longattn.recurrent.linear import (
 )
 
 from conftest import DEVICE, assert_close_scaled as assert_close, rel_rmse
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def chunked_path(request, monkeypatch):
+    """Every test runs twice: with the native chunked kernel where it applies (CPU, no gradient;
+    ``longattn.kernels.native_linear``) and with the torch chunked form alone."""
+    if request.param == "torch":
+        monkeypatch.setattr(native_linear, "linear_chunked_applies", lambda *a, **kw: False)
+    return request.param
+
 
 CHUNKS = (1, 5, 16, 64)  # 5 and 16 do not divide T = 37; 64 > T
 T = 37

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 
 from longattn.core.validate import check_positive_int
+from longattn.kernels import native_linear
 from longattn.recurrent import common
 from longattn.recurrent.common import (
     check_flag,
@@ -132,9 +133,9 @@ def _rms_norm(o: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch
     return o if weight is None else o * weight.to(o.dtype)
 
 
-def _prepare(q, k, v, decay, log_decay, norm, norm_weight, eps, state, compute, state_name):
-    """Shared checks: returns ``q, k, v`` with ``H`` heads in ``compute`` dtype, ``log λ [H]``, the
-    norm weight (or None) and ``s0 [B, H, Dk, Dv]``."""
+def _checked(q, k, v, decay, log_decay, norm, norm_weight, eps, state, compute, state_name):
+    """Every argument check: returns ``log λ [H]`` in ``compute`` dtype, the norm weight (or None)
+    and ``s0 [B, H, Dk, Dv]``."""
     b, h, hkv, _, dk, dv = check_qkv(q, k, v)
     check_flag("norm", norm)
     check_nonneg("eps", eps)
@@ -144,11 +145,23 @@ def _prepare(q, k, v, decay, log_decay, norm, norm_weight, eps, state, compute, 
     logl = _log_decay(decay, log_decay, h, q.device, compute)
     s0 = initial_state_tensor(state_name, state, LightningState, (b, h, dk, dv), q.device, compute,
                               layout="[batch, heads, head_dim_k, head_dim_v]")
-    g = h // hkv
+    return logl, w, s0
+
+
+def _prepare(q, k, v, decay, log_decay, norm, norm_weight, eps, state, compute, state_name):
+    """Shared checks: returns ``q, k, v`` with ``H`` heads in ``compute`` dtype, ``log λ [H]``, the
+    norm weight (or None) and ``s0 [B, H, Dk, Dv]``."""
+    logl, w, s0 = _checked(q, k, v, decay, log_decay, norm, norm_weight, eps, state, compute, state_name)
+    return (*_widen(q, k, v, compute), logl, w, s0)
+
+
+def _widen(q, k, v, compute):
+    """``q, k, v`` in ``compute`` dtype, k and v repeated to one head per query head."""
+    g = q.shape[1] // k.shape[1]
     k, v = k.to(compute), v.to(compute)
     if g > 1:  # key/value head j serves query heads j*g .. j*g+g-1
         k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    return q.to(compute), k, v, logl, w, s0
+    return q.to(compute), k, v
 
 
 def _chunks(q, k, v, logl, s, length):
@@ -216,8 +229,14 @@ def lightning_attention(
     """
     chunk = check_positive_int("chunk", chunk)
     compute = compute_dtype(q.dtype) if isinstance(q, torch.Tensor) else torch.float32
-    qc, kc, vc, logl, w, s = _prepare(q, k, v, decay, log_decay, norm, norm_weight, eps, initial_state, compute,
-                                      "initial_state")
+    logl, w, s = _checked(q, k, v, decay, log_decay, norm, norm_weight, eps, initial_state, compute, "initial_state")
+    if native_linear.linear_chunked_applies(q, k, v, chunk, s, logl, w):
+        # the native kernel (longattn.kernels.native_linear): no gradient wanted, CPU, float32/16;
+        # it reads k and v per key/value head (no repeat) and applies the norm as it writes
+        out, s, _ = native_linear.linear_chunked(q, k, v, s, None, chunk=chunk, log_decay=logl, rms_norm=norm,
+                                                 norm_weight=w, norm_eps=eps)
+        return out.to(q.dtype), LightningState(s)
+    qc, kc, vc = _widen(q, k, v, compute)
     t = qc.shape[2]
     outs = []
     whole = (t // chunk) * chunk

@@ -46,6 +46,7 @@ from longattn.core.validate import (
     check_scale,
     check_seed,
 )
+from longattn.kernels import native_linear
 from longattn.recurrent import common
 from longattn.recurrent.common import check_flag, check_nonneg, check_qkv, compute_dtype, initial_state_tuple
 
@@ -178,12 +179,10 @@ def _prepare(q, k, v, feature_map, features, scale, normalize, eps, initial_stat
     return phi(qg), phi(kc), vc, s0, z0
 
 
-def _prepare_lazy(q, k, v, feature_map, features, scale, normalize, eps, initial_state, compute,
-                  state_name="initial_state"):
-    """``_prepare`` with the feature map left to the caller: returns ``q [B, Hkv, G, T, Dk]``,
-    ``k [B, Hkv, T, Dk]``, ``v``, ``s0``, ``z0`` in ``compute`` dtype and ``phi``, the feature map —
-    so the chunked form maps one group of tokens at a time, while it is in cache (mapping all of a
-    32k-token input at once cost a pass over memory per elementwise op, 35-70 ms each)."""
+def _checked(q, k, v, feature_map, features, scale, normalize, eps, initial_state, compute,
+             state_name="initial_state"):
+    """Every argument check: returns the feature map's name, ``W`` (or None) and scale, and
+    ``s0``, ``z0`` in ``compute`` dtype."""
     b, h, hkv, t, dk, dv = check_qkv(q, k, v)
     name, w, s = _resolve_feature_map(feature_map, features, scale, dk, q.device)
     check_flag("normalize", normalize)
@@ -193,6 +192,19 @@ def _prepare_lazy(q, k, v, feature_map, features, scale, normalize, eps, initial
         state_name, initial_state, LinearState, {"s": (b, hkv, f, dv), "z": (b, hkv, f)}, q.device, compute,
         layouts={"s": "[batch, heads_kv, F, head_dim_v]", "z": "[batch, heads_kv, F]"},
     )
+    return name, w, s, s0, z0
+
+
+def _prepare_lazy(q, k, v, feature_map, features, scale, normalize, eps, initial_state, compute,
+                  state_name="initial_state"):
+    """``_prepare`` with the feature map left to the caller: returns ``q [B, Hkv, G, T, Dk]``,
+    ``k [B, Hkv, T, Dk]``, ``v``, ``s0``, ``z0`` in ``compute`` dtype and ``phi``, the feature map —
+    so the chunked form maps one group of tokens at a time, while it is in cache (mapping all of a
+    32k-token input at once cost a pass over memory per elementwise op, 35-70 ms each)."""
+    name, w, s, s0, z0 = _checked(q, k, v, feature_map, features, scale, normalize, eps, initial_state, compute,
+                                  state_name)
+    b, h, t, dk = q.shape
+    hkv = k.shape[1]
     return (q.to(compute).reshape(b, hkv, h // hkv, t, dk), k.to(compute), v.to(compute), s0, z0,
             lambda x: _phi(x, name, w, s))
 
@@ -263,9 +275,23 @@ def linear_attention(
     """
     chunk = check_positive_int("chunk", chunk)
     compute = compute_dtype(q.dtype) if isinstance(q, torch.Tensor) else torch.float32
-    qg, kc, vc, s, z, phi = _prepare_lazy(q, k, v, feature_map, features, scale, normalize, eps, initial_state,
-                                          compute)
-    b, hkv, g, t, _ = qg.shape
+    name, w, fscale, s0, z0 = _checked(q, k, v, feature_map, features, scale, normalize, eps, initial_state, compute)
+    if native_linear.linear_chunked_applies(q, k, v, chunk, s0, z0, w):
+        # the native kernel (longattn.kernels.native_linear): no gradient wanted, CPU, float32/16
+        fq, fk, fmap = q, k, name
+        if name == "performer":  # a projection and an exp per token: mapped here, passed as identity
+            fq, fk, fmap, fscale = _phi(q.to(compute), name, w, fscale), _phi(k.to(compute), name, w, fscale), \
+                "identity", 1.0
+        out, s, z = native_linear.linear_chunked(fq, fk, v, s0, z0, chunk=chunk, feature_map=fmap,
+                                                 feature_scale=fscale, normalize=normalize, eps=eps)
+        return out.to(q.dtype), LinearState(s, z)
+    b, h, t, dk = q.shape
+    hkv, g = k.shape[1], h // k.shape[1]
+    qg, kc, vc, s, z = q.to(compute).reshape(b, hkv, g, t, dk), k.to(compute), v.to(compute), s0, z0
+
+    def phi(x):
+        return _phi(x, name, w, fscale)
+
     outs = []
     whole = (t // chunk) * chunk
     # whole chunks go GROUP_TOKENS at a time, mapped by φ there, the state carried between groups
