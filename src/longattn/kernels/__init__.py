@@ -9,6 +9,9 @@
 * ``native_prefill`` — the block-sparse prefill kernel (``csrc/sparse_prefill.c``): every query
   tile walks its selected key blocks in place (no gathered copy), computes only the causal half of
   diagonal blocks and keeps its online softmax in float32 registers; bf16/fp16 read as stored.
+* ``native_linear`` — the chunked causal linear-attention forward (``csrc/linear_chunked.c``)
+  behind ``longattn.recurrent.linear_attention`` and ``lightning_attention`` when no gradient is
+  wanted: each (batch, state head) walks its sequence once with the state in cache.
 
 On CUDA ``sdpa.fused_flash`` runs torch's CUDA flash / memory-efficient kernels; on other devices
 it gives the same ``(out, lse)`` from torch ops. The C kernels run on the CPU only and are not

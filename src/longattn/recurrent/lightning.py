@@ -23,6 +23,11 @@ The state is per query head (heads with one key/value head still decay at their 
 ``LightningState(s [B, H, Dk, Dv])``. Compute dtype as in :mod:`longattn.recurrent.linear`: float32
 for float32 / bfloat16 / float16 inputs (output cast back), float64 for float64 inputs; the naive
 form computes in and returns float64.
+
+As in :mod:`longattn.recurrent.linear`, the chunked form runs in the native kernel
+:mod:`longattn.kernels.native_linear` on the CPU when no gradient is wanted (float32 / bfloat16 /
+float16 inputs; k and v read per key/value head, the norm applied as rows are written), and as the
+torch form below otherwise.
 """
 
 from __future__ import annotations

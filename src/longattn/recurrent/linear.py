@@ -29,6 +29,13 @@ Compute dtype: float32 for float32 / bfloat16 / float16 inputs (state and output
 float32, the output is cast back to the input dtype); float64 inputs compute and keep their state in
 float64 (for gradient checks). :func:`linear_attention_naive` always computes in float64 and
 returns float64 output and state.
+
+Two implementations of the chunked form give the same result up to float32 rounding: on the CPU,
+for float32 / bfloat16 / float16 inputs and no gradient wanted (inference, prefill, benchmarks),
+the native kernel :mod:`longattn.kernels.native_linear` (each sequence-head walked once with its
+state in cache; elu / relu / identity maps applied in the kernel, Performer features mapped here
+first); otherwise (autograd, float64, CUDA, a chunk over its limit, no C compiler) the torch form
+below, whose backward autograd derives.
 """
 
 from __future__ import annotations
