@@ -92,15 +92,15 @@ def test_the_tasks_suite_runs_on_the_bundled_models(installed):
 
 
 def test_the_native_kernels_build_from_the_installed_wheel(installed, tmp_path):
-    """The C sources and their shared header (csrc/vec8.h) travel in the wheel: both native kernels
-    build there (into a fresh cache folder, so nothing built from the checkout is reused)."""
+    """The C sources and their shared header (csrc/vec8.h) travel in the wheel: every native kernel
+    builds there (into a fresh cache folder, so nothing built from the checkout is reused)."""
     py, _, work, env = installed
-    code = ("from longattn.kernels import native, native_prefill as p; "
-            "print(native.unavailable_reason(), p.unavailable_reason())")
+    code = ("from longattn.kernels import native, native_prefill as p, native_linear as n; "
+            "print(native.unavailable_reason(), p.unavailable_reason(), n.unavailable_reason())")
     out = _run([py, "-c", code], work, {**env, "LONGATTN_CACHE_DIR": str(tmp_path)}).strip()
     if native_compiler_missing():
         pytest.skip("no C compiler on this machine")
-    assert out == "None None", out
+    assert out == "None None None", out
 
 
 def native_compiler_missing() -> bool:
