@@ -101,6 +101,15 @@ def oracle_for(method, q, k, v, *, causal, key_padding_mask=None, scale=None):
     return longattn.reference_attention(q, k, v, causal=False, mask=mask, scale=scale)
 
 
+def reload_kernel(monkeypatch, kernel, lib=None) -> None:
+    """Make a native ``LazyKernel`` (``longattn.kernels.native*.KERNEL``) load again on its next
+    use, under whatever the test set up (``LONGATTN_NATIVE``, the cache folder, the compiler) — or,
+    given ``lib`` (a library already bound), use that one. Undone after the test."""
+    monkeypatch.setattr(kernel, "lib", lib)
+    monkeypatch.setattr(kernel, "reason", None)
+    monkeypatch.setattr(kernel, "loaded", lib is not None)
+
+
 def rel_rmse(a: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative RMSE of ``a`` against ``ref`` in float64 (flash-linear-attention's error measure)."""
     a, ref = a.double(), ref.double()

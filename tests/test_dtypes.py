@@ -9,9 +9,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import longattn
 from longattn.core import dtypes
+from longattn.kernels import native as native_kernels
 from longattn.sparse.summaries import BlockSummaries
 
-from conftest import CASES, full, make_qkv, oracle_for
+from conftest import CASES, full, make_qkv, oracle_for, reload_kernel
 
 HALF = [torch.bfloat16, torch.float16]
 
@@ -174,9 +175,7 @@ def test_decode_step_converts_only_what_it_reads(name, mode, monkeypatch):
     summaries = BlockSummaries.build(k, m.block)
     ref = longattn.attention(q.float(), k.float(), v.float(), causal=True, method=m, summaries=summaries)
     for native in ("1", "0"):
-        monkeypatch.setattr("longattn.kernels.native._loaded", False)
-        monkeypatch.setattr("longattn.kernels.native._lib", None)
-        monkeypatch.setattr("longattn.kernels.native._reason", None)
+        reload_kernel(monkeypatch, native_kernels.KERNEL)
         monkeypatch.setenv("LONGATTN_NATIVE", native)
         with _CopyCounter() as counter:
             out = longattn.attention(q, k, v, causal=True, method=m, summaries=summaries, compute_dtype=mode)

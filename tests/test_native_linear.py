@@ -26,7 +26,7 @@ from longattn.recurrent.lightning import (
 )
 from longattn.recurrent.linear import LinearState, linear_attention, linear_attention_naive, performer_features
 
-from conftest import rel_rmse
+from conftest import rel_rmse, reload_kernel
 
 needs_native = pytest.mark.skipif(nl.unavailable_reason() is not None,
                                   reason=f"native linear kernel unavailable: {nl.unavailable_reason()}")
@@ -236,9 +236,7 @@ def test_invalid_arguments_are_refused_with_what_was_expected():
 def test_disabled_kernel_leaves_the_torch_form(monkeypatch):
     g = torch.Generator().manual_seed(2)
     q, k, v = draw(g, 1, 2, 2, 50, 8, 8)
-    monkeypatch.setattr(nl, "_loaded", False)
-    monkeypatch.setattr(nl, "_lib", None)
-    monkeypatch.setattr(nl, "_reason", None)
+    reload_kernel(monkeypatch, nl.KERNEL)
     monkeypatch.setenv("LONGATTN_NATIVE", "0")
     assert nl.unavailable_reason() == "disabled by LONGATTN_NATIVE=0"
     assert not nl.linear_chunked_applies(q, k, v, 64)
@@ -261,9 +259,7 @@ def test_portable_build_without_avx_gives_the_same_result(monkeypatch, tmp_path)
     flags = ["-O2", "-mno-avx", "-mno-avx2", "-mno-fma", "-fopenmp", "-std=gnu11", "-shared", "-fPIC"]
     proc = subprocess.run([cc, *flags, str(src), "-o", str(so), "-lm"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    monkeypatch.setattr(nl, "_lib", nl._bind(ctypes.CDLL(str(so))))
-    monkeypatch.setattr(nl, "_loaded", True)
-    monkeypatch.setattr(nl, "_reason", None)
+    reload_kernel(monkeypatch, nl.KERNEL, nl._bind(ctypes.CDLL(str(so))))
     g = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.bfloat16):
         q, k, v = draw(g, 2, 4, 2, 77, 12, 9, dtype)

@@ -22,6 +22,8 @@ from longattn.kernels import native
 from longattn.kernels import native_prefill as npf
 from longattn.sparse.select import Selection
 
+from conftest import reload_kernel
+
 needs_native = pytest.mark.skipif(npf.unavailable_reason() is not None,
                                   reason=f"native prefill kernel unavailable: {npf.unavailable_reason()}")
 
@@ -305,8 +307,8 @@ def test_the_kernels_exp_is_accurate_to_a_float32_ulp():
     x = torch.cat([torch.linspace(-87.0, 0.0, 2_000_001), -torch.rand(200_000) * 1e-3,
                    torch.tensor([0.0, -0.0, -88.0, -100.0, -1e30, float("-inf"), float("nan")])])
     y = torch.empty_like(x)
-    npf._lib.sparse_prefill_exp(x.data_ptr(), y.data_ptr(), x.numel() - 3)  # a tail shorter than a vector too
-    npf._lib.sparse_prefill_exp(x[-3:].data_ptr(), y[-3:].data_ptr(), 3)
+    npf.KERNEL.lib.sparse_prefill_exp(x.data_ptr(), y.data_ptr(), x.numel() - 3)  # a tail shorter than a vector too
+    npf.KERNEL.lib.sparse_prefill_exp(x[-3:].data_ptr(), y[-3:].data_ptr(), 3)
     ref = torch.exp(x.double())
     body = x > -87.0
     assert float(((y.double() - ref).abs() / ref)[body].max()) < 1.5e-7
@@ -406,9 +408,7 @@ def test_disabled_kernel_leaves_the_torch_path(monkeypatch):
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 96, 16, generator=g) for _ in range(3))
     sel = random_selection(g, 1, 2, 96, 96, 32, 16, 4, True)
-    monkeypatch.setattr(npf, "_loaded", False)
-    monkeypatch.setattr(npf, "_lib", None)
-    monkeypatch.setattr(npf, "_reason", None)
+    reload_kernel(monkeypatch, npf.KERNEL)
     monkeypatch.setenv("LONGATTN_NATIVE", "0")
     assert npf.unavailable_reason() == "disabled by LONGATTN_NATIVE=0"
     assert not npf.sparse_prefill_applies(q, k, v, sel, True, None)
@@ -421,9 +421,7 @@ def test_disabled_kernel_leaves_the_torch_path(monkeypatch):
 def test_prefill_kernel_builds_into_the_cache_dir(monkeypatch, tmp_path):
     if native._compiler() is None:
         pytest.skip("no C compiler on this machine")
-    monkeypatch.setattr(npf, "_loaded", False)
-    monkeypatch.setattr(npf, "_lib", None)
-    monkeypatch.setattr(npf, "_reason", None)
+    reload_kernel(monkeypatch, npf.KERNEL)
     monkeypatch.delenv("LONGATTN_NATIVE", raising=False)
     monkeypatch.setenv("LONGATTN_CACHE_DIR", str(tmp_path))
     assert npf.unavailable_reason() is None, npf.unavailable_reason()
@@ -448,9 +446,7 @@ def test_portable_build_without_avx_gives_the_same_result(monkeypatch, tmp_path)
     flags = ["-O2", "-mno-avx", "-mno-avx2", "-mno-fma", "-fopenmp", "-std=gnu11", "-shared", "-fPIC"]
     proc = subprocess.run([cc, *flags, str(src), "-o", str(so), "-lm"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    monkeypatch.setattr(npf, "_lib", npf._bind(ctypes.CDLL(str(so))))
-    monkeypatch.setattr(npf, "_loaded", True)
-    monkeypatch.setattr(npf, "_reason", None)
+    reload_kernel(monkeypatch, npf.KERNEL, npf._bind(ctypes.CDLL(str(so))))
     for trial in range(8):
         g, causal, b, hq, hk, tq, tk, d, block, q_block, n_sel = layout(trial)
         q, k, v = (torch.randn(b, h, t, d, generator=g) for h, t in ((hq, tq), (hk, tk), (hk, tk)))
@@ -466,6 +462,6 @@ def test_portable_build_without_avx_gives_the_same_result(monkeypatch, tmp_path)
     # the portable max keeps the exp's edge cases
     x = torch.tensor([0.0, -1.5, -87.5, -88.0, -1e30, float("-inf"), float("nan"), -20.0, -3.0])
     y = torch.empty_like(x)
-    npf._lib.sparse_prefill_exp(x.data_ptr(), y.data_ptr(), x.numel())
+    npf.KERNEL.lib.sparse_prefill_exp(x.data_ptr(), y.data_ptr(), x.numel())
     expected = torch.exp(x.double()).masked_fill(x <= -88.0, 0.0).float()
     torch.testing.assert_close(y, expected, atol=0, rtol=2e-7, equal_nan=True)

@@ -11,7 +11,7 @@ import longattn
 from longattn.kernels import native
 from longattn.sparse import decode
 from longattn.sparse.summaries import BlockSummaries
-from conftest import make_qkv
+from conftest import make_qkv, reload_kernel
 
 
 def general(monkeypatch, q, k, v, m, summaries=None):
@@ -177,9 +177,7 @@ def test_without_the_native_kernel_decoding_keeps_its_torch_path(monkeypatch, tm
     q, k, v = make_qkv(b=1, hq=4, hk=2, tq=1, tk=300, d=16, seed=2)
     m = longattn.method("quest", budget=96, block=16, q_block=1, sinks=16, window=32)
     with_native = longattn.attention(q, k, v, causal=True, method=m)
-    monkeypatch.setattr(native, "_loaded", False)
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_reason", None)
+    reload_kernel(monkeypatch, native.KERNEL)
     monkeypatch.setenv("LONGATTN_NATIVE", "0")
     assert native.unavailable_reason() == "disabled by LONGATTN_NATIVE=0"
     out, st = longattn.attention(q, k, v, causal=True, method=m, return_stats=True)
@@ -188,8 +186,7 @@ def test_without_the_native_kernel_decoding_keeps_its_torch_path(monkeypatch, tm
     with pytest.raises(RuntimeError, match="LONGATTN_NATIVE=0"):
         native.decode_blocks(q, k, v, torch.zeros(1, 4, 1, dtype=torch.long), 16, 1.0)
     # no compiler: the reason names what is missing
-    monkeypatch.setattr(native, "_loaded", False)
-    monkeypatch.setattr(native, "_reason", None)
+    reload_kernel(monkeypatch, native.KERNEL)
     monkeypatch.delenv("LONGATTN_NATIVE")
     monkeypatch.setenv("LONGATTN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(native, "_compiler", lambda: None)
@@ -202,9 +199,7 @@ def test_native_kernel_builds_into_the_cache_dir(monkeypatch, tmp_path):
 
     if native._compiler() is None:
         pytest.skip("no C compiler on this machine")
-    monkeypatch.setattr(native, "_loaded", False)
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_reason", None)
+    reload_kernel(monkeypatch, native.KERNEL)
     monkeypatch.setenv("LONGATTN_CACHE_DIR", str(tmp_path))
     assert native.unavailable_reason() is None, native.unavailable_reason()
     built = list((tmp_path / "native").glob("decode_blocks-*.so"))
@@ -329,7 +324,7 @@ def test_native_decode_exp_is_accurate_to_a_float32_ulp():
     under 1.5e-7, exactly 0 for -inf and deep underflow, 1 at 0, NaN kept."""
     import ctypes
 
-    fn = native._lib.decode_blocks_exp
+    fn = native.KERNEL.lib.decode_blocks_exp
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     x = torch.cat([torch.linspace(-87.0, 0.0, 1_000_001), -torch.rand(100_000) * 1e-3,
                    torch.tensor([0.0, -0.0, -88.0, -100.0, -1e30, float("-inf"), float("nan")])])

@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -40,11 +41,6 @@ BUILD_TIMEOUT_S = 120
 #: largest head_dim / block the kernel takes (its per-thread scratch, on the heap, is 2·head_dim + block floats)
 MAX_HEAD_DIM = 1024
 MAX_BLOCK = 16384
-
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_reason: str | None = None
-_loaded = False
 
 
 def cache_dir() -> Path:
@@ -144,30 +140,50 @@ def source_with_headers(source: str) -> bytes:
                               folder.joinpath(source).read_bytes())
 
 
-def _load() -> None:
-    global _lib, _reason, _loaded
-    with _lock:
-        if _loaded:
-            return
-        try:
-            lib = build_and_load("decode_blocks.c", "decode_blocks", "decode")
-            if lib.decode_blocks_abi_version() != ABI_VERSION:
-                raise RuntimeError("the built decode kernel has an unexpected ABI version")
-            fn = lib.decode_blocks
-            p, i = ctypes.c_void_p, ctypes.c_int64
-            fn.argtypes = [p] * 6 + [i] * 15 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
-            fn.restype = ctypes.c_int  # 0, or 1 when a thread's scratch could not be allocated
-            _lib = lib
-        except (OSError, RuntimeError) as exc:
-            _reason = str(exc)
-        _loaded = True
+class LazyKernel:
+    """One C kernel of ``csrc/``, built and loaded on first use, once per process (thread-safe).
+
+    ``unavailable_reason()`` builds it on the first call and then says None, or why not
+    (``LONGATTN_NATIVE=0``, no compiler, a failed build, a wrong ABI); ``lib`` is the library,
+    bound by ``bind`` (which checks its ABI version and declares its signatures), or None. Tests
+    reset ``loaded`` / ``lib`` / ``reason`` to load it again under other conditions."""
+
+    def __init__(self, source: str, name: str, what: str, bind: Callable[[ctypes.CDLL], ctypes.CDLL]) -> None:
+        self.source, self.name, self.what, self.bind = source, name, what, bind
+        self.lib: ctypes.CDLL | None = None
+        self.reason: str | None = None
+        self.loaded = False
+        self._lock = threading.Lock()
+
+    def unavailable_reason(self) -> str | None:
+        with self._lock:
+            if not self.loaded:
+                try:
+                    self.lib = self.bind(build_and_load(self.source, self.name, self.what))
+                except (OSError, RuntimeError) as exc:
+                    self.reason = str(exc)
+                self.loaded = True
+        return self.reason
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Check the ABI of a built ``decode_blocks`` library and declare its signature."""
+    if lib.decode_blocks_abi_version() != ABI_VERSION:
+        raise RuntimeError("the built decode kernel has an unexpected ABI version")
+    fn = lib.decode_blocks
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [p] * 6 + [i] * 15 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int  # 0, or 1 when a thread's scratch could not be allocated
+    return lib
+
+
+KERNEL = LazyKernel("decode_blocks.c", "decode_blocks", "decode", _bind)
 
 
 def unavailable_reason() -> str | None:
-    """None when the native kernels are built and loaded (building them on the first call), else
-    why not."""
-    _load()
-    return _reason
+    """None when the decode kernel is built and loaded (building it on the first call), else why
+    not."""
+    return KERNEL.unavailable_reason()
 
 
 def decode_blocks_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int) -> bool:
@@ -224,8 +240,8 @@ def decode_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: tor
     out = torch.empty(b, hq, 1, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, 1, dtype=torch.float32, device=q.device)
     q = q.to(torch.float32)  # one row per head: the cache itself is read as stored
-    assert _lib is not None
-    failed = _lib.decode_blocks(
+    assert KERNEL.lib is not None
+    failed = KERNEL.lib.decode_blocks(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), sel.data_ptr(), out.data_ptr(), lse.data_ptr(),
         b, hq, hk, d, t, block, sel.shape[-1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), float(scale), max(1, torch.get_num_threads()), DTYPE_CODES[k.dtype])

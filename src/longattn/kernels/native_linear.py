@@ -23,7 +23,6 @@ their torch form.
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
@@ -38,11 +37,6 @@ MAX_DIM = 1024
 FEATURE_MAP_CODES = {"identity": 0, "elu": 1, "relu": 2}
 DTYPE_CODES = native.DTYPE_CODES
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_reason: str | None = None
-_loaded = False
-
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Check the ABI of a built ``linear_chunked`` library and declare its signature."""
@@ -55,22 +49,12 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-def _load() -> None:
-    global _lib, _reason, _loaded
-    with _lock:
-        if _loaded:
-            return
-        try:
-            _lib = _bind(native.build_and_load("linear_chunked.c", "linear_chunked", "linear attention"))
-        except (OSError, RuntimeError) as exc:
-            _reason = str(exc)
-        _loaded = True
+KERNEL = native.LazyKernel("linear_chunked.c", "linear_chunked", "linear attention", _bind)
 
 
 def unavailable_reason() -> str | None:
     """None when the kernel is built and loaded (building it on the first call), else why not."""
-    _load()
-    return _reason
+    return KERNEL.unavailable_reason()
 
 
 def _wants_grad(*tensors: torch.Tensor | None) -> bool:
@@ -182,8 +166,8 @@ def linear_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s0: torch.
         return None if x is None else x.data_ptr()
 
     threads = max(1, min(torch.get_num_threads(), b * hs))
-    assert _lib is not None
-    failed = _lib.linear_chunked(
+    assert KERNEL.lib is not None
+    failed = KERNEL.lib.linear_chunked(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), s0.data_ptr(), ptr(z0), ptr(log_decay), ptr(norm_weight),
         out.data_ptr(), s.data_ptr(), ptr(z), b, h, hs, hkv, t, f, dv, chunk,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import threading
 
 import torch
 
@@ -38,11 +37,6 @@ MAX_HEAD_DIM = 1024
 TILE_Q = 64
 #: element type codes of the C ABI, shared with the decode kernel
 DTYPE_CODES = native.DTYPE_CODES
-
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_reason: str | None = None
-_loaded = False
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -59,23 +53,13 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-def _load() -> None:
-    global _lib, _reason, _loaded
-    with _lock:
-        if _loaded:
-            return
-        try:
-            _lib = _bind(native.build_and_load("sparse_prefill.c", "sparse_prefill", "sparse prefill"))
-        except (OSError, RuntimeError) as exc:
-            _reason = str(exc)
-        _loaded = True
+KERNEL = native.LazyKernel("sparse_prefill.c", "sparse_prefill", "sparse prefill", _bind)
 
 
 def unavailable_reason() -> str | None:
     """None when the prefill kernel is built and loaded (building it on the first call), else why
     not."""
-    _load()
-    return _reason
+    return KERNEL.unavailable_reason()
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> bool:
@@ -208,8 +192,8 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection,
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     q_block = min(qbs, tq)  # one query block when q_block >= Tq: same layout, no empty tiles
-    assert _lib is not None
-    failed = _lib.sparse_prefill(
+    assert KERNEL.lib is not None
+    failed = KERNEL.lib.sparse_prefill(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), sel.data_ptr(), out.data_ptr(), lse.data_ptr(),
         b, hq, hk, tq, tk, d, q_block, bs, n_qb, sel.shape[-1],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

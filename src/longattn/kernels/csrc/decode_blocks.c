@@ -75,39 +75,10 @@
  * cached under a hash of the source, so an edited kernel is always rebuilt. */
 int decode_blocks_abi_version(void) { return 3; }
 
-/* bfloat16 is the top half of a float32: widening is a 16-bit shift */
-static inline float load_bf16(const uint16_t *p, int64_t i) {
-    const uint32_t bits = (uint32_t)p[i] << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
+#include "half.h" /* bf16_to_f32, f16_to_f32 */
 
-#if defined(__FLT16_MAX__) && !defined(LONGATTN_NO_FLOAT16)
-/* the compiler knows IEEE half (gcc >= 12, clang): F16C / AVX512-FP16 conversions */
-static inline float load_f16(const uint16_t *p, int64_t i) {
-    _Float16 h;
-    memcpy(&h, p + i, sizeof h);
-    return (float)h;
-}
-#else
-/* IEEE half by hand: sign, 5-bit exponent, 10-bit mantissa (subnormals, inf and NaN kept) */
-static inline float load_f16(const uint16_t *p, int64_t i) {
-    const uint32_t h = p[i], sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-    uint32_t bits;
-    if (exp == 0x1fu) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else if (exp != 0) {
-        bits = sign | ((exp + 112u) << 23) | (man << 13);
-    } else {
-        float f = (float)man * 5.9604644775390625e-8f; /* man * 2^-24 */
-        return sign ? -f : f;
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-#endif
+static inline float load_bf16(const uint16_t *p, int64_t i) { return bf16_to_f32(p[i]); }
+static inline float load_f16(const uint16_t *p, int64_t i) { return f16_to_f32(p[i]); }
 
 #define AI static inline __attribute__((always_inline))
 

@@ -47,6 +47,7 @@
 
 int linear_chunked_abi_version(void) { return 1; }
 
+#include "half.h" /* bf16_to_f32, f16_to_f32, row_to_f32, esize */
 #include "vec8.h" /* vf, vi, VL, ld, st, bc, sel, vmax, vexp */
 
 #define MR 6 /* rows per micro-kernel */
@@ -126,42 +127,9 @@ static void gemm(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, c
     }
 }
 
-static inline float bf16_to_f32(uint16_t x) {
-    const uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline float f16_to_f32(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    const uint32_t e = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-    uint32_t u;
-    if (e == 0) {
-        const float f = (float)man * 5.9604644775390625e-8f; /* subnormal: man * 2^-24, exact */
-        memcpy(&u, &f, sizeof u);
-        u |= sign;
-    } else if (e == 31) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else {
-        u = sign | ((e + 112u) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* dst[0..D) = float32 of row `src` (element type `dtype`); dst[D .. pad8(D)) = 0 */
-static void row_to_f32(const void *src, int64_t D, int dtype, float *restrict dst) {
-    if (dtype == 0) {
-        memcpy(dst, src, (size_t)D * sizeof(float));
-    } else if (dtype == 1) {
-        const uint16_t *s = (const uint16_t *)src;
-        for (int64_t d = 0; d < D; d++) dst[d] = bf16_to_f32(s[d]);
-    } else {
-        const uint16_t *s = (const uint16_t *)src;
-        for (int64_t d = 0; d < D; d++) dst[d] = f16_to_f32(s[d]);
-    }
+/* dst[0 .. pad8(D)) = float32 of row `src`, zero past D */
+static void row_to_f32_padded(const void *src, int64_t D, int dtype, float *restrict dst) {
+    row_to_f32(src, D, dtype, dst);
     for (int64_t d = D; d < pad8(D); d++) dst[d] = 0.0f;
 }
 
@@ -181,8 +149,6 @@ static void map_row(float *x, int64_t n, int fmap, float scale) {
     const vf s = bc(scale);
     for (int64_t d = 0; d < pad8(n); d += VL) st(x + d, phi(ld(x + d) * s, fmap));
 }
-
-static inline size_t esize(int dtype) { return dtype == 0 ? 4 : 2; }
 
 int linear_chunked(const void *q, const void *k, const void *v, const float *s0, const float *z0,
                    const float *log_decay, const float *norm_w, float *out, float *s_out, float *z_out, int64_t B,
@@ -247,13 +213,13 @@ int linear_chunked(const void *q, const void *k, const void *v, const float *s0,
                         for (int64_t j = L; j < Cp; j++) Kt[f * Cp + j] = Ktd[f * Cp + j] = 0.0f;
                 vf v_check = (vf){0}; /* stays 0 unless a value is inf or NaN (x * 0 is then NaN) */
                 for (int64_t j = 0; j < L; j++) {
-                    row_to_f32(kh + (size_t)((t0 + j) * k_st) * ks, F, k_dtype, row);
+                    row_to_f32_padded(kh + (size_t)((t0 + j) * k_st) * ks, F, k_dtype, row);
                     map_row(row, F, fmap, fscale);
                     for (int64_t f = 0; f < F; f++) Kt[f * Cp + j] = row[f];
                     if (decayed)
                         for (int64_t f = 0; f < F; f++) Ktd[f * Cp + j] = row[f] * kdec[j];
                     float *vr = Vb + j * Dp;
-                    row_to_f32(vh + (size_t)((t0 + j) * v_st) * vs, Dv, v_dtype, vr);
+                    row_to_f32_padded(vh + (size_t)((t0 + j) * v_st) * vs, Dv, v_dtype, vr);
                     for (int64_t d = 0; d < pad8(Dv); d += VL) v_check += ld(vr + d) * 0.0f;
                     for (int64_t d = Dv; d < Dp; d++) vr[d] = 0.0f;
                     if (with_z) vr[Dv] = 1.0f;
@@ -264,7 +230,7 @@ int linear_chunked(const void *q, const void *k, const void *v, const float *s0,
                     const int64_t h = s * G + g;
                     const char *qh = (const char *)q + (size_t)(b * q_sb + h * q_sh) * qs;
                     for (int64_t i = 0; i < L; i++) {
-                        row_to_f32(qh + (size_t)((t0 + i) * q_st) * qs, F, q_dtype, Qb + i * Fp);
+                        row_to_f32_padded(qh + (size_t)((t0 + i) * q_st) * qs, F, q_dtype, Qb + i * Fp);
                         map_row(Qb + i * Fp, F, fmap, fscale);
                     }
                     /* O = diag(lambda^(i+1)) Q S */

@@ -60,6 +60,7 @@
 
 int sparse_prefill_abi_version(void) { return 1; }
 
+#include "half.h" /* bf16_to_f32, f16_to_f32, row_to_f32, esize */
 #include "vec8.h" /* vf, vi, VL, ld, st, bc, sel, vmax, vexp */
 
 #define NC 16 /* query columns per group: two vectors */
@@ -147,46 +148,6 @@ static void pv_group(const float *v, int64_t vst, const float *p, int64_t n, int
     default: break;
     }
 }
-
-static inline float bf16_to_f32(uint16_t x) {
-    const uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline float f16_to_f32(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    const uint32_t e = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-    uint32_t u;
-    if (e == 0) {
-        const float f = (float)man * 5.9604644775390625e-8f; /* subnormal: man * 2^-24, exact */
-        memcpy(&u, &f, sizeof u);
-        u |= sign;
-    } else if (e == 31) {
-        u = sign | 0x7f800000u | (man << 13); /* inf / NaN (payload kept) */
-    } else {
-        u = sign | ((e + 112u) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* dst[0..D) = float32 of row `src` (element type `dtype`) */
-static void row_to_f32(const void *src, int64_t D, int dtype, float *restrict dst) {
-    if (dtype == 0) {
-        memcpy(dst, src, (size_t)D * sizeof(float));
-    } else if (dtype == 1) {
-        const uint16_t *s = (const uint16_t *)src;
-        for (int64_t d = 0; d < D; d++) dst[d] = bf16_to_f32(s[d]);
-    } else {
-        const uint16_t *s = (const uint16_t *)src;
-        for (int64_t d = 0; d < D; d++) dst[d] = f16_to_f32(s[d]);
-    }
-}
-
-static inline size_t esize(int dtype) { return dtype == 0 ? 4 : 2; }
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }

@@ -1,5 +1,6 @@
-/* Eight-float vectors shared by the native kernels (decode_blocks.c, sparse_prefill.c): GCC/Clang
- * vector extensions, which compile everywhere, with the AVX intrinsic where the build has it.
+/* Eight-float vectors shared by the native kernels (decode_blocks.c, sparse_prefill.c,
+ * linear_chunked.c): GCC/Clang vector extensions, which compile everywhere, with the AVX
+ * intrinsic where the build has it.
  *
  * longattn.kernels.native pastes this file in place of a kernel's `#include "vec8.h"` before it
  * compiles the kernel (the build compiles one file in its cache folder, and the key of a build,
