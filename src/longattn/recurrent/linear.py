@@ -181,9 +181,10 @@ def _phi(x: torch.Tensor, name: str, features: torch.Tensor | None, scale: float
 def _prepare(q, k, v, feature_map, features, scale, normalize, eps, initial_state, compute, state_name="initial_state"):
     """Shared checks and feature maps: returns ``φ(q) [B, Hkv, G, T, F]``, ``φ(k) [B, Hkv, T, F]``,
     ``v``, ``s0``, ``z0`` in ``compute`` dtype."""
-    qg, kc, vc, s0, z0, phi = _prepare_lazy(q, k, v, feature_map, features, scale, normalize, eps, initial_state,
-                                            compute, state_name)
-    return phi(qg), phi(kc), vc, s0, z0
+    name, w, s, s0, z0 = _checked(q, k, v, feature_map, features, scale, normalize, eps, initial_state, compute,
+                                  state_name)
+    qg, kc, vc = _widen(q, k, v, compute)
+    return _phi(qg, name, w, s), _phi(kc, name, w, s), vc, s0, z0
 
 
 def _checked(q, k, v, feature_map, features, scale, normalize, eps, initial_state, compute,
@@ -202,18 +203,12 @@ def _checked(q, k, v, feature_map, features, scale, normalize, eps, initial_stat
     return name, w, s, s0, z0
 
 
-def _prepare_lazy(q, k, v, feature_map, features, scale, normalize, eps, initial_state, compute,
-                  state_name="initial_state"):
-    """``_prepare`` with the feature map left to the caller: returns ``q [B, Hkv, G, T, Dk]``,
-    ``k [B, Hkv, T, Dk]``, ``v``, ``s0``, ``z0`` in ``compute`` dtype and ``phi``, the feature map —
-    so the chunked form maps one group of tokens at a time, while it is in cache (mapping all of a
-    32k-token input at once cost a pass over memory per elementwise op, 35-70 ms each)."""
-    name, w, s, s0, z0 = _checked(q, k, v, feature_map, features, scale, normalize, eps, initial_state, compute,
-                                  state_name)
+def _widen(q, k, v, compute):
+    """``q [B, Hkv, G, T, Dk]`` (query heads grouped by their key/value head), ``k``, ``v`` in
+    ``compute`` dtype."""
     b, h, t, dk = q.shape
     hkv = k.shape[1]
-    return (q.to(compute).reshape(b, hkv, h // hkv, t, dk), k.to(compute), v.to(compute), s0, z0,
-            lambda x: _phi(x, name, w, s))
+    return q.to(compute).reshape(b, hkv, h // hkv, t, dk), k.to(compute), v.to(compute)
 
 
 # -- the three forms ------------------------------------------------------------------------
@@ -292,10 +287,12 @@ def linear_attention(
         out, s, z = native_linear.linear_chunked(fq, fk, v, s0, z0, chunk=chunk, feature_map=fmap,
                                                  feature_scale=fscale, normalize=normalize, eps=eps)
         return out.to(q.dtype), LinearState(s, z)
-    b, h, t, dk = q.shape
-    hkv, g = k.shape[1], h // k.shape[1]
-    qg, kc, vc, s, z = q.to(compute).reshape(b, hkv, g, t, dk), k.to(compute), v.to(compute), s0, z0
+    qg, kc, vc = _widen(q, k, v, compute)
+    b, hkv, g, t, _ = qg.shape
+    s, z = s0, z0
 
+    # φ maps one group of tokens at a time, while it is in cache (mapping all of a 32k-token input
+    # at once cost a pass over memory per elementwise op, 35-70 ms each)
     def phi(x):
         return _phi(x, name, w, fscale)
 
