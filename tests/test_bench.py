@@ -148,6 +148,22 @@ def test_machine_info_keys():
     assert info["seed"] == 3
 
 
+def test_machine_info_says_which_native_kernels_cannot_run(monkeypatch):
+    """A run records the C kernels that could not be built (their ops then take the slower torch
+    path), and its report says so."""
+    from longattn.bench.suite import machine_lines
+    from longattn.kernels import native_linear
+
+    from conftest import reload_kernel
+
+    reload_kernel(monkeypatch, native_linear.KERNEL)
+    monkeypatch.setenv("LONGATTN_NATIVE", "0")
+    info = harness.machine_info(seed=0)
+    assert info["native_unavailable"]["linear_chunked"] == "disabled by LONGATTN_NATIVE=0"
+    assert "linear_chunked unavailable (disabled by LONGATTN_NATIVE=0)" in "\n".join(
+        machine_lines({"machine": info, "config": {}}))
+
+
 def test_select_cases_filters():
     cases = kernels.default_cases()
     assert [c.label for c in kernels.select_cases(cases, ["window", "lsg"])] == ["window", "pattern:lsg"]

@@ -830,6 +830,17 @@ def load_average() -> list[float] | None:
         return None
 
 
+def native_unavailable() -> dict[str, str]:
+    """The native C kernels that cannot run here, and why (``{}``: all of them can). Several ops
+    take a C kernel when it builds and a torch path otherwise (decode over blocks, block-sparse
+    prefill, linear / Lightning attention): the same results, other speeds, so a run says which."""
+    from longattn.kernels import native, native_linear, native_prefill
+
+    reasons = {"decode_blocks": native.unavailable_reason(), "sparse_prefill": native_prefill.unavailable_reason(),
+               "linear_chunked": native_linear.unavailable_reason()}
+    return {name: why for name, why in reasons.items() if why is not None}
+
+
 def machine_info(seed: int | None = None) -> dict[str, Any]:
     """Platform, CPU, thread counts, versions, seed and the UTC date of the run."""
     try:
@@ -857,6 +868,7 @@ def machine_info(seed: int | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "longattn": longattn.__version__,
         "flex_unavailable_reason": flex.flex_unavailable_reason(),
+        "native_unavailable": native_unavailable(),
         "load_average_at_start": load_average(),
         "seed": seed,
     }

@@ -188,7 +188,9 @@ def _header(results: dict[str, Any]) -> str:
                     + (f" ({m['cpu_capability']})" if m.get("cpu_capability") else "") + f", {cpus}, "
                     f"torch threads {m.get('torch_threads')}; {m.get('platform')}"),
         ("Versions", f"longattn {m.get('longattn')}, torch {m.get('torch')}, python {m.get('python')}; "
-                     f"FlexAttention {'unavailable: ' + str(flex) if flex else 'available'}"),
+                     f"FlexAttention {'unavailable: ' + str(flex) if flex else 'available'}; native C kernels "
+                     + ("unavailable: " + "; ".join(f"{k} ({v})" for k, v in m["native_unavailable"].items())
+                        if m.get("native_unavailable") else "available")),
         ("Seed", seed),
         ("Mode", cfg.get("mode") or ("full" if cfg.get("full") else None)),
         ("Wall time", None if wall is None else f"{wall:.0f} s ({wall / 60:.1f} min)"

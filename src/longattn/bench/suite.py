@@ -697,7 +697,9 @@ def machine_lines(results: Results) -> list[str]:
         + (f"; device {m.get('device')}" + (f" ({m.get('device_name')})" if m.get("device_name") else "")
            if m.get("device") not in (None, "cpu") else ""),
         f"- python {m.get('python')}, torch {m.get('torch')}, longattn {m.get('longattn')}; FlexAttention: "
-        f"{m.get('flex_unavailable_reason') or 'available'}",
+        f"{m.get('flex_unavailable_reason') or 'available'}; native C kernels: "
+        + ("; ".join(f"{k} unavailable ({v})" for k, v in m["native_unavailable"].items())
+           if m.get("native_unavailable") else "available"),
         f"- load average at start {m.get('load_average_at_start')}, at end {m.get('load_average_at_end')} "
         "(other work on the machine distorts timings)",
     ]

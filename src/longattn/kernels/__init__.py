@@ -1,4 +1,5 @@
-"""Exact kernels over a selection of keys, each returning ``(out, lse)`` (float32).
+"""Kernels: exact attention over a selection of keys, each returning ``(out, lse)`` (float32),
+and the native forward of chunked linear attention.
 
 * ``sdpa``  — torch's fused flash kernels, CPU and CUDA (dense / causal / padding), with their LSE.
 * ``tiled`` — eager block-sparse online softmax: skips empty blocks, masks only partial ones.
